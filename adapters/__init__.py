@@ -1,0 +1,37 @@
+"""Model-facing half of writesae-plugin: named write hook points on real Hugging Face recurrent models.
+
+    from transformers import AutoModelForCausalLM
+    from writesae_plugin.adapters import hook_model
+    model = hook_model(AutoModelForCausalLM.from_pretrained(path), tokenizer=tok)
+    logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_write_key"))
+
+See :mod:`writesae_plugin.adapters.base` for the hook inventory and edit semantics.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import (AdapterConfig, HookedRecurrentModel, HookNameError, StateCapture, UnsupportedModelError,
+                   WriteEdit, lm_cross_entropy)
+from .gated_deltanet import GDN_MODEL_TYPES, GatedDeltaNetFamily, available_model_types
+
+
+def supported_families() -> list[str]:
+    """Model types this install can hook."""
+    return available_model_types()
+
+
+def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
+    """Wrap a loaded HF recurrent/hybrid LM into a :class:`HookedRecurrentModel` (same weights, same outputs).
+
+    Raises :class:`UnsupportedModelError` naming the supported families for any other model.
+    """
+    if not isinstance(hf_model, nn.Module):
+        raise TypeError(f"hook_model expects a loaded transformers model, got {type(hf_model).__name__}")
+    family = GatedDeltaNetFamily(hf_model)
+    return HookedRecurrentModel(hf_model, family, tokenizer=tokenizer)
+
+
+__all__ = ["hook_model", "supported_families", "HookedRecurrentModel", "WriteEdit", "StateCapture",
+           "AdapterConfig", "UnsupportedModelError", "HookNameError", "GDN_MODEL_TYPES", "lm_cross_entropy"]

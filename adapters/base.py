@@ -1,0 +1,400 @@
+"""The hooked model: a TransformerLens ``HookedRootModule`` around a user's Hugging Face recurrent model.
+
+Hook inventory (per recurrent layer ``l``; GDN under ``blocks.{l}.linear_attn.``). Shapes use
+``b`` batch, ``p`` positions of *this forward call*, ``H`` value heads, ``H_k`` key heads.
+
+=====================  =======================  ==============================================================
+hook                   shape                    semantics of an edit (return a new tensor or edit in place)
+=====================  =======================  ==============================================================
+``hook_q``             ``[b,p,H_k,d_k]``        native query before the in-kernel L2 norm; edits change the read
+``hook_k``             ``[b,p,H_k,d_k]``        native key before the L2 norm; edits change erase *and* write
+``hook_v``             ``[b,p,H,d_v]``          native value; edits change the write
+``hook_beta``          ``[b,p,H]``              native beta (write strength); edits change erase and write
+``hook_write_key``     ``[b,p,H,d_k]``          canonical key factor k^ of the write (fp32, per value head)
+``hook_write_value``   ``[b,p,H,d_v]``          canonical value factor: ``beta v`` (raw) or ``delta`` (delta
+                                                mode); edits replace the write only, never the transition
+``hook_write``         ``[b,p,H,d_k,d_v]``      dense write ``key (x) value``; fires only while
+                                                ``materialize_writes`` is on; edits propagate exactly
+``hook_write_flat``    ``[b,p,H*d_k*d_v]``      flat view of ``hook_write`` (for SAELens evals / stores)
+``hook_log_decay``     ``[b,p,H]``              g (``alpha = exp(g)``); edits change the transitions
+``hook_query``         ``[b,p,H,d_k]``          the read's query ``d_k^-1/2 l2norm(q)``; edits change the read
+``hook_state``         ``[b,P,H_s,d_k,d_v]``    opt-in (``capture_states``): states after the write at the
+                                                chosen positions/heads; an edit acts as an extra write there
+``hook_read``          ``[b,p,H,d_v]``          o_t before the output norm (fp32); edits replace the read
+=====================  =======================  ==============================================================
+
+Write modes (MATH.md section 2): ``raw`` (default) exposes ``W = beta k^ v^T``, and replacing it keeps the
+token's erase; ``delta`` exposes ``W = k^ delta^T`` (the actual increment), and replacing it removes erase
+and write (``S_s = alpha_s S_{s-1} + A``). Edits of one forward call are specified against the clean
+forward and compose exactly (linearity of the state in the writes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+from transformer_lens.HookedRootModule import HookedRootModule
+
+WriteMode = Literal["raw", "delta"]
+WRITE_MODES = ("raw", "delta")
+EDIT_OPS = ("replace", "add", "delete")
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not one of the supported recurrent families."""
+
+
+class HookNameError(KeyError):
+    """An unknown hook name was used."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class WriteEdit:
+    """One exact edit of a cache write, for :meth:`HookedRecurrentModel.edits` / ``run_with_edits``.
+
+    ``pos`` counts tokens from the start of the sequence held in the cache (for a forward without cache it
+    is the index in the input); positions are absolute and non-negative. ``batch=None`` edits every row. ``op``: ``replace`` the write by the
+    matrix ``A`` (given as ``key``/``value`` factors ``A = key value^T`` or as ``matrix``), ``add`` ``A`` to
+    the write, or ``delete`` the write. ``mode`` chooses the raw or the delta write (MATH.md section 2).
+    """
+
+    layer: int
+    pos: int
+    head: int
+    op: Literal["replace", "add", "delete"] = "replace"
+    key: Tensor | None = None
+    value: Tensor | None = None
+    matrix: Tensor | None = None
+    batch: int | None = None
+    mode: WriteMode = "raw"
+
+    def __post_init__(self):
+        if self.op not in EDIT_OPS:
+            raise ValueError(f"WriteEdit.op must be one of {EDIT_OPS}, got {self.op!r}")
+        if self.mode not in WRITE_MODES:
+            raise ValueError(f"WriteEdit.mode must be one of {WRITE_MODES}, got {self.mode!r}")
+        if self.pos < 0:
+            raise ValueError(f"WriteEdit.pos must be a non-negative absolute position, got {self.pos}")
+        has_factors = self.key is not None or self.value is not None
+        if self.op == "delete":
+            if has_factors or self.matrix is not None:
+                raise ValueError("WriteEdit(op='delete') takes no key, value or matrix")
+        else:
+            if self.matrix is not None and has_factors:
+                raise ValueError("WriteEdit: give either key and value, or matrix, not both")
+            if self.matrix is None and (self.key is None or self.value is None):
+                raise ValueError(f"WriteEdit(op={self.op!r}) needs key and value [d_k], [d_v] or matrix [d_k, d_v]")
+
+    def atom(self, d_k: int, d_v: int) -> Tensor | None:
+        """The edit's matrix ``A`` ``[d_k, d_v]`` in fp32 (None for delete), shape-checked."""
+        if self.op == "delete":
+            return None
+        if self.matrix is not None:
+            if tuple(self.matrix.shape) != (d_k, d_v):
+                raise ValueError(f"WriteEdit.matrix must have shape [d_k, d_v] = [{d_k}, {d_v}], "
+                                 f"got {list(self.matrix.shape)}")
+            A = self.matrix.float()
+        else:
+            if tuple(self.key.shape) != (d_k,) or tuple(self.value.shape) != (d_v,):
+                raise ValueError(f"WriteEdit.key/value must have shapes [{d_k}] and [{d_v}], got "
+                                 f"{list(self.key.shape)} and {list(self.value.shape)}")
+            A = torch.outer(self.key.float(), self.value.float())
+        if not torch.isfinite(A).all():
+            raise ValueError("WriteEdit contains NaN or inf")
+        return A
+
+
+@dataclass
+class StateCapture:
+    """Which states ``hook_state`` exposes: ``positions`` local to the call (``"all"``, ``"last"`` or a
+    list of ints, negative counting from the end) and ``heads`` (None for all value heads)."""
+
+    positions: Literal["all", "last"] | Sequence[int] = "last"
+    heads: Sequence[int] | None = None
+
+
+@dataclass
+class AdapterConfig:
+    """The few ``HookedTransformer.cfg`` fields that TransformerLens and SAELens tooling read."""
+
+    model_name: str
+    family: str
+    n_layers: int
+    d_model: int
+    d_vocab: int
+    n_ctx: int
+    device: torch.device
+    dtype: torch.dtype
+    recurrent_layers: tuple[int, ...]
+    d_k: int
+    d_v: int
+    n_heads: int  # value heads of the recurrent mixers
+    n_key_heads: int
+    default_prepend_bos: bool = False
+    tokenizer_prepends_bos: bool = False
+    act_fn: str | None = None
+    normalization_type: str | None = "RMS"
+    positional_embedding_type: str = "rotary"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class HookedRecurrentModel(HookedRootModule):
+    """A user's HF recurrent/hybrid LM with named write hook points (see the module docstring).
+
+    The wrapped model is the user's own (same weights, same outputs); it is reachable as ``hf_model``.
+    Build it with :func:`writesae_plugin.adapters.hook_model`.
+    """
+
+    def __init__(self, hf_model: nn.Module, family, tokenizer=None):
+        super().__init__()
+        self.hf_model = hf_model
+        self.family = family
+        self.tokenizer = tokenizer
+        self.write_mode: WriteMode = "raw"
+        self.materialize_writes = False
+        self.state_capture: StateCapture | None = None
+        self._pending_edits: list[WriteEdit] | None = None
+        self._applied_edits: set[int] = set()
+        self.blocks = family.build_blocks(self)
+        self.cfg = family.make_config(self)
+        self.setup()
+
+    # ------------------------------------------------------------------ switches
+    def set_write_mode(self, mode: WriteMode) -> None:
+        """Choose what the write hooks expose and what their edits replace: ``raw`` or ``delta``."""
+        if mode not in WRITE_MODES:
+            raise ValueError(f"write mode must be one of {WRITE_MODES}, got {mode!r}")
+        self.write_mode = mode
+
+    @contextlib.contextmanager
+    def options(self, *, write_mode: WriteMode | None = None, materialize_writes: bool | None = None,
+                capture_states: StateCapture | None | bool = False):
+        """Temporarily set ``write_mode``, ``materialize_writes`` (dense ``hook_write``) and
+        ``capture_states`` (a :class:`StateCapture`, ``True`` for the last position, or ``False``)."""
+        saved = (self.write_mode, self.materialize_writes, self.state_capture)
+        try:
+            if write_mode is not None:
+                self.set_write_mode(write_mode)
+            if materialize_writes is not None:
+                self.materialize_writes = bool(materialize_writes)
+            if capture_states is True:
+                self.state_capture = StateCapture()
+            elif isinstance(capture_states, StateCapture):
+                self.state_capture = capture_states
+            elif capture_states is None:
+                self.state_capture = None
+            yield self
+        finally:
+            self.write_mode, self.materialize_writes, self.state_capture = saved
+
+    # ------------------------------------------------------------------ functional edits
+    @contextlib.contextmanager
+    def edits(self, edits: Iterable[WriteEdit]):
+        """Apply exact write edits to every forward run inside the block.
+
+        Each edit applies in the call whose positions contain ``edit.pos``; leaving the block with an edit
+        that no call reached raises, so nothing is silently dropped.
+        """
+        edits = list(edits)
+        for e in edits:
+            if not isinstance(e, WriteEdit):
+                raise TypeError(f"edits must be WriteEdit objects, got {type(e).__name__}")
+            self.family.validate_edit(self, e)
+        if self._pending_edits is not None:
+            raise RuntimeError("edits() blocks cannot be nested; pass all edits in one list")
+        self._pending_edits, self._applied_edits = edits, set()
+        ok = False
+        try:
+            yield self
+            ok = True
+        finally:
+            applied, self._pending_edits, self._applied_edits = self._applied_edits, None, set()
+            missed = [e for i, e in enumerate(edits) if i not in applied]
+            if ok and missed:
+                raise RuntimeError(f"{len(missed)} edit(s) were never reached by a forward call, e.g. {missed[0]}")
+
+    def run_with_edits(self, input, edits: Iterable[WriteEdit], **forward_kwargs):
+        """``forward(input, **forward_kwargs)`` with the given exact write edits applied."""
+        with self.edits(edits):
+            return self(input, **forward_kwargs)
+
+    # ------------------------------------------------------------------ TransformerLens surface
+    @property
+    def W_E(self) -> Tensor:
+        """Token embedding ``[d_vocab, d_model]``."""
+        return self.hf_model.get_input_embeddings().weight
+
+    @property
+    def W_U(self) -> Tensor:
+        """Unembedding ``[d_model, d_vocab]`` (TransformerLens orientation)."""
+        return self.hf_model.get_output_embeddings().weight.T
+
+    def to_tokens(self, input: str | list[str], prepend_bos: bool | None = None,
+                  padding_side: str | None = None, move_to_device: bool = True,
+                  truncate: bool = True) -> Tensor:
+        """Tokenize like ``HookedTransformer.to_tokens``: ``[batch, pos]`` long, padded with the pad token."""
+        if self.tokenizer is None:
+            raise ValueError("this hooked model has no tokenizer: pass tokenizer= to hook_model, or give tokens")
+        texts = [input] if isinstance(input, str) else list(input)
+        prepend = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        if prepend and not self.cfg.tokenizer_prepends_bos:
+            if self.tokenizer.bos_token is None:
+                raise ValueError("prepend_bos=True but the tokenizer has no bos_token")
+            texts = [self.tokenizer.bos_token + t for t in texts]
+        saved = self.tokenizer.padding_side
+        if padding_side is not None:
+            self.tokenizer.padding_side = padding_side
+        try:
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=truncate,
+                                 max_length=self.cfg.n_ctx if truncate else None)
+        finally:
+            self.tokenizer.padding_side = saved
+        tokens = enc["input_ids"]
+        return tokens.to(self.cfg.device) if move_to_device else tokens
+
+    def to_string(self, tokens: Tensor | Sequence[int]) -> str | list[str]:
+        if self.tokenizer is None:
+            raise ValueError("this hooked model has no tokenizer")
+        if isinstance(tokens, Tensor) and tokens.dim() == 2:
+            return self.tokenizer.batch_decode(tokens)
+        return self.tokenizer.decode(tokens)
+
+    def forward(self, input, return_type: str | None = "logits", loss_per_token: bool = False,
+                prepend_bos: bool | None = None, stop_at_layer: int | None = None,
+                attention_mask: Tensor | None = None, past_key_values=None, use_cache: bool | None = None,
+                padding_side: str | None = None, **hf_kwargs):
+        """Run the HF model. ``input`` is a string, a list of strings or tokens ``[batch, pos]``.
+
+        ``return_type``: ``"logits"`` ``[b,p,vocab]``, ``"loss"`` (mean next-token loss, or per token
+        ``[b,p-1]`` with ``loss_per_token``), ``"both"`` (logits, loss), ``"hf"`` (the HF output object, with
+        ``past_key_values``) or None. ``stop_at_layer=L`` stops before decoder layer L and returns the
+        residual stream ``[b,p,d_model]`` entering it (hooks of earlier layers fire).
+        """
+        if return_type not in ("logits", "loss", "both", "hf", None):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both', 'hf' or None, got {return_type!r}")
+        if isinstance(input, (str, list)):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+            if attention_mask is None and self.tokenizer.pad_token_id is not None and isinstance(input, list):
+                attention_mask = (tokens != self.tokenizer.pad_token_id).long()
+        elif isinstance(input, Tensor):
+            tokens = input
+            if tokens.dim() == 1:
+                tokens = tokens[None]
+            if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int, torch.int32):
+                raise ValueError(f"tokens must be an integer tensor [batch, pos], got {tokens.dtype} "
+                                 f"{list(tokens.shape)}")
+        else:
+            raise TypeError(f"input must be a string, a list of strings or a token tensor, got {type(input)}")
+        tokens = tokens.to(self.cfg.device)
+        if use_cache is None:
+            use_cache = past_key_values is not None or return_type == "hf"
+        if stop_at_layer is not None:
+            return self._run_until(tokens, stop_at_layer, attention_mask, hf_kwargs)
+        out = self.hf_model(input_ids=tokens, attention_mask=attention_mask, past_key_values=past_key_values,
+                            use_cache=use_cache, **hf_kwargs)
+        if return_type == "hf":
+            return out
+        if return_type is None:
+            return None
+        logits = out.logits
+        if return_type == "logits":
+            return logits
+        loss = lm_cross_entropy(logits, tokens, attention_mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def _run_until(self, tokens, stop_at_layer, attention_mask, hf_kwargs):
+        layers = self.family.decoder_layers(self.hf_model)
+        if not -len(layers) <= stop_at_layer <= len(layers):
+            raise ValueError(f"stop_at_layer must be in [-{len(layers)}, {len(layers)}], got {stop_at_layer}")
+        if stop_at_layer < 0:
+            stop_at_layer += len(layers)
+        target = self.family.final_norm(self.hf_model) if stop_at_layer == len(layers) else layers[stop_at_layer]
+        captured = {}
+
+        def stop(module, args, kwargs):
+            captured["resid"] = args[0] if args else kwargs["hidden_states"]
+            raise _StopForward
+
+        handle = target.register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.hf_model(input_ids=tokens, attention_mask=attention_mask, use_cache=False, **hf_kwargs)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured["resid"]
+
+    def generate(self, input, max_new_tokens: int = 20, do_sample: bool = False, **kwargs) -> Tensor:
+        """Greedy (default) generation through the HF ``generate`` with every hook and edit active."""
+        tokens = self.to_tokens(input) if isinstance(input, (str, list)) else input
+        return self.hf_model.generate(input_ids=tokens.to(self.cfg.device), max_new_tokens=max_new_tokens,
+                                      do_sample=do_sample, **kwargs)
+
+    # ------------------------------------------------------------------ hook names
+    def check_hook_names(self, names: Iterable[str]) -> None:
+        """Raise :class:`HookNameError` listing the valid names if any name is unknown."""
+        bad = [n for n in names if n not in self.hook_dict]
+        if bad:
+            raise HookNameError(f"unknown hook name(s) {bad}; valid names are {sorted(self.hook_dict)}")
+
+    def _names_filter_list(self, names_filter):
+        if isinstance(names_filter, str):
+            self.check_hook_names([names_filter])
+        elif isinstance(names_filter, (list, tuple)):
+            self.check_hook_names(names_filter)
+
+    def run_with_cache(self, *model_args, names_filter=None, pos_slice=None, **kwargs):
+        """TransformerLens ``run_with_cache``. Exact-name filters are validated; ``pos_slice`` slices the
+        position axis (axis 1 of every hook here, ``[b, p, ...]``) after the run."""
+        self._names_filter_list(names_filter)
+        remove_batch_dim = kwargs.get("remove_batch_dim", False)
+        out, cache = super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
+        if pos_slice is not None:
+            cache = _slice_positions(cache, pos_slice, axis=0 if remove_batch_dim else 1)
+        return out, cache
+
+    def run_with_hooks(self, *model_args, fwd_hooks=(), bwd_hooks=(), **kwargs):
+        self.check_hook_names([n for n, _ in fwd_hooks if isinstance(n, str)])
+        self.check_hook_names([n for n, _ in bwd_hooks if isinstance(n, str)])
+        return super().run_with_hooks(*model_args, fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks, **kwargs)
+
+    def hook_inventory(self) -> list[tuple[str, str]]:
+        """``(name, shape and semantics)`` for every hook point, from the family's inventory."""
+        return [(name, self.family.describe_hook(self, name)) for name in self.hook_dict]
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _slice_positions(cache, pos_slice, axis: int):
+    from transformer_lens.utils import Slice
+
+    sl = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+    store = cache.cache_dict if hasattr(cache, "cache_dict") else cache
+    for name in list(store):
+        if name.endswith("hook_state"):
+            raise ValueError("pos_slice cannot be applied to hook_state (its axis 1 holds the captured "
+                             "positions, not the call's); choose positions with StateCapture instead")
+        store[name] = sl.apply(store[name], dim=axis)
+    return cache
+
+
+def lm_cross_entropy(logits: Tensor, tokens: Tensor, attention_mask: Tensor | None = None,
+                     per_token: bool = False) -> Tensor:
+    """Next-token cross-entropy: ``[b, p-1]`` per token, or the mean over unmasked predictions."""
+    logp = logits[:, :-1].float().log_softmax(-1)
+    nll = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    if per_token:
+        return nll
+    if attention_mask is None:
+        return nll.mean()
+    m = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(nll.dtype)
+    return (nll * m).sum() / m.sum()

@@ -1,0 +1,498 @@
+"""Gated DeltaNet write hooks for HF ``qwen3_5`` (+``_text``, ``_moe``), ``qwen3_next``, ``olmo_hybrid``,
+``qwen4_exp``.
+
+Mechanism (ECOSYSTEM.md): every GDN mixer calls the module-level ``torch_chunk_gated_delta_rule`` (prefill)
+or ``torch_recurrent_gated_delta_rule`` (single-token decode) by name at call time. The adapter swaps those
+module globals for a dispatcher and puts a forward-pre-hook on each mixer, so the dispatcher knows which
+layer is calling; calls from unhooked models pass straight through. With no edit the layer runs the very
+call HF would have made, so logits stay bit-identical. Edits are propagated exactly with the same kernel
+(``ops.propagate``, the zero-value suffix trick).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from . import ops
+from .base import AdapterConfig, HookedRecurrentModel, StateCapture, UnsupportedModelError, WriteEdit
+from .reference import l2_normalize
+
+#: model_type -> the transformers modeling module holding its GDN mixer and kernels
+GDN_MODEL_TYPES = {
+    "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
+    "qwen3_5_text": "transformers.models.qwen3_5.modeling_qwen3_5",
+    "qwen3_5_moe": "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
+    "qwen3_5_moe_text": "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
+    "qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
+    "olmo_hybrid": "transformers.models.olmo_hybrid.modeling_olmo_hybrid",
+    "qwen4_exp": "transformers.models.qwen4_exp.modeling_qwen4_exp",
+}
+CHUNK = "torch_chunk_gated_delta_rule"
+RECURRENT = "torch_recurrent_gated_delta_rule"
+
+_CURRENT = threading.local()  # .layer: the GatedDeltaNetHooks whose mixer is running
+
+
+def available_model_types() -> list[str]:
+    """GDN model types whose modeling module exists in the installed transformers."""
+    import importlib.util
+
+    return [t for t, m in GDN_MODEL_TYPES.items() if importlib.util.find_spec(m) is not None]
+
+
+# ---------------------------------------------------------------------------------------- kernel swap
+class _Kernels:
+    """The kernels of one modeling module: what HF bound (maybe fla) and the pure-torch functions."""
+
+    def __init__(self, module):
+        self.module = module
+        self.original = {n: getattr(module, n) for n in (CHUNK, RECURRENT)}
+        self.pure = {n: inspect.unwrap(f) for n, f in self.original.items()}
+        self.signature = {n: inspect.signature(f) for n, f in self.pure.items()}
+
+    def main(self, name: str, device: torch.device):
+        """The function HF would run: its bound kernel, except pure torch for CPU tensors (CPU hazard)."""
+        return self.pure[name] if device.type == "cpu" else self.original[name]
+
+    def chunk(self, device: torch.device):
+        return self.main(CHUNK, device)
+
+
+_INSTALLED: dict[str, _Kernels] = {}
+
+
+def _install(module_name: str) -> _Kernels:
+    if module_name in _INSTALLED:
+        return _INSTALLED[module_name]
+    module = sys.modules[module_name]
+    kernels = _Kernels(module)
+
+    def make(name):
+        original = kernels.original[name]
+
+        def dispatch(*args, **kwargs):
+            layer = getattr(_CURRENT, "layer", None)
+            if layer is None:
+                return original(*args, **kwargs)
+            return layer.intercept(name, kernels, args, kwargs)
+
+        dispatch.__wrapped_by_writesae__ = original
+        dispatch.__name__ = name
+        return dispatch
+
+    for n in (CHUNK, RECURRENT):
+        setattr(module, n, make(n))
+    _INSTALLED[module_name] = kernels
+    return kernels
+
+
+# ---------------------------------------------------------------------------------------- per-layer hooks
+def _version(x: Tensor) -> int | None:
+    try:
+        return x._version
+    except RuntimeError:  # inference tensors track no version
+        return None
+
+
+@dataclass
+class _Fired:
+    value: Tensor
+    edited: bool
+    original: Tensor | None = None
+
+
+class GatedDeltaNetHooks(nn.Module):
+    """Hook points of one GDN layer (``blocks.{l}.linear_attn``) and the exact edit logic."""
+
+    def __init__(self, owner: HookedRecurrentModel, mixer: nn.Module, layer_idx: int, beta_scale: float):
+        super().__init__()
+        self._owner = weakref.ref(owner)
+        self._mixer = weakref.ref(mixer)
+        self.layer_idx = layer_idx
+        self.n_heads = mixer.num_v_heads
+        self.n_key_heads = mixer.num_k_heads
+        self.d_k = mixer.head_k_dim
+        self.d_v = mixer.head_v_dim
+        self.beta_scale = beta_scale
+        for name in ("hook_q", "hook_k", "hook_v", "hook_beta", "hook_write_key", "hook_write_value",
+                     "hook_write", "hook_write_flat", "hook_log_decay", "hook_query", "hook_state", "hook_read"):
+            setattr(self, name, HookPoint())
+        self._seen = 0
+        self._kernel_called = False
+
+    # ---- hook firing with edit detection (no copies on the capture path)
+    def _fire(self, hp: HookPoint, x: Tensor, recompute=None) -> _Fired:
+        v0 = _version(x)
+        out = hp(x)
+        name = getattr(hp, "name", None) or type(hp).__name__
+        if out is None:
+            raise ValueError(f"{name} returned None; a hook must return the activation or edit it in place")
+        if out is x and v0 is not None and _version(x) == v0:
+            return _Fired(x, False)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"an edit of {name} must keep its shape {list(x.shape)}, got {got}")
+        if not torch.isfinite(out).all():
+            raise ValueError(f"an edit of {name} contains NaN or inf")
+        if recompute is None:
+            return _Fired(out, True)
+        original = recompute()
+        if torch.equal(out, original):
+            return _Fired(original, False)
+        return _Fired(out.to(original.dtype), True, original)
+
+    # ---- the intercepted kernel call
+    def intercept(self, name: str, kernels: _Kernels, args, kwargs):
+        self._kernel_called = True
+        owner = self._owner()
+        bound = kernels.signature[name].bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        extra = a.pop("kwargs", {}) or {}
+        if extra.get("cu_seqlens") is not None:
+            raise NotImplementedError("packed sequences (cu_seqlens) are not supported by the write hooks; "
+                                      "pass padded batches with an attention_mask")
+        q, k, v, g, beta = a["query"], a["key"], a["value"], a["g"], a["beta"]
+        init, out_final, l2 = a["initial_state"], a["output_final_state"], a["use_qk_l2norm_in_kernel"]
+        b, T, Hk, d_k = k.shape
+        H, d_v = v.shape[-2:]
+        if (Hk, H, d_k, d_v) != (self.n_key_heads, self.n_heads, self.d_k, self.d_v):
+            raise RuntimeError(f"layer {self.layer_idx}: kernel inputs do not match the mixer's heads/dims")
+        offset = 0 if init is None else self._seen
+        self._seen = offset + T
+        dev = k.device
+        chunk = kernels.chunk(dev)
+
+        # native hooks
+        fq, fk, fv, fb = (self._fire(self.hook_q, q), self._fire(self.hook_k, k), self._fire(self.hook_v, v),
+                          self._fire(self.hook_beta, beta))
+        q2, k2, v2, beta2 = fq.value, fk.value, fv.value, fb.value
+        native_edited = fq.edited or fk.edited or fv.edited or fb.edited
+
+        # canonical frame, fp32, per value head
+        rep = H // Hk
+        norm = l2_normalize if l2 else (lambda x: x.float())
+        qn = norm(q2).repeat_interleave(rep, dim=2)
+        kn = norm(k2).repeat_interleave(rep, dim=2)
+        v32, beta32 = v2.float(), beta2.float()
+        scale = d_k ** -0.5
+        mode = owner.write_mode
+        raw_value = beta32[..., None] * v32
+        if mode == "delta":
+            prev = ops.previous_reads(chunk, None, kn, v32, g.float(), beta32, init)
+            write_value = beta32[..., None] * (v32 - prev)
+        else:
+            write_value = raw_value
+
+        f_key = self._fire(self.hook_write_key, kn, lambda: norm(k2).repeat_interleave(rep, dim=2))
+        f_val = self._fire(self.hook_write_value, write_value,
+                           lambda: beta32[..., None] * (v32 - prev) if mode == "delta" else beta32[..., None] * v32)
+        kn = f_key.original if f_key.edited else kn  # transitions always use the model's own key
+        write_value = f_val.original if f_val.edited else write_value
+        f_g = self._fire(self.hook_log_decay, g.float().clone(), lambda: g.float())
+        f_query = self._fire(self.hook_query, qn * scale, lambda: qn * scale)
+        g_tr = f_g.value
+        query_scaled = f_query.value
+        q_kernel = query_scaled / scale if f_query.edited else qn
+
+        # write edits: hooks (factors, then dense) and functional edits -> dense Delta S per (b, t, h)
+        hook_changed = None
+        new_key, new_val = f_key.value, f_val.value
+        if f_key.edited or f_val.edited:
+            hook_changed = (new_key != kn).any(-1) | (new_val != write_value).any(-1)
+        dense_new = None
+        if owner.materialize_writes:
+            W = torch.einsum("bthk,bthv->bthkv", new_key, new_val)
+            f_W = self._fire(self.hook_write, W, lambda: torch.einsum("bthk,bthv->bthkv", new_key, new_val))
+            f_flat = self._fire(self.hook_write_flat, f_W.value.reshape(b, T, H * d_k * d_v),
+                                lambda: f_W.value.reshape(b, T, H * d_k * d_v).clone())
+            dense_new = f_flat.value.reshape(b, T, H, d_k, d_v)
+            if f_W.edited or f_flat.edited:
+                base = torch.einsum("bthk,bthv->bthkv", new_key, new_val)
+                ch = (dense_new != base).any(-1).any(-1)
+                hook_changed = ch if hook_changed is None else hook_changed | ch
+        entries: dict[tuple[int, int, int], tuple[Tensor, bool]] = {}  # (b,t,h) -> (Delta S, delta-mode?)
+        if hook_changed is not None and hook_changed.any():
+            for bi, t, h in hook_changed.nonzero().tolist():
+                W_new = dense_new[bi, t, h] if dense_new is not None else torch.outer(new_key[bi, t, h],
+                                                                                    new_val[bi, t, h])
+                W_old = torch.outer(kn[bi, t, h], write_value[bi, t, h])
+                entries[(bi, t, h)] = (W_new - W_old, mode == "delta")
+        self._functional_edits(owner, entries, offset, b, T, kn, raw_value, v32, beta32, g, init, chunk)
+
+        # main call: exactly what HF would run unless the read or the transitions were edited
+        if not (f_query.edited or f_g.edited):
+            main_args = dict(a, query=q2, key=k2, value=v2, beta=beta2, **extra)
+            o, S = kernels.main(name, dev)(**main_args)
+        else:
+            o, S = ops.kernel_canonical(chunk, q_kernel, kn, v32, g_tr, beta32, init, out_final)
+
+        beta_tr = beta32
+        delta_read = delta_final = None
+        pert = None
+        if entries:
+            beta_tr = beta32.clone()
+            for (bi, t, h), (_, is_delta) in entries.items():
+                if is_delta:
+                    beta_tr[bi, t, h] = 0.0
+            pert = _group(entries, H, d_k, d_v, dev)
+            res = ops.propagate(chunk, pert, q_kernel, query_scaled, kn, g_tr, beta_tr)
+            delta_read, delta_final = res.delta_read, res.delta_final
+
+        # opt-in states
+        if owner.state_capture is not None:
+            extra_pert = self._states(owner.state_capture, chunk, kn, v32, g_tr, beta32, init, pert,
+                                      beta_tr, b, T)
+            if extra_pert is not None:
+                res = ops.propagate(chunk, extra_pert, q_kernel, query_scaled, kn, g_tr, beta_tr)
+                delta_read = res.delta_read if delta_read is None else delta_read + res.delta_read
+                delta_final = res.delta_final if delta_final is None else delta_final + res.delta_final
+
+        o32 = o.float()
+        if delta_read is not None:
+            o32 = o32 + delta_read
+        f_read = self._fire(self.hook_read, o32, (lambda: o.float()) if delta_read is None else None)
+        if delta_read is None and not f_read.edited:
+            return o, S
+        if S is not None and delta_final is not None:
+            S = (S.float() + delta_final).to(S.dtype)
+        return f_read.value.to(o.dtype), S
+
+    def _functional_edits(self, owner, entries, offset, b, T, kn, raw_value, v32, beta32, g, init, chunk):
+        pending = owner._pending_edits
+        if not pending:
+            return
+        delta_value = None
+        for i, e in enumerate(pending):
+            if e.layer != self.layer_idx or not offset <= e.pos < offset + T:
+                continue
+            if e.batch is not None and not 0 <= e.batch < b:
+                raise ValueError(f"WriteEdit.batch={e.batch} is out of range for a batch of {b} rows")
+            t = e.pos - offset
+            A = e.atom(self.d_k, self.d_v)
+            if A is not None:
+                A = A.to(kn.device)
+            rows = range(b) if e.batch is None else [e.batch]
+            if e.mode == "delta" and e.op != "add" and delta_value is None:
+                prev = ops.previous_reads(chunk, None, kn, v32, g.float(), beta32, init)
+                delta_value = beta32[..., None] * (v32 - prev)
+            for bi in rows:
+                key = (bi, t, e.head)
+                if key in entries:
+                    raise ValueError(f"two edits target the same write (layer {self.layer_idx}, batch row {bi}, "
+                                     f"position {e.pos}, head {e.head})")
+                if e.op == "add":
+                    entries[key] = (A, False)
+                    continue
+                value = raw_value if e.mode == "raw" else delta_value
+                W_old = torch.outer(kn[bi, t, e.head], value[bi, t, e.head])
+                W_new = torch.zeros_like(W_old) if A is None else A
+                entries[key] = (W_new - W_old, e.mode == "delta")
+            owner._applied_edits.add(i)
+
+    def _states(self, capture: StateCapture, chunk, kn, v32, g, beta32, init, pert, beta_tr, b, T):
+        """Fire ``hook_state``; return the perturbations its edits imply (or None)."""
+        if capture.positions == "all":
+            positions = list(range(T))
+        elif capture.positions == "last":
+            positions = [T - 1]
+        else:
+            positions = [p + T if p < 0 else p for p in capture.positions]
+            bad = [p for p in positions if not 0 <= p < T]
+            if bad:
+                raise ValueError(f"StateCapture positions {list(capture.positions)} out of range for {T} positions")
+        heads = list(range(self.n_heads)) if capture.heads is None else list(capture.heads)
+        if any(not 0 <= h < self.n_heads for h in heads):
+            raise ValueError(f"StateCapture heads {heads} out of range for {self.n_heads} value heads")
+        pos_t = torch.tensor(positions, device=kn.device)
+        S = ops.states_at(chunk, kn, v32, g, beta32, init, max(positions) + 1)[:, pos_t]
+        if pert is not None:
+            S = S + ops.propagated_states(chunk, pert, kn, g, beta_tr, pos_t, b)
+        S = S[:, :, heads]
+        shown = S.clone()
+        f = self._fire(self.hook_state, S, lambda: shown)
+        if not f.edited:
+            return None
+        changed = (f.value != shown).any(-1).any(-1)  # [b, P, Hs]
+        entries = {}
+        for bi, i, j in changed.nonzero().tolist():
+            key = (bi, positions[i], heads[j])
+            entries[key] = entries.get(key, 0) + (f.value[bi, i, j] - shown[bi, i, j])
+        return _group({k_: (d, False) for k_, d in entries.items()}, self.n_heads, self.d_k, self.d_v, kn.device)
+
+
+def _group(entries, H, d_k, d_v, device) -> ops.Perturbations:
+    """Merge per-(b, t, h) state changes into one perturbation row per (b, t)."""
+    rows = sorted({(bi, t) for bi, t, _ in entries})
+    index = {r: i for i, r in enumerate(rows)}
+    D = torch.zeros(len(rows), H, d_k, d_v, dtype=torch.float32, device=device)
+    for (bi, t, h), (dS, _) in entries.items():
+        D[index[(bi, t)], h] += dS.float()
+    batch = torch.tensor([r[0] for r in rows], dtype=torch.long, device=device)
+    pos = torch.tensor([r[1] for r in rows], dtype=torch.long, device=device)
+    return ops.Perturbations(batch, pos, D)
+
+
+# ---------------------------------------------------------------------------------------- the family
+_HOOK_DOCS = {
+    "hook_q": "[b,p,H_k,d_k] native query before the in-kernel L2 norm; edits change the read",
+    "hook_k": "[b,p,H_k,d_k] native key before the L2 norm; edits change erase and write",
+    "hook_v": "[b,p,H,d_v] native value; edits change the write",
+    "hook_beta": "[b,p,H] native beta; edits change erase and write",
+    "hook_write_key": "[b,p,H,d_k] canonical key factor k^ (fp32); edits replace the write only",
+    "hook_write_value": "[b,p,H,d_v] canonical value factor (beta v raw / delta); edits replace the write only",
+    "hook_write": "[b,p,H,d_k,d_v] dense write (only while materialize_writes); edits propagate exactly",
+    "hook_write_flat": "[b,p,H*d_k*d_v] flat dense write (only while materialize_writes)",
+    "hook_log_decay": "[b,p,H] g = log alpha; edits change the transitions",
+    "hook_query": "[b,p,H,d_k] d_k^-1/2 l2norm(q) as read; edits change the read",
+    "hook_state": "[b,P,H_s,d_k,d_v] opt-in states after the write; an edit acts as an extra write",
+    "hook_read": "[b,p,H,d_v] o_t before the output norm (fp32); edits replace the read",
+}
+
+
+class GatedDeltaNetFamily:
+    """Finds GDN mixers by class and ``layer_idx`` and builds ``blocks.{l}.linear_attn`` hook modules."""
+
+    name = "gated_deltanet"
+
+    def __init__(self, hf_model: nn.Module):
+        model_type = _model_type(hf_model)
+        self.model_type = model_type
+        self.module_name = GDN_MODEL_TYPES[model_type]
+        __import__(self.module_name)
+        module = sys.modules[self.module_name]
+        self.mixers: dict[int, nn.Module] = {}
+        for m in hf_model.modules():
+            cls = type(m)
+            if cls.__module__ == self.module_name and cls.__name__.endswith("GatedDeltaNet"):
+                self.mixers[int(m.layer_idx)] = m
+        if not self.mixers:
+            raise UnsupportedModelError(f"{type(hf_model).__name__} ({model_type}) has no Gated DeltaNet layer")
+        if getattr(hf_model, "use_kernels", False):
+            raise UnsupportedModelError(
+                "the model was loaded with use_kernels=True: HF may replace the whole Gated DeltaNet layer "
+                "forward, and no write hook would fire. Load it without use_kernels.")
+        for m in self.mixers.values():
+            fwd = type(m).forward
+            if "forward" in m.__dict__ or getattr(fwd, "__module__", self.module_name) != self.module_name:
+                raise UnsupportedModelError(
+                    f"the forward of {type(m).__name__} (layer {m.layer_idx}) was replaced (hub kernels or "
+                    "another wrapper); the write hooks need the transformers forward. Load the model without "
+                    "use_kernels, and wrap with nnsight after hook_model, not before.")
+        self.kernels = _install(self.module_name)
+        self.beta_scale = 2.0 if model_type == "olmo_hybrid" else 1.0
+        self._module = module
+
+    # ---- structure
+    def decoder_layers(self, hf_model) -> nn.ModuleList:
+        some = next(iter(self.mixers.values()))
+        for m in hf_model.modules():
+            if isinstance(m, nn.ModuleList) and any(some in list(layer.children()) for layer in m):
+                return m
+        raise RuntimeError("could not find the decoder layer list")
+
+    def final_norm(self, hf_model) -> nn.Module:
+        layers = self.decoder_layers(hf_model)
+        for m in hf_model.modules():
+            if any(c is layers for c in m.children()):
+                if hasattr(m, "norm"):
+                    return m.norm
+        raise RuntimeError("could not find the final norm")
+
+    def build_blocks(self, owner: HookedRecurrentModel) -> nn.ModuleList:
+        layers = self.decoder_layers(owner.hf_model)
+        blocks = nn.ModuleList()
+        for i in range(len(layers)):
+            block = nn.Module()
+            if i in self.mixers:
+                mixer = self.mixers[i]
+                hooks = GatedDeltaNetHooks(owner, mixer, i, self.beta_scale)
+                block.linear_attn = hooks
+                mixer.register_forward_pre_hook(_enter(hooks))
+                mixer.register_forward_hook(_leave(hooks))
+                mixer.register_forward_hook(_clear, always_call=True)
+            blocks.append(block)
+        return blocks
+
+    def make_config(self, owner: HookedRecurrentModel) -> AdapterConfig:
+        hf = owner.hf_model
+        cfg = hf.config
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        m = next(iter(self.mixers.values()))
+        param = next(hf.parameters())
+        tok = owner.tokenizer
+        bos_prepended = False
+        if tok is not None and tok.bos_token_id is not None:
+            ids = tok("a")["input_ids"]
+            bos_prepended = bool(ids) and ids[0] == tok.bos_token_id
+        return AdapterConfig(
+            model_name=getattr(cfg, "_name_or_path", "") or type(hf).__name__,
+            family=self.model_type,
+            n_layers=len(self.decoder_layers(hf)),
+            d_model=text.hidden_size,
+            d_vocab=hf.get_output_embeddings().weight.shape[0],
+            n_ctx=getattr(text, "max_position_embeddings", 2048),
+            device=torch.device(param.device),
+            dtype=param.dtype,
+            recurrent_layers=tuple(sorted(self.mixers)),
+            d_k=m.head_k_dim, d_v=m.head_v_dim, n_heads=m.num_v_heads, n_key_heads=m.num_k_heads,
+            tokenizer_prepends_bos=bos_prepended,
+            act_fn=getattr(text, "hidden_act", None),
+        )
+
+    def validate_edit(self, owner, e: WriteEdit) -> None:
+        if e.layer not in self.mixers:
+            raise ValueError(f"WriteEdit.layer={e.layer} is not a Gated DeltaNet layer; recurrent layers are "
+                             f"{sorted(self.mixers)}")
+        H = self.mixers[e.layer].num_v_heads
+        if not 0 <= e.head < H:
+            raise ValueError(f"WriteEdit.head={e.head} out of range: layer {e.layer} has {H} value heads")
+        m = self.mixers[e.layer]
+        e.atom(m.head_k_dim, m.head_v_dim)  # shape / finiteness check
+
+    def describe_hook(self, owner, name: str) -> str:
+        return _HOOK_DOCS.get(name.rsplit(".", 1)[-1], "")
+
+
+def _enter(hooks: GatedDeltaNetHooks):
+    def pre(module, args):
+        hooks._kernel_called = False
+        _CURRENT.layer = hooks
+
+    return pre
+
+
+def _leave(hooks: GatedDeltaNetHooks):
+    def post(module, args, output):
+        if not hooks._kernel_called:
+            raise RuntimeError(
+                f"layer {hooks.layer_idx}: the Gated DeltaNet forward ran without calling the gated delta rule "
+                "kernel by name, so no write hook fired. Its forward was replaced (hub kernels?); load the "
+                "model without use_kernels.")
+
+    return post
+
+
+def _clear(module, args, output):
+    _CURRENT.layer = None
+
+
+def _model_type(hf_model) -> str:
+    cfg = getattr(hf_model, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type in GDN_MODEL_TYPES:
+        return model_type
+    text = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else None
+    if getattr(text, "model_type", None) in GDN_MODEL_TYPES:
+        return text.model_type
+    raise UnsupportedModelError(
+        f"unsupported model {type(hf_model).__name__} (model_type={model_type!r}); supported Gated DeltaNet "
+        f"families: {available_model_types()}")
