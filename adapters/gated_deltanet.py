@@ -34,6 +34,7 @@ GDN_MODEL_TYPES = {
     "qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
     "olmo_hybrid": "transformers.models.olmo_hybrid.modeling_olmo_hybrid",
     "qwen4_exp": "transformers.models.qwen4_exp.modeling_qwen4_exp",
+    "qwen4_exp_text": "transformers.models.qwen4_exp.modeling_qwen4_exp",
 }
 CHUNK = "torch_chunk_gated_delta_rule"
 RECURRENT = "torch_recurrent_gated_delta_rule"

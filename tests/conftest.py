@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random-init models of the real HF classes, saved and reloaded from a temp dir."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from tiny_models import GDN_FAMILIES, SAFE_VOCAB, make_tiny_model  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny_models")
+
+
+_CACHE: dict = {}
+
+
+def load_tiny(tmp_root, family="qwen3_5", layout="causal_lm", **kw):
+    """A freshly reloaded tiny model (cached save dir per configuration)."""
+    key = (family, layout, tuple(sorted(kw.items())))
+    path = tmp_root / f"{family}-{layout}-{abs(hash(key))}"
+    return make_tiny_model(family, path, layout=layout, **kw)
+
+
+@pytest.fixture
+def qwen(tiny_dir):
+    """A fresh tiny Qwen3.5 causal LM (2 key heads, 4 value heads, d_k = d_v = 16)."""
+    return load_tiny(tiny_dir, "qwen3_5")
+
+
+@pytest.fixture(scope="session")
+def tokens():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, SAFE_VOCAB, (2, 70), generator=g)  # 70: not a multiple of the chunk size 64
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A small byte-level BPE tokenizer in HF format, trained offline on a fixed text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    text = ["the quick brown fox jumps over the lazy dog", "def f(x):\n    return x + 1",
+            "import torch", "hello world, recurrent models write matrices"] * 20
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=240, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    path = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+__all__ = ["GDN_FAMILIES", "SAFE_VOCAB", "load_tiny"]

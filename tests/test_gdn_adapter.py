@@ -1,0 +1,391 @@
+"""Gated DeltaNet adapter: capture, reference parity, decode, exact edits, bad input (MATH.md 1-3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import GDN_FAMILIES, SAFE_VOCAB, load_tiny
+from writesae_plugin.adapters import (HookNameError, StateCapture, UnsupportedModelError, WriteEdit,
+                                      hook_model)
+from writesae_plugin.adapters.reference import gated_deltanet_reference, l2_normalize
+
+NATIVE = ("hook_q", "hook_k", "hook_v", "hook_beta")
+L = 1  # a GDN layer of the tiny models (layer 3 is attention)
+
+
+def layer_cache(model, tokens, layer=L, **kw):
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.startswith(f"blocks.{layer}."), **kw)
+    return {k.rsplit(".", 1)[-1]: v for k, v in cache.items()}
+
+
+def reference_of(c, **kw):
+    return gated_deltanet_reference(c["hook_query"], c["hook_write_key"], c["hook_v"], c["hook_log_decay"],
+                                    c["hook_beta"], **kw)
+
+
+def final_states(out, layer=L):
+    return out.past_key_values.layers[layer].recurrent_states[0]
+
+
+# ------------------------------------------------------------------------------------------ capture
+@pytest.mark.parametrize("family,layout", GDN_FAMILIES)
+def test_capture_is_bit_identical_and_matches_reference(tiny_dir, family, layout):
+    hf = load_tiny(tiny_dir, family, layout)
+    tokens = torch.randint(0, SAFE_VOCAB, (2, 70), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = hf(input_ids=tokens, use_cache=True)
+        model = hook_model(hf)
+        with model.options(materialize_writes=True, capture_states=StateCapture("all")):
+            out, cache = model.run_with_cache(tokens, return_type="hf")
+    assert torch.equal(out.logits, plain.logits)
+    layers = model.cfg.recurrent_layers
+    assert len(layers) >= 2 and all(f"blocks.{l}.linear_attn.hook_write" in cache for l in layers)
+    for l in layers:
+        c = {k.rsplit(".", 1)[-1]: v for k, v in cache.items() if k.startswith(f"blocks.{l}.")}
+        H, d_k, d_v = model.cfg.n_heads, model.cfg.d_k, model.cfg.d_v
+        assert c["hook_write_key"].shape == (2, 70, H, d_k) and c["hook_write_value"].shape == (2, 70, H, d_v)
+        assert c["hook_write_flat"].shape == (2, 70, H * d_k * d_v)
+        ref = reference_of(c, return_states=True)
+        assert (ref.read - c["hook_read"]).abs().max() <= 1e-5
+        assert (ref.final_state - final_states(out, l)).abs().max() <= 1e-5
+        assert (ref.states - c["hook_state"]).abs().max() <= 1e-5
+        dense = torch.einsum("bthk,bthv->bthkv", c["hook_write_key"], c["hook_write_value"])
+        assert torch.equal(c["hook_write"], dense)
+        # the write factors are (k^, beta v), k^ = the kernel's l2norm of k, repeated per value head
+        beta_v = c["hook_beta"][..., None] * c["hook_v"]
+        assert torch.allclose(c["hook_write_value"], beta_v)
+        k_hat = l2_normalize(c["hook_k"]).repeat_interleave(H // model.cfg.n_key_heads, dim=2)
+        assert torch.equal(c["hook_write_key"], k_hat)
+
+
+def test_head_sharing_keys_are_repeated_per_value_head(qwen, tokens):
+    model = hook_model(qwen)
+    with torch.no_grad():
+        c = layer_cache(model, tokens)
+    k = c["hook_write_key"]
+    assert model.cfg.n_key_heads == 2 and model.cfg.n_heads == 4
+    assert torch.equal(k[:, :, 0], k[:, :, 1]) and torch.equal(k[:, :, 2], k[:, :, 3])
+    assert not torch.equal(k[:, :, 1], k[:, :, 2])
+
+
+def test_delta_mode_value_is_the_actual_increment(qwen, tokens):
+    model = hook_model(qwen)
+    with torch.no_grad(), model.options(write_mode="delta", capture_states=StateCapture("all")):
+        c = layer_cache(model, tokens)
+    ref = reference_of(c)
+    assert (ref.delta_value - c["hook_write_value"]).abs().max() <= 1e-5
+    # S_t - alpha_t S_{t-1} == k^ delta^T
+    S = c["hook_state"]
+    alpha = c["hook_log_decay"].exp()[..., None, None]
+    inc = S[:, 1:] - alpha[:, 1:] * S[:, :-1]
+    dense = torch.einsum("bthk,bthv->bthkv", c["hook_write_key"], c["hook_write_value"])
+    assert (inc - dense[:, 1:]).abs().max() <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------ decode, padding
+def test_prefill_then_decode_equals_full_forward(qwen, tokens):
+    model = hook_model(qwen)
+    seen = []
+    with torch.no_grad():
+        full, full_cache = model.run_with_cache(tokens)
+        with model.hooks(fwd_hooks=[(f"blocks.{L}.linear_attn.hook_write_key", lambda x, hook: seen.append(x))]):
+            out = model(tokens[:, :50], return_type="hf")
+            past = out.past_key_values
+            logits = [out.logits]
+            for t in range(50, 70):
+                out = model(tokens[:, t:t + 1], return_type="hf", past_key_values=past)
+                logits.append(out.logits)
+            step = model(tokens[:, 66:68], return_type="hf", past_key_values=None)  # fresh short prefill
+    assert step.logits.shape[1] == 2
+    logits = torch.cat(logits, dim=1)
+    assert (logits - full).abs().max() <= 1e-4
+    keys = torch.cat(seen[:21], dim=1)
+    assert (keys - full_cache[f"blocks.{L}.linear_attn.hook_write_key"]).abs().max() <= 1e-5
+
+
+def test_left_padding_rows_match_unpadded_runs(qwen):
+    model = hook_model(qwen)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(0, SAFE_VOCAB, (1, 40), generator=g), torch.randint(0, SAFE_VOCAB, (1, 33), generator=g)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 7, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        _, c = model.run_with_cache(batch, attention_mask=mask)
+        _, cb = model.run_with_cache(b)
+    name = f"blocks.{L}.linear_attn.hook_read"
+    assert (c[name][1, 7:] - cb[name][0]).abs().max() <= 1e-5
+    assert c[f"blocks.{L}.linear_attn.hook_write_value"][1, :7].abs().max() == 0
+
+
+# ------------------------------------------------------------------------------------------ exact edits
+def _edits(mode):
+    g = torch.Generator().manual_seed(5)
+    u, w = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    fn = [WriteEdit(layer=L, pos=40, head=2, batch=0, key=u, value=w, mode=mode),
+          WriteEdit(layer=L, pos=10, head=1, batch=0, op="delete", mode=mode),
+          WriteEdit(layer=L, pos=69, head=3, batch=1, matrix=torch.outer(w, u), mode=mode)]
+    ref = {(0, 40, 2): (torch.outer(u, w), mode), (0, 10, 1): (torch.zeros(16, 16), mode),
+           (1, 69, 3): (torch.outer(w, u), mode)}
+    return fn, ref
+
+
+@pytest.mark.parametrize("mode", ["raw", "delta"])
+def test_functional_edits_equal_edited_recurrence(qwen, tokens, mode):
+    model = hook_model(qwen)
+    edits, ref_edits = _edits(mode)
+    with torch.no_grad():
+        clean = layer_cache(model, tokens)
+        clean_logits = model(tokens)
+        with model.edits(edits):
+            edited = layer_cache(model, tokens)
+            logits = model(tokens)
+    ref = reference_of(clean, write_edits=ref_edits)
+    assert (ref.read - edited["hook_read"]).abs().max() <= 1e-5
+    # positions before the first edit of a row, and the other row before its edit, change by exactly 0
+    assert torch.equal(edited["hook_read"][0, :10], clean["hook_read"][0, :10])
+    assert torch.equal(edited["hook_read"][1, :69], clean["hook_read"][1, :69])
+    assert torch.equal(logits[0, :10], clean_logits[0, :10]) and torch.equal(logits[1, :69], clean_logits[1, :69])
+    assert not torch.allclose(logits[0, 10:], clean_logits[0, 10:])
+
+
+def test_single_edits_compose_additively(qwen, tokens):
+    model = hook_model(qwen)
+    e1, e2 = _edits("raw")[0][:2]
+    with torch.no_grad():
+        clean = layer_cache(model, tokens)["hook_read"]
+        r1 = model_read(model, tokens, [e1]) - clean
+        r2 = model_read(model, tokens, [e2]) - clean
+        r12 = model_read(model, tokens, [e1, e2]) - clean
+    assert (r12 - (r1 + r2)).abs().max() <= 1e-5  # linearity of the state in the writes (raw mode)
+
+
+def model_read(model, tokens, edits):
+    with model.edits(edits):
+        return layer_cache(model, tokens)["hook_read"]
+
+
+def test_replacing_a_write_by_itself_is_a_no_op(qwen, tokens):
+    model = hook_model(qwen)
+    with torch.no_grad():
+        c = layer_cache(model, tokens)
+        clean = model(tokens)
+        W = torch.outer(c["hook_write_key"][0, 20, 1], c["hook_write_value"][0, 20, 1])
+        same = model.run_with_edits(tokens, [WriteEdit(layer=L, pos=20, head=1, batch=0, matrix=W)])
+        via_hook = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{L}.linear_attn.hook_write_value",
+                                                            lambda x, hook: x.clone())])
+    assert (same - clean).abs().max() <= 1e-6
+    assert torch.equal(via_hook, clean)
+
+
+@pytest.mark.parametrize("mode", ["raw", "delta"])
+def test_hook_edits_equal_functional_edits(qwen, tokens, mode):
+    model = hook_model(qwen)
+    g = torch.Generator().manual_seed(9)
+    u, w = torch.randn(16, generator=g), torch.randn(16, generator=g)
+
+    def edit_factors(x, hook):
+        if hook.name.endswith("hook_write_key"):
+            x[0, 30, 2] = u
+        else:
+            x[0, 30, 2] = w
+        return x
+
+    def edit_dense(x, hook):
+        x[0, 30, 2] = torch.outer(u, w)
+        return x
+
+    prefix = f"blocks.{L}.linear_attn."
+    with torch.no_grad(), model.options(write_mode=mode):
+        functional = model.run_with_edits(tokens, [WriteEdit(layer=L, pos=30, head=2, batch=0, key=u, value=w,
+                                                             mode=mode)])
+        factors = model.run_with_hooks(tokens, fwd_hooks=[(prefix + "hook_write_key", edit_factors),
+                                                          (prefix + "hook_write_value", edit_factors)])
+        with model.options(materialize_writes=True):
+            dense = model.run_with_hooks(tokens, fwd_hooks=[(prefix + "hook_write", edit_dense)])
+    assert (factors - functional).abs().max() <= 1e-5
+    assert (dense - functional).abs().max() <= 1e-5
+
+
+def test_add_and_state_edit_act_as_extra_writes(qwen, tokens):
+    model = hook_model(qwen)
+    g = torch.Generator().manual_seed(11)
+    D = torch.randn(16, 16, generator=g)
+    with torch.no_grad():
+        clean = layer_cache(model, tokens)
+
+        def edit_state(x, hook):
+            x[1, 0, 0] += D  # heads=[3] -> axis 2 holds head 3 only
+            return x
+
+        with model.options(capture_states=StateCapture([25], heads=[3])):
+            via_state = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{L}.linear_attn.hook_state",
+                                                                 edit_state)])
+            with model.edits([WriteEdit(layer=L, pos=25, head=3, batch=1, op="add", matrix=D)]):
+                via_add = model(tokens)
+                edited = layer_cache(model, tokens)
+    ref = reference_of(clean, extra_writes={(1, 25, 3): D})
+    assert (ref.read - edited["hook_read"]).abs().max() <= 1e-5
+    assert (via_state - via_add).abs().max() <= 1e-5
+    assert edited["hook_state"].shape == (2, 1, 1, 16, 16)
+
+
+def test_states_reflect_write_edits(qwen, tokens):
+    model = hook_model(qwen)
+    edits, ref_edits = _edits("raw")
+    with torch.no_grad(), model.options(capture_states=StateCapture([5, 45, -1])):
+        clean = layer_cache(model, tokens)
+        with model.edits(edits):
+            edited = layer_cache(model, tokens)
+    ref = reference_of(clean, write_edits=ref_edits, return_states=True)
+    assert (ref.states[:, [5, 45, 69]] - edited["hook_state"]).abs().max() <= 1e-5
+
+
+def test_edit_at_prefill_carries_into_decode(qwen, tokens):
+    model = hook_model(qwen)
+    edit = WriteEdit(layer=L, pos=12, head=0, op="delete")
+    with torch.no_grad():
+        full = model.run_with_edits(tokens[:, :60], [edit])
+        with model.edits([edit]):
+            out = model(tokens[:, :55], return_type="hf")
+            steps = [out.logits]
+            for t in range(55, 60):
+                out = model(tokens[:, t:t + 1], return_type="hf", past_key_values=out.past_key_values)
+                steps.append(out.logits)
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
+
+
+def test_edit_during_decode_matches_full_forward(qwen, tokens):
+    model = hook_model(qwen)
+    edit = WriteEdit(layer=L, pos=57, head=2, op="delete")
+    with torch.no_grad():
+        full = model.run_with_edits(tokens[:, :60], [edit])
+        with model.edits([edit]):
+            out = model(tokens[:, :55], return_type="hf")
+            steps = [out.logits]
+            for t in range(55, 60):
+                out = model(tokens[:, t:t + 1], return_type="hf", past_key_values=out.past_key_values)
+                steps.append(out.logits)
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
+
+
+def test_edits_are_differentiable(qwen, tokens):
+    model = hook_model(qwen)
+    u = torch.randn(16, requires_grad=True)
+    w = torch.randn(16)
+    logits = model.run_with_edits(tokens, [WriteEdit(layer=L, pos=30, head=1, key=u, value=w, batch=0)])
+    logits[0, -1].logsumexp(-1).backward()
+    assert u.grad is not None and u.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_bad_inputs_raise_clear_errors(qwen, tokens):
+    model = hook_model(qwen)
+    with pytest.raises(HookNameError, match="valid names"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.linear_attn.hook_writ", lambda x, hook: x)])
+    with pytest.raises(HookNameError, match="valid names"):
+        model.run_with_cache(tokens, names_filter=["blocks.3.linear_attn.hook_write"])  # layer 3 is attention
+    with pytest.raises(ValueError, match=r"shapes \[16\] and \[16\]"):
+        with model.edits([WriteEdit(layer=L, pos=3, head=0, key=torch.zeros(15), value=torch.zeros(16))]):
+            pass
+    with pytest.raises(ValueError, match="not a Gated DeltaNet layer"):
+        with model.edits([WriteEdit(layer=3, pos=3, head=0, op="delete")]):
+            pass
+    with pytest.raises(ValueError, match="out of range"):
+        with model.edits([WriteEdit(layer=L, pos=3, head=4, op="delete")]):
+            pass
+    with pytest.raises(ValueError, match="batch"):
+        model.run_with_edits(tokens, [WriteEdit(layer=L, pos=3, head=0, batch=2, op="delete")])
+    with pytest.raises(RuntimeError, match="never reached"):
+        model.run_with_edits(tokens, [WriteEdit(layer=L, pos=70, head=0, op="delete")])
+    with pytest.raises(ValueError, match="non-negative"):
+        WriteEdit(layer=L, pos=-1, head=0, op="delete")
+    with pytest.raises(ValueError, match="NaN"):
+        WriteEdit(layer=L, pos=1, head=0, matrix=torch.full((16, 16), float("nan"))).atom(16, 16)
+    with pytest.raises(ValueError, match="must keep its shape"):
+        model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{L}.linear_attn.hook_write_key",
+                                                 lambda x, hook: x[:, :, :2])])
+    with pytest.raises(ValueError, match="NaN"):
+        model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{L}.linear_attn.hook_write_value",
+                                                 lambda x, hook: x * float("nan"))])
+    with pytest.raises(ValueError, match="write mode"):
+        model.set_write_mode("dense")
+    with pytest.raises(ValueError, match="out of range"), model.options(capture_states=StateCapture([99])):
+        model(tokens)
+
+
+def test_unsupported_model_names_supported_families(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    llama = LlamaForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="qwen3_5.*qwen3_next.*olmo_hybrid"):
+        hook_model(llama)
+    with pytest.raises(TypeError):
+        hook_model("Qwen/Qwen3.5-0.8B")
+
+
+# ------------------------------------------------------------------------------------------ kernels
+def test_cpu_uses_pure_torch_kernel_even_if_fla_is_bound(qwen, tokens, monkeypatch):
+    from writesae_plugin.adapters import gated_deltanet as gdn
+
+    model = hook_model(qwen)
+    kernels = gdn._INSTALLED[model.family.module_name]
+
+    def triton_only(*a, **k):
+        raise RuntimeError("0 active drivers")  # what fla's triton kernel does on CPU
+
+    with torch.no_grad():
+        clean = model(tokens)
+        monkeypatch.setitem(kernels.original, gdn.CHUNK, triton_only)
+        monkeypatch.setitem(kernels.original, gdn.RECURRENT, triton_only)
+        again = model(tokens)
+    assert torch.equal(clean, again)
+
+
+def test_replaced_layer_forward_is_refused(tiny_dir, tokens):
+    import types
+
+    hf = load_tiny(tiny_dir, "qwen3_5")
+    mixer = hf.model.layers[0].linear_attn
+    mixer.forward = types.MethodType(lambda self, hidden_states, **kw: torch.zeros_like(hidden_states), mixer)
+    with pytest.raises(UnsupportedModelError, match="use_kernels"):
+        hook_model(hf)
+    hf2 = load_tiny(tiny_dir, "qwen3_5")
+    model = hook_model(hf2)
+    mixer = hf2.model.layers[0].linear_attn
+    mixer.forward = types.MethodType(lambda self, hidden_states, **kw: torch.zeros_like(hidden_states), mixer)
+    with pytest.raises(RuntimeError, match="without calling the gated delta rule"):
+        model(tokens)
+
+
+def test_factor_capture_never_materialises_dense_writes(qwen):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(o, torch.Tensor):
+                    Largest.largest = max(Largest.largest, o.numel())
+            return out
+
+    model = hook_model(qwen)
+    tokens = torch.randint(0, SAFE_VOCAB, (2, 256))
+    dense_numel = 2 * 256 * 4 * 16 * 16
+    names = lambda n: "hook_write_" in n or n.endswith("hook_read")  # noqa: E731
+    with torch.no_grad():
+        Largest.largest = 0
+        with Largest():
+            model.run_with_cache(tokens, names_filter=names)
+        factored = Largest.largest
+        Largest.largest = 0
+        with Largest(), model.options(materialize_writes=True):
+            model.run_with_cache(tokens, names_filter=names)
+        dense = Largest.largest
+    assert factored < dense_numel <= dense
