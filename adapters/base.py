@@ -37,6 +37,7 @@ from typing import Any, Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
+from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
 
 WriteMode = Literal["raw", "delta"]
@@ -350,14 +351,18 @@ class HookedRecurrentModel(HookedRootModule):
         elif isinstance(names_filter, (list, tuple)):
             self.check_hook_names(names_filter)
 
-    def run_with_cache(self, *model_args, names_filter=None, pos_slice=None, **kwargs):
-        """TransformerLens ``run_with_cache``. Exact-name filters are validated; ``pos_slice`` slices the
-        position axis (axis 1 of every hook here, ``[b, p, ...]``) after the run."""
+    def run_with_cache(self, *model_args, names_filter=None, pos_slice=None, return_cache_object: bool = True,
+                       remove_batch_dim: bool = False, **kwargs):
+        """TransformerLens ``run_with_cache``: ``(output, ActivationCache)`` (a dict with
+        ``return_cache_object=False``). Exact-name filters are validated; ``pos_slice`` slices the position
+        axis, which is axis 1 of every hook here (``[b, p, ...]``), not the axis TransformerLens guesses."""
         self._names_filter_list(names_filter)
-        remove_batch_dim = kwargs.get("remove_batch_dim", False)
-        out, cache = super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
+        out, cache = super().run_with_cache(*model_args, names_filter=names_filter,
+                                            remove_batch_dim=remove_batch_dim, **kwargs)
         if pos_slice is not None:
             cache = _slice_positions(cache, pos_slice, axis=0 if remove_batch_dim else 1)
+        if return_cache_object:
+            cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache
 
     def run_with_hooks(self, *model_args, fwd_hooks=(), bwd_hooks=(), **kwargs):
@@ -377,8 +382,10 @@ class _StopForward(Exception):
 def _slice_positions(cache, pos_slice, axis: int):
     from transformer_lens.utils import Slice
 
+    if isinstance(pos_slice, int):  # as TransformerLens' caching hooks: an int keeps the axis
+        pos_slice = [pos_slice]
     sl = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
-    store = cache.cache_dict if hasattr(cache, "cache_dict") else cache
+    store = cache
     for name in list(store):
         if name.endswith("hook_state"):
             raise ValueError("pos_slice cannot be applied to hook_state (its axis 1 holds the captured "

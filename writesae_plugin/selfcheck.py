@@ -1,0 +1,91 @@
+"""Self-check of the write hooks on a model: inventory, bit-identity, reference parity, exact edits, timing.
+
+Every number is measured on the given model and tokens; nothing is assumed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import HookedRecurrentModel, WriteEdit
+from .adapters.reference import gated_deltanet_reference
+
+
+@dataclass
+class CheckResult:
+    name: str
+    value: float
+    tolerance: float | None  # None: informational
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.tolerance is None or self.value <= self.tolerance
+
+
+@dataclass
+class SelfCheck:
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    def table(self) -> str:
+        lines = [f"{'check':52s} {'measured':>12s} {'limit':>10s}  status"]
+        for r in self.results:
+            lim = "-" if r.tolerance is None else f"{r.tolerance:.0e}"
+            status = "info" if r.tolerance is None else ("ok" if r.ok else "FAIL")
+            lines.append(f"{r.name:52s} {r.value:12.3e} {lim:>10s}  {status} {r.detail}")
+        return "\n".join(lines)
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def run_selfcheck(model: HookedRecurrentModel, tokens: torch.Tensor, repeats: int = 5) -> SelfCheck:
+    """Run the checks on ``tokens`` ``[b, T]`` (``T >= 2``)."""
+    out = SelfCheck()
+    hf = model.hf_model
+    b, T = tokens.shape
+    with torch.no_grad():
+        plain = hf(input_ids=tokens).logits
+        hooked, cache = model.run_with_cache(tokens)
+        out.results.append(CheckResult("capture-only logits vs plain HF (max |diff|)",
+                                       (hooked - plain).abs().max().item(), 0.0))
+        for layer in model.cfg.recurrent_layers:
+            p = f"blocks.{layer}.linear_attn."
+            ref = gated_deltanet_reference(cache[p + "hook_query"], cache[p + "hook_write_key"], cache[p + "hook_v"],
+                                           cache[p + "hook_log_decay"], cache[p + "hook_beta"])
+            out.results.append(CheckResult(f"layer {layer}: hook_read vs per-token reference",
+                                           (ref.read - cache[p + "hook_read"]).abs().max().item(), 1e-5))
+        layer = model.cfg.recurrent_layers[0]
+        p = f"blocks.{layer}.linear_attn."
+        pos, head = T // 2, model.cfg.n_heads - 1
+        g = torch.Generator().manual_seed(0)
+        u, w = torch.randn(model.cfg.d_k, generator=g), torch.randn(model.cfg.d_v, generator=g)
+        edit = WriteEdit(layer=layer, pos=pos, head=head, batch=0, key=u, value=w)
+        with model.edits([edit]):
+            _, edited = model.run_with_cache(tokens, names_filter=[p + "hook_read"])
+        ref = gated_deltanet_reference(cache[p + "hook_query"], cache[p + "hook_write_key"], cache[p + "hook_v"],
+                                       cache[p + "hook_log_decay"], cache[p + "hook_beta"],
+                                       write_edits={(0, pos, head): (torch.outer(u, w), "raw")})
+        out.results.append(CheckResult(f"layer {layer}: exact edit at t={pos} vs edited reference",
+                                       (ref.read - edited[p + "hook_read"]).abs().max().item(), 1e-5))
+        out.results.append(CheckResult("edit: change before the edited position", (
+            edited[p + "hook_read"][:, :pos] - cache[p + "hook_read"][:, :pos]).abs().max().item(), 0.0))
+        t_plain = _median_time(lambda: hf(input_ids=tokens), repeats)
+        t_wrap = _median_time(lambda: model(tokens), repeats)
+        t_edit = _median_time(lambda: model.run_with_edits(tokens, [edit]), repeats)
+        out.results.append(CheckResult("time: hooked (no hooks attached) / plain HF", t_wrap / t_plain, None))
+        out.results.append(CheckResult("time: one exact edit / clean hooked forward", t_edit / t_wrap, None))
+    return out
