@@ -380,7 +380,7 @@ class _StopForward(Exception):
 
 
 def _slice_positions(cache, pos_slice, axis: int):
-    from transformer_lens.utils import Slice
+    from transformer_lens.utilities.slice import Slice
 
     if isinstance(pos_slice, int):  # as TransformerLens' caching hooks: an int keeps the axis
         pos_slice = [pos_slice]
