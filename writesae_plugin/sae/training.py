@@ -1,0 +1,263 @@
+"""Training WriteSAE for SAELens' ``SAETrainer``.
+
+* Decoder factors are renormalised to unit norm before every step (atoms stay unit-Frobenius for rank 1).
+* Loss: MSE (summed over the matrix, mean over the batch) + aux-k on dead atoms (coefficient
+  ``aux_loss_coefficient``, default 1/32; MATH.md 4) + the L0 penalty for JumpReLU.
+* ``input_layout="factors"``: batches are ``[N, d_k + d_v]`` concatenated write factors; encoder, MSE and
+  aux-k are computed from inner products only (``atoms.py``), never forming ``k v^T``.
+* Optional resampling of dead atoms every ``resample_every`` steps (the paper's recipe): a dead atom is
+  re-initialised to the leading singular pair of a badly reconstructed input's residual.
+* BatchTopK keeps an EMA threshold and is exported as a threshold (``jumprelu``) WriteSAE, as SAELens does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from sae_lens.saes.batchtopk_sae import BatchTopK
+from sae_lens.saes.jumprelu_sae import JumpReLU as JumpReLUFn
+from sae_lens.saes.jumprelu_sae import Step
+from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
+from sae_lens.saes.topk_sae import TopK
+from torch import Tensor, nn
+
+from . import atoms
+from .config import WriteSAETrainingConfig
+from .write_sae import WriteSAEMixin
+
+
+class _TrainJumpReLU(nn.Module):
+    def __init__(self, sae):
+        super().__init__()
+        self._sae = [sae]
+
+    def forward(self, x: Tensor) -> Tensor:
+        sae = self._sae[0]
+        return JumpReLUFn.apply(x, sae.log_threshold.exp(), sae.cfg.jumprelu_bandwidth, False)
+
+
+class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
+    """Training WriteSAE (``architecture = "write_sae"`` in SAELens' training registry)."""
+
+    def __init__(self, cfg: WriteSAETrainingConfig, use_error_term: bool = False):
+        if not isinstance(cfg, WriteSAETrainingConfig):
+            raise TypeError(f"TrainingWriteSAE needs a WriteSAETrainingConfig, got {type(cfg).__name__}")
+        super().__init__(cfg, use_error_term)
+        self._last_layout = None
+
+    def initialize_weights(self) -> None:
+        WriteSAEMixin.initialize_weights(self)
+        if self.cfg.activation == "batchtopk":
+            self.register_buffer("topk_threshold", torch.zeros((), dtype=torch.double, device=self.device))
+        if self.cfg.activation == "jumprelu":
+            del self.threshold
+            init = torch.full((self.cfg.d_sae,), float(self.cfg.jumprelu_init_threshold), dtype=self.dtype,
+                              device=self.device)
+            self.log_threshold = nn.Parameter(init.log() if self.device.type != "meta" else init)
+
+    def get_activation_fn(self):
+        if self.cfg.activation == "topk":
+            return TopK(self.cfg.k)
+        if self.cfg.activation == "batchtopk":
+            return BatchTopK(self.cfg.k)
+        return _TrainJumpReLU(self)
+
+    def get_coefficients(self) -> dict[str, float]:
+        return {"l0": self.cfg.l0_coefficient} if self.cfg.activation == "jumprelu" else {}
+
+    def encode_with_hidden_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        X, layout = self._select(x)
+        X = self.hook_sae_input(X)
+        pre = self.hook_sae_acts_pre(self._pre(X))
+        acts = self.hook_sae_acts_post(self.activation_fn(pre))
+        self._last_layout = layout
+        return acts, pre
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encode_with_hidden_pre(x)[0]
+
+    # ------------------------------------------------------------------ unit-norm decoder
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        if self.cfg.decoder_rank is None:
+            self.dec_dense.div_(self.dec_dense.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+        else:
+            self.dec_key.div_(self.dec_key.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+            self.dec_value.div_(self.dec_value.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+
+    # ------------------------------------------------------------------ the step
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        self.normalize_decoder()
+        x = step_input.sae_in
+        if self.cfg.input_layout == "factors":
+            out = self._factored_step(step_input)
+        else:
+            out = self._dense_step(step_input)
+        if self.cfg.activation == "batchtopk":
+            self._update_threshold(out.feature_acts)
+            out.metrics["topk_threshold"] = float(self.topk_threshold)
+        if self.cfg.resample_every and step_input.n_training_steps > 0 and \
+                step_input.n_training_steps % self.cfg.resample_every == 0 and step_input.dead_neuron_mask is not None:
+            out.metrics["resampled_atoms"] = self.resample_dead_atoms(x, step_input.dead_neuron_mask)
+        return out
+
+    def _dense_step(self, step_input: TrainStepInput) -> TrainStepOutput:
+        sae_in = step_input.sae_in
+        acts, pre = self.encode_with_hidden_pre(sae_in)
+        recon = self.decode(acts)
+        mse = (recon - sae_in).pow(2).reshape(sae_in.shape[0], -1).sum(-1).mean()
+        losses = {"mse_loss": mse}
+        losses.update(self._aux_losses(step_input, pre, acts, residual=(sae_in - recon).detach()))
+        return TrainStepOutput(sae_in=sae_in, sae_out=recon, feature_acts=acts, hidden_pre=pre,
+                               loss=sum(losses.values()), losses=losses)
+
+    def _split(self, sae_in: Tensor) -> tuple[Tensor, Tensor]:
+        dk, dv = self.cfg.d_k, self.cfg.d_v
+        if sae_in.shape[-1] != dk + dv:
+            raise ValueError(f"input_layout='factors' expects batches [N, d_k + d_v] = [N, {dk + dv}], "
+                             f"got {list(sae_in.shape)}")
+        return sae_in[..., :dk], sae_in[..., dk:]
+
+    def _factored_step(self, step_input: TrainStepInput) -> TrainStepOutput:
+        k, v = self._split(step_input.sae_in)
+        pre = self.hook_sae_acts_pre(self.pre_from_factors(k, v))
+        acts = self.hook_sae_acts_post(self.activation_fn(pre))
+        err = self._factored_sq_error(k, v, acts)
+        losses = {"mse_loss": err.mean()}
+        losses.update(self._aux_losses(step_input, pre, acts, factors=(k, v, err.detach())))
+        if step_input.is_logging_step:  # SAELens' logger compares dense sae_in and sae_out
+            dense_in = (k[:, :, None] * v[:, None, :]).reshape(k.shape[0], -1)
+            sae_in, sae_out = dense_in, self._decode_matrices(acts).reshape(k.shape[0], -1)
+        else:
+            sae_in = sae_out = step_input.sae_in
+        return TrainStepOutput(sae_in=sae_in, sae_out=sae_out, feature_acts=acts, hidden_pre=pre,
+                               loss=sum(losses.values()), losses=losses)
+
+    def _gram(self) -> Tensor:
+        """``G_il = <A_i, A_l>_F`` ``[d_sae, d_sae]`` from factors (no atom matrix formed)."""
+        if self.cfg.decoder_rank is None:
+            return self.dec_dense @ self.dec_dense.T
+        UU = torch.einsum("ijk,lmk->iljm", self.dec_key, self.dec_key)
+        WW = torch.einsum("ijv,lmv->iljm", self.dec_value, self.dec_value)
+        return (UU * WW).sum((-1, -2))
+
+    def _atom_dots(self, k: Tensor, v: Tensor) -> Tensor:
+        """``<k v^T, A_i>_F`` ``[N, d_sae]``."""
+        if self.cfg.decoder_rank is None:
+            M = self.dec_dense.view(self.cfg.d_sae, self.cfg.d_k, self.cfg.d_v)
+            return torch.einsum("Nk,nkv,Nv->Nn", k, M, v)
+        return atoms.bilinear_pre_factored(k, v, self.dec_key, self.dec_value)
+
+    def _bias_dots(self) -> Tensor:
+        """``<b_dec, A_i>_F`` ``[d_sae]``."""
+        B = self.b_dec.view(self.cfg.d_k, self.cfg.d_v)
+        if self.cfg.decoder_rank is None:
+            return self.dec_dense @ self.b_dec
+        return torch.einsum("njk,kv,njv->n", self.dec_key, B, self.dec_value)
+
+    def _factored_sq_error(self, k: Tensor, v: Tensor, acts: Tensor) -> Tensor:
+        """``||k v^T - (sum_i a_i A_i + B)||_F^2`` per row, from inner products only."""
+        if self.cfg.activation == "topk" and self.cfg.decoder_rank is not None:
+            values, indices = acts.topk(self.cfg.k, dim=-1)
+            return atoms.factored_sq_error(k, v, values, indices, self.dec_key, self.dec_value,
+                                           self.b_dec.view(self.cfg.d_k, self.cfg.d_v))
+        B = self.b_dec.view(self.cfg.d_k, self.cfg.d_v)
+        kk = (k * k).sum(-1) * (v * v).sum(-1)
+        cross = (acts * self._atom_dots(k, v)).sum(-1)
+        quad = ((acts @ self._gram()) * acts).sum(-1)
+        xb = torch.einsum("Nk,kv,Nv->N", k, B, v)
+        rb = acts @ self._bias_dots()
+        return kk - 2 * cross + quad - 2 * (xb - rb) + (B * B).sum()
+
+    # ------------------------------------------------------------------ auxiliary losses
+    def _aux_losses(self, step_input, pre, acts, residual=None, factors=None) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        if self.cfg.activation == "jumprelu":
+            thr = self.log_threshold.exp()
+            l0 = Step.apply(pre, thr, self.cfg.jumprelu_bandwidth, False).sum(-1).mean()
+            losses["l0_loss"] = step_input.coefficients.get("l0", self.cfg.l0_coefficient) * l0
+        mask = step_input.dead_neuron_mask
+        if mask is None or int(mask.sum()) == 0 or self.cfg.aux_loss_coefficient == 0:
+            return losses
+        num_dead = int(mask.sum())
+        k_aux = min(self.cfg.aux_k, num_dead)
+        scale = min(num_dead / self.cfg.aux_k, 1.0)
+        masked = torch.where(mask[None], pre, -torch.inf)
+        top = masked.topk(k_aux, dim=-1)
+        aux_acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+        if factors is None:  # dense residual R: ||sum_j c_j A_j - R||^2 (no decoder bias)
+            recon = (aux_acts @ self._decoder_matrix())
+            aux = (recon - residual.reshape(recon.shape)).pow(2).sum(-1).mean()
+        else:  # R = k v^T - X^ ; ||R - sum c A||^2 = ||R||^2 - 2 c.<R, A> + c^T G c
+            k, v, rr = factors
+            G = self._gram()
+            with torch.no_grad():
+                r_dot = self._atom_dots(k, v) - acts.detach() @ G.detach() - self._bias_dots().detach()
+            aux = (rr - 2 * (aux_acts * r_dot).sum(-1) + ((aux_acts @ G) * aux_acts).sum(-1)).mean()
+        losses["auxiliary_reconstruction_loss"] = self.cfg.aux_loss_coefficient * scale * aux
+        return losses
+
+    def calculate_aux_loss(self, step_input, feature_acts, hidden_pre, sae_out) -> dict[str, Tensor]:
+        residual = (step_input.sae_in - sae_out).detach()
+        return self._aux_losses(step_input, hidden_pre, feature_acts, residual=residual)
+
+    @torch.no_grad()
+    def _update_threshold(self, acts: Tensor) -> None:
+        positive = acts[acts > 0]
+        if positive.numel():
+            lr = self.cfg.topk_threshold_lr
+            self.topk_threshold.mul_(1 - lr).add_(lr * positive.min().double())
+
+    # ------------------------------------------------------------------ resampling (paper recipe)
+    @torch.no_grad()
+    def resample_dead_atoms(self, sae_in: Tensor, dead_mask: Tensor) -> int:
+        """Re-initialise dead atoms to the top singular pair of the worst-reconstructed inputs' residuals.
+
+        Returns the number of atoms resampled. Forms ``d_k x d_v`` matrices only for those few inputs.
+        """
+        dead = dead_mask.nonzero().flatten()
+        if dead.numel() == 0:
+            return 0
+        if self.cfg.input_layout == "factors":
+            k, v = self._split(sae_in)
+            X = k[:, :, None] * v[:, None, :]
+        else:
+            X, _ = self._select(sae_in)
+            X = X.reshape(-1, self.cfg.d_k, self.cfg.d_v)
+        acts, _ = self.encode_with_hidden_pre(X)
+        R = X - self._decode_matrices(acts)
+        worst = R.flatten(1).norm(dim=-1).argsort(descending=True)
+        n = min(dead.numel(), worst.numel())
+        U, S, Vh = torch.linalg.svd(R[worst[:n]])
+        idx = dead[:n]
+        if self.cfg.decoder_rank is None:
+            self.dec_dense[idx] = (U[:, :, 0, None] * Vh[:, None, 0, :]).reshape(n, -1)
+        else:
+            self.dec_key[idx] = 0
+            self.dec_value[idx] = 0
+            self.dec_key[idx, 0] = U[:, :, 0]
+            self.dec_value[idx, 0] = Vh[:, 0, :]
+        if self.cfg.encoder == "dense":
+            self.W_enc[:, idx] = (U[:, :, 0, None] * Vh[:, None, 0, :]).reshape(n, -1).T * 0.2
+        else:
+            self.enc_key[idx] = 0
+            self.enc_value[idx] = 0
+            self.enc_key[idx, 0] = U[:, :, 0] * 0.2
+            self.enc_value[idx, 0] = Vh[:, 0, :]
+        self.b_enc[idx] = 0
+        return int(n)
+
+    # ------------------------------------------------------------------ export
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        if self.cfg.activation == "batchtopk":
+            thr = state_dict.pop("topk_threshold")
+            state_dict["threshold"] = torch.ones_like(state_dict["b_enc"]) * thr.to(state_dict["b_enc"].dtype)
+        if self.cfg.activation == "jumprelu":
+            state_dict["threshold"] = state_dict.pop("log_threshold").exp()
+
+    def get_inference_sae_cfg_dict(self) -> dict[str, Any]:
+        d = super().get_inference_sae_cfg_dict()
+        if self.cfg.activation == "batchtopk":
+            d["activation"] = "jumprelu"  # exported with its learned threshold, as SAELens does
+        return d
