@@ -40,6 +40,8 @@ from torch import Tensor, nn
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
 
+from ..host import SAEHostMixin
+
 WriteMode = Literal["raw", "delta"]
 WRITE_MODES = ("raw", "delta")
 EDIT_OPS = ("replace", "add", "delete")
@@ -146,7 +148,7 @@ class AdapterConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class HookedRecurrentModel(HookedRootModule):
+class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
     """A user's HF recurrent/hybrid LM with named write hook points (see the module docstring).
 
     The wrapped model is the user's own (same weights, same outputs); it is reachable as ``hf_model``.
@@ -163,6 +165,7 @@ class HookedRecurrentModel(HookedRootModule):
         self.state_capture: StateCapture | None = None
         self._pending_edits: list[WriteEdit] | None = None
         self._applied_edits: set[int] = set()
+        self._init_sae_host()
         self.blocks = family.build_blocks(self)
         self.cfg = family.make_config(self)
         self.setup()
@@ -278,6 +281,12 @@ class HookedRecurrentModel(HookedRootModule):
         ``past_key_values``) or None. ``stop_at_layer=L`` stops before decoder layer L and returns the
         residual stream ``[b,p,d_model]`` entering it (hooks of earlier layers fire).
         """
+        with self._token_masks(input, {"prepend_bos": prepend_bos, "padding_side": padding_side}):
+            return self._forward(input, return_type, loss_per_token, prepend_bos, stop_at_layer, attention_mask,
+                                 past_key_values, use_cache, padding_side, **hf_kwargs)
+
+    def _forward(self, input, return_type, loss_per_token, prepend_bos, stop_at_layer, attention_mask,
+                 past_key_values, use_cache, padding_side, **hf_kwargs):
         if return_type not in ("logits", "loss", "both", "hf", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both', 'hf' or None, got {return_type!r}")
         if isinstance(input, (str, list)):

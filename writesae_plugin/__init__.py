@@ -10,4 +10,8 @@ from .sae import TrainingWriteSAE, WriteSAE, WriteSAEConfig, WriteSAETrainingCon
 
 _register_sae()
 
+from .registry import register_local_release, register_packaged_releases  # noqa: E402
+
+register_packaged_releases()
+
 __all__ = ["WriteSAE", "WriteSAEConfig", "TrainingWriteSAE", "WriteSAETrainingConfig", "__version__"]

@@ -1,0 +1,220 @@
+"""Activation provider: stream a write or state site from an adapter into SAELens' ``SAETrainer``.
+
+Text -> fixed-length token contexts (``token_contexts``) -> hooked forward -> the chosen site at sampled
+positions and heads -> a shuffling buffer -> batches ``[N, d_k*d_v]`` (dense) or ``[N, d_k + d_v]`` (write
+factors, for ``input_layout="factors"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
+
+import torch
+from torch import Tensor
+
+from .adapters import HookedRecurrentModel, StateCapture
+
+
+def load_text_dataset(source, split: str = "train", text_column: str = "text"):
+    """An HF ``datasets.Dataset`` from a hub name, a local file (``.txt``, ``.jsonl``/``.json``,
+    ``.parquet``), a directory of such files, or an in-memory Dataset / list of strings."""
+    import datasets
+
+    if isinstance(source, datasets.Dataset):
+        ds = source
+    elif isinstance(source, (list, tuple)) and all(isinstance(s, str) for s in source):
+        ds = datasets.Dataset.from_dict({text_column: list(source)})
+    else:
+        path = Path(str(source))
+        if path.exists():
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            kinds = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+            exts = {p.suffix for p in files}
+            if not files or not exts <= set(kinds) or len({kinds[e] for e in exts}) != 1:
+                raise ValueError(f"{source}: expected .txt, .jsonl/.json or .parquet files of one kind, "
+                                 f"found {sorted(exts)}")
+            builder = kinds[files[0].suffix]
+            ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+        else:
+            ds = datasets.load_dataset(str(source), split=split)
+    if text_column not in ds.column_names:
+        raise ValueError(f"dataset has no {text_column!r} column (columns: {ds.column_names})")
+    return ds
+
+
+def token_contexts(texts: Iterable[str], tokenizer, context_length: int, separator_id: int | None = None,
+                   max_contexts: int | None = None) -> Iterator[Tensor]:
+    """Concatenate tokenized texts (separated by ``separator_id``, default eos) and cut ``[context_length]``
+    contexts."""
+    if context_length < 2:
+        raise ValueError(f"context_length must be >= 2, got {context_length}")
+    sep = tokenizer.eos_token_id if separator_id is None else separator_id
+    buf: list[int] = []
+    n = 0
+    for text in texts:
+        buf.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if sep is not None:
+            buf.append(sep)
+        while len(buf) >= context_length:
+            yield torch.tensor(buf[:context_length], dtype=torch.long)
+            buf = buf[context_length:]
+            n += 1
+            if max_contexts is not None and n >= max_contexts:
+                return
+
+
+@dataclass
+class SiteSpec:
+    """Which activations to stream.
+
+    ``site``: ``"write"`` (the factored write, raw or delta) or ``"state"``. ``positions``: ``"all"``,
+    ``"last"`` (final position of each context), ``("stride", s)`` or ``("random", n)`` per context.
+    ``heads``: value heads to take (None: all; each head's matrix is one sample).
+    """
+
+    layer: int
+    site: Literal["write", "state"] = "state"
+    heads: list[int] | None = None
+    positions: str | tuple[str, int] = "all"
+    write_mode: Literal["raw", "delta"] = "raw"
+    layout: Literal["dense", "factors"] = "dense"
+    skip_first: int = 0  # positions to drop at the start of each context (e.g. a BOS)
+
+    def __post_init__(self):
+        if self.site not in ("write", "state"):
+            raise ValueError(f"site must be 'write' or 'state', got {self.site!r}")
+        if self.layout == "factors" and self.site != "write":
+            raise ValueError("layout='factors' needs site='write' (a state is not rank 1)")
+        p = self.positions
+        if not (p in ("all", "last") or (isinstance(p, tuple) and len(p) == 2 and p[0] in ("stride", "random")
+                                          and int(p[1]) > 0)):
+            raise ValueError(f"positions must be 'all', 'last', ('stride', s) or ('random', n), got {p!r}")
+
+
+def select_positions(spec: SiteSpec, T: int, generator: torch.Generator) -> list[int]:
+    lo = spec.skip_first
+    if spec.positions == "all":
+        return list(range(lo, T))
+    if spec.positions == "last":
+        return [T - 1]
+    kind, n = spec.positions
+    if kind == "stride":
+        return list(range(lo, T, int(n)))
+    n = min(int(n), T - lo)
+    return sorted((torch.randperm(T - lo, generator=generator)[:n] + lo).tolist())
+
+
+@torch.no_grad()
+def site_activations(model: HookedRecurrentModel, tokens: Tensor, spec: SiteSpec,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """Samples of the site for one token batch ``[b, T]``: ``[N, d_k*d_v]`` or ``[N, d_k + d_v]``."""
+    generator = generator or torch.Generator().manual_seed(0)
+    cfg = model.cfg
+    if spec.layer not in cfg.recurrent_layers:
+        raise ValueError(f"layer {spec.layer} is not recurrent; recurrent layers: {list(cfg.recurrent_layers)}")
+    heads = list(range(cfg.n_heads)) if spec.heads is None else list(spec.heads)
+    if any(not 0 <= h < cfg.n_heads for h in heads):
+        raise ValueError(f"heads {heads} out of range for {cfg.n_heads} value heads")
+    T = tokens.shape[1]
+    pos = select_positions(spec, T, generator)
+    prefix = f"blocks.{spec.layer}.linear_attn."
+    if spec.site == "state":
+        with model.options(capture_states=StateCapture(pos, heads)):
+            _, cache = model.run_with_cache(tokens, names_filter=[prefix + "hook_state"],
+                                            stop_at_layer=spec.layer + 1)
+        S = cache[prefix + "hook_state"]  # [b, P, Hs, d_k, d_v]
+        return S.reshape(-1, cfg.d_k * cfg.d_v)
+    with model.options(write_mode=spec.write_mode):
+        _, cache = model.run_with_cache(tokens, names_filter=[prefix + "hook_write_key", prefix + "hook_write_value"],
+                                        stop_at_layer=spec.layer + 1)
+    k = cache[prefix + "hook_write_key"][:, pos][:, :, heads]
+    v = cache[prefix + "hook_write_value"][:, pos][:, :, heads]
+    k, v = k.reshape(-1, cfg.d_k), v.reshape(-1, cfg.d_v)
+    if spec.layout == "factors":
+        return torch.cat([k, v], dim=-1)
+    return (k[:, :, None] * v[:, None, :]).reshape(-1, cfg.d_k * cfg.d_v)
+
+
+class ActivationProvider(Iterator[Tensor]):
+    """Iterator of shuffled training batches for ``SAETrainer`` (``data_provider=``).
+
+    ``contexts`` yields token contexts ``[T]``; ``batch_size`` samples per batch; a buffer of
+    ``buffer_batches`` batches is refilled at half capacity and shuffled (``seed``).
+
+    ``normalize=True`` multiplies every matrix by one constant ``scale`` (estimated on the first buffer so
+    that the mean Frobenius norm is ``sqrt(d_in)``, as SAELens' ``expected_average_only_in``); factors are
+    each multiplied by ``sqrt(scale)``. ``train_write_sae`` folds ``scale`` back into the SAE.
+    """
+
+    def __init__(self, model: HookedRecurrentModel, contexts: Iterable[Tensor], spec: SiteSpec,
+                 batch_size: int = 256, buffer_batches: int = 16, forward_batch: int = 8, seed: int = 0,
+                 device: str | torch.device = "cpu", normalize: bool = False):
+        if batch_size < 1 or buffer_batches < 2 or forward_batch < 1:
+            raise ValueError("batch_size, forward_batch >= 1 and buffer_batches >= 2 are required")
+        self.model, self.spec, self.batch_size = model, spec, batch_size
+        self.contexts = iter(contexts)
+        self.capacity = batch_size * buffer_batches
+        self.forward_batch = forward_batch
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = torch.device(device)
+        self.buffer: Tensor | None = None
+        self.exhausted = False
+        self.samples_seen = 0
+        self.normalize = normalize
+        self.scale: float = 1.0
+
+    def matrix_norms(self, x: Tensor) -> Tensor:
+        cfg = self.model.cfg
+        if self.spec.layout == "factors":
+            return x[:, : cfg.d_k].norm(dim=-1) * x[:, cfg.d_k:].norm(dim=-1)
+        return x.norm(dim=-1)
+
+    def apply_scale(self, x: Tensor, scale: float | None = None) -> Tensor:
+        s = self.scale if scale is None else scale
+        return x * (s ** 0.5 if self.spec.layout == "factors" else s)
+
+    def _refill(self) -> None:
+        chunks = [] if self.buffer is None else [self.buffer]
+        have = 0 if self.buffer is None else self.buffer.shape[0]
+        while have < self.capacity and not self.exhausted:
+            batch = []
+            for _ in range(self.forward_batch):
+                try:
+                    batch.append(next(self.contexts))
+                except StopIteration:
+                    self.exhausted = True
+                    break
+            if not batch:
+                break
+            tokens = torch.stack(batch).to(self.model.cfg.device)
+            acts = site_activations(self.model, tokens, self.spec, self.generator).to(self.device)
+            if not torch.isfinite(acts).all():
+                raise ValueError("non-finite activations from the model")
+            chunks.append(acts)
+            have += acts.shape[0]
+        if chunks:
+            buf = torch.cat(chunks)
+            if self.normalize and self.buffer is None:
+                d_in = self.model.cfg.d_k * self.model.cfg.d_v
+                mean_norm = self.matrix_norms(buf).mean().item()
+                if mean_norm <= 0:
+                    raise ValueError("all activations are zero; cannot normalise")
+                self.scale = d_in ** 0.5 / mean_norm
+                buf = self.apply_scale(buf)
+            elif self.normalize:
+                buf = torch.cat([chunks[0], self.apply_scale(torch.cat(chunks[1:]))]) if len(chunks) > 1 else buf
+            self.buffer = buf[torch.randperm(buf.shape[0], generator=self.generator)]
+
+    def __next__(self) -> Tensor:
+        if self.buffer is None or self.buffer.shape[0] < self.capacity // 2:
+            self._refill()
+        if self.buffer is None or self.buffer.shape[0] < self.batch_size:
+            raise StopIteration
+        out, self.buffer = self.buffer[: self.batch_size], self.buffer[self.batch_size:]
+        self.samples_seen += out.shape[0]
+        return out
+
+    def __iter__(self):
+        return self
