@@ -48,6 +48,85 @@ def cmd_hooks(args) -> int:
     return 0 if result.ok else 1
 
 
+def _positions(text: str):
+    if text in ("all", "last"):
+        return text
+    kind, _, n = text.partition(":")
+    if kind in ("stride", "random") and n.isdigit() and int(n) > 0:
+        return (kind, int(n))
+    raise argparse.ArgumentTypeError(f"positions must be all, last, stride:N or random:N, got {text!r}")
+
+
+def _head(text: str):
+    if text == "all":
+        return None
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"head must be a value-head index or 'all', got {text!r}")
+
+
+def cmd_train(args) -> int:
+    import itertools
+    import json
+
+    import torch
+
+    from .data import ActivationProvider, SiteSpec, load_text_dataset, token_contexts
+    from .sae import WriteSAETrainingConfig
+    from .train import train_write_sae
+
+    torch.manual_seed(args.seed)
+    model, desc = _load(args.model)
+    if model.tokenizer is None:
+        print(f"writesae train: {desc} has no tokenizer; a text dataset needs one", file=sys.stderr)
+        return 2
+    cfg_m = model.cfg
+    if args.layer not in cfg_m.recurrent_layers:
+        print(f"writesae train: --layer {args.layer} is not a recurrent layer; choose from "
+              f"{list(cfg_m.recurrent_layers)}", file=sys.stderr)
+        return 2
+    if args.head is not None and not 0 <= args.head < cfg_m.n_heads:
+        print(f"writesae train: --head {args.head} out of range (0..{cfg_m.n_heads - 1} or all)", file=sys.stderr)
+        return 2
+    layout = args.layout
+    if layout == "auto":
+        layout = "factors" if args.site == "write" and args.encoder == "bilinear" else "dense"
+    ds = load_text_dataset(args.dataset, text_column=args.text_column)
+    texts = (row[args.text_column] for row in ds)
+    contexts = token_contexts(texts, model.tokenizer, args.context_length)
+    val_contexts = list(itertools.islice(contexts, args.val_contexts))
+    if len(val_contexts) < args.val_contexts:
+        print("writesae train: the dataset is too small for the validation split", file=sys.stderr)
+        return 2
+    heads = None if args.head is None else [args.head]
+    spec = SiteSpec(layer=args.layer, site=args.site, heads=heads, positions=args.positions,
+                    write_mode=args.write_mode, layout=layout)
+    provider = ActivationProvider(model, contexts, spec, batch_size=args.batch_size, seed=args.seed,
+                                  normalize=not args.no_normalize)
+    val_provider = ActivationProvider(model, iter(val_contexts), spec, batch_size=args.batch_size,
+                                      buffer_batches=2, seed=args.seed + 1)
+    val_batches = list(val_provider)
+    hook = f"blocks.{args.layer}.linear_attn.hook_{args.site}"
+    cfg = WriteSAETrainingConfig(
+        d_in=cfg_m.d_k * cfg_m.d_v, d_sae=args.d_sae, d_k=cfg_m.d_k, d_v=cfg_m.d_v, k=args.k,
+        encoder=args.encoder, decoder_rank=None if args.decoder_rank == 0 else args.decoder_rank,
+        activation=args.activation, site=args.site, head=args.head, n_heads=cfg_m.n_heads, family=cfg_m.family,
+        layer=args.layer, hook_name_hf=f"{type(model.family.mixers[args.layer]).__name__}@{args.layer}",
+        write_mode=args.write_mode, input_layout=layout, aux_k=min(args.aux_k, args.d_sae),
+        resample_every=args.resample_every)
+    cfg.metadata.hook_name = hook
+    cfg.metadata.model_name = desc
+    cfg.metadata.context_size = args.context_length
+    cfg.metadata.prepend_bos = False
+    sae, history = train_write_sae(cfg, provider, args.out, total_samples=args.total_samples,
+                                   batch_size=args.batch_size, lr=args.lr, val_batches=val_batches,
+                                   val_every=args.val_every, resume_from=args.resume)
+    last = history[-1] if history else {}
+    print(json.dumps({"out": str(args.out), "final_validation": last}, indent=2))
+    print(f"load with: SAE.load_from_disk({str(args.out) + '/final'!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="writesae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +136,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2, help="sequences (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_hooks)
+
+    t = sub.add_parser("train", help="train a WriteSAE on a layer/head's write or state site")
+    t.add_argument("--model", default=None, help="hub id or local HF model dir (default: tiny built-in Qwen3.5)")
+    t.add_argument("--layer", type=int, required=True, help="a recurrent (Gated DeltaNet) layer index")
+    t.add_argument("--head", type=_head, default=None, help="value head index, or 'all' (one shared dictionary)")
+    t.add_argument("--site", choices=["state", "write"], default="state")
+    t.add_argument("--dataset", required=True, help="hub dataset name, or a local .txt/.jsonl/.parquet file or dir")
+    t.add_argument("--text-column", default="text")
+    t.add_argument("--out", required=True, help="output directory (final/ loads with SAE.load_from_disk)")
+    t.add_argument("--d-sae", type=int, default=2048, help="atoms (paper: 2048)")
+    t.add_argument("--k", type=int, default=32, help="active atoms per sample (paper: 32)")
+    t.add_argument("--encoder", choices=["bilinear", "dense"], default="bilinear")
+    t.add_argument("--decoder-rank", type=int, default=1, help="rank of each atom; 0 = dense decoder (FlatSAE)")
+    t.add_argument("--activation", choices=["topk", "batchtopk", "jumprelu"], default="topk")
+    t.add_argument("--write-mode", choices=["raw", "delta"], default="raw")
+    t.add_argument("--layout", choices=["auto", "dense", "factors"], default="auto",
+                   help="auto: factors for the write site with a bilinear encoder")
+    t.add_argument("--positions", type=_positions, default="all", help="all, last, stride:N or random:N")
+    t.add_argument("--context-length", type=int, default=128)
+    t.add_argument("--total-samples", type=int, default=256 * 2000)
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--aux-k", type=int, default=256)
+    t.add_argument("--resample-every", type=int, default=0, help="resample dead atoms every N steps (0: off)")
+    t.add_argument("--val-contexts", type=int, default=16)
+    t.add_argument("--val-every", type=int, default=100)
+    t.add_argument("--no-normalize", action="store_true", help="do not rescale inputs to mean norm sqrt(d_in)")
+    t.add_argument("--resume", default=None, help="a checkpoint directory under OUT/checkpoints to resume from")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train)
     return parser
 
 

@@ -122,3 +122,9 @@ class WriteSAETrainingConfig(_WriteAxes, TrainingSAEConfig):
     @classmethod
     def architecture(cls) -> str:
         return ARCHITECTURE
+
+    def get_inference_sae_cfg_dict(self) -> dict:
+        d = super().get_inference_sae_cfg_dict()
+        if self.activation == "batchtopk":
+            d["activation"] = "jumprelu"  # exported with its learned threshold, as SAELens does
+        return d

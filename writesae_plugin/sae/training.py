@@ -134,12 +134,14 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
         return TrainStepOutput(sae_in=sae_in, sae_out=sae_out, feature_acts=acts, hidden_pre=pre,
                                loss=sum(losses.values()), losses=losses)
 
-    def _gram(self) -> Tensor:
-        """``G_il = <A_i, A_l>_F`` ``[d_sae, d_sae]`` from factors (no atom matrix formed)."""
+    def _gram(self, detach_left: bool = False) -> Tensor:
+        """``G_il = <A_i, A_l>_F`` ``[d_sae, d_sae]`` from factors (no atom matrix formed); with
+        ``detach_left`` the gradient flows through ``A_l`` only."""
+        d = (lambda t: t.detach()) if detach_left else (lambda t: t)  # noqa: E731
         if self.cfg.decoder_rank is None:
-            return self.dec_dense @ self.dec_dense.T
-        UU = torch.einsum("ijk,lmk->iljm", self.dec_key, self.dec_key)
-        WW = torch.einsum("ijv,lmv->iljm", self.dec_value, self.dec_value)
+            return d(self.dec_dense) @ self.dec_dense.T
+        UU = torch.einsum("ijk,lmk->iljm", d(self.dec_key), self.dec_key)
+        WW = torch.einsum("ijv,lmv->iljm", d(self.dec_value), self.dec_value)
         return (UU * WW).sum((-1, -2))
 
     def _atom_dots(self, k: Tensor, v: Tensor) -> Tensor:
@@ -149,11 +151,13 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
             return torch.einsum("Nk,nkv,Nv->Nn", k, M, v)
         return atoms.bilinear_pre_factored(k, v, self.dec_key, self.dec_value)
 
-    def _bias_dots(self) -> Tensor:
+    def _bias_dots(self, detach_bias: bool = False) -> Tensor:
         """``<b_dec, A_i>_F`` ``[d_sae]``."""
         B = self.b_dec.view(self.cfg.d_k, self.cfg.d_v)
+        if detach_bias:
+            B = B.detach()
         if self.cfg.decoder_rank is None:
-            return self.dec_dense @ self.b_dec
+            return self.dec_dense @ B.reshape(-1)
         return torch.einsum("njk,kv,njv->n", self.dec_key, B, self.dec_value)
 
     def _factored_sq_error(self, k: Tensor, v: Tensor, acts: Tensor) -> Tensor:
@@ -192,8 +196,9 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
         else:  # R = k v^T - X^ ; ||R - sum c A||^2 = ||R||^2 - 2 c.<R, A> + c^T G c
             k, v, rr = factors
             G = self._gram()
-            with torch.no_grad():
-                r_dot = self._atom_dots(k, v) - acts.detach() @ G.detach() - self._bias_dots().detach()
+            # <R, A_j> with the residual R detached (as SAELens' dense aux-k): gradient only through A_j
+            r_dot = (self._atom_dots(k, v) - acts.detach() @ self._gram(detach_left=True)
+                     - self._bias_dots(detach_bias=True))
             aux = (rr - 2 * (aux_acts * r_dot).sum(-1) + ((aux_acts @ G) * aux_acts).sum(-1)).mean()
         losses["auxiliary_reconstruction_loss"] = self.cfg.aux_loss_coefficient * scale * aux
         return losses
@@ -255,9 +260,3 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
             state_dict["threshold"] = torch.ones_like(state_dict["b_enc"]) * thr.to(state_dict["b_enc"].dtype)
         if self.cfg.activation == "jumprelu":
             state_dict["threshold"] = state_dict.pop("log_threshold").exp()
-
-    def get_inference_sae_cfg_dict(self) -> dict[str, Any]:
-        d = super().get_inference_sae_cfg_dict()
-        if self.cfg.activation == "batchtopk":
-            d["activation"] = "jumprelu"  # exported with its learned threshold, as SAELens does
-        return d
