@@ -108,6 +108,12 @@ class _Fired:
     value: Tensor
     edited: bool
     original: Tensor | None = None
+    raw: Tensor | None = None  # what the hook returned
+
+    def replaced_differentiably(self, given: Tensor) -> bool:
+        """The hook returned another tensor that carries gradient (e.g. a spliced SAE under autograd)."""
+        return (self.raw is not None and self.raw is not given and torch.is_grad_enabled()
+                and self.raw.requires_grad)
 
 
 class GatedDeltaNetHooks(nn.Module):
@@ -137,18 +143,18 @@ class GatedDeltaNetHooks(nn.Module):
         if out is None:
             raise ValueError(f"{name} returned None; a hook must return the activation or edit it in place")
         if out is x and v0 is not None and _version(x) == v0:
-            return _Fired(x, False)
+            return _Fired(x, False, raw=out)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"an edit of {name} must keep its shape {list(x.shape)}, got {got}")
         if not torch.isfinite(out).all():
             raise ValueError(f"an edit of {name} contains NaN or inf")
         if recompute is None:
-            return _Fired(out, True)
+            return _Fired(out, True, raw=out)
         original = recompute()
         if torch.equal(out, original):
-            return _Fired(original, False)
-        return _Fired(out.to(original.dtype), True, original)
+            return _Fired(original, False, raw=out)
+        return _Fired(out.to(original.dtype), True, original, raw=out)
 
     # ---- the intercepted kernel call
     def intercept(self, name: str, kernels: _Kernels, args, kwargs):
@@ -213,13 +219,22 @@ class GatedDeltaNetHooks(nn.Module):
         if owner.materialize_writes:
             W = torch.einsum("bthk,bthv->bthkv", new_key, new_val)
             f_W = self._fire(self.hook_write, W, lambda: torch.einsum("bthk,bthv->bthkv", new_key, new_val))
-            f_flat = self._fire(self.hook_write_flat, f_W.value.reshape(b, T, H * d_k * d_v),
-                                lambda: f_W.value.reshape(b, T, H * d_k * d_v).clone())
-            dense_new = f_flat.value.reshape(b, T, H, d_k, d_v)
+            W_in = f_W.raw if f_W.replaced_differentiably(W) else f_W.value
+            flat_in = W_in.reshape(b, T, H * d_k * d_v)
+            f_flat = self._fire(self.hook_write_flat, flat_in, lambda: W_in.detach().reshape(b, T, -1).clone())
+            dense_grad = f_W.replaced_differentiably(W) or f_flat.replaced_differentiably(flat_in)
+            flat_out = f_flat.raw if f_flat.replaced_differentiably(flat_in) else f_flat.value
+            dense_new = flat_out.reshape(b, T, H, d_k, d_v)
             if f_W.edited or f_flat.edited:
                 base = torch.einsum("bthk,bthv->bthkv", new_key, new_val)
                 ch = (dense_new != base).any(-1).any(-1)
                 hook_changed = ch if hook_changed is None else hook_changed | ch
+        # a differentiable dense hook (e.g. a spliced SAE under autograd) takes the differentiable path:
+        # D = hook output - clean write at every position, with an exact adjoint in backward
+        dense_D = None
+        if dense_new is not None and dense_grad:
+            dense_D = dense_new - torch.einsum("bthk,bthv->bthkv", kn, write_value)
+            hook_changed = None  # D already contains any factor edits (dense_new was built from them)
         entries: dict[tuple[int, int, int], tuple[Tensor, bool]] = {}  # (b,t,h) -> (Delta S, delta-mode?)
         if hook_changed is not None and hook_changed.any():
             for bi, t, h in hook_changed.nonzero().tolist():
@@ -239,20 +254,42 @@ class GatedDeltaNetHooks(nn.Module):
         beta_tr = beta32
         delta_read = delta_final = None
         pert = None
-        if entries:
+        dense_changed = None
+        if dense_D is not None:
+            dense_changed = (dense_D.detach() != 0).any(-1).any(-1)  # [b, T, H]
+        if entries or (dense_changed is not None and mode == "delta" and dense_changed.any()):
             beta_tr = beta32.clone()
             for (bi, t, h), (_, is_delta) in entries.items():
                 if is_delta:
                     beta_tr[bi, t, h] = 0.0
+            if dense_changed is not None and mode == "delta":
+                beta_tr = beta_tr.masked_fill(dense_changed, 0.0)
+        if entries:
             pert = _group(entries, H, d_k, d_v, dev)
             res = ops.propagate(chunk, pert, q_kernel, query_scaled, kn, g_tr, beta_tr)
             delta_read, delta_final = res.delta_read, res.delta_final
+        if dense_D is not None:
+            d_read, d_final = ops.DensePerturbationPath.apply(dense_D, chunk, q_kernel, query_scaled, kn, g_tr,
+                                                              beta_tr)
+            delta_read = d_read if delta_read is None else delta_read + d_read
+            delta_final = d_final if delta_final is None else delta_final + d_final
+            rows = dense_changed.any(-1).nonzero()
+            if rows.numel():
+                dense_pert = ops.Perturbations(rows[:, 0], rows[:, 1], dense_D.detach()[rows[:, 0], rows[:, 1]])
+                pert = dense_pert if pert is None else ops.Perturbations(
+                    torch.cat([pert.batch, dense_pert.batch]), torch.cat([pert.pos, dense_pert.pos]),
+                    torch.cat([pert.delta_state, dense_pert.delta_state]))
 
         # opt-in states
         if owner.state_capture is not None:
             extra_pert = self._states(owner.state_capture, chunk, kn, v32, g_tr, beta32, init, pert,
                                       beta_tr, b, T)
-            if extra_pert is not None:
+            if isinstance(extra_pert, Tensor):  # differentiable state edit: dense D over all positions
+                d_read, d_final = ops.DensePerturbationPath.apply(extra_pert, chunk, q_kernel, query_scaled, kn,
+                                                                  g_tr, beta_tr)
+                delta_read = d_read if delta_read is None else delta_read + d_read
+                delta_final = d_final if delta_final is None else delta_final + d_final
+            elif extra_pert is not None:
                 res = ops.propagate(chunk, extra_pert, q_kernel, query_scaled, kn, g_tr, beta_tr)
                 delta_read = res.delta_read if delta_read is None else delta_read + res.delta_read
                 delta_final = res.delta_final if delta_final is None else delta_final + res.delta_final
@@ -261,6 +298,8 @@ class GatedDeltaNetHooks(nn.Module):
         if delta_read is not None:
             o32 = o32 + delta_read
         f_read = self._fire(self.hook_read, o32, (lambda: o.float()) if delta_read is None else None)
+        if f_read.replaced_differentiably(o32):
+            f_read = _Fired(f_read.raw, True, raw=f_read.raw)
         if delta_read is None and not f_read.edited:
             return o, S
         if S is not None and delta_final is not None:
@@ -300,7 +339,8 @@ class GatedDeltaNetHooks(nn.Module):
             owner._applied_edits.add(i)
 
     def _states(self, capture: StateCapture, chunk, kn, v32, g, beta32, init, pert, beta_tr, b, T):
-        """Fire ``hook_state``; return the perturbations its edits imply (or None)."""
+        """Fire ``hook_state``; return the perturbations its edits imply (None; or a dense ``D`` over all
+        positions when the hook returned a differentiable replacement)."""
         if capture.positions == "all":
             positions = list(range(T))
         elif capture.positions == "last":
@@ -320,6 +360,10 @@ class GatedDeltaNetHooks(nn.Module):
         S = S[:, :, heads]
         shown = S.clone()
         f = self._fire(self.hook_state, S, lambda: shown)
+        if f.replaced_differentiably(S):
+            D = torch.zeros(b, T, self.n_heads, self.d_k, self.d_v, dtype=torch.float32, device=kn.device)
+            D[:, pos_t[:, None], torch.tensor(heads, device=kn.device)[None, :]] = f.raw.float() - shown
+            return D
         if not f.edited:
             return None
         changed = (f.value != shown).any(-1).any(-1)  # [b, P, Hs]

@@ -169,3 +169,46 @@ def propagated_states(kernel, pert: Perturbations, k: Tensor, g: Tensor, beta: T
             elif p > s:
                 out[pert.batch[r], i] += suffix_states[r, p - s - 1]
     return out
+
+
+def write_adjoint(query_scaled: Tensor, k: Tensor, g: Tensor, beta: Tensor, grad_read: Tensor) -> Tensor:
+    """``G_s = dL/dS_s`` for every s from ``grad_read = dL/do`` (MATH.md 5.4), by the reverse recurrence
+    ``G_s = T_{s+1}^T G_{s+1} + (c q_s) (dL/do_s)^T`` (``T`` is symmetric for the delta rule).
+
+    Returns ``[b, T, H, d_k, d_v]`` fp32: the gradient of a state change (or extra write) at each position.
+    A per-token loop (only in backward passes through differentiable dense edits).
+    """
+    b, T, H, d_k = k.shape
+    alpha = g.float().exp()
+    G = torch.zeros(b, H, d_k, grad_read.shape[-1], dtype=torch.float32, device=k.device)
+    out = torch.empty(b, T, H, d_k, grad_read.shape[-1], dtype=torch.float32, device=k.device)
+    for s in range(T - 1, -1, -1):
+        if s < T - 1:
+            kk, bt = k[:, s + 1].float(), beta[:, s + 1].float()
+            proj = torch.einsum("bhk,bhkv->bhv", kk, G)
+            G = alpha[:, s + 1, :, None, None] * (G - bt[:, :, None, None] * kk[..., None] * proj[:, :, None, :])
+        G = G + query_scaled[:, s].float()[..., None] * grad_read[:, s].float()[:, :, None, :]
+        out[:, s] = G
+    return out
+
+
+class DensePerturbationPath(torch.autograd.Function):
+    """``Delta o`` and ``Delta S_T`` of dense state changes ``D [b, T, H, d_k, d_v]`` (zero where nothing
+    changed). Forward: exact, with the kernel on the changed rows only. Backward: ``dL/dD_s = G_s`` by
+    :func:`write_adjoint`; the transitions are treated as constants on this path."""
+
+    @staticmethod
+    def forward(ctx, D, kernel, q, query_scaled, k, g, beta):
+        b, T, H = D.shape[:3]
+        changed = (D != 0).any(-1).any(-1).any(-1)  # [b, T]
+        rows = changed.nonzero()
+        pert = Perturbations(rows[:, 0], rows[:, 1], D[rows[:, 0], rows[:, 1]])
+        res = propagate(kernel, pert, q, query_scaled, k, g, beta)
+        ctx.save_for_backward(query_scaled, k, g, beta)
+        ctx.mark_non_differentiable(res.delta_final)
+        return res.delta_read, res.delta_final
+
+    @staticmethod
+    def backward(ctx, grad_read, grad_final):
+        query_scaled, k, g, beta = ctx.saved_tensors
+        return write_adjoint(query_scaled, k, g, beta, grad_read), None, None, None, None, None, None
