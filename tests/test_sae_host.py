@@ -238,3 +238,33 @@ def test_short_training_lowers_fvu_and_cli(tmp_path, tiny_dir, tiny_tokenizer):
     assert (tmp_path / "resumed" / "final" / "cfg.json").is_file()
     assert main(["train", "--model", str(model_dir), "--layer", "3", "--dataset", str(tmp_path / "data.txt"),
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_dataset_sources_and_provider(tmp_path, model, tiny_tokenizer):
+    import pandas as pd
+
+    from writesae_plugin.data import ActivationProvider, SiteSpec, load_text_dataset, token_contexts
+
+    texts = [f"def f{i}(x):\n    return x + {i}" for i in range(40)]
+    (tmp_path / "a.txt").write_text("\n".join(texts))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    pd.DataFrame({"text": texts}).to_parquet(tmp_path / "c.parquet")
+    for name in ("a.txt", "b.jsonl", "c.parquet"):
+        ds = load_text_dataset(tmp_path / name)
+        assert len(ds) >= 40 and "return" in "".join(ds["text"])
+    assert len(load_text_dataset(texts)) == 40
+    with pytest.raises(ValueError, match="expected .txt"):
+        (tmp_path / "d.csv").write_text("x")
+        load_text_dataset(tmp_path / "d.csv")
+    ctx = list(token_contexts(texts, tiny_tokenizer, 16))
+    assert ctx and all(c.shape == (16,) for c in ctx)
+    spec = SiteSpec(layer=[0, 1], site="state", heads=[1], positions="last")
+    prov = ActivationProvider(model, iter(ctx), spec, batch_size=4, buffer_batches=2, forward_batch=4)
+    batch = next(prov)
+    assert batch.shape == (4, 256)
+    fact = SiteSpec(layer=1, site="write", positions=("random", 3), layout="factors")
+    assert next(ActivationProvider(model, iter(ctx), fact, batch_size=8)).shape == (8, 32)
+    with pytest.raises(ValueError, match="factors"):
+        SiteSpec(layer=1, site="state", layout="factors")
+    with pytest.raises(ValueError, match="not recurrent"):
+        next(ActivationProvider(model, iter(ctx), SiteSpec(layer=3), batch_size=4))

@@ -69,12 +69,13 @@ def token_contexts(texts: Iterable[str], tokenizer, context_length: int, separat
 class SiteSpec:
     """Which activations to stream.
 
+    ``layer``: one recurrent layer or a list (samples of every listed layer go into one stream).
     ``site``: ``"write"`` (the factored write, raw or delta) or ``"state"``. ``positions``: ``"all"``,
     ``"last"`` (final position of each context), ``("stride", s)`` or ``("random", n)`` per context.
     ``heads``: value heads to take (None: all; each head's matrix is one sample).
     """
 
-    layer: int
+    layer: int | list[int]
     site: Literal["write", "state"] = "state"
     heads: list[int] | None = None
     positions: str | tuple[str, int] = "all"
@@ -112,8 +113,15 @@ def site_activations(model: HookedRecurrentModel, tokens: Tensor, spec: SiteSpec
     """Samples of the site for one token batch ``[b, T]``: ``[N, d_k*d_v]`` or ``[N, d_k + d_v]``."""
     generator = generator or torch.Generator().manual_seed(0)
     cfg = model.cfg
-    if spec.layer not in cfg.recurrent_layers:
-        raise ValueError(f"layer {spec.layer} is not recurrent; recurrent layers: {list(cfg.recurrent_layers)}")
+    layers = [spec.layer] if isinstance(spec.layer, int) else list(spec.layer)
+    bad = [layer for layer in layers if layer not in cfg.recurrent_layers]
+    if bad or not layers:
+        raise ValueError(f"layers {bad or layers} are not recurrent; recurrent layers: {list(cfg.recurrent_layers)}")
+    if len(layers) > 1:
+        from dataclasses import replace
+
+        return torch.cat([site_activations(model, tokens, replace(spec, layer=layer), generator)
+                          for layer in layers])
     heads = list(range(cfg.n_heads)) if spec.heads is None else list(spec.heads)
     if any(not 0 <= h < cfg.n_heads for h in heads):
         raise ValueError(f"heads {heads} out of range for {cfg.n_heads} value heads")
