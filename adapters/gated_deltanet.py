@@ -503,6 +503,11 @@ class GatedDeltaNetFamily:
         m = self.mixers[e.layer]
         e.atom(m.head_k_dim, m.head_v_dim)  # shape / finiteness check
 
+    def hf_module_name(self, hf_model, layer: int) -> str:
+        """The HF module path of layer ``layer``'s mixer (e.g. ``model.layers.1.linear_attn``)."""
+        mixer = self.mixers[layer]
+        return next(n for n, m in hf_model.named_modules() if m is mixer)
+
     def describe_hook(self, owner, name: str) -> str:
         return _HOOK_DOCS.get(name.rsplit(".", 1)[-1], "")
 

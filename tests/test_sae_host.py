@@ -229,8 +229,9 @@ def test_short_training_lowers_fvu_and_cli(tmp_path, tiny_dir, tiny_tokenizer):
     hist = [json.loads(line) for line in (out / "validation.jsonl").read_text().splitlines()]
     assert hist[-1]["fvu"] < hist[0]["fvu"] and hist[-1]["l0"] <= 4
     sae = SAE.load_from_disk(out / "final")
-    assert isinstance(sae, WriteSAE) and sae.cfg.input_layout if hasattr(sae.cfg, "input_layout") else True
+    assert isinstance(sae, WriteSAE)
     assert sae.cfg.site == "write" and sae.cfg.head == 2 and sae.cfg.metadata.hook_name == HOOK
+    assert sae.cfg.hook_name_hf == "model.layers.1.linear_attn" and sae.cfg.family == "qwen3_5_text"
     ckpts = sorted((out / "checkpoints").iterdir())
     assert ckpts and (ckpts[0] / "trainer_state.pt").is_file()
     # resume from a checkpoint

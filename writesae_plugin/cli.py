@@ -111,7 +111,7 @@ def cmd_train(args) -> int:
         d_in=cfg_m.d_k * cfg_m.d_v, d_sae=args.d_sae, d_k=cfg_m.d_k, d_v=cfg_m.d_v, k=args.k,
         encoder=args.encoder, decoder_rank=None if args.decoder_rank == 0 else args.decoder_rank,
         activation=args.activation, site=args.site, head=args.head, n_heads=cfg_m.n_heads, family=cfg_m.family,
-        layer=args.layer, hook_name_hf=f"{type(model.family.mixers[args.layer]).__name__}@{args.layer}",
+        layer=args.layer, hook_name_hf=model.family.hf_module_name(model.hf_model, args.layer),
         write_mode=args.write_mode, input_layout=layout, aux_k=min(args.aux_k, args.d_sae),
         resample_every=args.resample_every)
     cfg.metadata.hook_name = hook
