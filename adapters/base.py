@@ -166,9 +166,22 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         self._pending_edits: list[WriteEdit] | None = None
         self._applied_edits: set[int] = set()
         self._init_sae_host()
+        self._call_offset: int | None = None  # tokens already in the cache at the start of this HF forward
+        hf_model.register_forward_pre_hook(self._note_offset, with_kwargs=True)
+        hf_model.register_forward_hook(self._clear_offset, always_call=True)
         self.blocks = family.build_blocks(self)
         self.cfg = family.make_config(self)
         self.setup()
+
+    def _note_offset(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        try:
+            self._call_offset = 0 if cache is None else int(cache.get_seq_length())
+        except (ValueError, AttributeError, TypeError):
+            self._call_offset = None  # unknown: the layers fall back to their own token counters
+
+    def _clear_offset(self, module, args, output):
+        self._call_offset = None
 
     # ------------------------------------------------------------------ switches
     def set_write_mode(self, mode: WriteMode) -> None:
@@ -341,6 +354,42 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
             handle.remove()
         return captured["resid"]
 
+    def residual_before(self, tokens: Tensor, layer: int, attention_mask: Tensor | None = None) -> Tensor:
+        """The residual stream ``[b, T, d_model]`` entering decoder layer ``layer`` (hooks of earlier layers
+        fire)."""
+        return self.forward(tokens, stop_at_layer=layer, attention_mask=attention_mask)
+
+    def run_from_layer(self, resid: Tensor, layer: int, attention_mask: Tensor | None = None,
+                       past_key_values=None, return_hf: bool = False):
+        """Logits of the model resumed at decoder layer ``layer`` from the residual ``resid`` entering it:
+        earlier layers are skipped (swapped for pass-throughs for the call), the embedding is bypassed with
+        ``inputs_embeds``. Hooks and edits of layers ``>= layer`` apply. With ``past_key_values`` the call
+        continues a cached sequence (only the caches of layers ``>= layer`` are read and updated). Equals the
+        full forward for models whose decoder loop only threads the residual (``check_resumable``)."""
+        layers = self.family.decoder_layers(self.hf_model)
+        if not 0 <= layer < len(layers):
+            raise ValueError(f"layer must be in [0, {len(layers)}), got {layer}")
+        saved = [layers[i] for i in range(layer)]
+        try:
+            for i in range(layer):
+                layers[i] = _PassThrough()
+            out = self.hf_model(inputs_embeds=resid, attention_mask=attention_mask, past_key_values=past_key_values,
+                                use_cache=past_key_values is not None)
+        finally:
+            for i, m in enumerate(saved):
+                layers[i] = m
+        return out if return_hf else out.logits
+
+    def check_resumable(self, tokens: Tensor, layer: int, atol: float = 1e-5) -> None:
+        """Raise unless ``run_from_layer(residual_before(tokens, layer), layer)`` reproduces the logits."""
+        with torch.no_grad():
+            full = self.forward(tokens)
+            resumed = self.run_from_layer(self.residual_before(tokens, layer), layer)
+        err = (full - resumed).abs().max().item()
+        if err > atol:
+            raise RuntimeError(f"this {self.cfg.family} model cannot be resumed at layer {layer} from its residual "
+                               f"stream (max |logit diff| {err:.2e}); use the full-forward path")
+
     def generate(self, input, max_new_tokens: int = 20, do_sample: bool = False, **kwargs) -> Tensor:
         """Greedy (default) generation through the HF ``generate`` with every hook and edit active."""
         tokens = self.to_tokens(input) if isinstance(input, (str, list)) else input
@@ -386,6 +435,13 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
 
 class _StopForward(Exception):
     pass
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a skipped decoder layer: returns the hidden states it is given."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
 
 
 def _slice_positions(cache, pos_slice, axis: int):

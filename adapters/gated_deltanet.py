@@ -173,7 +173,10 @@ class GatedDeltaNetHooks(nn.Module):
         H, d_v = v.shape[-2:]
         if (Hk, H, d_k, d_v) != (self.n_key_heads, self.n_heads, self.d_k, self.d_v):
             raise RuntimeError(f"layer {self.layer_idx}: kernel inputs do not match the mixer's heads/dims")
-        offset = 0 if init is None else self._seen
+        if init is None:
+            offset = 0
+        else:  # positions already in the cache: from the HF cache when known, else this layer's counter
+            offset = owner._call_offset if owner._call_offset is not None else self._seen
         self._seen = offset + T
         dev = k.device
         chunk = kernels.chunk(dev)
