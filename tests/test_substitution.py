@@ -181,3 +181,27 @@ def test_writeedit_positions_with_cache(setup):
         with model.edits([e]):
             rest = model(tokens[:1, 30:], return_type="hf", past_key_values=out.past_key_values).logits
     assert (rest - full[:, 30:]).abs().max() <= 1e-4
+
+
+def test_substitute_cli_writes_every_promised_file(tmp_path, tiny_tokenizer, setup):
+    import json
+
+    from writesae_plugin.cli import main
+
+    model, _ = setup
+    model.hf_model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    make_sae("write").save_model(tmp_path / "sae")
+    words = ["def", "return", "import", "self", "value", "state", "print", "class"]
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "text.txt").write_text("\n".join(" ".join(words[i] for i in torch.randint(0, 8, (60,), generator=g))
+                                                 for _ in range(40)))
+    out = tmp_path / "res"
+    assert main(["substitute", "--model", str(tmp_path / "model"), "--sae", str(tmp_path / "sae"), "--dataset",
+                 str(tmp_path / "text.txt"), "--contexts", "6", "--context-length", "40", "--max-firings", "6",
+                 "--out", str(out)]) == 0
+    for name in ("results.json", "records.jsonl", "index.html", "substitution_kl.png", "substitution_win_rates.png"):
+        assert (out / name).is_file(), name
+    res = json.loads((out / "results.json").read_text())
+    assert res["summary"]["n_firings"] == len(res["firings"]) > 0
+    assert len((out / "records.jsonl").read_text().splitlines()) == res["summary"]["n_firings"] * len(CONDITIONS)

@@ -47,7 +47,6 @@ class SubstitutionConfig:
     max_firings: int = 500
     conditions: tuple[str, ...] = CONDITIONS
     write_mode: str = "raw"
-    batch_rows: int = 32
     seed: int = 0
     min_pos: int = 1  # first position eligible for a firing
 
@@ -59,8 +58,8 @@ class SubstitutionConfig:
             raise ValueError("the 'delete' condition is the baseline of every win; keep it in conditions")
         if self.write_mode not in ("raw", "delta"):
             raise ValueError(f"write_mode must be 'raw' or 'delta', got {self.write_mode!r}")
-        if min(self.max_per_atom, self.max_per_context, self.max_firings, self.batch_rows) < 1:
-            raise ValueError("caps and batch_rows must be >= 1")
+        if min(self.max_per_atom, self.max_per_context, self.max_firings) < 1:
+            raise ValueError("max_per_atom, max_per_context and max_firings must be >= 1")
 
 
 @dataclass
@@ -337,3 +336,54 @@ def _median(xs):
 
 __all__ = ["SubstitutionConfig", "SubstitutionResult", "run_substitution", "run_substitution_naive",
            "summarize", "kl_metrics", "select_firings", "CONDITIONS", "math"]
+
+
+# ------------------------------------------------------------------------------------------ report
+def figures(result: SubstitutionResult, metric: str = "kl_final") -> dict:
+    """KL distributions per condition and win rates (vs delete) with Wilson intervals."""
+    import numpy as np
+
+    from ..report import plt
+
+    conds = [c for c in result.config["conditions"]]
+
+    def kl_dist():
+        fig, ax = plt.subplots(figsize=(8, 4))
+        data = [np.log10(np.clip([r[metric] for r in result.records if r["condition"] == c], 1e-30, None))
+                for c in conds]
+        ax.boxplot(data, showfliers=False)
+        ax.set_xticks(range(1, len(conds) + 1), conds, rotation=30)
+        ax.set_ylabel(f"log10 {metric} (KL(clean || edited))")
+        ax.set_title(f"KL per condition ({result.summary['n_firings']} firings)")
+        return fig
+
+    def win_rates():
+        fig, ax = plt.subplots(figsize=(8, 4))
+        s = result.summary["by_metric"][metric]
+        names = [c for c in conds if c != "delete" and c in s]
+        rates = [s[c]["win"]["rate"] for c in names]
+        err = [[s[c]["win"]["rate"] - s[c]["win"]["lo"] for c in names],
+               [s[c]["win"]["hi"] - s[c]["win"]["rate"] for c in names]]
+        ax.bar(names, rates, yerr=err, capsize=4, color="tab:blue")
+        ax.axhline(0.5, color="gray", ls="--", lw=1, label="chance")
+        ax.axhline(PAPER["qwen3.5-0.8B L9 H4 (atom_act vs delete, KL at the final position)"]["win_rate"],
+                   color="tab:red", ls=":", lw=1, label="paper atom_act (Qwen3.5-0.8B)")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"P({metric}[cond] < {metric}[delete])")
+        ax.set_title("win rate vs delete, Wilson 95% intervals")
+        ax.tick_params(axis="x", rotation=30)
+        ax.legend(loc="lower right", fontsize=8)
+        return fig
+
+    return {"substitution_kl": kl_dist, "substitution_win_rates": win_rates}
+
+
+def save_substitution(result: SubstitutionResult, out_dir, extra: dict | None = None):
+    from ..report import fmt_rate, write_report
+
+    head = result.summary.get("headline", {})
+    notes = [f"Headline ({head.get('test', '')}): {fmt_rate(head)}; paper: 92.4% of n = 4,851 firings "
+             "(Qwen3.5-0.8B L9 H4). Numbers here are as measured on this model and data."]
+    return write_report(out_dir, "WriteSAE substitution test",
+                        {"experiment": "substitution", "config": result.config, "summary": result.summary,
+                         "firings": result.firings, **(extra or {})}, result.records, figures(result), notes)
