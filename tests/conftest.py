@@ -27,7 +27,7 @@ _CACHE: dict = {}
 
 def load_tiny(tmp_root, family="qwen3_5", layout="causal_lm", **kw):
     """A freshly reloaded tiny model (cached save dir per configuration)."""
-    key = (family, layout, tuple(sorted(kw.items())))
+    key = (family, layout, repr(sorted(kw.items())))
     path = tmp_root / f"{family}-{layout}-{abs(hash(key))}"
     return make_tiny_model(family, path, layout=layout, **kw)
 
