@@ -1,0 +1,148 @@
+"""Write attribution (MATH.md 5.4) and atom erasure.
+
+* ``effective_attention``: the exact weight of write ``s`` in read ``t`` of a Gated DeltaNet head,
+  ``A_eff[t, s] = beta_s c q^_t^T Phi(t, s) k^_s``, in parallel:
+  ``A_eff = tril(Q K^T . Gamma) L^{-1} diag(beta)``, ``L = I + strict_tril(diag(beta) K K^T . Gamma)``,
+  ``Gamma[t, s] = exp(G_t - G_s)``, ``G = cumsum(g)``; then ``o_t = sum_s A_eff[t, s] v_s`` exactly.
+* ``dictionary_scores``: the adjoint score of a whole dictionary, ``<A_i - W_s, G_s>_F`` with
+  ``G_s = dm/dS_s`` from the reverse recurrence: the first-order change of a metric when the write at s is
+  replaced by atom i, for every atom at once (``((U G_s) . W).sum(-1)`` for rank-1 atoms).
+* ``run_erasure``: remove an atom's contribution ``a_i(t) A_i`` at its natural firings vs at matched
+  non-firing positions of the same contexts; change in log-prob of the atom's preferred token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..adapters import WriteEdit, ops
+from . import stats
+from .closed_form import _out_proj
+from .substitution import _site_and_writes, atom_matrix
+
+
+def effective_attention(query_scaled: Tensor, key: Tensor, log_decay: Tensor, beta: Tensor) -> Tensor:
+    """``A_eff`` ``[b, H, T, T]`` from the canonical hooks of one layer (``hook_query``, ``hook_write_key``,
+    ``hook_log_decay``, ``hook_beta`` repeated per value head)."""
+    q, k = query_scaled.float().transpose(1, 2), key.float().transpose(1, 2)  # [b, H, T, d_k]
+    G = log_decay.float().transpose(1, 2).cumsum(-1)  # [b, H, T]
+    bt = beta.float().transpose(1, 2)
+    T = q.shape[2]
+    diff = G[..., :, None] - G[..., None, :]
+    lower = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    Gamma = torch.where(lower, diff, torch.full_like(diff, -torch.inf)).exp()
+    eye = torch.eye(T, device=q.device)
+    Lmat = eye + (bt[..., :, None] * (k @ k.transpose(-1, -2)) * Gamma).tril(-1)
+    QK = (q @ k.transpose(-1, -2) * Gamma).tril()
+    # A_eff = QK L^{-1} diag(beta): solve X L = QK for X (L lower unitriangular)
+    X = torch.linalg.solve_triangular(Lmat, QK, upper=False, left=False, unitriangular=True)
+    return X * bt[..., None, :]
+
+
+def write_contributions(A_eff: Tensor, value: Tensor) -> Tensor:
+    """Per-write contributions to each read ``[b, H, T_read, T_write, d_v]`` (``value``: native v
+    ``[b, T, H, d_v]``). Materialises ``T^2 d_v`` per head: for short contexts or a slice."""
+    return A_eff[..., None] * value.float().transpose(1, 2)[:, :, None, :, :]
+
+
+def read_gradient(model, tokens: Tensor, layer: int, metric) -> tuple[Tensor, dict]:
+    """``dm/do`` ``[b, T, H, d_v]`` at the layer's read and the layer's canonical hooks (for the adjoint).
+
+    The read is made a leaf by a torch forward hook placed before any TransformerLens hook, so hooks the
+    caller attached to ``hook_read`` (and the metric) see the tensor whose gradient is taken.
+    """
+    p = f"blocks.{layer}.linear_attn."
+    names = [p + n for n in ("hook_query", "hook_write_key", "hook_write_value", "hook_log_decay", "hook_beta")]
+    saved: dict = {}
+
+    def make_leaf(module, inputs, output):
+        saved["leaf"] = output.detach().requires_grad_(True)
+        return saved["leaf"]
+
+    handle = model.hook_dict[p + "hook_read"].register_forward_hook(make_leaf, prepend=True)
+    try:
+        with model.hooks(fwd_hooks=[(n, lambda x, hook: saved.setdefault(hook.name, x.detach())) for n in names]):
+            with torch.enable_grad():
+                m = metric(model(tokens))
+                if m.dim() != 0:
+                    raise ValueError("metric must return a scalar")
+                (grad,) = torch.autograd.grad(m, saved["leaf"], allow_unused=True)
+    finally:
+        handle.remove()
+    if grad is None:
+        grad = torch.zeros_like(saved["leaf"])
+    return grad, {n.rsplit(".", 1)[-1]: saved[n] for n in names}
+
+
+def dictionary_scores(model, tokens: Tensor, sae, metric) -> Tensor:
+    """First-order change of ``metric(logits)`` when the write of the SAE's (layer, head) at position s is
+    replaced by atom i (raw mode): ``<A_i - W_s, G_s>``, returned ``[b, T, d_sae]``."""
+    h = sae.cfg.head
+    grad, c = read_gradient(model, tokens, sae.cfg.layer, metric)
+    G = ops.write_adjoint(c["hook_query"], c["hook_write_key"], c["hook_log_decay"], c["hook_beta"], grad)[:, :, h]
+    W_dot = torch.einsum("btk,btkv,btv->bt", c["hook_write_key"][:, :, h], G, c["hook_write_value"][:, :, h])
+    if sae.cfg.decoder_rank is None:
+        M = sae.dec_dense.detach().view(-1, sae.cfg.d_k, sae.cfg.d_v)
+        A_dot = torch.einsum("btkv,nkv->btn", G, M)
+    else:
+        A_dot = torch.einsum("njk,btkv,njv->btn", sae.dec_key.detach(), G, sae.dec_value.detach())
+    return A_dot - W_dot[..., None]
+
+
+# ------------------------------------------------------------------------------------------ erasure
+@dataclass
+class ErasureConfig:
+    atoms: list[int]
+    max_per_atom: int = 50
+    seed: int = 0
+
+
+def preferred_token(model, sae, atom: int) -> int:
+    """The token the atom's value side writes most directly: ``argmax W_U^T W_O[:, head] w_i``."""
+    dv, h = model.cfg.d_v, sae.cfg.head
+    W_O = _out_proj(model.family.mixers[sae.cfg.layer], model.cfg.d_model, model.cfg.n_heads * dv).weight
+    A = atom_matrix(sae, atom)
+    u = torch.linalg.svd(A)[0][:, 0]
+    w = A.T @ u
+    return int((model.W_U.float().T @ (W_O[:, h * dv:(h + 1) * dv].float() @ w)).argmax())
+
+
+@torch.no_grad()
+def run_erasure(model, sae, tokens: Tensor, cfg: ErasureConfig) -> dict:
+    """Remove ``a_i(t) A_i`` at firings of atom i and, as a control, the same matrix at a matched position of
+    the same context where atom i is inactive; record the change of the log-prob of the atom's preferred
+    token at that position's prediction. Paired Wilcoxon on (firing, control)."""
+    codes, _, _ = _site_and_writes(model, sae, tokens, sae.cfg.write_mode)
+    clean = model(tokens).float().log_softmax(-1)
+    rng = np.random.default_rng(cfg.seed)
+    records = []
+    for atom in cfg.atoms:
+        tok = preferred_token(model, sae, atom)
+        A = atom_matrix(sae, atom)
+        fires = (codes[:, :, atom] > 0).nonzero().tolist()
+        rng.shuffle(fires)
+        for c, t in fires[: cfg.max_per_atom]:
+            quiet = (codes[c, :, atom] == 0).nonzero().flatten().tolist()
+            if not quiet:
+                continue
+            ctrl = min(quiet, key=lambda s: (abs(s - t), s))
+            a = float(codes[c, t, atom])
+            deltas = []
+            for pos in (t, ctrl):
+                e = WriteEdit(layer=sae.cfg.layer, pos=pos, head=sae.cfg.head, op="add", matrix=-a * A)
+                lp = model.run_with_edits(tokens[c:c + 1], [e])[0].float().log_softmax(-1)
+                deltas.append(float(lp[pos, tok] - clean[c, pos, tok]))
+            records.append({"atom": atom, "token": tok, "context": c, "pos": t, "control_pos": ctrl, "act": a,
+                            "delta_logprob_firing": deltas[0], "delta_logprob_control": deltas[1]})
+    summary = {"n": len(records), "config": asdict(cfg)}
+    if records:
+        f = [r["delta_logprob_firing"] for r in records]
+        q = [r["delta_logprob_control"] for r in records]
+        summary.update(mean_delta_firing=float(np.mean(f)), mean_delta_control=float(np.mean(q)),
+                       wilcoxon_firing_vs_control=stats.paired_wilcoxon(f, q),
+                       firing_drop_larger=stats.wilson(sum(a < b for a, b in zip(f, q)), len(f)))
+    return {"records": records, "summary": summary}
