@@ -205,3 +205,27 @@ def test_substitute_cli_writes_every_promised_file(tmp_path, tiny_tokenizer, set
     res = json.loads((out / "results.json").read_text())
     assert res["summary"]["n_firings"] == len(res["firings"]) > 0
     assert len((out / "records.jsonl").read_text().splitlines()) == res["summary"]["n_firings"] * len(CONDITIONS)
+
+
+def test_other_experiment_clis(tmp_path, tiny_tokenizer, setup):
+    from writesae_plugin.cli import main
+
+    model, _ = setup
+    model.hf_model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    make_sae("write").save_model(tmp_path / "sae")
+    words = ["def", "return", "import", "self", "value", "state", "print", "class"]
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "t.txt").write_text("\n".join(" ".join(words[i] for i in torch.randint(0, 8, (60,), generator=g))
+                                              for _ in range(40)))
+    common = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "t.txt"), "--contexts", "4",
+              "--context-length", "24"]
+    assert main(["closed-form", *common, "--sae", str(tmp_path / "sae"), "--atoms", "0", "1", "--out",
+                 str(tmp_path / "cf")]) == 0
+    assert (tmp_path / "cf" / "closed_form_horizon.png").is_file()
+    assert main(["install", *common, "--layer", "1", "--head", "2", "--strata", "5-20", "--new-tokens", "4",
+                 "--out", str(tmp_path / "inst")]) == 0
+    assert (tmp_path / "inst" / "records.jsonl").is_file()
+    assert main(["attribute", *common, "--sae", str(tmp_path / "sae"), "--atoms", "0", "1", "2", "--out",
+                 str(tmp_path / "attr")]) == 0
+    assert (tmp_path / "attr" / "effective_attention.png").is_file()

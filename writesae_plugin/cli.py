@@ -184,6 +184,84 @@ def cmd_substitute(args) -> int:
     return 0
 
 
+def cmd_closed_form(args) -> int:
+    from .experiments.closed_form import ClosedFormConfig, run_closed_form, save_closed_form
+
+    model, desc = _load(args.model)
+    sae = _load_sae(args.sae)
+    tokens = _contexts(model, args)
+    cfg = ClosedFormConfig(atoms=args.atoms, t0=args.t0, eps=tuple(args.eps), n_tokens=args.n_tokens,
+                           fit_fraction=args.fit_fraction, seed=args.seed)
+    res = run_closed_form(model, sae, tokens, cfg)
+    index = save_closed_form(res, args.out, {"model": desc, "sae": args.sae})
+    print(f"closed form on {len(tokens)} contexts, atoms {args.atoms} ({res.summary.get('n_eval')} eval records):")
+    for name, v in res.summary.get("pooled", {}).items():
+        print(f"  {name:9s} R2 = {v['r2']:7.3f}   sign agreement {v['sign_agreement']:.3f}   n = {v['n']}")
+    print(f"  paper: fitted G R2 = 0.98 (per prompt, feature, token); parameter-free R2 = -0.06\nreport: {index}")
+    return 0
+
+
+def cmd_install(args) -> int:
+    from .experiments.install import InstallConfig, run_install, save_install
+    from .report import fmt_rate
+
+    model, desc = _load(args.model)
+    tokens = _contexts(model, args)
+    strata = tuple(tuple(int(x) for x in s.split("-")) for s in args.strata)
+    cfg = InstallConfig(layer=args.layer, head=args.head, strata=strata, targets_per_stratum=args.targets,
+                        multipliers=tuple(args.m), n_positions=args.n_positions, mode=args.mode,
+                        max_new_tokens=args.new_tokens, seed=args.seed)
+    res = run_install(model, tokens, cfg)
+    index = save_install(res, args.out, {"model": desc})
+    for m, block in res.summary["by_multiplier"].items():
+        for key, v in block.items():
+            print(f"  m={m} {key:14s} installed {fmt_rate(v['installed_rate'])}  baseline {fmt_rate(v['baseline_rate'])}"
+                  f"  log-prob lift {v['mean_logprob_lift']:+.3f}")
+    print(f"  paper: ranks 100-1000, 33.3% -> 100% (about 60 independent pairs)\nreport: {index}")
+    return 0
+
+
+def cmd_attribute(args) -> int:
+    import numpy as np
+    import torch
+
+    from .experiments.write_attribution import ErasureConfig, effective_attention, run_erasure
+    from .report import plt, write_report
+
+    model, desc = _load(args.model)
+    sae = _load_sae(args.sae)
+    tokens = _contexts(model, args)
+    er = run_erasure(model, sae, tokens, ErasureConfig(atoms=args.atoms, max_per_atom=args.max_per_atom,
+                                                         seed=args.seed))
+    p = f"blocks.{sae.cfg.layer}.linear_attn."
+    with torch.no_grad():
+        _, c = model.run_with_cache(tokens[:1], names_filter=lambda n: n.startswith(p))
+    A = effective_attention(c[p + "hook_query"], c[p + "hook_write_key"], c[p + "hook_log_decay"],
+                            c[p + "hook_beta"])[0, sae.cfg.head]
+
+    def heatmap():
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        im = ax.imshow(np.log10(A.abs().clamp(min=1e-12).numpy()), cmap="viridis", vmin=-6)
+        ax.set_xlabel("write s")
+        ax.set_ylabel("read t")
+        ax.set_title(f"log10 |A_eff| (layer {sae.cfg.layer}, head {sae.cfg.head}, context 0)")
+        fig.colorbar(im)
+        return fig
+
+    s = er["summary"]
+    index = write_report(args.out, "WriteSAE write attribution and erasure",
+                         {"experiment": "attribute", "model": desc, "sae": args.sae, "erasure": s},
+                         er["records"], {"effective_attention": heatmap},
+                         [f"Erasure of atoms {args.atoms}: {s.get('n', 0)} firing/control pairs."])
+    if s.get("n"):
+        print(f"erasure: mean d log p(preferred token) at firings {s['mean_delta_firing']:+.4f} vs controls "
+              f"{s['mean_delta_control']:+.4f} (n = {s['n']}, Wilcoxon p = {s['wilcoxon_firing_vs_control']['p']:.3g})")
+    else:
+        print("erasure: the chosen atoms never fired on these contexts")
+    print(f"report: {index}")
+    return 0
+
+
 def _add_data_args(p):
     p.add_argument("--dataset", required=True, help="hub dataset name, or a local .txt/.jsonl/.parquet file or dir")
     p.add_argument("--text-column", default="text")
@@ -243,6 +321,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--write-mode", choices=["raw", "delta"], default=None, help="default: the SAE's")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_substitute)
+
+    c = sub.add_parser("closed-form", help="closed-form logit shift: JVP, direct path and fitted-G predictors")
+    c.add_argument("--model", default=None)
+    c.add_argument("--sae", required=True)
+    _add_data_args(c)
+    c.add_argument("--out", required=True)
+    c.add_argument("--atoms", type=int, nargs="+", default=[0])
+    c.add_argument("--t0", type=int, default=None, help="perturbed position (default T // 4)")
+    c.add_argument("--eps", type=float, nargs="+", default=[0.05, 0.25, 1.0], help="x native write norm")
+    c.add_argument("--n-tokens", type=int, default=5)
+    c.add_argument("--fit-fraction", type=float, default=0.5)
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_closed_form)
+
+    i = sub.add_parser("install", help="behavioural install: steer greedy continuations towards target tokens")
+    i.add_argument("--model", default=None)
+    _add_data_args(i)
+    i.add_argument("--out", required=True)
+    i.add_argument("--layer", type=int, required=True)
+    i.add_argument("--head", type=int, required=True)
+    i.add_argument("--strata", nargs="+", default=["10-50", "50-200"], help="initial-rank ranges LO-HI")
+    i.add_argument("--targets", type=int, default=2, help="targets per stratum and prompt")
+    i.add_argument("--m", type=float, nargs="+", default=[3.0], help="install size(s) x native write norm")
+    i.add_argument("--n-positions", type=int, default=3)
+    i.add_argument("--mode", choices=["replace", "add"], default="replace")
+    i.add_argument("--new-tokens", type=int, default=20)
+    i.add_argument("--seed", type=int, default=0)
+    i.set_defaults(func=cmd_install)
+
+    a = sub.add_parser("attribute", help="write attribution (effective attention) and atom erasure")
+    a.add_argument("--model", default=None)
+    a.add_argument("--sae", required=True)
+    _add_data_args(a)
+    a.add_argument("--out", required=True)
+    a.add_argument("--atoms", type=int, nargs="+", default=[0])
+    a.add_argument("--max-per-atom", type=int, default=20)
+    a.add_argument("--seed", type=int, default=0)
+    a.set_defaults(func=cmd_attribute)
     return parser
 
 
