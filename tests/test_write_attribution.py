@@ -71,3 +71,22 @@ def test_erasure(qwen, tokens):
     assert out["summary"]["n"] == len(out["records"]) > 0
     r = out["records"][0]
     assert r["pos"] != r["control_pos"] and "wilcoxon_firing_vs_control" in out["summary"]
+
+
+def test_mamba2_effective_attention_matches_the_recurrence():
+    from writesae_plugin.experiments.write_attribution import mamba2_effective_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, T, H, N, P = 2, 37, 3, 8, 5
+    C, B = torch.randn(b, T, H, N, generator=g), torch.randn(b, T, H, N, generator=g)
+    dt = torch.rand(b, T, H, generator=g)
+    A = -torch.rand(H, generator=g) * 2
+    x = torch.randn(b, T, H, P, generator=g)
+    value = dt[..., None] * x  # dt' x: the value side of the rank-1 write B (x) dt' x
+    S = torch.zeros(b, H, N, P)
+    y = torch.zeros(b, T, H, P)
+    for t in range(T):  # brute force: S_t = exp(dt_t A) S_{t-1} + B_t (dt_t x_t)^T, y_t = S_t^T C_t
+        S = (dt[:, t] * A).exp()[..., None, None] * S + B[:, t, :, :, None] * value[:, t, :, None, :]
+        y[:, t] = torch.einsum("bhnp,bhn->bhp", S, C[:, t])
+    A_eff = mamba2_effective_attention(C, B, dt * A)
+    assert (write_contributions(A_eff, value).sum(3).transpose(1, 2) - y).abs().max() <= 1e-4

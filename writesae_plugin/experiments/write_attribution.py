@@ -43,6 +43,19 @@ def effective_attention(query_scaled: Tensor, key: Tensor, log_decay: Tensor, be
     return X * bt[..., None, :]
 
 
+def mamba2_effective_attention(C: Tensor, B: Tensor, log_decay: Tensor) -> Tensor:
+    """Mamba-2 (scalar decay per head): ``A_eff[t, s] = Gamma[t, s] (C_t . B_s)`` ``[b, H, T, T]``, so that
+    ``y_t = sum_s A_eff[t, s] (dt'_s x_s)`` (the ``D x`` skip excluded). ``C``, ``B`` ``[b, T, H, d_state]``
+    (groups already expanded to heads), ``log_decay`` ``[b, T, H]`` = ``dt'_t A_h``."""
+    c, k = C.float().transpose(1, 2), B.float().transpose(1, 2)
+    G = log_decay.float().transpose(1, 2).cumsum(-1)
+    T = c.shape[2]
+    diff = G[..., :, None] - G[..., None, :]
+    lower = torch.ones(T, T, dtype=torch.bool, device=c.device).tril()
+    Gamma = torch.where(lower, diff, torch.full_like(diff, -torch.inf)).exp()
+    return (c @ k.transpose(-1, -2)) * Gamma
+
+
 def write_contributions(A_eff: Tensor, value: Tensor) -> Tensor:
     """Per-write contributions to each read ``[b, H, T_read, T_write, d_v]`` (``value``: native v
     ``[b, T, H, d_v]``). Materialises ``T^2 d_v`` per head: for short contexts or a slice."""
