@@ -262,6 +262,36 @@ def cmd_attribute(args) -> int:
     return 0
 
 
+def cmd_make_demo_model(args) -> int:
+    from .demo.build import DemoRecipe, make_demo_model
+
+    recipe = DemoRecipe(steps=args.steps, seed=args.seed)
+    rec = make_demo_model(args.out, recipe)
+    print(f"demo model: {rec['n_parameters'] / 1e6:.2f} M parameters, {rec['train_tokens']} training tokens, "
+          f"validation loss {rec['validation_loss_nats']:.3f} nats/token vs unigram {rec['unigram_baseline_nats']:.3f}"
+          f" ({rec['seconds'] / 60:.1f} min) -> {args.out}")
+    return 0
+
+
+def cmd_make_demo_release(args) -> int:
+    from .demo.release import make_demo_release
+
+    meta = make_demo_release(args.model, args.out)
+    for sid in meta["saes"]:
+        print(f"  {sid}: FVU {meta['expected_fvu'][sid]:.3f}  L0 {meta['expected_l0'][sid]:.1f}  "
+              f"dead {meta['dead_fraction'][sid]:.2f}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo.run import QUICK, DemoSize, run_demo, summary_table
+
+    summary = run_demo(args.out, QUICK if args.quick else DemoSize())
+    print(summary_table(summary))
+    print(f"report: {args.out}/index.html")
+    return 0
+
+
 def _add_data_args(p):
     p.add_argument("--dataset", required=True, help="hub dataset name, or a local .txt/.jsonl/.parquet file or dir")
     p.add_argument("--text-column", default="text")
@@ -359,6 +389,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-per-atom", type=int, default=20)
     a.add_argument("--seed", type=int, default=0)
     a.set_defaults(func=cmd_attribute)
+
+    mk = sub.add_parser("make-demo-model", help="train the shipped demo model on the Python stdlib (reproducible)")
+    mk.add_argument("--out", required=True)
+    mk.add_argument("--steps", type=int, default=900)
+    mk.add_argument("--seed", type=int, default=0)
+    mk.set_defaults(func=cmd_make_demo_model)
+
+    mr = sub.add_parser("make-demo-release", help="train the shipped WriteSAE release for the demo model")
+    mr.add_argument("--model", required=True, help="the demo model directory")
+    mr.add_argument("--out", required=True)
+    mr.set_defaults(func=cmd_make_demo_release)
+
+    d = sub.add_parser("demo", help="the shipped model and SAEs through the substitution, closed-form and install "
+                                    "tests on held-out text (the main job)")
+    d.add_argument("--out", default="writesae_results/demo", help="results directory")
+    d.add_argument("--quick", action="store_true", help="a reduced size (for tests)")
+    d.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -1,0 +1,111 @@
+"""``writesae make-demo-release``: train the shipped WriteSAE release for the demo model.
+
+One per-head SAE per site (state and write) at the demo layer/head, trained with ``train_write_sae`` on the
+stdlib train split, evaluated on fixed held-out contexts (the validation split); the release directory
+holds ``<sae_id>/`` (``SAE.load_from_disk`` format), ``release.json`` (ids, the model, the recorded FVU and
+L0 with their evaluation contexts) and ``eval_tokens.safetensors``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import corpus
+
+RELEASE = "writesae-demo"
+
+
+@dataclass
+class ReleaseRecipe:
+    layer: int = 2
+    head: int = 1
+    d_sae: int = 512
+    k: int = 16
+    context_length: int = 128
+    state_samples: int = 64 * 1200
+    write_samples: int = 256 * 800
+    batch_state: int = 64
+    batch_write: int = 256
+    lr: float = 2e-3
+    eval_contexts: int = 24
+    seed: int = 0
+
+
+def sae_id(site: str, layer: int, head: int) -> str:
+    return f"L{layer}.H{head}.{site}"
+
+
+def _contexts(tokenizer, split: str, T: int, n: int | None = None, skip: int = 0):
+    from ..data import token_contexts
+
+    it = token_contexts(corpus.texts(split), tokenizer, T)
+    return itertools.islice(it, skip, None if n is None else skip + n)
+
+
+def make_demo_release(model_dir: str | Path, out_dir: str | Path, recipe: ReleaseRecipe | None = None) -> dict:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..adapters import hook_model
+    from ..data import ActivationProvider, SiteSpec
+    from ..sae import WriteSAETrainingConfig
+    from ..train import evaluate_sae, train_write_sae
+
+    recipe = recipe or ReleaseRecipe()
+    torch.manual_seed(recipe.seed)
+    model = hook_model(AutoModelForCausalLM.from_pretrained(model_dir).eval(),
+                       tokenizer=AutoTokenizer.from_pretrained(model_dir))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    evals = torch.stack(list(_contexts(model.tokenizer, "validation", recipe.context_length, recipe.eval_contexts)))
+    save_file({"input_ids": evals.contiguous()}, str(out / "eval_tokens.safetensors"))
+    mcfg = model.cfg
+    meta = {"release": RELEASE, "model": "writesae-plugin demo Qwen3.5 (package data)", "recipe": asdict(recipe),
+            "saes": {}, "expected_var_explained": {}, "expected_l0": {}, "expected_fvu": {}}
+    for site in ("state", "write"):
+        layout = "factors" if site == "write" else "dense"
+        spec = SiteSpec(layer=recipe.layer, site=site, heads=[recipe.head],
+                        positions=("stride", 4) if site == "state" else "all", layout=layout)
+        batch = recipe.batch_state if site == "state" else recipe.batch_write
+        samples = recipe.state_samples if site == "state" else recipe.write_samples
+        provider = ActivationProvider(model, _contexts(model.tokenizer, "train", recipe.context_length), spec,
+                                      batch_size=batch, buffer_batches=8, seed=recipe.seed, normalize=True)
+        val_spec = SiteSpec(layer=recipe.layer, site=site, heads=[recipe.head], positions="all", layout=layout)
+        val = list(ActivationProvider(model, iter(evals), val_spec, batch_size=512, buffer_batches=2,
+                                      seed=recipe.seed + 1))
+        cfg = WriteSAETrainingConfig(d_in=mcfg.d_k * mcfg.d_v, d_sae=recipe.d_sae, d_k=mcfg.d_k, d_v=mcfg.d_v,
+                                     k=recipe.k, site=site, head=recipe.head, n_heads=mcfg.n_heads,
+                                     family=mcfg.family, layer=recipe.layer, input_layout=layout,
+                                     hook_name_hf=model.family.hf_module_name(model.hf_model, recipe.layer),
+                                     aux_k=128)
+        cfg.metadata.hook_name = f"blocks.{recipe.layer}.linear_attn.hook_{site}"
+        cfg.metadata.model_name = meta["model"]
+        cfg.metadata.context_size = recipe.context_length
+        cfg.metadata.prepend_bos = False
+        work = out / f"_train_{site}"
+        sae, history = train_write_sae(cfg, provider, work, total_samples=samples, batch_size=batch, lr=recipe.lr,
+                                       val_batches=val, val_every=200, n_checkpoints=0)
+        sid = sae_id(site, recipe.layer, recipe.head)
+        if (out / sid).exists():
+            shutil.rmtree(out / sid)
+        shutil.move(str(work / "final"), str(out / sid))
+        (out / sid / "validation.jsonl").write_text((work / "validation.jsonl").read_text())
+        shutil.rmtree(work)
+        from sae_lens import SAE
+
+        final = SAE.load_from_disk(out / sid)
+        m = evaluate_sae(final, val, layout)
+        meta["saes"][sid] = sid
+        meta["expected_fvu"][sid] = m.fvu
+        meta["expected_var_explained"][sid] = 1 - m.fvu
+        meta["expected_l0"][sid] = m.l0
+        meta.setdefault("dead_fraction", {})[sid] = m.dead_fraction
+        meta.setdefault("n_eval_matrices", {})[sid] = m.n
+    (out / "release.json").write_text(json.dumps(meta, indent=2))
+    return meta
