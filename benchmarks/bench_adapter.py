@@ -17,9 +17,9 @@ import tempfile
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from writesae_plugin.adapters import WriteEdit, hook_model
+from writesae_plugin.profiling import LargestTensor
 from writesae_plugin.tiny import build_tiny_qwen35
 
 
@@ -51,19 +51,6 @@ def naive_layer_read(q, k, v, g, beta, pos, head, A):
         S = S + W
         out[:, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, t])
     return out
-
-
-class Largest(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for o in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(o, torch.Tensor):
-                self.largest = max(self.largest, o.numel())
-        return out
 
 
 def main():
@@ -102,7 +89,7 @@ def main():
             "naive": naive_edit,
         }, args.repeats)
         t_plain, t_wrap, t_cap, t_edit, t_naive = (med[k] for k in ("plain", "wrap", "capture", "edit", "naive"))
-        mode = Largest()
+        mode = LargestTensor()
         with mode:
             model.run_with_cache(tokens, names_filter=names)
         dense = args.batch * args.length * cfg.n_heads * cfg.d_k * cfg.d_v

@@ -106,25 +106,13 @@ def test_factored_training_step_equals_dense(decoder_rank, activation):
 
 
 def test_factored_encoder_and_error_never_form_the_matrix():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for o in (out if isinstance(out, (tuple, list)) else [out]):
-                if isinstance(o, torch.Tensor):
-                    self.largest = max(self.largest, o.numel())
-            return out
+    from writesae_plugin.profiling import LargestTensor
 
     d, n, N = 64, 128, 512
     sae = TrainingWriteSAE(WriteSAETrainingConfig(d_in=d * d, d_sae=n, d_k=d, d_v=d, k=8, site="write",
                                                   input_layout="factors", aux_k=16))
     x = torch.randn(N, 2 * d)
-    mode = Largest()
+    mode = LargestTensor()
     with mode:
         out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
                                                        n_training_steps=1, is_logging_step=False))

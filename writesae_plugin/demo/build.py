@@ -152,7 +152,7 @@ def make_demo_model(out_dir: str | Path, recipe: DemoRecipe | None = None, progr
         sched.step()
         if step % 50 == 0 or step == recipe.steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            log.append({"step": step, "train_loss": float(loss)})
+            log.append({"step": step, "train_loss": loss.item()})
     model.eval()
     val_loss = mean_loss(model, evals)
     baseline = unigram_loss(train, evals, len(tokenizer))

@@ -19,26 +19,30 @@ def assets_dir() -> Path:
     return Path(str(files("writesae_plugin").joinpath("assets")))
 
 
-def demo_model_dir() -> Path:
-    path = assets_dir() / "demo" / "model"
+def demo_model_dir(override: str | Path | None = None) -> Path:
+    path = Path(override) if override is not None else assets_dir() / "demo" / "model"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"the demo model is not in this install ({path}); build it with "
                                 "`writesae make-demo-model --out DIR` and load that directory")
     return path
 
 
-def load_demo_model():
+def load_demo_model(model_dir: str | Path | None = None):
     """The shipped demo model, hooked, with its tokenizer (``AutoModelForCausalLM`` from package data)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..adapters import hook_model
 
-    path = demo_model_dir()
+    path = demo_model_dir(model_dir)
     return hook_model(AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer=AutoTokenizer.from_pretrained(path))
 
 
-def demo_release_info() -> dict:
-    path = assets_dir() / "releases" / RELEASE / "release.json"
+def demo_release_dir(override: str | Path | None = None) -> Path:
+    return Path(override) if override is not None else assets_dir() / "releases" / RELEASE
+
+
+def demo_release_info(release_dir: str | Path | None = None) -> dict:
+    path = demo_release_dir(release_dir) / "release.json"
     if not path.is_file():
         raise FileNotFoundError(f"the demo SAE release is not in this install ({path})")
     return json.loads(path.read_text())
@@ -73,21 +77,23 @@ def held_out_contexts(tokenizer, n: int, T: int) -> torch.Tensor:
     return torch.stack(ctx)
 
 
-def run_demo(out_dir: str | Path, size: DemoSize | None = None, progress: bool = True) -> dict:
+def run_demo(out_dir: str | Path, size: DemoSize | None = None, progress: bool = True,
+             model_dir: str | Path | None = None, release_dir: str | Path | None = None) -> dict:
+    """Run the three tests; ``model_dir`` / ``release_dir`` default to the shipped package data."""
     from sae_lens import SAE
 
     from ..experiments.closed_form import ClosedFormConfig, run_closed_form, save_closed_form
     from ..experiments.install import InstallConfig, run_install, save_install
     from ..experiments.substitution import SubstitutionConfig, run_substitution, save_substitution
-    from ..registry import register_packaged_releases
+    from ..registry import register_local_release
     from ..report import write_report
 
     size = size or DemoSize()
     t0 = time.time()
     out = Path(out_dir)
-    model = load_demo_model()
-    register_packaged_releases()
-    info = demo_release_info()
+    model = load_demo_model(model_dir)
+    register_local_release(RELEASE, demo_release_dir(release_dir))
+    info = demo_release_info(release_dir)
     layer, head = info["recipe"]["layer"], info["recipe"]["head"]
     sae_state = SAE.from_pretrained(RELEASE, sae_id("state", layer, head))
     tokens = held_out_contexts(model.tokenizer, size.contexts, size.context_length)
@@ -117,8 +123,8 @@ def run_demo(out_dir: str | Path, size: DemoSize | None = None, progress: bool =
 
     head_sub = sub.summary.get("headline", {})
     summary = {
-        "model": {"path": str(demo_model_dir()), "recipe": json.loads((demo_model_dir() / "recipe.json").read_text())
-                  ["validation_loss_nats"]},
+        "model": {"path": str(demo_model_dir(model_dir)), "validation_loss_nats": json.loads(
+            (demo_model_dir(model_dir) / "recipe.json").read_text())["validation_loss_nats"]},
         "substitution": {"atom_act_vs_delete": head_sub, "paper": "92.4% of n = 4,851 (Qwen3.5-0.8B L9 H4)"},
         "closed_form": {k: v for k, v in cf.summary.get("pooled", {}).items()},
         "install": ins.summary["by_multiplier"]["3.0"],

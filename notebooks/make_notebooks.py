@@ -1,0 +1,164 @@
+"""Regenerate the tutorial notebooks (clean: no outputs). Run: python notebooks/make_notebooks.py"""
+
+from pathlib import Path
+
+import nbformat as nbf
+
+HERE = Path(__file__).parent
+
+
+def nb(cells):
+    book = nbf.v4.new_notebook()
+    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    book.cells = [nbf.v4.new_markdown_cell(c[3:]) if c.startswith("md:") else nbf.v4.new_code_cell(c.strip())
+                  for c in cells]
+    return book
+
+
+SETUP = """
+import torch
+import writesae_plugin  # registers the WriteSAE architecture and the shipped release with SAELens
+from writesae_plugin.demo.run import demo_model_dir, held_out_contexts
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from writesae_plugin.adapters import hook_model
+
+path = demo_model_dir()  # the shipped demo model: a small Qwen3.5 trained on the Python standard library
+hf = AutoModelForCausalLM.from_pretrained(path).eval()
+tok = AutoTokenizer.from_pretrained(path)
+model = hook_model(hf, tokenizer=tok)
+tokens = held_out_contexts(tok, 4, 64)  # held-out stdlib files
+print(model.cfg.family, "recurrent layers", model.cfg.recurrent_layers, "d_k", model.cfg.d_k, "d_v", model.cfg.d_v)
+"""
+
+QUICKSTART = nb([
+    "md:# Quickstart: write hook points, nnsight, and a WriteSAE through SAELens\n\n"
+    "The demo model ships with the package, so this runs offline on a CPU.",
+    SETUP,
+    "md:Every Gated DeltaNet layer exposes its cache write as factors, the dense write on request, the state "
+    "on request, and the read. The inventory lists shapes and edit semantics.",
+    """
+for name, desc in model.hook_inventory()[:12]:
+    print(f"{name:40s} {desc}")
+""",
+    """
+logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.2.") and "hook_write_" in n)
+key, value = cache["blocks.2.linear_attn.hook_write_key"], cache["blocks.2.linear_attn.hook_write_value"]
+print(key.shape, value.shape)  # [batch, pos, value heads, d_k], [batch, pos, value heads, d_v]
+assert torch.equal(logits, hf(input_ids=tokens).logits)  # hooks leave the model's output bit-identical
+""",
+    "md:The same hook points through nnsight:",
+    """
+from nnsight import NNsight
+nn_model = NNsight(model)
+with torch.no_grad(), nn_model.trace(tokens):
+    k = nn_model.blocks[2].linear_attn.hook_write_key.output.save()
+assert torch.equal(k, key)
+""",
+    "md:Load the shipped WriteSAE (trained on the layer-2, head-1 state) from the SAELens registry and "
+    "splice it into `hook_state`. With the error term the logits are unchanged bit for bit.",
+    """
+from sae_lens import SAE
+from writesae_plugin.adapters import StateCapture
+sae = SAE.from_pretrained("writesae-demo", "L2.H1.state")
+print(writesae_plugin.sae.describe(sae))
+with model.options(capture_states=StateCapture("all")):
+    _, c = model.run_with_cache_with_saes(tokens, saes=[sae], use_error_term=True)
+    acts = c["blocks.2.linear_attn.hook_state.hook_sae_acts_post"]
+print("codes", acts.shape, "mean L0", (acts > 0).sum(-1).float().mean().item())
+""",
+])
+
+SUBSTITUTION = nb([
+    "md:# The substitution test and the closed-form logit shift\n\n"
+    "Replace a write by its dominant atom and compare with deleting it; then predict logit shifts of atom "
+    "installs with three separately reported predictors.",
+    SETUP,
+    """
+from sae_lens import SAE
+from writesae_plugin.experiments.substitution import SubstitutionConfig, run_substitution
+sae = SAE.from_pretrained("writesae-demo", "L2.H1.state")
+res = run_substitution(model, sae, tokens, SubstitutionConfig(max_firings=12, max_per_context=3))
+head = res.summary["headline"]
+print(f"atom_act beats delete in {head['k']}/{head['n']} firings, Wilson 95% [{head['lo']:.2f}, {head['hi']:.2f}]")
+""",
+    """
+for cond, s in res.summary["by_metric"]["kl_final"].items():
+    if isinstance(s, dict) and "win" in s:
+        print(f"{cond:16s} win rate vs delete {s['win']['rate']:.2f} (n={s['win']['n']})")
+""",
+    """
+from writesae_plugin.experiments.closed_form import ClosedFormConfig, run_closed_form
+atom = max(set(f["atom"] for f in res.firings), key=[f["atom"] for f in res.firings].count)
+cf = run_closed_form(model, sae, tokens[:, :48], ClosedFormConfig(atoms=[atom], t0=12))
+for name, v in cf.summary["pooled"].items():
+    print(f"{name:9s} R2 = {v['r2']:.3f}  sign agreement = {v['sign_agreement']:.2f}  (n={v['n']})")
+""",
+])
+
+INSTALL = nb([
+    "md:# Steering by install\n\nInstall `k_t w*_T^T` (value side aimed at a target token through `W_O` and `W_U`) "
+    "at the last three prompt positions, then decode greedily: the install lives in the recurrent state.",
+    SETUP,
+    """
+from writesae_plugin.adapters import WriteEdit
+from writesae_plugin.experiments.install import target_direction
+prompt = tokens[:1, :40]
+target = tok.convert_tokens_to_ids("Ġreturn") if "Ġreturn" in tok.get_vocab() else 100
+p = "blocks.2.linear_attn."
+_, c = model.run_with_cache(prompt, names_filter=[p + "hook_write_key", p + "hook_write_value"])
+key, value = c[p + "hook_write_key"][0, :, 1], c[p + "hook_write_value"][0, :, 1]
+w = target_direction(model, 2, 1, target)
+edits = [WriteEdit(layer=2, pos=t, head=1, matrix=3 * torch.outer(key[t], value[t]).norm()
+                   * torch.outer(key[t] / key[t].norm(), w)) for t in (37, 38, 39)]
+base = model.generate(prompt, max_new_tokens=12)
+with model.edits(edits):
+    steered = model.generate(prompt, max_new_tokens=12)
+print("baseline:", repr(tok.decode(base[0, 40:])))
+print("steered: ", repr(tok.decode(steered[0, 40:])))
+""",
+    """
+from writesae_plugin.experiments.install import InstallConfig, run_install
+res = run_install(model, tokens[:2, :40], InstallConfig(layer=2, head=1, strata=((10, 100),), max_new_tokens=8))
+print(res.summary["by_multiplier"]["3.0"]["all"]["installed_rate"], res.summary["by_multiplier"]["3.0"]["all"]["baseline_rate"])
+""",
+])
+
+TRAINING = nb([
+    "md:# Training a WriteSAE on your own model\n\nShown on the shipped model; for a hub model replace the "
+    "loading lines, e.g. `AutoModelForCausalLM.from_pretrained(\"Qwen/Qwen3.5-0.8B\")` (downloads weights), "
+    "and choose a layer and value head. The write site trains on the factors (k, beta v) and never forms "
+    "the d_k x d_v write.",
+    SETUP,
+    """
+import tempfile
+from writesae_plugin.data import ActivationProvider, SiteSpec, token_contexts
+from writesae_plugin.demo import corpus
+from writesae_plugin.sae import WriteSAETrainingConfig
+from writesae_plugin.train import train_write_sae
+
+spec = SiteSpec(layer=2, site="write", heads=[1], positions="all", layout="factors")
+contexts = token_contexts(corpus.texts("train"), tok, 64)
+provider = ActivationProvider(model, contexts, spec, batch_size=128, normalize=True)
+val = [next(ActivationProvider(model, iter(tokens), spec, batch_size=128, buffer_batches=2))]
+cfg = WriteSAETrainingConfig(d_in=model.cfg.d_k * model.cfg.d_v, d_sae=128, d_k=model.cfg.d_k, d_v=model.cfg.d_v,
+                             k=8, site="write", head=1, n_heads=model.cfg.n_heads, layer=2, family=model.cfg.family,
+                             input_layout="factors", aux_k=64)
+cfg.metadata.hook_name = "blocks.2.linear_attn.hook_write"
+out = tempfile.mkdtemp()
+sae, history = train_write_sae(cfg, provider, out, total_samples=128 * 60, batch_size=128, lr=3e-3,
+                               val_batches=val, val_every=30)
+for row in history:
+    print(row)
+""",
+    """
+from sae_lens import SAE
+trained = SAE.load_from_disk(out + "/final")
+print(writesae_plugin.sae.describe(trained))
+""",
+    "md:The same from the command line: `writesae train --model Qwen/Qwen3.5-0.8B --layer 9 --head 4 --site state "
+    "--dataset <text files or hub dataset> --out my_sae`.",
+])
+
+for name, book in {"01_quickstart.ipynb": QUICKSTART, "02_substitution_and_closed_form.ipynb": SUBSTITUTION,
+                   "03_steering_by_install.ipynb": INSTALL, "04_training_a_writesae.ipynb": TRAINING}.items():
+    nbf.write(book, HERE / name)
