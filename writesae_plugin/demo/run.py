@@ -50,12 +50,12 @@ def demo_release_info(release_dir: str | Path | None = None) -> dict:
 
 @dataclass
 class DemoSize:
-    contexts: int = 24
+    contexts: int = 48
     context_length: int = 128
-    max_firings: int = 120
-    cf_atoms: int = 3
-    cf_contexts: int = 6
-    install_prompts: int = 8
+    max_firings: int = 300
+    cf_atoms: int = 4
+    cf_contexts: int = 8
+    install_prompts: int = 16
     install_tokens: int = 20
 
 
