@@ -119,7 +119,7 @@ class _Fired:
 class GatedDeltaNetHooks(nn.Module):
     """Hook points of one GDN layer (``blocks.{l}.linear_attn``) and the exact edit logic."""
 
-    def __init__(self, owner: HookedRecurrentModel, mixer: nn.Module, layer_idx: int, beta_scale: float):
+    def __init__(self, owner: HookedRecurrentModel, mixer: nn.Module, layer_idx: int):
         super().__init__()
         self._owner = weakref.ref(owner)
         self._mixer = weakref.ref(mixer)
@@ -128,7 +128,6 @@ class GatedDeltaNetHooks(nn.Module):
         self.n_key_heads = mixer.num_k_heads
         self.d_k = mixer.head_k_dim
         self.d_v = mixer.head_v_dim
-        self.beta_scale = beta_scale
         for name in ("hook_q", "hook_k", "hook_v", "hook_beta", "hook_write_key", "hook_write_value",
                      "hook_write", "hook_write_flat", "hook_log_decay", "hook_query", "hook_state", "hook_read"):
             setattr(self, name, HookPoint())
@@ -197,7 +196,7 @@ class GatedDeltaNetHooks(nn.Module):
         mode = owner.write_mode
         raw_value = beta32[..., None] * v32
         if mode == "delta":
-            prev = ops.previous_reads(chunk, None, kn, v32, g.float(), beta32, init)
+            prev = ops.previous_reads(chunk, kn, v32, g.float(), beta32, init)
             write_value = beta32[..., None] * (v32 - prev)
         else:
             write_value = raw_value
@@ -325,7 +324,7 @@ class GatedDeltaNetHooks(nn.Module):
                 A = A.to(kn.device)
             rows = range(b) if e.batch is None else [e.batch]
             if e.mode == "delta" and e.op != "add" and delta_value is None:
-                prev = ops.previous_reads(chunk, None, kn, v32, g.float(), beta32, init)
+                prev = ops.previous_reads(chunk, kn, v32, g.float(), beta32, init)
                 delta_value = beta32[..., None] * (v32 - prev)
             for bi in rows:
                 key = (bi, t, e.head)
@@ -436,7 +435,6 @@ class GatedDeltaNetFamily:
                     "another wrapper); the write hooks need the transformers forward. Load the model without "
                     "use_kernels, and wrap with nnsight after hook_model, not before.")
         self.kernels = _install(self.module_name)
-        self.beta_scale = 2.0 if model_type == "olmo_hybrid" else 1.0
         self._module = module
 
     # ---- structure
@@ -462,7 +460,7 @@ class GatedDeltaNetFamily:
             block = nn.Module()
             if i in self.mixers:
                 mixer = self.mixers[i]
-                hooks = GatedDeltaNetHooks(owner, mixer, i, self.beta_scale)
+                hooks = GatedDeltaNetHooks(owner, mixer, i)
                 block.linear_attn = hooks
                 mixer.register_forward_pre_hook(_enter(hooks))
                 mixer.register_forward_hook(_leave(hooks))

@@ -96,7 +96,7 @@ def propagate(kernel, pert: Perturbations, q: Tensor, query_scaled: Tensor, k: T
     return Propagated(delta_read.view(b, T, H, d_v), delta_final, suffix_read)
 
 
-def previous_reads(kernel, q_unused: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+def previous_reads(kernel, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
                    initial_state: Tensor | None) -> Tensor:
     """``alpha_t S_{t-1}^T k_t`` for every t, with one kernel call (shifted-query trick).
 
