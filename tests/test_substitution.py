@@ -183,11 +183,9 @@ def test_writeedit_positions_with_cache(setup):
     assert (rest - full[:, 30:]).abs().max() <= 1e-4
 
 
-def test_substitute_cli_writes_every_promised_file(tmp_path, tiny_tokenizer, setup):
-    import json
-
-    from writesae_plugin.cli import main
-
+@pytest.fixture
+def cli_assets(tmp_path, tiny_tokenizer, setup):
+    """A saved model + tokenizer, a saved per-head WriteSAE and a small text file, for the CLI tests."""
     model, _ = setup
     model.hf_model.save_pretrained(tmp_path / "model")
     tiny_tokenizer.save_pretrained(tmp_path / "model")
@@ -196,6 +194,15 @@ def test_substitute_cli_writes_every_promised_file(tmp_path, tiny_tokenizer, set
     g = torch.Generator().manual_seed(0)
     (tmp_path / "text.txt").write_text("\n".join(" ".join(words[i] for i in torch.randint(0, 8, (60,), generator=g))
                                                  for _ in range(40)))
+    return tmp_path
+
+
+def test_substitute_cli_writes_every_promised_file(cli_assets):
+    import json
+
+    from writesae_plugin.cli import main
+
+    tmp_path = cli_assets
     out = tmp_path / "res"
     assert main(["substitute", "--model", str(tmp_path / "model"), "--sae", str(tmp_path / "sae"), "--dataset",
                  str(tmp_path / "text.txt"), "--contexts", "6", "--context-length", "40", "--max-firings", "6",
@@ -207,18 +214,11 @@ def test_substitute_cli_writes_every_promised_file(tmp_path, tiny_tokenizer, set
     assert len((out / "records.jsonl").read_text().splitlines()) == res["summary"]["n_firings"] * len(CONDITIONS)
 
 
-def test_other_experiment_clis(tmp_path, tiny_tokenizer, setup):
+def test_other_experiment_clis(cli_assets):
     from writesae_plugin.cli import main
 
-    model, _ = setup
-    model.hf_model.save_pretrained(tmp_path / "model")
-    tiny_tokenizer.save_pretrained(tmp_path / "model")
-    make_sae("write").save_model(tmp_path / "sae")
-    words = ["def", "return", "import", "self", "value", "state", "print", "class"]
-    g = torch.Generator().manual_seed(0)
-    (tmp_path / "t.txt").write_text("\n".join(" ".join(words[i] for i in torch.randint(0, 8, (60,), generator=g))
-                                              for _ in range(40)))
-    common = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "t.txt"), "--contexts", "4",
+    tmp_path = cli_assets
+    common = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "text.txt"), "--contexts", "4",
               "--context-length", "24"]
     assert main(["closed-form", *common, "--sae", str(tmp_path / "sae"), "--atoms", "0", "1", "--out",
                  str(tmp_path / "cf")]) == 0

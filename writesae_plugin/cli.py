@@ -160,15 +160,20 @@ def _contexts(model, args):
     return torch.stack(ctx)
 
 
+def _experiment_inputs(args, with_sae: bool = True):
+    """(hooked model, its description, the SAE or None, token contexts) from the common arguments."""
+    model, desc = _load(args.model)
+    sae = _load_sae(args.sae) if with_sae else None
+    return model, desc, sae, _contexts(model, args)
+
+
 def cmd_substitute(args) -> int:
     import json
 
     from .experiments.substitution import SubstitutionConfig, run_substitution, save_substitution
     from .report import fmt_rate
 
-    model, desc = _load(args.model)
-    sae = _load_sae(args.sae)
-    tokens = _contexts(model, args)
+    model, desc, sae, tokens = _experiment_inputs(args)
     cfg = SubstitutionConfig(atoms=args.atoms, max_per_atom=args.max_per_atom, max_per_context=args.max_per_context,
                              max_firings=args.max_firings, write_mode=args.write_mode or sae.cfg.write_mode,
                              seed=args.seed)
@@ -187,9 +192,7 @@ def cmd_substitute(args) -> int:
 def cmd_closed_form(args) -> int:
     from .experiments.closed_form import ClosedFormConfig, run_closed_form, save_closed_form
 
-    model, desc = _load(args.model)
-    sae = _load_sae(args.sae)
-    tokens = _contexts(model, args)
+    model, desc, sae, tokens = _experiment_inputs(args)
     cfg = ClosedFormConfig(atoms=args.atoms, t0=args.t0, eps=tuple(args.eps), n_tokens=args.n_tokens,
                            fit_fraction=args.fit_fraction, seed=args.seed)
     res = run_closed_form(model, sae, tokens, cfg)
@@ -205,8 +208,7 @@ def cmd_install(args) -> int:
     from .experiments.install import InstallConfig, run_install, save_install
     from .report import fmt_rate
 
-    model, desc = _load(args.model)
-    tokens = _contexts(model, args)
+    model, desc, _, tokens = _experiment_inputs(args, with_sae=False)
     strata = tuple(tuple(int(x) for x in s.split("-")) for s in args.strata)
     cfg = InstallConfig(layer=args.layer, head=args.head, strata=strata, targets_per_stratum=args.targets,
                         multipliers=tuple(args.m), n_positions=args.n_positions, mode=args.mode,
@@ -228,9 +230,7 @@ def cmd_attribute(args) -> int:
     from .experiments.write_attribution import ErasureConfig, effective_attention, run_erasure
     from .report import plt, write_report
 
-    model, desc = _load(args.model)
-    sae = _load_sae(args.sae)
-    tokens = _contexts(model, args)
+    model, desc, sae, tokens = _experiment_inputs(args)
     er = run_erasure(model, sae, tokens, ErasureConfig(atoms=args.atoms, max_per_atom=args.max_per_atom,
                                                          seed=args.seed))
     p = f"blocks.{sae.cfg.layer}.linear_attn."
