@@ -15,11 +15,12 @@ from torch import nn
 from .base import (AdapterConfig, HookedRecurrentModel, HookNameError, StateCapture, UnsupportedModelError,
                    WriteEdit, lm_cross_entropy)
 from .gated_deltanet import GDN_MODEL_TYPES, GatedDeltaNetFamily, available_model_types
+from .mamba2 import MAMBA2_MODEL_TYPES, Mamba2Family
 
 
 def supported_families() -> list[str]:
     """Model types this install can hook."""
-    return available_model_types()
+    return available_model_types() + list(MAMBA2_MODEL_TYPES)
 
 
 def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
@@ -29,7 +30,11 @@ def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
     """
     if not isinstance(hf_model, nn.Module):
         raise TypeError(f"hook_model expects a loaded transformers model, got {type(hf_model).__name__}")
-    family = GatedDeltaNetFamily(hf_model)
+    model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
+    if model_type in MAMBA2_MODEL_TYPES:
+        family = Mamba2Family(hf_model, model_type)
+    else:
+        family = GatedDeltaNetFamily(hf_model)
     return HookedRecurrentModel(hf_model, family, tokenizer=tokenizer)
 
 

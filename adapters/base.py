@@ -174,7 +174,7 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         self.setup()
 
     def _note_offset(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("past_key_values", kwargs.get("cache_params"))
         try:
             self._call_offset = 0 if cache is None else int(cache.get_seq_length())
         except (ValueError, AttributeError, TypeError):
@@ -320,8 +320,9 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
             use_cache = past_key_values is not None or return_type == "hf"
         if stop_at_layer is not None:
             return self._run_until(tokens, stop_at_layer, attention_mask, hf_kwargs)
-        out = self.hf_model(input_ids=tokens, attention_mask=attention_mask, past_key_values=past_key_values,
-                            use_cache=use_cache, **hf_kwargs)
+        cache_kw = getattr(self.family, "cache_kwarg", "past_key_values")  # Mamba-2 models call it cache_params
+        out = self.hf_model(input_ids=tokens, attention_mask=attention_mask, use_cache=use_cache,
+                            **{cache_kw: past_key_values}, **hf_kwargs)
         if return_type == "hf":
             return out
         if return_type is None:

@@ -545,5 +545,5 @@ def _model_type(hf_model) -> str:
     if getattr(text, "model_type", None) in GDN_MODEL_TYPES:
         return text.model_type
     raise UnsupportedModelError(
-        f"unsupported model {type(hf_model).__name__} (model_type={model_type!r}); supported Gated DeltaNet "
-        f"families: {available_model_types()}")
+        f"unsupported model {type(hf_model).__name__} (model_type={model_type!r}); supported families: Gated "
+        f"DeltaNet {available_model_types()} and Mamba-2 ['mamba2']")

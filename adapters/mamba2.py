@@ -1,0 +1,333 @@
+"""Mamba-2 write hooks for HF ``mamba2`` (hybrids: not yet; see the issue notes).
+
+Canonical key-first frame (MATH.md 1): per head, ``S_t = exp(dt'_t A_h) S_{t-1} + B_t (dt'_t x_t)^T`` with
+``S`` ``[d_state, head_dim]`` (the transpose of HF's value-first ``[head_dim, d_state]`` cache), read
+``y_t = S_t^T C_t`` (the ``D x`` skip is left untouched and is not part of ``hook_read``). Hooks under
+``blocks.{l}.mixer.``: native ``hook_x`` ``[b,p,H,P]``, ``hook_B`` / ``hook_C`` ``[b,p,G,N]``, ``hook_dt``
+``[b,p,H]`` (raw, before bias/softplus/clamp); canonical ``hook_write_key`` (B per head) ``[b,p,H,N]``,
+``hook_write_value`` (``dt' x``) ``[b,p,H,P]``, ``hook_write`` / ``hook_write_flat`` (opt-in dense),
+``hook_log_decay`` (``dt' A``) ``[b,p,H]``, ``hook_query`` (C per head) ``[b,p,H,N]``, ``hook_read``
+``[b,p,H,P]``. For Mamba-2 the raw and delta writes coincide (the transition never erases).
+
+Mechanism as for Gated DeltaNet: the module-level ``mamba2_chunk_scan`` / ``mamba2_selective_state_update``
+are swapped for a dispatcher; edits are propagated exactly with ``mamba2_chunk_scan`` itself (zero ``x`` on
+the suffix, ``initial_states`` = the state change). The fused training path is disabled while hooked.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from .base import AdapterConfig, HookedRecurrentModel, UnsupportedModelError, WriteEdit
+from .gated_deltanet import GatedDeltaNetHooks
+
+MAMBA2_MODEL_TYPES = {"mamba2": "transformers.models.mamba2.modeling_mamba2"}
+CHUNK, STEP, FUSED = "mamba2_chunk_scan", "mamba2_selective_state_update", "mamba2_split_conv1d_scan_combined"
+_CURRENT = threading.local()
+_INSTALLED: dict[str, dict] = {}
+
+
+def _install(module_name: str) -> dict:
+    if module_name in _INSTALLED:
+        return _INSTALLED[module_name]
+    module = sys.modules[module_name]
+    original = {n: getattr(module, n) for n in (CHUNK, STEP, FUSED)}
+    pure = {n: inspect.unwrap(f) for n, f in original.items()}
+
+    def make(name):
+        def dispatch(*args, **kwargs):
+            layer = getattr(_CURRENT, "layer", None)
+            if layer is None:
+                return original[name](*args, **kwargs)
+            if name == FUSED:
+                return None  # the fused training path would hide the write: fall through to the hooked path
+            return layer.intercept(name, pure, args, kwargs)
+
+        dispatch.__name__ = name
+        return dispatch
+
+    for n in (CHUNK, STEP, FUSED):
+        setattr(module, n, make(n))
+    _INSTALLED[module_name] = {"original": original, "pure": pure}
+    return _INSTALLED[module_name]
+
+
+def dt_effective(dt: Tensor, dt_bias: Tensor, dt_limit=(0.0, float("inf"))) -> Tensor:
+    """``dt' = clamp(softplus(dt + dt_bias))`` in fp32, as HF's chunk scan computes it."""
+    return torch.clamp(F.softplus(dt.float() + dt_bias.float()), min=dt_limit[0], max=dt_limit[1])
+
+
+def mamba2_reference(key: Tensor, value: Tensor, log_decay: Tensor, query: Tensor, initial_state: Tensor | None = None,
+                     write_edits: dict | None = None):
+    """Per-token canonical recurrence: ``S_t = exp(g_t) S_{t-1} + W_t``, ``y_t = S_t^T q_t``.
+
+    ``key [b,T,H,N]``, ``value [b,T,H,P]``, ``log_decay [b,T,H]``, ``query [b,T,H,N]``; ``initial_state``
+    ``[b,H,N,P]``; ``write_edits[(b,t,h)] = W_new [N,P]``. Returns ``(read [b,T,H,P], final [b,H,N,P])``.
+    """
+    b, T, H, N = key.shape
+    P = value.shape[-1]
+    S = torch.zeros(b, H, N, P) if initial_state is None else initial_state.float().clone()
+    read = torch.zeros(b, T, H, P)
+    write_edits = write_edits or {}
+    for t in range(T):
+        W = key[:, t, :, :, None].float() * value[:, t, :, None, :].float()
+        for (i, tt, h), W_new in write_edits.items():
+            if tt == t:
+                W[i, h] = W_new
+        S = log_decay[:, t].float().exp()[..., None, None] * S + W
+        read[:, t] = torch.einsum("bhnp,bhn->bhp", S, query[:, t].float())
+    return read, S
+
+
+class Mamba2Hooks(nn.Module):
+    """Hook points of one Mamba-2 mixer (``blocks.{l}.mixer``) and its exact write edits."""
+
+    NAMES = ("hook_x", "hook_B", "hook_C", "hook_dt", "hook_write_key", "hook_write_value", "hook_write",
+             "hook_write_flat", "hook_log_decay", "hook_query", "hook_read")
+
+    def __init__(self, owner: HookedRecurrentModel, mixer: nn.Module, layer_idx: int):
+        super().__init__()
+        self._owner = weakref.ref(owner)
+        self._mixer = weakref.ref(mixer)
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_groups = mixer.num_heads, mixer.n_groups
+        self.d_k, self.d_v = mixer.ssm_state_size, mixer.head_dim
+        for n in self.NAMES:
+            setattr(self, n, HookPoint())
+        self._kernel_called = False
+        self._seen = 0
+
+    _fire = GatedDeltaNetHooks._fire  # the same edit detection as for Gated DeltaNet
+
+    def intercept(self, name, pure, args, kwargs):
+        self._kernel_called = True
+        owner, mixer = self._owner(), self._mixer()
+        if owner.materialize_writes or owner.state_capture is not None:
+            raise NotImplementedError("dense write and state hooks are not implemented for Mamba-2 yet")
+        if owner.write_mode != "raw":
+            raise NotImplementedError("Mamba-2 has no separate delta write (it equals the raw write); use raw")
+        if name == STEP:
+            return self._decode(pure, args, kwargs, owner, mixer)
+        a = inspect.signature(pure[CHUNK]).bind(*args, **kwargs)
+        a.apply_defaults()
+        a = dict(a.arguments)
+        extra = a.pop("kwargs", {}) or {}
+        x, dt, B, C = a["hidden_states"], a["dt"], a["B"], a["C"]
+        b, T, H, P = x.shape
+        rep = H // B.shape[2]
+        fx, fdt, fB, fC = (self._fire(self.hook_x, x), self._fire(self.hook_dt, dt), self._fire(self.hook_B, B),
+                           self._fire(self.hook_C, C))
+        x, dt, B, C = fx.value, fdt.value, fB.value, fC.value
+        dtp = dt_effective(dt, a["dt_bias"], a["dt_limit"])
+        A = a["A"].float()
+        key = B.float().repeat_interleave(rep, dim=2)
+        value = dtp[..., None] * x.float()
+        f_key = self._fire(self.hook_write_key, key, lambda: B.float().repeat_interleave(rep, dim=2))
+        f_val = self._fire(self.hook_write_value, value, lambda: dtp[..., None] * x.float())
+        f_g = self._fire(self.hook_log_decay, dtp * A, lambda: dtp * A)
+        f_q = self._fire(self.hook_query, C.float().repeat_interleave(rep, dim=2),
+                         lambda: C.float().repeat_interleave(rep, dim=2))
+        key = f_key.original if f_key.edited else key  # the clean factors (a hook may edit in place)
+        value = f_val.original if f_val.edited else value
+        if f_g.edited or f_q.edited:
+            raise NotImplementedError("edits of hook_log_decay / hook_query are not implemented for Mamba-2 yet; "
+                                      "edit hook_dt / hook_C instead")
+        main_args = dict(a, hidden_states=x, dt=dt, B=B, C=C, **extra)
+        out = pure[CHUNK](**main_args)
+        y, S = out if a["return_final_states"] else (out, None)
+        entries = {}
+        if f_key.edited or f_val.edited:
+            changed = (f_key.value != key).any(-1) | (f_val.value != value).any(-1)
+            for bi, t, h in changed.nonzero().tolist():
+                entries[(bi, t, h)] = torch.outer(f_key.value[bi, t, h], f_val.value[bi, t, h]) - \
+                    torch.outer(key[bi, t, h], value[bi, t, h])
+        offset = 0 if a["initial_states"] is None else (
+            owner._call_offset if owner._call_offset is not None else self._seen)
+        self._seen = offset + T
+        self._functional(owner, entries, offset, b, T, key, value)
+        D = a["D"]
+        skip = (D.float()[:, None] * x.float()) if D is not None else 0.0
+        read = y.float() - skip
+        d_read = d_final = None
+        if entries:
+            d_read, d_final = self._propagate(pure[CHUNK], a, entries, b, T, dt, C, B)
+            read = read + d_read
+        f_read = self._fire(self.hook_read, read, (lambda: y.float() - skip) if d_read is None else None)
+        if d_read is None and not f_read.edited:
+            return out
+        y_new = (f_read.value + skip).to(y.dtype)
+        if S is not None and d_final is not None:
+            S = S + d_final.transpose(-1, -2).to(S.dtype)  # canonical [N, P] -> HF [P, N]
+        return (y_new, S) if a["return_final_states"] else y_new
+
+    def _functional(self, owner, entries, offset, b, T, key, value):
+        for i, e in enumerate(owner._pending_edits or []):
+            if e.layer != self.layer_idx or not offset <= e.pos < offset + T:
+                continue
+            if e.batch is not None and not 0 <= e.batch < b:
+                raise ValueError(f"WriteEdit.batch={e.batch} is out of range for a batch of {b} rows")
+            A = e.atom(self.d_k, self.d_v)
+            t = e.pos - offset
+            for bi in (range(b) if e.batch is None else [e.batch]):
+                if (bi, t, e.head) in entries:
+                    raise ValueError(f"two edits target the same write (layer {self.layer_idx}, row {bi}, "
+                                     f"position {e.pos}, head {e.head})")
+                W = torch.outer(key[bi, t, e.head], value[bi, t, e.head])
+                entries[(bi, t, e.head)] = A if e.op == "add" else (torch.zeros_like(W) if A is None else A) - W
+            owner._applied_edits.add(i)
+
+    def _propagate(self, chunk_scan, a, entries, b, T, dt, C, B):
+        """Exact Delta y (without skip) and Delta S_T with ``mamba2_chunk_scan`` on zero-x suffix rows."""
+        H, N, P = self.n_heads, self.d_k, self.d_v
+        rows = sorted({(bi, t) for bi, t, _ in entries})
+        D0 = torch.zeros(len(rows), H, N, P)
+        for (bi, t, h), dS in entries.items():
+            D0[rows.index((bi, t)), h] += dS.float()
+        batch = torch.tensor([r[0] for r in rows])
+        pos = torch.tensor([r[1] for r in rows])
+        rep = H // C.shape[2]
+        d_read = torch.zeros(b, T, H, P)
+        Cq = C.float().repeat_interleave(rep, dim=2)
+        here = torch.einsum("rhnp,rhn->rhp", D0, Cq[batch, pos])
+        d_read.index_put_((batch, pos), here, accumulate=True)
+        L = int(T - 1 - pos.min())
+        final = D0
+        if L > 0:
+            idx = pos[:, None] + 1 + torch.arange(L)[None]
+            valid = idx < T
+            idc = idx.clamp(max=T - 1)
+            m = valid.float()
+            x0 = torch.zeros(len(rows), L, H, P)
+            dt_s = dt[batch[:, None], idc]
+            # padding keeps the state: dt' = 0 there (dt -> -inf before softplus)
+            dt_s = torch.where(valid[..., None], dt_s, torch.full_like(dt_s, -1e4))
+            B_s = B[batch[:, None], idc] * m[..., None, None]
+            C_s = C[batch[:, None], idc] * m[..., None, None]
+            y, final = chunk_scan(x0, dt_s, a["A"], B_s, C_s, a["chunk_size"], D=None, dt_bias=a["dt_bias"],
+                                  initial_states=D0.transpose(-1, -2).contiguous(), dt_softplus=a["dt_softplus"],
+                                  dt_limit=a["dt_limit"], return_final_states=True)
+            final = final.transpose(-1, -2)
+            flat = (batch[:, None] * T + idx)[valid]
+            d_read = d_read.view(b * T, H, P).index_add(0, flat, y.float()[valid]).view(b, T, H, P)
+        d_final = torch.zeros(b, H, N, P).index_add(0, batch, final.float())
+        return d_read, d_final
+
+    def _decode(self, pure, args, kwargs, owner, mixer):
+        """Single-token decode: HF updates the cached state in place; edits at this position are applied
+        to the returned read and the cached state afterwards."""
+        out = pure[STEP](*args, **kwargs)
+        pos = owner._call_offset if owner._call_offset is not None else self._seen
+        self._seen = pos + 1
+        hit = [e for e in (owner._pending_edits or []) if e.layer == self.layer_idx and e.pos == pos]
+        if hit:
+            raise NotImplementedError("edits during single-token Mamba-2 decode are not implemented yet")
+        return out
+
+
+
+class Mamba2Family:
+    """Finds ``Mamba2Mixer`` modules by class and ``layer_idx`` and builds ``blocks.{l}.mixer`` hooks."""
+
+    name = "mamba2"
+    cache_kwarg = "cache_params"
+
+    def __init__(self, hf_model: nn.Module, model_type: str):
+        self.model_type = model_type
+        self.module_name = MAMBA2_MODEL_TYPES[model_type]
+        __import__(self.module_name)
+        self.mixers = {int(m.layer_idx): m for m in hf_model.modules()
+                       if type(m).__module__ == self.module_name and type(m).__name__.endswith("Mixer")}
+        if not self.mixers:
+            raise UnsupportedModelError(f"{type(hf_model).__name__} has no Mamba-2 mixer")
+        for m in self.mixers.values():
+            if "forward" in m.__dict__ or type(m).forward.__module__ != self.module_name:
+                raise UnsupportedModelError(f"the forward of {type(m).__name__} was replaced; the write hooks need "
+                                            "the transformers forward")
+        self.kernels = _install(self.module_name)
+
+    def decoder_layers(self, hf_model) -> nn.ModuleList:
+        some = next(iter(self.mixers.values()))
+        for m in hf_model.modules():
+            if isinstance(m, nn.ModuleList) and any(some in list(layer.children()) for layer in m):
+                return m
+        raise RuntimeError("could not find the decoder layer list")
+
+    def final_norm(self, hf_model) -> nn.Module:
+        layers = self.decoder_layers(hf_model)
+        for m in hf_model.modules():
+            if any(c is layers for c in m.children()):
+                for attr in ("norm_f", "norm", "final_layernorm"):
+                    if hasattr(m, attr):
+                        return getattr(m, attr)
+        raise RuntimeError("could not find the final norm")
+
+    def build_blocks(self, owner: HookedRecurrentModel) -> nn.ModuleList:
+        blocks = nn.ModuleList()
+        for i in range(len(self.decoder_layers(owner.hf_model))):
+            block = nn.Module()
+            if i in self.mixers:
+                hooks = Mamba2Hooks(owner, self.mixers[i], i)
+                block.mixer = hooks
+                self.mixers[i].register_forward_pre_hook(_enter(hooks))
+                self.mixers[i].register_forward_hook(_leave(hooks))
+                self.mixers[i].register_forward_hook(_clear, always_call=True)
+            blocks.append(block)
+        return blocks
+
+    def make_config(self, owner: HookedRecurrentModel) -> AdapterConfig:
+        hf, cfg = owner.hf_model, owner.hf_model.config
+        m = next(iter(self.mixers.values()))
+        param = next(hf.parameters())
+        return AdapterConfig(
+            model_name=getattr(cfg, "_name_or_path", "") or type(hf).__name__, family=self.model_type,
+            n_layers=len(self.decoder_layers(hf)), d_model=cfg.hidden_size,
+            d_vocab=hf.get_output_embeddings().weight.shape[0], n_ctx=2048, device=torch.device(param.device),
+            dtype=param.dtype, recurrent_layers=tuple(sorted(self.mixers)), d_k=m.ssm_state_size, d_v=m.head_dim,
+            n_heads=m.num_heads, n_key_heads=m.n_groups, normalization_type="RMS", positional_embedding_type="none")
+
+    def validate_edit(self, owner, e: WriteEdit) -> None:
+        if e.layer not in self.mixers:
+            raise ValueError(f"WriteEdit.layer={e.layer} is not a Mamba-2 layer; recurrent layers are "
+                             f"{sorted(self.mixers)}")
+        m = self.mixers[e.layer]
+        if not 0 <= e.head < m.num_heads:
+            raise ValueError(f"WriteEdit.head={e.head} out of range: layer {e.layer} has {m.num_heads} heads")
+        if e.mode != "raw":
+            raise ValueError("Mamba-2 writes have one mode: its raw and delta writes coincide; use mode='raw'")
+        e.atom(m.ssm_state_size, m.head_dim)
+
+    def hf_module_name(self, hf_model, layer: int) -> str:
+        return next(n for n, m in hf_model.named_modules() if m is self.mixers[layer])
+
+    def describe_hook(self, owner, name: str) -> str:
+        return __doc__.split("Hooks under")[1].split("For Mamba-2")[0].strip() if name.endswith("hook_x") else \
+            name.rsplit(".", 1)[-1]
+
+
+def _enter(hooks):
+    def pre(module, args):
+        hooks._kernel_called = False
+        _CURRENT.layer = hooks
+
+    return pre
+
+
+def _leave(hooks):
+    def post(module, args, output):
+        if not hooks._kernel_called:
+            raise RuntimeError(f"layer {hooks.layer_idx}: the Mamba-2 forward ran without calling the scan by name; "
+                               "its forward was replaced")
+
+    return post
+
+
+def _clear(module, args, output):
+    _CURRENT.layer = None
