@@ -20,7 +20,9 @@ from .mamba2 import MAMBA2_MODEL_TYPES, Mamba2Family
 
 def supported_families() -> list[str]:
     """Model types this install can hook."""
-    return available_model_types() + list(MAMBA2_MODEL_TYPES)
+    import importlib.util
+
+    return available_model_types() + [t for t, m in MAMBA2_MODEL_TYPES.items() if importlib.util.find_spec(m)]
 
 
 def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
@@ -32,6 +34,10 @@ def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
         raise TypeError(f"hook_model expects a loaded transformers model, got {type(hf_model).__name__}")
     model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
     if model_type in MAMBA2_MODEL_TYPES:
+        import importlib.util
+
+        if importlib.util.find_spec(MAMBA2_MODEL_TYPES[model_type]) is None:
+            raise UnsupportedModelError(f"{model_type} is not in the installed transformers")
         family = Mamba2Family(hf_model, model_type)
     else:
         family = GatedDeltaNetFamily(hf_model)

@@ -29,7 +29,8 @@ from transformer_lens.hook_points import HookPoint
 from .base import AdapterConfig, HookedRecurrentModel, UnsupportedModelError, WriteEdit
 from .gated_deltanet import GatedDeltaNetHooks
 
-MAMBA2_MODEL_TYPES = {"mamba2": "transformers.models.mamba2.modeling_mamba2"}
+MAMBA2_MODEL_TYPES = {t: f"transformers.models.{t}.modeling_{t}" for t in
+                      ("mamba2", "bamba", "nemotron_h", "falcon_h1", "zamba2", "granitemoehybrid")}
 CHUNK, STEP, FUSED = "mamba2_chunk_scan", "mamba2_selective_state_update", "mamba2_split_conv1d_scan_combined"
 _CURRENT = threading.local()
 _INSTALLED: dict[str, dict] = {}
@@ -39,7 +40,9 @@ def _install(module_name: str) -> dict:
     if module_name in _INSTALLED:
         return _INSTALLED[module_name]
     module = sys.modules[module_name]
-    original = {n: getattr(module, n) for n in (CHUNK, STEP, FUSED)}
+    original = {n: getattr(module, n) for n in (CHUNK, STEP, FUSED) if hasattr(module, n)}
+    if CHUNK not in original or STEP not in original:
+        raise UnsupportedModelError(f"{module_name} has no module-level {CHUNK} / {STEP} to hook")
     pure = {n: inspect.unwrap(f) for n, f in original.items()}
 
     def make(name):
@@ -54,7 +57,7 @@ def _install(module_name: str) -> dict:
         dispatch.__name__ = name
         return dispatch
 
-    for n in (CHUNK, STEP, FUSED):
+    for n in original:
         setattr(module, n, make(n))
     _INSTALLED[module_name] = {"original": original, "pure": pure}
     return _INSTALLED[module_name]
@@ -221,16 +224,63 @@ class Mamba2Hooks(nn.Module):
         return d_read, d_final
 
     def _decode(self, pure, args, kwargs, owner, mixer):
-        """Single-token decode: HF updates the cached state in place; edits at this position are applied
-        to the returned read and the cached state afterwards."""
-        out = pure[STEP](*args, **kwargs)
+        """Single-token decode (HF updates the cached state in place). The hooks fire with ``p = 1``; write
+        edits at this position add ``C^T Delta W`` to the read and ``Delta W`` to the cached state."""
+        a = inspect.signature(pure[STEP]).bind(*args, **kwargs)
+        a.apply_defaults()
+        a = dict(a.arguments)
+        extra = a.pop("kwargs", {}) or {}
+        state, x, dt, B, C = a["state"], a["hidden_states"], a["dt"], a["B"], a["C"]
+        b, H, P = x.shape
+        rep = H // B.shape[1]
+        fx = self._fire(self.hook_x, x[:, None])
+        fdt = self._fire(self.hook_dt, dt[:, None, :, 0])
+        fB, fC = self._fire(self.hook_B, B[:, None]), self._fire(self.hook_C, C[:, None])
+        if fdt.edited:
+            dt = fdt.value[:, 0, :, None].expand(-1, -1, P)
+        x, B, C = fx.value[:, 0], fB.value[:, 0], fC.value[:, 0]
+        dt_bias = a["dt_bias"]
+        dtp = F.softplus(dt[..., 0].float() + (dt_bias[..., 0].float() if dt_bias is not None else 0.0))
+        if not a["dt_softplus"]:
+            dtp = dt[..., 0].float() + (dt_bias[..., 0].float() if dt_bias is not None else 0.0)
+        A = a["A"][:, 0, 0].float()
+        key = B.float().repeat_interleave(rep, dim=1)[:, None]
+        value = (dtp[..., None] * x.float())[:, None]
+        f_key = self._fire(self.hook_write_key, key, lambda: B.float().repeat_interleave(rep, dim=1)[:, None])
+        f_val = self._fire(self.hook_write_value, value, lambda: (dtp[..., None] * x.float())[:, None])
+        f_g = self._fire(self.hook_log_decay, (dtp * A)[:, None], lambda: (dtp * A)[:, None])
+        q = C.float().repeat_interleave(rep, dim=1)
+        f_q = self._fire(self.hook_query, q[:, None], lambda: C.float().repeat_interleave(rep, dim=1)[:, None])
+        if f_g.edited or f_q.edited:
+            raise NotImplementedError("edits of hook_log_decay / hook_query are not implemented for Mamba-2 yet")
+        key = f_key.original if f_key.edited else key
+        value = f_val.original if f_val.edited else value
+        out = pure[STEP](**dict(a, hidden_states=x, dt=dt, B=B, C=C, **extra))
         pos = owner._call_offset if owner._call_offset is not None else self._seen
         self._seen = pos + 1
-        hit = [e for e in (owner._pending_edits or []) if e.layer == self.layer_idx and e.pos == pos]
-        if hit:
-            raise NotImplementedError("edits during single-token Mamba-2 decode are not implemented yet")
-        return out
-
+        entries = {}
+        if f_key.edited or f_val.edited:
+            changed = (f_key.value != key).any(-1) | (f_val.value != value).any(-1)
+            for bi, t, h in changed.nonzero().tolist():
+                entries[(bi, t, h)] = torch.outer(f_key.value[bi, t, h], f_val.value[bi, t, h]) - \
+                    torch.outer(key[bi, t, h], value[bi, t, h])
+        self._functional(owner, entries, pos, b, 1, key, value)
+        D = a["D"]
+        skip = (D.float() * x.float()) if D is not None else 0.0  # D arrives expanded [H, P]
+        read = out.float() - skip
+        d_read = None
+        if entries:
+            dS = torch.zeros(b, H, self.d_k, self.d_v)
+            for (bi, _, h), d in entries.items():
+                dS[bi, h] += d.float()
+            d_read = torch.einsum("bhnp,bhn->bhp", dS, q)
+            read = read + d_read
+            state.add_(dS.transpose(-1, -2).to(state.dtype))  # the cache holds the edited state from here on
+        f_read = self._fire(self.hook_read, read[:, None], (lambda: (out.float() - skip)[:, None])
+                            if d_read is None else None)
+        if d_read is None and not f_read.edited:
+            return out
+        return (f_read.value[:, 0] + skip).to(out.dtype)
 
 
 class Mamba2Family:
@@ -244,7 +294,8 @@ class Mamba2Family:
         self.module_name = MAMBA2_MODEL_TYPES[model_type]
         __import__(self.module_name)
         self.mixers = {int(m.layer_idx): m for m in hf_model.modules()
-                       if type(m).__module__ == self.module_name and type(m).__name__.endswith("Mixer")}
+                       if type(m).__module__ == self.module_name and all(
+                           hasattr(m, a) for a in ("A_log", "dt_bias", "ssm_state_size", "n_groups", "layer_idx"))}
         if not self.mixers:
             raise UnsupportedModelError(f"{type(hf_model).__name__} has no Mamba-2 mixer")
         for m in self.mixers.values():

@@ -97,9 +97,10 @@ def test_hook_edit_of_value_factor_equals_functional_edit(mamba, ids):
     assert (via_hook - functional).abs().max() <= 1e-5
 
 
-def test_prefill_edit_carries_into_decode_and_decode_matches(mamba, ids):
+@pytest.mark.parametrize("pos", [10, 27], ids=["edit-in-prefill", "edit-in-decode"])
+def test_edits_across_prefill_and_decode_match_full_forward(mamba, ids, pos):
     model = hook_model(mamba)
-    edit = WriteEdit(layer=1, pos=10, head=0, op="delete")
+    edit = WriteEdit(layer=1, pos=pos, head=3, op="add", matrix=torch.ones(16, 16))
     with torch.no_grad():
         full = model.run_with_edits(ids[:, :30], [edit])
         with model.edits([edit]):
@@ -109,6 +110,22 @@ def test_prefill_edit_carries_into_decode_and_decode_matches(mamba, ids):
                 out = model(ids[:, t:t + 1], return_type="hf", past_key_values=out.cache_params, use_cache=True)
                 steps.append(out.logits)
     assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
+
+
+def test_decode_hooks_fire_and_match_prefill_capture(mamba, ids):
+    model = hook_model(mamba)
+    seen = []
+    with torch.no_grad():
+        _, full = model.run_with_cache(ids[:, :30])
+        with model.hooks(fwd_hooks=[(P + n, lambda x, hook: seen.append((hook.name, x.clone())))
+                                    for n in ("hook_write_key", "hook_write_value", "hook_read")]):
+            out = model(ids[:, :29], return_type="hf", use_cache=True)
+            seen.clear()
+            model(ids[:, 29:30], return_type="hf", past_key_values=out.cache_params, use_cache=True)
+    got = dict(seen)
+    for n in ("hook_write_key", "hook_write_value", "hook_read"):
+        assert got[P + n].shape[1] == 1
+        assert (got[P + n][:, 0] - full[P + n][:, 29]).abs().max() <= 1e-5, n
 
 
 def test_training_mode_keeps_hooks_firing(mamba, ids):
@@ -130,10 +147,6 @@ def test_not_yet_supported_features_raise_clearly(mamba, ids):
     with pytest.raises(ValueError, match="mode='raw'"):
         with model.edits([WriteEdit(layer=1, pos=3, head=0, op="delete", mode="delta")]):
             pass
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="decode"):
-        with model.edits([WriteEdit(layer=1, pos=30, head=0, op="delete")]):
-            out = model(ids[:, :30], return_type="hf", use_cache=True)
-            model(ids[:, 30:31], return_type="hf", past_key_values=out.cache_params, use_cache=True)
     with pytest.raises(ValueError, match="not a Mamba-2 layer"):
         with model.edits([WriteEdit(layer=5, pos=3, head=0, op="delete")]):
             pass
