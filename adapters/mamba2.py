@@ -113,8 +113,8 @@ class Mamba2Hooks(nn.Module):
     def intercept(self, name, pure, args, kwargs):
         self._kernel_called = True
         owner, mixer = self._owner(), self._mixer()
-        if owner.materialize_writes or owner.state_capture is not None:
-            raise NotImplementedError("dense write and state hooks are not implemented for Mamba-2 yet")
+        if owner.state_capture is not None:
+            raise NotImplementedError("hook_state is not implemented for Mamba-2 yet")
         if owner.write_mode != "raw":
             raise NotImplementedError("Mamba-2 has no separate delta write (it equals the raw write); use raw")
         if name == STEP:
@@ -146,12 +146,7 @@ class Mamba2Hooks(nn.Module):
         main_args = dict(a, hidden_states=x, dt=dt, B=B, C=C, **extra)
         out = pure[CHUNK](**main_args)
         y, S = out if a["return_final_states"] else (out, None)
-        entries = {}
-        if f_key.edited or f_val.edited:
-            changed = (f_key.value != key).any(-1) | (f_val.value != value).any(-1)
-            for bi, t, h in changed.nonzero().tolist():
-                entries[(bi, t, h)] = torch.outer(f_key.value[bi, t, h], f_val.value[bi, t, h]) - \
-                    torch.outer(key[bi, t, h], value[bi, t, h])
+        entries = self._write_entries(owner, f_key, f_val, key, value, b, T)
         offset = 0 if a["initial_states"] is None else (
             owner._call_offset if owner._call_offset is not None else self._seen)
         self._seen = offset + T
@@ -170,6 +165,31 @@ class Mamba2Hooks(nn.Module):
         if S is not None and d_final is not None:
             S = S + d_final.transpose(-1, -2).to(S.dtype)  # canonical [N, P] -> HF [P, N]
         return (y_new, S) if a["return_final_states"] else y_new
+
+    def _write_entries(self, owner, f_key, f_val, key, value, b, T) -> dict:
+        """Changes of the write per (b, t, h) from the factor hooks and, while ``materialize_writes`` is on,
+        the dense ``hook_write`` / ``hook_write_flat`` (value edits; no gradient path through them yet)."""
+        new_key, new_val = f_key.value, f_val.value
+        changed = None
+        if f_key.edited or f_val.edited:
+            changed = (new_key != key).any(-1) | (new_val != value).any(-1)
+        dense = None
+        if owner.materialize_writes:
+            H, N, P = self.n_heads, self.d_k, self.d_v
+            W = torch.einsum("bthn,bthp->bthnp", new_key, new_val)
+            f_W = self._fire(self.hook_write, W, lambda: torch.einsum("bthn,bthp->bthnp", new_key, new_val))
+            f_flat = self._fire(self.hook_write_flat, f_W.value.reshape(b, T, H * N * P),
+                                lambda: f_W.value.reshape(b, T, H * N * P).clone())
+            dense = f_flat.value.reshape(b, T, H, N, P)
+            if f_W.edited or f_flat.edited:
+                ch = (dense != torch.einsum("bthn,bthp->bthnp", new_key, new_val)).any(-1).any(-1)
+                changed = ch if changed is None else changed | ch
+        entries = {}
+        if changed is not None:
+            for bi, t, h in changed.nonzero().tolist():
+                W_new = dense[bi, t, h] if dense is not None else torch.outer(new_key[bi, t, h], new_val[bi, t, h])
+                entries[(bi, t, h)] = W_new - torch.outer(key[bi, t, h], value[bi, t, h])
+        return entries
 
     def _functional(self, owner, entries, offset, b, T, key, value):
         for i, e in enumerate(owner._pending_edits or []):
@@ -258,12 +278,7 @@ class Mamba2Hooks(nn.Module):
         out = pure[STEP](**dict(a, hidden_states=x, dt=dt, B=B, C=C, **extra))
         pos = owner._call_offset if owner._call_offset is not None else self._seen
         self._seen = pos + 1
-        entries = {}
-        if f_key.edited or f_val.edited:
-            changed = (f_key.value != key).any(-1) | (f_val.value != value).any(-1)
-            for bi, t, h in changed.nonzero().tolist():
-                entries[(bi, t, h)] = torch.outer(f_key.value[bi, t, h], f_val.value[bi, t, h]) - \
-                    torch.outer(key[bi, t, h], value[bi, t, h])
+        entries = self._write_entries(owner, f_key, f_val, key, value, b, 1)
         self._functional(owner, entries, pos, b, 1, key, value)
         D = a["D"]
         skip = (D.float() * x.float()) if D is not None else 0.0  # D arrives expanded [H, P]

@@ -81,6 +81,26 @@ def test_exact_edits(mamba, ids, op):
     assert torch.equal(e[P + "hook_read"][1, :5], c[P + "hook_read"][1, :5])
 
 
+def test_dense_write_hook_capture_and_edit(mamba, ids):
+    model = hook_model(mamba)
+    A = torch.outer(torch.randn(16, generator=torch.Generator().manual_seed(3)), torch.ones(16))
+
+    def edit(x, hook):
+        x[1, 30, 0] = A
+        return x
+
+    with torch.no_grad(), model.options(materialize_writes=True):
+        clean, c = model.run_with_cache(ids, names_filter=[P + "hook_write", P + "hook_write_flat",
+                                                            P + "hook_write_key", P + "hook_write_value"])
+        dense = model.run_with_hooks(ids, fwd_hooks=[(P + "hook_write", edit)])
+    assert torch.equal(clean, model(ids))
+    assert torch.allclose(c[P + "hook_write"], torch.einsum("bthn,bthp->bthnp", c[P + "hook_write_key"],
+                                                            c[P + "hook_write_value"]))
+    assert c[P + "hook_write_flat"].shape == (2, 37, 4 * 16 * 16)
+    functional = model.run_with_edits(ids, [WriteEdit(layer=1, pos=30, head=0, batch=1, matrix=A)])
+    assert (dense - functional).abs().max() <= 1e-5
+
+
 def test_hook_edit_of_value_factor_equals_functional_edit(mamba, ids):
     model = hook_model(mamba)
     w = torch.randn(16, generator=torch.Generator().manual_seed(2))
@@ -138,10 +158,7 @@ def test_training_mode_keeps_hooks_firing(mamba, ids):
 
 def test_not_yet_supported_features_raise_clearly(mamba, ids):
     model = hook_model(mamba)
-    with pytest.raises(NotImplementedError, match="dense write and state hooks"), \
-            model.options(materialize_writes=True):
-        model(ids)
-    with pytest.raises(NotImplementedError, match="dense write and state hooks"), \
+    with pytest.raises(NotImplementedError, match="hook_state"), \
             model.options(capture_states=StateCapture("last")):
         model(ids)
     with pytest.raises(ValueError, match="mode='raw'"):
