@@ -275,7 +275,9 @@ class Mamba2Hooks(nn.Module):
             raise NotImplementedError("edits of hook_log_decay / hook_query are not implemented for Mamba-2 yet")
         key = f_key.original if f_key.edited else key
         value = f_val.original if f_val.edited else value
-        out = pure[STEP](**dict(a, hidden_states=x, dt=dt, B=B, C=C, **extra))
+        z = a["z"]  # Falcon-H1 gates inside the state update: keep the read before the gate
+        out = pure[STEP](**dict(a, hidden_states=x, dt=dt, B=B, C=C, z=None, **extra))
+        gate = F.silu(z) if z is not None else None
         pos = owner._call_offset if owner._call_offset is not None else self._seen
         self._seen = pos + 1
         entries = self._write_entries(owner, f_key, f_val, key, value, b, 1)
@@ -294,18 +296,19 @@ class Mamba2Hooks(nn.Module):
         f_read = self._fire(self.hook_read, read[:, None], (lambda: (out.float() - skip)[:, None])
                             if d_read is None else None)
         if d_read is None and not f_read.edited:
-            return out
-        return (f_read.value[:, 0] + skip).to(out.dtype)
+            return out if gate is None else out * gate
+        y = (f_read.value[:, 0] + skip).to(out.dtype)
+        return y if gate is None else y * gate
 
 
 class Mamba2Family:
     """Finds ``Mamba2Mixer`` modules by class and ``layer_idx`` and builds ``blocks.{l}.mixer`` hooks."""
 
     name = "mamba2"
-    cache_kwarg = "cache_params"
 
     def __init__(self, hf_model: nn.Module, model_type: str):
         self.model_type = model_type
+        self.cache_kwarg = "cache_params" if model_type == "mamba2" else "past_key_values"
         self.module_name = MAMBA2_MODEL_TYPES[model_type]
         __import__(self.module_name)
         self.mixers = {int(m.layer_idx): m for m in hf_model.modules()

@@ -5,11 +5,16 @@ Covers what is implemented so far (see the issue note): factor/read hooks and ex
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
-from writesae_plugin.adapters import StateCapture, WriteEdit, hook_model
-from writesae_plugin.adapters.mamba2 import mamba2_reference
+sys.path.insert(0, os.path.dirname(__file__))
+
+from writesae_plugin.adapters import StateCapture, WriteEdit, hook_model  # noqa: E402
+from writesae_plugin.adapters.mamba2 import mamba2_reference  # noqa: E402
 
 P = "blocks.1.mixer."
 
@@ -167,3 +172,54 @@ def test_not_yet_supported_features_raise_clearly(mamba, ids):
     with pytest.raises(ValueError, match="not a Mamba-2 layer"):
         with model.edits([WriteEdit(layer=5, pos=3, head=0, op="delete")]):
             pass
+
+
+# ------------------------------------------------------------------------------------------ hybrids
+from tiny_mamba_models import MAMBA_FAMILIES, make_tiny_mamba  # noqa: E402
+
+
+@pytest.mark.parametrize("family", MAMBA_FAMILIES)
+def test_every_mamba2_family_capture_parity_and_edits(tmp_path, family):
+    hf = make_tiny_mamba(family, tmp_path / family)
+    tokens = torch.randint(0, 256, (2, 37), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = hf(input_ids=tokens).logits
+        model = hook_model(hf)
+        logits, c = model.run_with_cache(tokens)
+        assert torch.equal(logits, plain)
+        layers = model.cfg.recurrent_layers
+        assert len(layers) >= 2 and model.cfg.family == family
+        for layer in layers:
+            p = f"blocks.{layer}.mixer."
+            read, _ = mamba2_reference(c[p + "hook_write_key"], c[p + "hook_write_value"], c[p + "hook_log_decay"],
+                                       c[p + "hook_query"])
+            assert (read - c[p + "hook_read"]).abs().max() <= 1e-5, (family, layer)
+        layer = layers[-1]
+        p = f"blocks.{layer}.mixer."
+        A = torch.outer(torch.randn(16, generator=torch.Generator().manual_seed(5)), torch.ones(16))
+        with model.edits([WriteEdit(layer=layer, pos=17, head=1, batch=1, matrix=A)]):
+            _, e = model.run_with_cache(tokens, names_filter=[p + "hook_read"])
+    read, _ = mamba2_reference(c[p + "hook_write_key"], c[p + "hook_write_value"], c[p + "hook_log_decay"],
+                               c[p + "hook_query"], write_edits={(1, 17, 1): A})
+    assert (read - e[p + "hook_read"]).abs().max() <= 1e-5
+    assert torch.equal(e[p + "hook_read"][0], c[p + "hook_read"][0])
+
+
+@pytest.mark.parametrize("family", MAMBA_FAMILIES)
+def test_every_mamba2_family_decode_with_edit_matches_full_forward(tmp_path, family):
+    hf = make_tiny_mamba(family, tmp_path / family)
+    model = hook_model(hf)
+    tokens = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(6))
+    layer = model.cfg.recurrent_layers[0]
+    edit = WriteEdit(layer=layer, pos=27, head=2, op="add", matrix=torch.ones(16, 16))
+    with torch.no_grad():
+        full = model.run_with_edits(tokens, [edit])
+        with model.edits([edit]):
+            out = model(tokens[:, :25], return_type="hf", use_cache=True)
+            steps = [out.logits]
+            cache = out.cache_params if family == "mamba2" else out.past_key_values
+            for t in range(25, 30):
+                kw = {} if family == "mamba2" else {"position_ids": torch.full((2, 1), t)}  # bamba needs them
+                out = model(tokens[:, t:t + 1], return_type="hf", past_key_values=cache, use_cache=True, **kw)
+                steps.append(out.logits)
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
