@@ -183,6 +183,12 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
     def _clear_offset(self, module, args, output):
         self._call_offset = None
 
+    def hook_prefix(self, layer: int) -> str:
+        """``"blocks.{layer}.linear_attn."`` (Gated DeltaNet) or ``"blocks.{layer}.mixer."`` (Mamba-2)."""
+        if layer not in self.cfg.recurrent_layers:
+            raise ValueError(f"layer {layer} is not recurrent; recurrent layers: {list(self.cfg.recurrent_layers)}")
+        return f"blocks.{layer}.{self.family.block_attr}."
+
     # ------------------------------------------------------------------ switches
     def set_write_mode(self, mode: WriteMode) -> None:
         """Choose what the write hooks expose and what their edits replace: ``raw`` or ``delta``."""
@@ -374,12 +380,19 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         try:
             for i in range(layer):
                 layers[i] = _PassThrough()
-            out = self.hf_model(inputs_embeds=resid, attention_mask=attention_mask, past_key_values=past_key_values,
-                                use_cache=past_key_values is not None)
+            cache_kw = getattr(self.family, "cache_kwarg", "past_key_values")
+            out = self.hf_model(inputs_embeds=resid, attention_mask=attention_mask, use_cache=past_key_values is not None,
+                                **{cache_kw: past_key_values})
         finally:
             for i, m in enumerate(saved):
                 layers[i] = m
         return out if return_hf else out.logits
+
+    @staticmethod
+    def cache_of(output):
+        """The cache of an HF output (``past_key_values``, or ``cache_params`` for Mamba-2 models)."""
+        cache = getattr(output, "past_key_values", None)
+        return cache if cache is not None else getattr(output, "cache_params", None)
 
     def check_resumable(self, tokens: Tensor, layer: int, atol: float = 1e-5) -> None:
         """Raise unless ``run_from_layer(residual_before(tokens, layer), layer)`` reproduces the logits."""

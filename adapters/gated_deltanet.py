@@ -172,11 +172,7 @@ class GatedDeltaNetHooks(nn.Module):
         H, d_v = v.shape[-2:]
         if (Hk, H, d_k, d_v) != (self.n_key_heads, self.n_heads, self.d_k, self.d_v):
             raise RuntimeError(f"layer {self.layer_idx}: kernel inputs do not match the mixer's heads/dims")
-        if init is None:
-            offset = 0
-        else:  # positions already in the cache: from the HF cache when known, else this layer's counter
-            offset = owner._call_offset if owner._call_offset is not None else self._seen
-        self._seen = offset + T
+        offset = cache_offset(self, owner, init is not None, T)
         dev = k.device
         chunk = kernels.chunk(dev)
 
@@ -409,6 +405,7 @@ class GatedDeltaNetFamily:
     """Finds GDN mixers by class and ``layer_idx`` and builds ``blocks.{l}.linear_attn`` hook modules."""
 
     name = "gated_deltanet"
+    block_attr = "linear_attn"
 
     def __init__(self, hf_model: nn.Module):
         model_type = _model_type(hf_model)
@@ -462,7 +459,7 @@ class GatedDeltaNetFamily:
                 mixer = self.mixers[i]
                 hooks = GatedDeltaNetHooks(owner, mixer, i)
                 block.linear_attn = hooks
-                mixer.register_forward_pre_hook(_enter(hooks))
+                mixer.register_forward_pre_hook(_enter(hooks), with_kwargs=True)
                 mixer.register_forward_hook(_leave(hooks))
                 mixer.register_forward_hook(_clear, always_call=True)
             blocks.append(block)
@@ -513,12 +510,37 @@ class GatedDeltaNetFamily:
         return _HOOK_DOCS.get(name.rsplit(".", 1)[-1], "")
 
 
-def _enter(hooks: GatedDeltaNetHooks):
-    def pre(module, args):
+def _enter(hooks):
+    def pre(module, args, kwargs):
         hooks._kernel_called = False
+        hooks._cache = kwargs.get("cache_params")
         _CURRENT.layer = hooks
 
     return pre
+
+
+def cache_offset(hooks, owner, has_state: bool, T: int) -> int:
+    """Absolute position of this call's first token for the layer, and record the new count.
+
+    The count is stored on the HF cache object itself (``_writesae_seen``), so copies of a cache (deepcopy,
+    reorder) carry their own; without a cache it falls back to the cache's attention length or the layer's
+    own counter."""
+    cache = getattr(hooks, "_cache", None)
+    if not has_state:
+        offset = 0
+    elif cache is not None and hooks.layer_idx in getattr(cache, "_writesae_seen", {}):
+        offset = cache._writesae_seen[hooks.layer_idx]
+    elif owner._call_offset is not None:
+        offset = owner._call_offset
+    else:
+        offset = hooks._seen
+    hooks._seen = offset + T
+    if cache is not None:
+        try:
+            cache.__dict__.setdefault("_writesae_seen", {})[hooks.layer_idx] = offset + T
+        except AttributeError:
+            pass
+    return offset
 
 
 def _leave(hooks: GatedDeltaNetHooks):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-import threading
 import weakref
 
 import torch
@@ -27,12 +26,11 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from .base import AdapterConfig, HookedRecurrentModel, UnsupportedModelError, WriteEdit
-from .gated_deltanet import GatedDeltaNetHooks
+from .gated_deltanet import _CURRENT, GatedDeltaNetHooks, _enter, cache_offset
 
 MAMBA2_MODEL_TYPES = {t: f"transformers.models.{t}.modeling_{t}" for t in
                       ("mamba2", "bamba", "nemotron_h", "falcon_h1", "zamba2", "granitemoehybrid")}
 CHUNK, STEP, FUSED = "mamba2_chunk_scan", "mamba2_selective_state_update", "mamba2_split_conv1d_scan_combined"
-_CURRENT = threading.local()
 _INSTALLED: dict[str, dict] = {}
 
 
@@ -147,9 +145,7 @@ class Mamba2Hooks(nn.Module):
         out = pure[CHUNK](**main_args)
         y, S = out if a["return_final_states"] else (out, None)
         entries = self._write_entries(owner, f_key, f_val, key, value, b, T)
-        offset = 0 if a["initial_states"] is None else (
-            owner._call_offset if owner._call_offset is not None else self._seen)
-        self._seen = offset + T
+        offset = cache_offset(self, owner, a["initial_states"] is not None, T)
         self._functional(owner, entries, offset, b, T, key, value)
         D = a["D"]
         skip = (D.float()[:, None] * x.float()) if D is not None else 0.0
@@ -278,8 +274,7 @@ class Mamba2Hooks(nn.Module):
         z = a["z"]  # Falcon-H1 gates inside the state update: keep the read before the gate
         out = pure[STEP](**dict(a, hidden_states=x, dt=dt, B=B, C=C, z=None, **extra))
         gate = F.silu(z) if z is not None else None
-        pos = owner._call_offset if owner._call_offset is not None else self._seen
-        self._seen = pos + 1
+        pos = cache_offset(self, owner, True, 1)
         entries = self._write_entries(owner, f_key, f_val, key, value, b, 1)
         self._functional(owner, entries, pos, b, 1, key, value)
         D = a["D"]
@@ -305,6 +300,7 @@ class Mamba2Family:
     """Finds ``Mamba2Mixer`` modules by class and ``layer_idx`` and builds ``blocks.{l}.mixer`` hooks."""
 
     name = "mamba2"
+    block_attr = "mixer"
 
     def __init__(self, hf_model: nn.Module, model_type: str):
         self.model_type = model_type
@@ -345,7 +341,7 @@ class Mamba2Family:
             if i in self.mixers:
                 hooks = Mamba2Hooks(owner, self.mixers[i], i)
                 block.mixer = hooks
-                self.mixers[i].register_forward_pre_hook(_enter(hooks))
+                self.mixers[i].register_forward_pre_hook(_enter(hooks), with_kwargs=True)
                 self.mixers[i].register_forward_hook(_leave(hooks))
                 self.mixers[i].register_forward_hook(_clear, always_call=True)
             blocks.append(block)
@@ -379,14 +375,6 @@ class Mamba2Family:
     def describe_hook(self, owner, name: str) -> str:
         return __doc__.split("Hooks under")[1].split("For Mamba-2")[0].strip() if name.endswith("hook_x") else \
             name.rsplit(".", 1)[-1]
-
-
-def _enter(hooks):
-    def pre(module, args):
-        hooks._kernel_called = False
-        _CURRENT.layer = hooks
-
-    return pre
 
 
 def _leave(hooks):

@@ -223,3 +223,36 @@ def test_every_mamba2_family_decode_with_edit_matches_full_forward(tmp_path, fam
                 out = model(tokens[:, t:t + 1], return_type="hf", past_key_values=cache, use_cache=True, **kw)
                 steps.append(out.logits)
     assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
+
+
+def test_experiments_run_on_mamba2(tmp_path, ids):
+    """Substitution (fast == naive) and the closed form (direct path == JVP on a one-layer model whose
+    final norm is the identity: the group-spanning gated norm is linearised over all heads)."""
+    from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM
+
+    from writesae_plugin.experiments.closed_form import ClosedFormConfig, run_closed_form
+    from writesae_plugin.experiments.substitution import (SubstitutionConfig, run_substitution,
+                                                          run_substitution_naive)
+    from writesae_plugin.sae import WriteSAE, WriteSAEConfig
+
+    torch.manual_seed(0)
+    cfg = Mamba2Config(vocab_size=256, hidden_size=64, state_size=16, num_heads=4, head_dim=16, expand=1,
+                       n_groups=2, chunk_size=16, num_hidden_layers=1)
+    Mamba2ForCausalLM(cfg).save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    hf.backbone.norm_f = torch.nn.Identity()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(20.0)
+    model = hook_model(hf)
+    sae = WriteSAE(WriteSAEConfig(d_in=256, d_sae=16, d_k=16, d_v=16, k=3, n_heads=4, head=1, site="write",
+                                  layer=0, family="mamba2"))
+    with torch.no_grad():
+        sae.enc_key.mul_(30.0)
+    sub_cfg = SubstitutionConfig(max_firings=4, max_per_context=2)
+    fast = run_substitution(model, sae, ids, sub_cfg, progress=False)
+    naive = run_substitution_naive(model, sae, ids, sub_cfg)
+    for a, b in zip(fast.records, naive.records):
+        assert a["kl_final"] == pytest.approx(b["kl_final"], rel=1e-2, abs=1e-9)  # fp32: chunked suffix vs full
+    cf = run_closed_form(model, sae, ids[:, :24], ClosedFormConfig(atoms=[2], t0=5, eps=(0.01,)), progress=False)
+    for r in cf.records:
+        assert r["direct"] == pytest.approx(r["jvp"], rel=1e-3, abs=1e-6)

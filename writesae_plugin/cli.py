@@ -106,7 +106,7 @@ def cmd_train(args) -> int:
     val_provider = ActivationProvider(model, iter(val_contexts), spec, batch_size=args.batch_size,
                                       buffer_batches=2, seed=args.seed + 1)
     val_batches = list(val_provider)
-    hook = f"blocks.{args.layer}.linear_attn.hook_{args.site}"
+    hook = model.hook_prefix(args.layer) + f"hook_{args.site}"
     cfg = WriteSAETrainingConfig(
         d_in=cfg_m.d_k * cfg_m.d_v, d_sae=args.d_sae, d_k=cfg_m.d_k, d_v=cfg_m.d_v, k=args.k,
         encoder=args.encoder, decoder_rank=None if args.decoder_rank == 0 else args.decoder_rank,
@@ -233,7 +233,7 @@ def cmd_attribute(args) -> int:
     model, desc, sae, tokens = _experiment_inputs(args)
     er = run_erasure(model, sae, tokens, ErasureConfig(atoms=args.atoms, max_per_atom=args.max_per_atom,
                                                          seed=args.seed))
-    p = f"blocks.{sae.cfg.layer}.linear_attn."
+    p = model.hook_prefix(sae.cfg.layer)
     with torch.no_grad():
         _, c = model.run_with_cache(tokens[:1], names_filter=lambda n: n.startswith(p))
     A = effective_attention(c[p + "hook_query"], c[p + "hook_write_key"], c[p + "hook_log_decay"],

@@ -127,7 +127,7 @@ def site_activations(model: HookedRecurrentModel, tokens: Tensor, spec: SiteSpec
         raise ValueError(f"heads {heads} out of range for {cfg.n_heads} value heads")
     T = tokens.shape[1]
     pos = select_positions(spec, T, generator)
-    prefix = f"blocks.{spec.layer}.linear_attn."
+    prefix = model.hook_prefix(spec.layer)
     if spec.site == "state":
         with model.options(capture_states=StateCapture(pos, heads)):
             _, cache = model.run_with_cache(tokens, names_filter=[prefix + "hook_state"],

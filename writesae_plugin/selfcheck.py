@@ -63,13 +63,13 @@ def run_selfcheck(model: HookedRecurrentModel, tokens: torch.Tensor, repeats: in
         out.results.append(CheckResult("capture-only logits vs plain HF (max |diff|)",
                                        (hooked - plain).abs().max().item(), 0.0))
         for layer in model.cfg.recurrent_layers:
-            p = f"blocks.{layer}.linear_attn."
+            p = model.hook_prefix(layer)
             ref = gated_deltanet_reference(cache[p + "hook_query"], cache[p + "hook_write_key"], cache[p + "hook_v"],
                                            cache[p + "hook_log_decay"], cache[p + "hook_beta"])
             out.results.append(CheckResult(f"layer {layer}: hook_read vs per-token reference",
                                            (ref.read - cache[p + "hook_read"]).abs().max().item(), 1e-5))
         layer = model.cfg.recurrent_layers[0]
-        p = f"blocks.{layer}.linear_attn."
+        p = model.hook_prefix(layer)
         pos, head = T // 2, model.cfg.n_heads - 1
         g = torch.Generator().manual_seed(0)
         u, w = torch.randn(model.cfg.d_k, generator=g), torch.randn(model.cfg.d_v, generator=g)

@@ -84,7 +84,7 @@ def make_demo_release(model_dir: str | Path, out_dir: str | Path, recipe: Releas
                                      family=mcfg.family, layer=recipe.layer, input_layout=layout,
                                      hook_name_hf=model.family.hf_module_name(model.hf_model, recipe.layer),
                                      aux_k=128)
-        cfg.metadata.hook_name = f"blocks.{recipe.layer}.linear_attn.hook_{site}"
+        cfg.metadata.hook_name = model.hook_prefix(recipe.layer) + f"hook_{site}"
         cfg.metadata.model_name = meta["model"]
         cfg.metadata.context_size = recipe.context_length
         cfg.metadata.prepend_bos = False

@@ -4,8 +4,9 @@ Perturb the write of (layer, head) at ``t0`` by ``eps A`` (``A = u w^T``, unit a
 ``t > t0`` and a few target tokens per atom, the measured ``Delta logit / eps`` with:
 
 (a) ``jvp``: the exact first-order response, ``torch.func.jvp`` through the whole model (eager attention);
-(b) ``direct``: the parameter-free direct path ``W_U J_finalnorm(x_t) W_O[:, head] J_gatednorm(o_t, z_t) Delta o_t``
-    with the exact in-layer ``Delta o_t`` (the norms linearised by jvp of the model's own norm modules);
+(b) ``direct``: the parameter-free direct path ``W_U J_finalnorm(x_t) W_O J_gatednorm(o_t, z_t) Delta o_t``
+    with the exact in-layer ``Delta o_t`` of the head (the norms linearised by jvp of the model's own norm
+    modules, over all heads: a Mamba-2 gated norm spans a group, so the other heads' outputs move too);
 (c) ``fitted_g``: the paper's three-factor form ``G * (prod alpha) * (u . q_t) * (W_U W_O[:, head] w)[token]``
     with one ``G`` per (atom, token) fitted by least squares on a held-out split of the contexts.
 
@@ -98,7 +99,7 @@ def r2(y: np.ndarray, yhat: np.ndarray) -> float:
 def _context_pass(model, sae, ctx: Tensor, atom: int, cfg: ClosedFormConfig, t0: int, norm, out_proj, final_norm):
     L, h = sae.cfg.layer, sae.cfg.head
     H, dv = model.cfg.n_heads, model.cfg.d_v
-    p = f"blocks.{L}.linear_attn."
+    p = model.hook_prefix(L)
     captured = {}
     h1 = norm.register_forward_pre_hook(lambda m, a: captured.setdefault("norm_in", (a[0].clone(), a[1].clone())))
     h2 = final_norm.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].clone()))
@@ -127,11 +128,14 @@ def _context_pass(model, sae, ctx: Tensor, atom: int, cfg: ClosedFormConfig, t0:
     with model.edits([WriteEdit(layer=L, pos=t0, head=h, op="add", matrix=A)]):
         _, ed = model.run_with_cache(ctx, names_filter=[p + "hook_read"])
     d_o = (ed[p + "hook_read"] - cache[p + "hook_read"])[0]  # [T, H, d_v]
-    o_flat, z_flat = captured["norm_in"]
-    o, z = o_flat.view(T, H, dv)[:, h], z_flat.view(T, H, dv)[:, h]
-    _, d_n = torch.func.jvp(lambda x: norm(x, z), (o,), (d_o[:, h].to(o.dtype),))
-    W_O = out_proj.weight[:, h * dv:(h + 1) * dv]  # [d_model, d_v]
-    d_x = d_n.float() @ W_O.float().T  # [T, d_model]
+    # linearise the output norm on the whole read (a Mamba-2 gated norm spans a group of heads, so the
+    # other heads' normalised outputs move too); the tangent is the exact change of head h
+    o_all, z_all = captured["norm_in"]
+    tangent = torch.zeros(T, H, dv, dtype=torch.float32)
+    tangent[:, h] = d_o[:, h]
+    _, d_n = torch.func.jvp(lambda x: norm(x, z_all), (o_all,), (tangent.reshape(o_all.shape).to(o_all.dtype),))
+    d_x = d_n.float().reshape(T, H * dv) @ out_proj.weight.float().T  # [T, d_model]
+    W_O = out_proj.weight[:, h * dv:(h + 1) * dv]  # [d_model, d_v] (three-factor embedding below)
     x = captured["x"][0]
     _, d_xn = torch.func.jvp(final_norm, (x,), (d_x.to(x.dtype),))
     direct = d_xn.float() @ model.W_U.float()  # [T, V]

@@ -88,7 +88,7 @@ def run_install(model, prompts: Tensor, cfg: InstallConfig, progress: bool = Tru
     if max(hi for _, hi in cfg.strata) > vocab:
         raise ValueError(f"a rank stratum exceeds the vocabulary size {vocab}")
     rng = np.random.default_rng(cfg.seed)
-    p = f"blocks.{cfg.layer}.linear_attn."
+    p = model.hook_prefix(cfg.layer)
     positions = list(range(T - cfg.n_positions, T))
     records = []
     bar = tqdm(total=N, desc="install", disable=not progress)

@@ -83,7 +83,7 @@ def _site_and_writes(model, sae, tokens: Tensor, write_mode: str):
     """Per context: the SAE codes ``[b, T, n]`` at its site and head, and the write factors of that head."""
     cfg = sae.cfg
     L, h = cfg.layer, cfg.head
-    p = f"blocks.{L}.linear_attn."
+    p = model.hook_prefix(L)
     names = [p + "hook_write_key", p + "hook_write_value"]
     capture = StateCapture("all", heads=[h]) if cfg.site == "state" else None
     with torch.no_grad(), model.options(write_mode=write_mode, capture_states=capture):
@@ -203,7 +203,7 @@ def _check(model, sae):
         raise ValueError("the substitution test needs a per-head WriteSAE (cfg.head set)")
     if sae.cfg.layer not in model.cfg.recurrent_layers:
         raise ValueError(f"the SAE's layer {sae.cfg.layer} is not a recurrent layer of this model")
-    model.check_sae_fits(sae, f"blocks.{sae.cfg.layer}.linear_attn.hook_{sae.cfg.site}")
+    model.check_sae_fits(sae, model.hook_prefix(sae.cfg.layer) + f"hook_{sae.cfg.site}")
 
 
 @torch.no_grad()
@@ -236,9 +236,9 @@ def run_substitution(model, sae, tokens: Tensor, cfg: SubstitutionConfig | None 
             if f.context != ctx_done:
                 cache, ctx_done, done = None, f.context, 0
             if f.pos > done:  # advance the clean prefix to the firing
-                out = model.hf_model(input_ids=tokens[f.context:f.context + 1, done:f.pos], past_key_values=cache,
-                                     use_cache=True)
-                cache, done = out.past_key_values, f.pos
+                out = model(tokens[f.context:f.context + 1, done:f.pos], return_type="hf", past_key_values=cache,
+                            use_cache=True)
+                cache, done = model.cache_of(out), f.pos
             group = by_firing[fi]
             rows = copy.deepcopy(cache)
             rows.reorder_cache(torch.zeros(len(group), dtype=torch.long, device=tokens.device))

@@ -68,7 +68,7 @@ def read_gradient(model, tokens: Tensor, layer: int, metric) -> tuple[Tensor, di
     The read is made a leaf by a torch forward hook placed before any TransformerLens hook, so hooks the
     caller attached to ``hook_read`` (and the metric) see the tensor whose gradient is taken.
     """
-    p = f"blocks.{layer}.linear_attn."
+    p = model.hook_prefix(layer)
     names = [p + n for n in ("hook_query", "hook_write_key", "hook_write_value", "hook_log_decay", "hook_beta")]
     saved: dict = {}
 
