@@ -339,18 +339,7 @@ class GatedDeltaNetHooks(nn.Module):
     def _states(self, capture: StateCapture, chunk, kn, v32, g, beta32, init, pert, beta_tr, b, T):
         """Fire ``hook_state``; return the perturbations its edits imply (None; or a dense ``D`` over all
         positions when the hook returned a differentiable replacement)."""
-        if capture.positions == "all":
-            positions = list(range(T))
-        elif capture.positions == "last":
-            positions = [T - 1]
-        else:
-            positions = [p + T if p < 0 else p for p in capture.positions]
-            bad = [p for p in positions if not 0 <= p < T]
-            if bad:
-                raise ValueError(f"StateCapture positions {list(capture.positions)} out of range for {T} positions")
-        heads = list(range(self.n_heads)) if capture.heads is None else list(capture.heads)
-        if any(not 0 <= h < self.n_heads for h in heads):
-            raise ValueError(f"StateCapture heads {heads} out of range for {self.n_heads} value heads")
+        positions, heads = resolve_capture(capture, T, self.n_heads)
         pos_t = torch.tensor(positions, device=kn.device)
         S = ops.states_at(chunk, kn, v32, g, beta32, init, max(positions) + 1)[:, pos_t]
         if pert is not None:
@@ -370,6 +359,22 @@ class GatedDeltaNetHooks(nn.Module):
             key = (bi, positions[i], heads[j])
             entries[key] = entries.get(key, 0) + (f.value[bi, i, j] - shown[bi, i, j])
         return _group({k_: (d, False) for k_, d in entries.items()}, self.n_heads, self.d_k, self.d_v, kn.device)
+
+
+def resolve_capture(capture: StateCapture, T: int, n_heads: int) -> tuple[list[int], list[int]]:
+    """Local positions and value heads of a :class:`StateCapture` for a call of ``T`` positions."""
+    if capture.positions == "all":
+        positions = list(range(T))
+    elif capture.positions == "last":
+        positions = [T - 1]
+    else:
+        positions = [p + T if p < 0 else p for p in capture.positions]
+        if any(not 0 <= p < T for p in positions):
+            raise ValueError(f"StateCapture positions {list(capture.positions)} out of range for {T} positions")
+    heads = list(range(n_heads)) if capture.heads is None else list(capture.heads)
+    if any(not 0 <= h < n_heads for h in heads):
+        raise ValueError(f"StateCapture heads {heads} out of range for {n_heads} value heads")
+    return positions, heads
 
 
 def _group(entries, H, d_k, d_v, device) -> ops.Perturbations:

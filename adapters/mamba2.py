@@ -6,8 +6,8 @@ Canonical key-first frame (MATH.md 1): per head, ``S_t = exp(dt'_t A_h) S_{t-1} 
 ``blocks.{l}.mixer.``: native ``hook_x`` ``[b,p,H,P]``, ``hook_B`` / ``hook_C`` ``[b,p,G,N]``, ``hook_dt``
 ``[b,p,H]`` (raw, before bias/softplus/clamp); canonical ``hook_write_key`` (B per head) ``[b,p,H,N]``,
 ``hook_write_value`` (``dt' x``) ``[b,p,H,P]``, ``hook_write`` / ``hook_write_flat`` (opt-in dense),
-``hook_log_decay`` (``dt' A``) ``[b,p,H]``, ``hook_query`` (C per head) ``[b,p,H,N]``, ``hook_read``
-``[b,p,H,P]``. For Mamba-2 the raw and delta writes coincide (the transition never erases).
+``hook_log_decay`` (``dt' A``) ``[b,p,H]``, ``hook_query`` (C per head) ``[b,p,H,N]``, ``hook_state``
+(opt-in, ``[b,P,H_s,N,P]``, prefill only for now), ``hook_read`` ``[b,p,H,P]``. For Mamba-2 the raw and delta writes coincide (the transition never erases).
 
 Mechanism as for Gated DeltaNet: the module-level ``mamba2_chunk_scan`` / ``mamba2_selective_state_update``
 are swapped for a dispatcher; edits are propagated exactly with ``mamba2_chunk_scan`` itself (zero ``x`` on
@@ -92,7 +92,7 @@ class Mamba2Hooks(nn.Module):
     """Hook points of one Mamba-2 mixer (``blocks.{l}.mixer``) and its exact write edits."""
 
     NAMES = ("hook_x", "hook_B", "hook_C", "hook_dt", "hook_write_key", "hook_write_value", "hook_write",
-             "hook_write_flat", "hook_log_decay", "hook_query", "hook_read")
+             "hook_write_flat", "hook_log_decay", "hook_query", "hook_state", "hook_read")
 
     def __init__(self, owner: HookedRecurrentModel, mixer: nn.Module, layer_idx: int):
         super().__init__()
@@ -111,8 +111,6 @@ class Mamba2Hooks(nn.Module):
     def intercept(self, name, pure, args, kwargs):
         self._kernel_called = True
         owner, mixer = self._owner(), self._mixer()
-        if owner.state_capture is not None:
-            raise NotImplementedError("hook_state is not implemented for Mamba-2 yet")
         if owner.write_mode != "raw":
             raise NotImplementedError("Mamba-2 has no separate delta write (it equals the raw write); use raw")
         if name == STEP:
@@ -147,6 +145,8 @@ class Mamba2Hooks(nn.Module):
         entries = self._write_entries(owner, f_key, f_val, key, value, b, T)
         offset = cache_offset(self, owner, a["initial_states"] is not None, T)
         self._functional(owner, entries, offset, b, T, key, value)
+        if owner.state_capture is not None:
+            self._states(owner, entries, key, value, f_g.value, a["initial_states"], b, T)
         D = a["D"]
         skip = (D.float()[:, None] * x.float()) if D is not None else 0.0
         read = y.float() - skip
@@ -161,6 +161,31 @@ class Mamba2Hooks(nn.Module):
         if S is not None and d_final is not None:
             S = S + d_final.transpose(-1, -2).to(S.dtype)  # canonical [N, P] -> HF [P, N]
         return (y_new, S) if a["return_final_states"] else y_new
+
+    def _states(self, owner, entries, key, value, log_decay, init, b, T):
+        """Fire ``hook_state`` with the states of the (write-edited) recurrence at the chosen positions; an
+        edit of a state is added to ``entries`` as an extra write at that position. The states come from a
+        per-token scan (opt-in; exact: the transitions never depend on the writes)."""
+        from .gated_deltanet import resolve_capture
+
+        positions, heads = resolve_capture(owner.state_capture, T, self.n_heads)
+        S = torch.zeros(b, self.n_heads, self.d_k, self.d_v) if init is None else init.float().transpose(-1, -2)
+        wanted = {p: i for i, p in enumerate(positions)}
+        out = torch.zeros(b, len(positions), self.n_heads, self.d_k, self.d_v)
+        for t in range(max(positions) + 1):
+            S = log_decay[:, t, :, None, None].float().exp() * S + key[:, t, :, :, None] * value[:, t, :, None, :]
+            for (bi, tt, h), dS in entries.items():
+                if tt == t:
+                    S[bi, h] = S[bi, h] + dS.float()
+            if t in wanted:
+                out[:, wanted[t]] = S
+        shown = out[:, :, heads].clone()
+        f = self._fire(self.hook_state, out[:, :, heads], lambda: shown)
+        if f.edited:
+            changed = (f.value != shown).any(-1).any(-1)
+            for bi, i, j in changed.nonzero().tolist():
+                k_ = (bi, positions[i], heads[j])
+                entries[k_] = entries.get(k_, 0) + (f.value[bi, i, j] - shown[bi, i, j])
 
     def _write_entries(self, owner, f_key, f_val, key, value, b, T) -> dict:
         """Changes of the write per (b, t, h) from the factor hooks and, while ``materialize_writes`` is on,

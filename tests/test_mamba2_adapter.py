@@ -86,6 +86,36 @@ def test_exact_edits(mamba, ids, op):
     assert torch.equal(e[P + "hook_read"][1, :5], c[P + "hook_read"][1, :5])
 
 
+def test_state_hook_capture_reflects_edits_and_its_edits_act_as_extra_writes(mamba, ids):
+    model = hook_model(mamba)
+    A = torch.outer(torch.ones(16), torch.randn(16, generator=torch.Generator().manual_seed(7)))
+    with torch.no_grad():
+        _, c = model.run_with_cache(ids)
+        with model.options(capture_states=StateCapture([3, 20, -1], heads=[2])):
+            _, s = model.run_with_cache(ids, names_filter=[P + "hook_state"])
+            with model.edits([WriteEdit(layer=1, pos=10, head=2, batch=0, matrix=A)]):
+                _, se = model.run_with_cache(ids, names_filter=[P + "hook_state", P + "hook_read"])
+
+            def edit(x, hook):
+                x[1, 1, 0] += A  # head 2 at position 20, batch row 1
+                return x
+
+            via_state = model.run_with_hooks(ids, fwd_hooks=[(P + "hook_state", edit)])
+        via_add = model.run_with_edits(ids, [WriteEdit(layer=1, pos=20, head=2, batch=1, op="add", matrix=A)])
+    W = torch.outer(c[P + "hook_write_key"][0, 10, 2], c[P + "hook_write_value"][0, 10, 2])
+    _, S36 = ref_of({k: v[:, :37] for k, v in c.items()})
+    states = []
+    for t in (3, 20):
+        _, St = ref_of({k: v[:, :t + 1] for k, v in c.items()})
+        states.append(St)
+    assert s[P + "hook_state"].shape == (2, 3, 1, 16, 16)
+    assert (s[P + "hook_state"][:, 0, 0] - states[0][:, 2]).abs().max() <= 1e-5
+    assert (s[P + "hook_state"][:, 2, 0] - S36[:, 2]).abs().max() <= 1e-5
+    _, S20e = ref_of({k: v[:, :21] for k, v in c.items()}, write_edits={(0, 10, 2): A})
+    assert (se[P + "hook_state"][0, 1, 0] - S20e[0, 2]).abs().max() <= 1e-5  # states show the write edit
+    assert (via_state - via_add).abs().max() <= 1e-5
+
+
 def test_dense_write_hook_capture_and_edit(mamba, ids):
     model = hook_model(mamba)
     A = torch.outer(torch.randn(16, generator=torch.Generator().manual_seed(3)), torch.ones(16))
@@ -163,9 +193,6 @@ def test_training_mode_keeps_hooks_firing(mamba, ids):
 
 def test_not_yet_supported_features_raise_clearly(mamba, ids):
     model = hook_model(mamba)
-    with pytest.raises(NotImplementedError, match="hook_state"), \
-            model.options(capture_states=StateCapture("last")):
-        model(ids)
     with pytest.raises(ValueError, match="mode='raw'"):
         with model.edits([WriteEdit(layer=1, pos=3, head=0, op="delete", mode="delta")]):
             pass
