@@ -283,3 +283,31 @@ def test_experiments_run_on_mamba2(tmp_path, ids):
     cf = run_closed_form(model, sae, ids[:, :24], ClosedFormConfig(atoms=[2], t0=5, eps=(0.01,)), progress=False)
     for r in cf.records:
         assert r["direct"] == pytest.approx(r["jvp"], rel=1e-3, abs=1e-6)
+
+
+def test_spliced_sae_tl_nnsight_parity_and_install_on_mamba2(mamba, ids):
+    from nnsight import NNsight
+
+    from writesae_plugin.experiments.install import InstallConfig, run_install
+    from writesae_plugin.sae import WriteSAE, WriteSAEConfig
+
+    model = hook_model(mamba)
+    model.materialize_writes = True
+    torch.manual_seed(0)
+    sae = WriteSAE(WriteSAEConfig(d_in=256, d_sae=32, d_k=16, d_v=16, k=4, n_heads=4, head=3, site="write",
+                                  layer=1, family="mamba2"))
+    sae.cfg.metadata.hook_name = P + "hook_write"
+    with torch.no_grad():
+        clean = model(ids)
+        assert torch.equal(model.run_with_saes(ids, saes=[sae], use_error_term=True), clean)
+        _, c = model.run_with_cache_with_saes(ids, saes=[sae], use_error_term=True,
+                                              names_filter=[P + "hook_write.hook_sae_acts_post"])
+        with model.saes([sae], use_error_term=True):
+            nn_model = NNsight(model)
+            with nn_model.trace(ids):
+                acts = nn_model.blocks[1].mixer.hook_write.hook_sae_acts_post.output.save()
+    assert torch.equal(acts, c[P + "hook_write.hook_sae_acts_post"]) and acts.shape == (2, 37, 32)
+    model.materialize_writes = False
+    res = run_install(model, ids[:2, :20], InstallConfig(layer=1, head=2, strata=((5, 30),), max_new_tokens=4),
+                      progress=False)
+    assert res.summary["by_multiplier"]["3.0"]["all"]["independent_units"] == 4
