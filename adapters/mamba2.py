@@ -7,7 +7,7 @@ Canonical key-first frame (MATH.md 1): per head, ``S_t = exp(dt'_t A_h) S_{t-1} 
 ``[b,p,H]`` (raw, before bias/softplus/clamp); canonical ``hook_write_key`` (B per head) ``[b,p,H,N]``,
 ``hook_write_value`` (``dt' x``) ``[b,p,H,P]``, ``hook_write`` / ``hook_write_flat`` (opt-in dense),
 ``hook_log_decay`` (``dt' A``) ``[b,p,H]``, ``hook_query`` (C per head) ``[b,p,H,N]``, ``hook_state``
-(opt-in, ``[b,P,H_s,N,P]``, prefill only for now), ``hook_read`` ``[b,p,H,P]``. For Mamba-2 the raw and delta writes coincide (the transition never erases).
+(opt-in, ``[b,P,H_s,N,P]``; in single-token decode the step's own state), ``hook_read`` ``[b,p,H,P]``. For Mamba-2 the raw and delta writes coincide (the transition never erases).
 
 Mechanism as for Gated DeltaNet: the module-level ``mamba2_chunk_scan`` / ``mamba2_selective_state_update``
 are swapped for a dispatcher; edits are propagated exactly with ``mamba2_chunk_scan`` itself (zero ``x`` on
@@ -305,11 +305,19 @@ class Mamba2Hooks(nn.Module):
         D = a["D"]
         skip = (D.float() * x.float()) if D is not None else 0.0  # D arrives expanded [H, P]
         read = out.float() - skip
+        dS = torch.zeros(b, H, self.d_k, self.d_v)
+        for (bi, _, h), d in entries.items():
+            dS[bi, h] += d.float()
+        if owner.state_capture is not None:  # the state after this step (with the write edits), [b,1,Hs,N,P]
+            from .gated_deltanet import resolve_capture
+
+            _, heads = resolve_capture(owner.state_capture, 1, H)
+            shown = (state.float().transpose(-1, -2) + dS)[:, heads][:, None].clone()
+            f = self._fire(self.hook_state, shown.clone(), lambda: shown)
+            if f.edited:
+                dS[:, heads] += (f.value - shown)[:, 0]
         d_read = None
-        if entries:
-            dS = torch.zeros(b, H, self.d_k, self.d_v)
-            for (bi, _, h), d in entries.items():
-                dS[bi, h] += d.float()
+        if dS.abs().sum() > 0:
             d_read = torch.einsum("bhnp,bhn->bhp", dS, q)
             read = read + d_read
             state.add_(dS.transpose(-1, -2).to(state.dtype))  # the cache holds the edited state from here on

@@ -311,3 +311,24 @@ def test_spliced_sae_tl_nnsight_parity_and_install_on_mamba2(mamba, ids):
     res = run_install(model, ids[:2, :20], InstallConfig(layer=1, head=2, strata=((5, 30),), max_new_tokens=4),
                       progress=False)
     assert res.summary["by_multiplier"]["3.0"]["all"]["independent_units"] == 4
+
+
+def test_state_hook_in_decode(mamba, ids):
+    model = hook_model(mamba)
+    D = torch.ones(16, 16) * 0.1
+    with torch.no_grad(), model.options(capture_states=StateCapture("last", heads=[1])):
+        _, full = model.run_with_cache(ids[:, :30], names_filter=[P + "hook_state"])
+        out = model(ids[:, :29], return_type="hf", use_cache=True)
+        seen = []
+
+        def edit(x, hook):
+            seen.append(x.clone())
+            x[0, 0, 0] += D
+            return x
+
+        step = model.run_with_hooks(ids[:, 29:30], fwd_hooks=[(P + "hook_state", edit)], return_type="hf",
+                                    past_key_values=out.cache_params, use_cache=True)
+    assert (seen[0] - full[P + "hook_state"][:, -1:]).abs().max() <= 1e-5
+    with torch.no_grad():
+        ref = model.run_with_edits(ids[:, :30], [WriteEdit(layer=1, pos=29, head=1, batch=0, op="add", matrix=D)])
+    assert (step.logits[:, 0] - ref[:, 29]).abs().max() <= 1e-4
