@@ -406,8 +406,23 @@ class Mamba2Family:
         return next(n for n, m in hf_model.named_modules() if m is self.mixers[layer])
 
     def describe_hook(self, owner, name: str) -> str:
-        return __doc__.split("Hooks under")[1].split("For Mamba-2")[0].strip() if name.endswith("hook_x") else \
-            name.rsplit(".", 1)[-1]
+        return _HOOK_DOCS.get(name.rsplit(".", 1)[-1], "")
+
+
+_HOOK_DOCS = {
+    "hook_x": "[b,p,H,P] native x after the conv; edits change the write",
+    "hook_B": "[b,p,G,N] native B (shared by the heads of a group); edits change the write",
+    "hook_C": "[b,p,G,N] native C; edits change the read",
+    "hook_dt": "[b,p,H] raw dt (before bias, softplus, clamp); edits change write and decay",
+    "hook_write_key": "[b,p,H,N] canonical key factor B (fp32, per head); edits replace the write only",
+    "hook_write_value": "[b,p,H,P] canonical value factor dt' x; edits replace the write only",
+    "hook_write": "[b,p,H,N,P] dense write (only while materialize_writes); edits propagate exactly",
+    "hook_write_flat": "[b,p,H*N*P] flat dense write (only while materialize_writes)",
+    "hook_log_decay": "[b,p,H] dt' A (log of the scalar decay); read-only for now",
+    "hook_query": "[b,p,H,N] C per head as read; read-only for now",
+    "hook_state": "[b,P,H_s,N,P] opt-in states after the write (key-first); an edit acts as an extra write",
+    "hook_read": "[b,p,H,P] y_t = S_t^T C_t without the D x skip (fp32); edits replace the read",
+}
 
 
 def _leave(hooks):

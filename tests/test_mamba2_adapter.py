@@ -332,3 +332,9 @@ def test_state_hook_in_decode(mamba, ids):
     with torch.no_grad():
         ref = model.run_with_edits(ids[:, :30], [WriteEdit(layer=1, pos=29, head=1, batch=0, op="add", matrix=D)])
     assert (step.logits[:, 0] - ref[:, 29]).abs().max() <= 1e-4
+
+
+def test_mamba2_hook_inventory(mamba):
+    model = hook_model(mamba)
+    inv = model.hook_inventory()
+    assert len(inv) == 12 * len(model.cfg.recurrent_layers) and all(d.startswith("[b,") for _, d in inv)
