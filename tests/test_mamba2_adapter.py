@@ -338,3 +338,11 @@ def test_mamba2_hook_inventory(mamba):
     model = hook_model(mamba)
     inv = model.hook_inventory()
     assert len(inv) == 12 * len(model.cfg.recurrent_layers) and all(d.startswith("[b,") for _, d in inv)
+
+
+def test_selfcheck_command_on_a_mamba2_model(mamba_dir, capsys):
+    from writesae_plugin.cli import main
+
+    assert main(["hooks", "--model", str(mamba_dir), "--length", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.0.mixer.hook_write_key" in out and "all checks passed" in out

@@ -35,8 +35,8 @@ def cmd_hooks(args) -> int:
     print(f"family: {model.cfg.family}; recurrent layers {list(model.cfg.recurrent_layers)}; "
           f"value heads {model.cfg.n_heads} (key heads {model.cfg.n_key_heads}); d_k={model.cfg.d_k} "
           f"d_v={model.cfg.d_v}\n")
-    print("hook inventory (layer 0 shown; every recurrent layer has the same hooks):")
     first = model.cfg.recurrent_layers[0]
+    print(f"hook inventory (layer {first} shown; every recurrent layer has the same hooks):")
     for name, desc in model.hook_inventory():
         if name.startswith(f"blocks.{first}."):
             print(f"  {name:42s} {desc}")

@@ -52,6 +52,20 @@ def _median_time(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def reference_read(model: HookedRecurrentModel, cache, layer: int, write_edits: dict | None = None) -> torch.Tensor:
+    """The per-token reference recurrence of ``layer`` on captured hooks (the family's own oracle);
+    ``write_edits[(b, t, h)] = W_new`` (raw mode)."""
+    p = model.hook_prefix(layer)
+    if model.family.name == "mamba2":
+        from .adapters.mamba2 import mamba2_reference
+
+        return mamba2_reference(cache[p + "hook_write_key"], cache[p + "hook_write_value"], cache[p + "hook_log_decay"],
+                                cache[p + "hook_query"], write_edits=write_edits)[0]
+    edits = {k: (v, "raw") for k, v in (write_edits or {}).items()}
+    return gated_deltanet_reference(cache[p + "hook_query"], cache[p + "hook_write_key"], cache[p + "hook_v"],
+                                    cache[p + "hook_log_decay"], cache[p + "hook_beta"], write_edits=edits).read
+
+
 def run_selfcheck(model: HookedRecurrentModel, tokens: torch.Tensor, repeats: int = 5) -> SelfCheck:
     """Run the checks on ``tokens`` ``[b, T]`` (``T >= 2``)."""
     out = SelfCheck()
@@ -64,10 +78,9 @@ def run_selfcheck(model: HookedRecurrentModel, tokens: torch.Tensor, repeats: in
                                        (hooked - plain).abs().max().item(), 0.0))
         for layer in model.cfg.recurrent_layers:
             p = model.hook_prefix(layer)
-            ref = gated_deltanet_reference(cache[p + "hook_query"], cache[p + "hook_write_key"], cache[p + "hook_v"],
-                                           cache[p + "hook_log_decay"], cache[p + "hook_beta"])
             out.results.append(CheckResult(f"layer {layer}: hook_read vs per-token reference",
-                                           (ref.read - cache[p + "hook_read"]).abs().max().item(), 1e-5))
+                                           (reference_read(model, cache, layer) - cache[p + "hook_read"])
+                                           .abs().max().item(), 1e-5))
         layer = model.cfg.recurrent_layers[0]
         p = model.hook_prefix(layer)
         pos, head = T // 2, model.cfg.n_heads - 1
@@ -76,11 +89,9 @@ def run_selfcheck(model: HookedRecurrentModel, tokens: torch.Tensor, repeats: in
         edit = WriteEdit(layer=layer, pos=pos, head=head, batch=0, key=u, value=w)
         with model.edits([edit]):
             _, edited = model.run_with_cache(tokens, names_filter=[p + "hook_read"])
-        ref = gated_deltanet_reference(cache[p + "hook_query"], cache[p + "hook_write_key"], cache[p + "hook_v"],
-                                       cache[p + "hook_log_decay"], cache[p + "hook_beta"],
-                                       write_edits={(0, pos, head): (torch.outer(u, w), "raw")})
+        ref = reference_read(model, cache, layer, {(0, pos, head): torch.outer(u, w)})
         out.results.append(CheckResult(f"layer {layer}: exact edit at t={pos} vs edited reference",
-                                       (ref.read - edited[p + "hook_read"]).abs().max().item(), 1e-5))
+                                       (ref - edited[p + "hook_read"]).abs().max().item(), 1e-5))
         out.results.append(CheckResult("edit: change before the edited position", (
             edited[p + "hook_read"][:, :pos] - cache[p + "hook_read"][:, :pos]).abs().max().item(), 0.0))
         t_plain = _median_time(lambda: hf(input_ids=tokens), repeats)
