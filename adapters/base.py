@@ -381,8 +381,8 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
             for i in range(layer):
                 layers[i] = _PassThrough()
             cache_kw = getattr(self.family, "cache_kwarg", "past_key_values")
-            out = self.hf_model(inputs_embeds=resid, attention_mask=attention_mask, use_cache=past_key_values is not None,
-                                **{cache_kw: past_key_values})
+            out = self.hf_model(inputs_embeds=resid, attention_mask=attention_mask,
+                                use_cache=past_key_values is not None, **{cache_kw: past_key_values})
         finally:
             for i, m in enumerate(saved):
                 layers[i] = m
@@ -445,6 +445,24 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
     def hook_inventory(self) -> list[tuple[str, str]]:
         """``(name, shape and semantics)`` for every hook point, from the family's inventory."""
         return [(name, self.family.describe_hook(self, name)) for name in self.hook_dict]
+
+
+def find_decoder_layers(hf_model: nn.Module, mixer: nn.Module) -> nn.ModuleList:
+    """The ``ModuleList`` of decoder layers that holds ``mixer`` (found by structure, not by path)."""
+    for m in hf_model.modules():
+        if isinstance(m, nn.ModuleList) and any(mixer in list(layer.children()) for layer in m):
+            return m
+    raise RuntimeError("could not find the decoder layer list")
+
+
+def find_final_norm(hf_model: nn.Module, layers: nn.ModuleList) -> nn.Module:
+    """The final norm of the module that owns ``layers`` (``norm``, ``norm_f`` or ``final_layernorm``)."""
+    for m in hf_model.modules():
+        if any(c is layers for c in m.children()):
+            for attr in ("norm", "norm_f", "final_layernorm"):
+                if isinstance(getattr(m, attr, None), nn.Module):
+                    return getattr(m, attr)
+    raise RuntimeError("could not find the final norm")
 
 
 class _StopForward(Exception):

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from . import ops
-from .base import AdapterConfig, HookedRecurrentModel, StateCapture, UnsupportedModelError, WriteEdit
+from .base import (AdapterConfig, HookedRecurrentModel, StateCapture, UnsupportedModelError, WriteEdit,
+                   find_decoder_layers, find_final_norm)
 from .reference import l2_normalize
 
 #: model_type -> the transformers modeling module holding its GDN mixer and kernels
@@ -180,7 +181,6 @@ class GatedDeltaNetHooks(nn.Module):
         fq, fk, fv, fb = (self._fire(self.hook_q, q), self._fire(self.hook_k, k), self._fire(self.hook_v, v),
                           self._fire(self.hook_beta, beta))
         q2, k2, v2, beta2 = fq.value, fk.value, fv.value, fb.value
-        native_edited = fq.edited or fk.edited or fv.edited or fb.edited
 
         # canonical frame, fp32, per value head
         rep = H // Hk
@@ -441,19 +441,10 @@ class GatedDeltaNetFamily:
 
     # ---- structure
     def decoder_layers(self, hf_model) -> nn.ModuleList:
-        some = next(iter(self.mixers.values()))
-        for m in hf_model.modules():
-            if isinstance(m, nn.ModuleList) and any(some in list(layer.children()) for layer in m):
-                return m
-        raise RuntimeError("could not find the decoder layer list")
+        return find_decoder_layers(hf_model, next(iter(self.mixers.values())))
 
     def final_norm(self, hf_model) -> nn.Module:
-        layers = self.decoder_layers(hf_model)
-        for m in hf_model.modules():
-            if any(c is layers for c in m.children()):
-                if hasattr(m, "norm"):
-                    return m.norm
-        raise RuntimeError("could not find the final norm")
+        return find_final_norm(hf_model, self.decoder_layers(hf_model))
 
     def build_blocks(self, owner: HookedRecurrentModel) -> nn.ModuleList:
         layers = self.decoder_layers(owner.hf_model)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from .base import AdapterConfig, HookedRecurrentModel, UnsupportedModelError, WriteEdit
+from .base import (AdapterConfig, HookedRecurrentModel, UnsupportedModelError, WriteEdit,
+                   find_decoder_layers, find_final_norm)
 from .gated_deltanet import _CURRENT, GatedDeltaNetHooks, _enter, cache_offset
 
 MAMBA2_MODEL_TYPES = {t: f"transformers.models.{t}.modeling_{t}" for t in
@@ -352,20 +353,10 @@ class Mamba2Family:
         self.kernels = _install(self.module_name)
 
     def decoder_layers(self, hf_model) -> nn.ModuleList:
-        some = next(iter(self.mixers.values()))
-        for m in hf_model.modules():
-            if isinstance(m, nn.ModuleList) and any(some in list(layer.children()) for layer in m):
-                return m
-        raise RuntimeError("could not find the decoder layer list")
+        return find_decoder_layers(hf_model, next(iter(self.mixers.values())))
 
     def final_norm(self, hf_model) -> nn.Module:
-        layers = self.decoder_layers(hf_model)
-        for m in hf_model.modules():
-            if any(c is layers for c in m.children()):
-                for attr in ("norm_f", "norm", "final_layernorm"):
-                    if hasattr(m, attr):
-                        return getattr(m, attr)
-        raise RuntimeError("could not find the final norm")
+        return find_final_norm(hf_model, self.decoder_layers(hf_model))
 
     def build_blocks(self, owner: HookedRecurrentModel) -> nn.ModuleList:
         blocks = nn.ModuleList()

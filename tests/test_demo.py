@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import writesae_plugin  # noqa: F401
 from writesae_plugin.demo.run import demo_model_dir, demo_release_dir, demo_release_info

@@ -102,7 +102,6 @@ def test_state_hook_capture_reflects_edits_and_its_edits_act_as_extra_writes(mam
 
             via_state = model.run_with_hooks(ids, fwd_hooks=[(P + "hook_state", edit)])
         via_add = model.run_with_edits(ids, [WriteEdit(layer=1, pos=20, head=2, batch=1, op="add", matrix=A)])
-    W = torch.outer(c[P + "hook_write_key"][0, 10, 2], c[P + "hook_write_value"][0, 10, 2])
     _, S36 = ref_of({k: v[:, :37] for k, v in c.items()})
     states = []
     for t in (3, 20):

@@ -44,7 +44,7 @@ def test_error_term_splice_is_exact_and_per_head_splice_touches_only_its_head(mo
         spliced = model.run_with_saes(tokens, saes=[sae], use_error_term=True)
         assert torch.equal(spliced, clean)
         _, cache = model.run_with_cache_with_saes(tokens, saes=[sae], use_error_term=False)
-    x, out = cache[HOOK + ".hook_sae_input"], cache[HOOK + ".hook_sae_output"]
+    x = cache[HOOK + ".hook_sae_input"]
     assert x.shape == (2, 70, 16, 16)  # the SAE sees its own head
     assert cache[HOOK + ".hook_sae_acts_post"].shape == (2, 70, 64)
     assert (cache[HOOK + ".hook_sae_acts_post"] != 0).sum(-1).le(4).all()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import SAFE_VOCAB
 from writesae_plugin.adapters import WriteEdit, hook_model
 
 L = 1

@@ -14,4 +14,5 @@ from .registry import register_local_release, register_packaged_releases  # noqa
 
 register_packaged_releases()
 
-__all__ = ["WriteSAE", "WriteSAEConfig", "TrainingWriteSAE", "WriteSAETrainingConfig", "__version__"]
+__all__ = ["WriteSAE", "WriteSAEConfig", "TrainingWriteSAE", "WriteSAETrainingConfig", "register_local_release",
+           "__version__"]

@@ -14,7 +14,6 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import torch
 
 LOADER_NAME = "writesae_local"
 ASSETS = "assets/releases"
@@ -96,4 +95,4 @@ def load_release_sae(release: str, sae_id: str, device: str = "cpu", dtype: str 
 
 
 __all__ = ["register_local_release", "register_packaged_releases", "load_release_sae", "LOADER_NAME",
-           "packaged_release_dirs", "torch"]
+           "packaged_release_dirs"]

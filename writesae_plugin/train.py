@@ -8,7 +8,6 @@ per validation) and ``train_config.json``.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +102,8 @@ def train_write_sae(cfg: WriteSAETrainingConfig, provider, out_dir: str | Path, 
     trainer_cfg = SAETrainerConfig(
         total_training_samples=total_samples, train_batch_size_samples=batch_size, device=device, lr=lr,
         lr_end=lr / 10 if lr_end is None else lr_end, lr_scheduler_name="cosineannealing",
-        lr_warm_up_steps=min(warmup_steps, max(steps - 1, 0)), lr_decay_steps=max(steps - min(warmup_steps, steps - 1) - 1, 1),
+        lr_warm_up_steps=min(warmup_steps, max(steps - 1, 0)),
+        lr_decay_steps=max(steps - min(warmup_steps, steps - 1) - 1, 1),
         dead_feature_window=dead_feature_window, feature_sampling_window=max(steps, 1),
         n_checkpoints=n_checkpoints, checkpoint_path=str(out / "checkpoints"), save_final_checkpoint=False,
         logger=LoggingConfig(log_to_wandb=False), autocast=False, adam_beta1=0.9, adam_beta2=0.999,
@@ -163,4 +163,4 @@ class _Prepend:
         return next(self.inner)
 
 
-__all__ = ["train_write_sae", "evaluate_sae", "SAEMetrics", "WriteSAETrainer", "math"]
+__all__ = ["train_write_sae", "evaluate_sae", "SAEMetrics", "WriteSAETrainer"]

@@ -17,7 +17,6 @@ row of a batched forward resumed at that layer, and the edit itself is one extra
 from __future__ import annotations
 
 import copy
-import math
 import random
 from dataclasses import asdict, dataclass, field
 
@@ -335,7 +334,7 @@ def _median(xs):
 
 
 __all__ = ["SubstitutionConfig", "SubstitutionResult", "run_substitution", "run_substitution_naive",
-           "summarize", "kl_metrics", "select_firings", "CONDITIONS", "math"]
+           "summarize", "kl_metrics", "select_firings", "CONDITIONS"]
 
 
 # ------------------------------------------------------------------------------------------ report

@@ -7,7 +7,7 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import matplotlib
 

@@ -16,7 +16,6 @@ come from ``encode`` returns ``[..., d_k, d_v]`` (per head).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -310,4 +309,4 @@ def describe(sae) -> str:
             f"[{cfg.d_k}x{cfg.d_v}] {head}, {cfg.family} layer {cfg.layer}, {cfg.write_mode} writes")
 
 
-__all__ = ["WriteSAE", "WriteSAEMixin", "describe", "math"]
+__all__ = ["WriteSAE", "WriteSAEMixin", "describe"]
