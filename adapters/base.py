@@ -32,6 +32,7 @@ forward and compose exactly (linearity of the state in the writes).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Sequence
 
@@ -95,6 +96,17 @@ class WriteEdit:
             if self.matrix is None and (self.key is None or self.value is None):
                 raise ValueError(f"WriteEdit(op={self.op!r}) needs key and value [d_k], [d_v] or matrix [d_k, d_v]")
 
+    def __repr__(self) -> str:
+        parts = [f"layer={self.layer}", f"pos={self.pos}", f"head={self.head}", f"op={self.op!r}"]
+        for name in ("key", "value", "matrix"):
+            t = getattr(self, name)
+            if t is not None:
+                parts.append(f"{name}=<{tuple(t.shape)} {t.dtype}, norm {float(t.float().norm()):.3g}>")
+        if self.batch is not None:
+            parts.append(f"batch={self.batch}")
+        parts.append(f"mode={self.mode!r}")
+        return f"WriteEdit({', '.join(parts)})"
+
     def atom(self, d_k: int, d_v: int) -> Tensor | None:
         """The edit's matrix ``A`` ``[d_k, d_v]`` in fp32 (None for delete), shape-checked."""
         if self.op == "delete":
@@ -148,6 +160,17 @@ class AdapterConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+CACHE_NAMES = ("past_key_values", "cache", "cache_params")
+
+
+def cache_from_kwargs(kwargs: dict):
+    """The HF cache object among a forward's keyword arguments, whatever the model calls it."""
+    for name in CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
 class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
     """A user's HF recurrent/hybrid LM with named write hook points (see the module docstring).
 
@@ -174,7 +197,7 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         self.setup()
 
     def _note_offset(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values", kwargs.get("cache_params"))
+        cache = cache_from_kwargs(kwargs)
         try:
             self._call_offset = 0 if cache is None else int(cache.get_seq_length())
         except (ValueError, AttributeError, TypeError):
@@ -326,7 +349,7 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
             use_cache = past_key_values is not None or return_type == "hf"
         if stop_at_layer is not None:
             return self._run_until(tokens, stop_at_layer, attention_mask, hf_kwargs)
-        cache_kw = getattr(self.family, "cache_kwarg", "past_key_values")  # Mamba-2 models call it cache_params
+        cache_kw = self.cache_kwarg
         out = self.hf_model(input_ids=tokens, attention_mask=attention_mask, use_cache=use_cache,
                             **{cache_kw: past_key_values}, **hf_kwargs)
         if return_type == "hf":
@@ -380,7 +403,7 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         try:
             for i in range(layer):
                 layers[i] = _PassThrough()
-            cache_kw = getattr(self.family, "cache_kwarg", "past_key_values")
+            cache_kw = self.cache_kwarg
             out = self.hf_model(inputs_embeds=resid, attention_mask=attention_mask,
                                 use_cache=past_key_values is not None, **{cache_kw: past_key_values})
         finally:
@@ -388,11 +411,21 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
                 layers[i] = m
         return out if return_hf else out.logits
 
+    @property
+    def cache_kwarg(self) -> str:
+        """The name the HF model's ``forward`` takes its cache by (``past_key_values``; Mamba-2 models:
+        ``cache`` from transformers 5.24, ``cache_params`` before)."""
+        params = inspect.signature(self.hf_model.forward).parameters
+        return next((n for n in CACHE_NAMES if n in params), "past_key_values")
+
     @staticmethod
     def cache_of(output):
-        """The cache of an HF output (``past_key_values``, or ``cache_params`` for Mamba-2 models)."""
-        cache = getattr(output, "past_key_values", None)
-        return cache if cache is not None else getattr(output, "cache_params", None)
+        """The cache of an HF output (whichever of ``past_key_values``, ``cache``, ``cache_params`` it has)."""
+        for name in CACHE_NAMES:
+            cache = getattr(output, name, None)
+            if cache is not None:
+                return cache
+        return None
 
     def check_resumable(self, tokens: Tensor, layer: int, atol: float = 1e-5) -> None:
         """Raise unless ``run_from_layer(residual_before(tokens, layer), layer)`` reproduces the logits."""

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from . import ops
-from .base import (AdapterConfig, HookedRecurrentModel, StateCapture, UnsupportedModelError, WriteEdit,
+from .base import (AdapterConfig, HookedRecurrentModel, StateCapture, UnsupportedModelError, WriteEdit, cache_from_kwargs,
                    find_decoder_layers, find_final_norm)
 from .reference import l2_normalize
 
@@ -509,7 +509,7 @@ class GatedDeltaNetFamily:
 def _enter(hooks):
     def pre(module, args, kwargs):
         hooks._kernel_called = False
-        hooks._cache = kwargs.get("cache_params")
+        hooks._cache = cache_from_kwargs(kwargs)
         _CURRENT.layer = hooks
 
     return pre

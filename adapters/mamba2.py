@@ -338,7 +338,6 @@ class Mamba2Family:
 
     def __init__(self, hf_model: nn.Module, model_type: str):
         self.model_type = model_type
-        self.cache_kwarg = "cache_params" if model_type == "mamba2" else "past_key_values"
         self.module_name = MAMBA2_MODEL_TYPES[model_type]
         __import__(self.module_name)
         self.mixers = {int(m.layer_idx): m for m in hf_model.modules()
