@@ -28,6 +28,7 @@ from transformer_lens.hook_points import HookPoint
 from .base import (AdapterConfig, HookedRecurrentModel, UnsupportedModelError, WriteEdit,
                    find_decoder_layers, find_final_norm)
 from .gated_deltanet import _CURRENT, GatedDeltaNetHooks, _enter, cache_offset
+from .scalar_decay import dense_decay_scan, scalar_decay_scan
 
 MAMBA2_MODEL_TYPES = {t: f"transformers.models.{t}.modeling_{t}" for t in
                       ("mamba2", "bamba", "nemotron_h", "falcon_h1", "zamba2", "granitemoehybrid")}
@@ -137,35 +138,79 @@ class Mamba2Hooks(nn.Module):
                          lambda: C.float().repeat_interleave(rep, dim=2))
         key = f_key.original if f_key.edited else key  # the clean factors (a hook may edit in place)
         value = f_val.original if f_val.edited else value
-        if f_g.edited or f_q.edited:
-            raise NotImplementedError("edits of hook_log_decay / hook_query are not implemented for Mamba-2 yet; "
-                                      "edit hook_dt / hook_C instead")
-        main_args = dict(a, hidden_states=x, dt=dt, B=B, C=C, **extra)
-        out = pure[CHUNK](**main_args)
-        y, S = out if a["return_final_states"] else (out, None)
-        entries = self._write_entries(owner, f_key, f_val, key, value, b, T)
-        offset = cache_offset(self, owner, a["initial_states"] is not None, T)
-        self._functional(owner, entries, offset, b, T, key, value)
-        if owner.state_capture is not None:
-            self._states(owner, entries, key, value, f_g.value, a["initial_states"], b, T)
+        g_eff, q_eff = f_g.value, f_q.value
+        canonical = f_g.edited or f_q.edited  # HF's scan cannot express these: run the canonical scan
+        init = a["initial_states"]
+        init_c = None if init is None else init.float().transpose(-1, -2)  # HF [P, N] -> canonical [N, P]
         D = a["D"]
         skip = (D.float()[:, None] * x.float()) if D is not None else 0.0
+        if canonical:
+            read_c, S_c = scalar_decay_scan(key, value, g_eff, q_eff, init_c, a["chunk_size"])
+            y = (read_c + skip).to(x.dtype)
+            S = S_c.transpose(-1, -2).to(init.dtype if init is not None else x.dtype)
+            out = (y, S) if a["return_final_states"] else y
+        else:
+            out = pure[CHUNK](**dict(a, hidden_states=x, dt=dt, B=B, C=C, **extra))
+            y, S = out if a["return_final_states"] else (out, None)
+        entries, dense_D = self._write_entries(owner, f_key, f_val, key, value, b, T)
+        offset = cache_offset(self, owner, init is not None, T)
+        self._functional(owner, entries, offset, b, T, key, value)
+        if owner.state_capture is not None:
+            state_D = self._states(owner, entries, key, value, g_eff, init, b, T, dense_D)
+            if state_D is not None:
+                dense_D = state_D if dense_D is None else dense_D + state_D
         read = y.float() - skip
         d_read = d_final = None
         if entries:
-            d_read, d_final = self._propagate(pure[CHUNK], a, entries, b, T, dt, C, B)
+            if canonical:
+                d_read, d_final = self._propagate_canonical(entries, b, T, g_eff, q_eff)
+            else:
+                d_read, d_final = self._propagate(pure[CHUNK], a, entries, b, T, dt, C, B)
+        if dense_D is not None:  # a dense hook replaced under autograd: the differentiable torch path
+            dr, df = dense_decay_scan(dense_D, g_eff, q_eff, None, a["chunk_size"])
+            d_read, d_final = (dr, df) if d_read is None else (d_read + dr, d_final + df)
+        if d_read is not None:
             read = read + d_read
         f_read = self._fire(self.hook_read, read, (lambda: y.float() - skip) if d_read is None else None)
-        if d_read is None and not f_read.edited:
+        if f_read.replaced_differentiably(read):
+            f_read = type(f_read)(f_read.raw, True, raw=f_read.raw)
+        if d_read is None and not f_read.edited and not canonical:
             return out
         y_new = (f_read.value + skip).to(y.dtype)
         if S is not None and d_final is not None:
             S = S + d_final.transpose(-1, -2).to(S.dtype)  # canonical [N, P] -> HF [P, N]
         return (y_new, S) if a["return_final_states"] else y_new
 
-    def _states(self, owner, entries, key, value, log_decay, init, b, T):
+    def _propagate_canonical(self, entries, b, T, log_decay, query):
+        """Exact Delta y and Delta S_T of state changes under edited decays/queries: the zero-value trick
+        with the canonical scan (rows = changed (batch, position) pairs)."""
+        H, N, P = self.n_heads, self.d_k, self.d_v
+        rows = sorted({(bi, t) for bi, t, _ in entries})
+        D0 = torch.zeros(len(rows), H, N, P)
+        for (bi, t, h), dS in entries.items():
+            D0[rows.index((bi, t)), h] += dS.float()
+        batch = torch.tensor([r[0] for r in rows])
+        pos = torch.tensor([r[1] for r in rows])
+        d_read = torch.zeros(b, T, H, P)
+        d_read.index_put_((batch, pos), torch.einsum("rhnp,rhn->rhp", D0, query[batch, pos].float()), accumulate=True)
+        L = int(T - 1 - pos.min())
+        final = D0
+        if L > 0:
+            idx = pos[:, None] + 1 + torch.arange(L)[None]
+            valid = idx < T
+            idc = idx.clamp(max=T - 1)
+            g_s = log_decay[batch[:, None], idc].float() * valid[..., None]  # padding: g = 0 keeps the state
+            q_s = query[batch[:, None], idc].float() * valid[..., None, None]
+            zeros_k = torch.zeros(len(rows), L, H, N)
+            y, final = scalar_decay_scan(zeros_k, torch.zeros(len(rows), L, H, P), g_s, q_s, D0)
+            flat = (batch[:, None] * T + idx)[valid]
+            d_read = d_read.view(b * T, H, P).index_add(0, flat, y[valid]).view(b, T, H, P)
+        return d_read, torch.zeros(b, H, N, P).index_add(0, batch, final)
+
+    def _states(self, owner, entries, key, value, log_decay, init, b, T, dense_D=None):
         """Fire ``hook_state`` with the states of the (write-edited) recurrence at the chosen positions; an
-        edit of a state is added to ``entries`` as an extra write at that position. The states come from a
+        edit of a state is added to ``entries`` as an extra write at that position (or, when the hook returns
+        a tensor carrying gradient, returned as a dense change ``[b,T,H,N,P]`` for the differentiable path). The states come from a
         per-token scan (opt-in; exact: the transitions never depend on the writes)."""
         from .gated_deltanet import resolve_capture
 
@@ -178,19 +223,29 @@ class Mamba2Hooks(nn.Module):
             for (bi, tt, h), dS in entries.items():
                 if tt == t:
                     S[bi, h] = S[bi, h] + dS.float()
+            if dense_D is not None:
+                S = S + dense_D[:, t].detach()
             if t in wanted:
                 out[:, wanted[t]] = S
         shown = out[:, :, heads].clone()
-        f = self._fire(self.hook_state, out[:, :, heads], lambda: shown)
+        given = out[:, :, heads]
+        f = self._fire(self.hook_state, given, lambda: shown)
+        if f.replaced_differentiably(given):  # under autograd: a dense change at the captured positions
+            D = torch.zeros(b, T, self.n_heads, self.d_k, self.d_v)
+            D[:, torch.tensor(positions)[:, None], torch.tensor(heads)[None, :]] = f.raw.float() - shown
+            return D
         if f.edited:
             changed = (f.value != shown).any(-1).any(-1)
             for bi, i, j in changed.nonzero().tolist():
                 k_ = (bi, positions[i], heads[j])
                 entries[k_] = entries.get(k_, 0) + (f.value[bi, i, j] - shown[bi, i, j])
 
-    def _write_entries(self, owner, f_key, f_val, key, value, b, T) -> dict:
-        """Changes of the write per (b, t, h) from the factor hooks and, while ``materialize_writes`` is on,
-        the dense ``hook_write`` / ``hook_write_flat`` (value edits; no gradient path through them yet)."""
+    def _write_entries(self, owner, f_key, f_val, key, value, b, T) -> tuple[dict, Tensor | None]:
+        """Changes of the write from the factor hooks and, while ``materialize_writes`` is on, the dense
+        ``hook_write`` / ``hook_write_flat``. Returns ``(entries, dense_D)``: ``entries[(b, t, h)] = Delta W``
+        for value edits (propagated with the kernel), or, when a dense hook returned a tensor that carries
+        gradient (a spliced SAE under autograd), ``dense_D [b,T,H,N,P]`` = hook output - clean write at every
+        position (propagated by the differentiable torch scan; it already contains any factor edits)."""
         new_key, new_val = f_key.value, f_val.value
         changed = None
         if f_key.edited or f_val.edited:
@@ -200,9 +255,14 @@ class Mamba2Hooks(nn.Module):
             H, N, P = self.n_heads, self.d_k, self.d_v
             W = torch.einsum("bthn,bthp->bthnp", new_key, new_val)
             f_W = self._fire(self.hook_write, W, lambda: torch.einsum("bthn,bthp->bthnp", new_key, new_val))
-            f_flat = self._fire(self.hook_write_flat, f_W.value.reshape(b, T, H * N * P),
-                                lambda: f_W.value.reshape(b, T, H * N * P).clone())
-            dense = f_flat.value.reshape(b, T, H, N, P)
+            W_in = f_W.raw if f_W.replaced_differentiably(W) else f_W.value
+            flat_in = W_in.reshape(b, T, H * N * P)
+            f_flat = self._fire(self.hook_write_flat, flat_in, lambda: W_in.detach().reshape(b, T, H * N * P).clone())
+            differentiable = f_W.replaced_differentiably(W) or f_flat.replaced_differentiably(flat_in)
+            flat_out = f_flat.raw if f_flat.replaced_differentiably(flat_in) else f_flat.value
+            dense = flat_out.reshape(b, T, H, N, P)
+            if differentiable:
+                return {}, dense.float() - torch.einsum("bthn,bthp->bthnp", key, value)
             if f_W.edited or f_flat.edited:
                 ch = (dense != torch.einsum("bthn,bthp->bthnp", new_key, new_val)).any(-1).any(-1)
                 changed = ch if changed is None else changed | ch
@@ -211,7 +271,7 @@ class Mamba2Hooks(nn.Module):
             for bi, t, h in changed.nonzero().tolist():
                 W_new = dense[bi, t, h] if dense is not None else torch.outer(new_key[bi, t, h], new_val[bi, t, h])
                 entries[(bi, t, h)] = W_new - torch.outer(key[bi, t, h], value[bi, t, h])
-        return entries
+        return entries, None
 
     def _functional(self, owner, entries, offset, b, T, key, value):
         for i, e in enumerate(owner._pending_edits or []):
@@ -293,37 +353,49 @@ class Mamba2Hooks(nn.Module):
         f_g = self._fire(self.hook_log_decay, (dtp * A)[:, None], lambda: (dtp * A)[:, None])
         q = C.float().repeat_interleave(rep, dim=1)
         f_q = self._fire(self.hook_query, q[:, None], lambda: C.float().repeat_interleave(rep, dim=1)[:, None])
-        if f_g.edited or f_q.edited:
-            raise NotImplementedError("edits of hook_log_decay / hook_query are not implemented for Mamba-2 yet")
+        g_eff, q_eff = f_g.value[:, 0], f_q.value[:, 0]  # [b, H], [b, H, N]
+        canonical = f_g.edited or f_q.edited  # the step kernel cannot express these: update the state here
         key = f_key.original if f_key.edited else key
         value = f_val.original if f_val.edited else value
         z = a["z"]  # Falcon-H1 gates inside the state update: keep the read before the gate
-        out = pure[STEP](**dict(a, hidden_states=x, dt=dt, B=B, C=C, z=None, **extra))
-        gate = F.silu(z) if z is not None else None
-        pos = cache_offset(self, owner, True, 1)
-        entries = self._write_entries(owner, f_key, f_val, key, value, b, 1)
-        self._functional(owner, entries, pos, b, 1, key, value)
         D = a["D"]
         skip = (D.float() * x.float()) if D is not None else 0.0  # D arrives expanded [H, P]
+        S_prev = state.float().transpose(-1, -2).clone() if canonical else None
+        out = pure[STEP](**dict(a, hidden_states=x, dt=dt, B=B, C=C, z=None, **extra))
+        if canonical:
+            S_new = g_eff.exp()[..., None, None] * S_prev + key[:, 0, :, :, None] * value[:, 0, :, None, :]
+            state.copy_(S_new.detach().transpose(-1, -2).to(state.dtype))
+            out = (torch.einsum("bhnp,bhn->bhp", S_new, q_eff) + skip).to(out.dtype)
+        gate = F.silu(z) if z is not None else None
+        pos = cache_offset(self, owner, True, 1)
+        entries, dense_D = self._write_entries(owner, f_key, f_val, key, value, b, 1)
+        self._functional(owner, entries, pos, b, 1, key, value)
         read = out.float() - skip
         dS = torch.zeros(b, H, self.d_k, self.d_v)
         for (bi, _, h), d in entries.items():
             dS[bi, h] += d.float()
+        if dense_D is not None:
+            dS = dS + dense_D[:, 0]
         if owner.state_capture is not None:  # the state after this step (with the write edits), [b,1,Hs,N,P]
             from .gated_deltanet import resolve_capture
 
             _, heads = resolve_capture(owner.state_capture, 1, H)
-            shown = (state.float().transpose(-1, -2) + dS)[:, heads][:, None].clone()
+            shown = (state.float().transpose(-1, -2) + dS.detach())[:, heads][:, None].clone()
             f = self._fire(self.hook_state, shown.clone(), lambda: shown)
-            if f.edited:
+            if f.replaced_differentiably(shown):
+                dS = dS.index_add(1, torch.tensor(heads), (f.raw.float() - shown)[:, 0])
+            elif f.edited:
                 dS[:, heads] += (f.value - shown)[:, 0]
         d_read = None
-        if dS.abs().sum() > 0:
-            d_read = torch.einsum("bhnp,bhn->bhp", dS, q)
+        if dS.requires_grad or dS.abs().sum() > 0:
+            d_read = torch.einsum("bhnp,bhn->bhp", dS, q_eff)
             read = read + d_read
-            state.add_(dS.transpose(-1, -2).to(state.dtype))  # the cache holds the edited state from here on
+            # the cache holds the edited state from here on (values only: gradients stop at the cache)
+            state.add_(dS.detach().transpose(-1, -2).to(state.dtype))
         f_read = self._fire(self.hook_read, read[:, None], (lambda: (out.float() - skip)[:, None])
                             if d_read is None else None)
+        if f_read.replaced_differentiably(read[:, None]):
+            f_read = type(f_read)(f_read.raw, True, raw=f_read.raw)
         if d_read is None and not f_read.edited:
             return out if gate is None else out * gate
         y = (f_read.value[:, 0] + skip).to(out.dtype)

@@ -1,7 +1,5 @@
-"""Mamba-2 adapter (HF ``mamba2``): capture, reference parity, exact edits, decode, training mode, errors.
-
-Covers what is implemented so far (see the issue note): factor/read hooks and exact write edits in prefill.
-"""
+"""Mamba-2 adapter (HF ``mamba2`` and hybrids): capture, reference parity, exact edits (writes, states, decays,
+queries) in prefill and decode, gradients through edits and dense hooks, training mode, errors."""
 
 from __future__ import annotations
 
@@ -59,7 +57,7 @@ def test_capture_bit_identical_and_reference_parity(mamba, ids):
     assert torch.equal(c[P + "hook_write_key"][:, :, 0], c[P + "hook_write_key"][:, :, 1])  # group sharing
     read, S = ref_of(c)
     assert (read - c[P + "hook_read"]).abs().max() <= 1e-5
-    hf_state = out.cache_params.layers[1].recurrent_states[0]  # HF value-first [b, H, P, N]
+    hf_state = model.cache_of(out).layers[1].recurrent_states[0]  # HF value-first [b, H, P, N]
     assert (hf_state.transpose(-1, -2) - S).abs().max() <= 1e-5
     assert model.cfg.family == "mamba2" and model.cfg.d_k == 16 and model.cfg.n_key_heads == 2
 
@@ -161,7 +159,7 @@ def test_edits_across_prefill_and_decode_match_full_forward(mamba, ids, pos):
             out = model(ids[:, :25], return_type="hf", use_cache=True)
             steps = [out.logits]
             for t in range(25, 30):
-                out = model(ids[:, t:t + 1], return_type="hf", past_key_values=out.cache_params, use_cache=True)
+                out = model(ids[:, t:t + 1], return_type="hf", past_key_values=model.cache_of(out), use_cache=True)
                 steps.append(out.logits)
     assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
 
@@ -175,7 +173,7 @@ def test_decode_hooks_fire_and_match_prefill_capture(mamba, ids):
                                     for n in ("hook_write_key", "hook_write_value", "hook_read")]):
             out = model(ids[:, :29], return_type="hf", use_cache=True)
             seen.clear()
-            model(ids[:, 29:30], return_type="hf", past_key_values=out.cache_params, use_cache=True)
+            model(ids[:, 29:30], return_type="hf", past_key_values=model.cache_of(out), use_cache=True)
     got = dict(seen)
     for n in ("hook_write_key", "hook_write_value", "hook_read"):
         assert got[P + n].shape[1] == 1
@@ -190,7 +188,7 @@ def test_training_mode_keeps_hooks_firing(mamba, ids):
     assert seen == [torch.Size([2, 37, 4, 16])]
 
 
-def test_not_yet_supported_features_raise_clearly(mamba, ids):
+def test_bad_edits_raise_clearly(mamba, ids):
     model = hook_model(mamba)
     with pytest.raises(ValueError, match="mode='raw'"):
         with model.edits([WriteEdit(layer=1, pos=3, head=0, op="delete", mode="delta")]):
@@ -198,6 +196,130 @@ def test_not_yet_supported_features_raise_clearly(mamba, ids):
     with pytest.raises(ValueError, match="not a Mamba-2 layer"):
         with model.edits([WriteEdit(layer=5, pos=3, head=0, op="delete")]):
             pass
+    with pytest.raises(ValueError, match="keep its shape"):
+        model.run_with_hooks(ids, fwd_hooks=[(P + "hook_log_decay", lambda x, hook: x[..., :2])])
+
+
+def test_scalar_decay_scans_equal_the_per_token_reference():
+    from writesae_plugin.adapters.scalar_decay import dense_decay_scan, scalar_decay_scan
+
+    g = torch.Generator().manual_seed(0)
+    b, T, H, N, Pd = 2, 37, 3, 5, 4
+    k, v, q = torch.randn(b, T, H, N, generator=g), torch.randn(b, T, H, Pd, generator=g), torch.randn(
+        b, T, H, N, generator=g)
+    decay = -3 * torch.rand(b, T, H, generator=g)
+    S0 = torch.randn(b, H, N, Pd, generator=g)
+    read, S = mamba2_reference(k, v, decay, q, S0)
+    for chunk in (1, 8, 64):
+        r2, S2 = scalar_decay_scan(k, v, decay, q, S0, chunk)
+        r3, S3 = dense_decay_scan(k[..., None] * v[..., None, :], decay, q, S0, chunk)
+        for r, s_ in ((r2, S2), (r3, S3)):
+            assert (r - read).abs().max() <= 1e-4 and (s_ - S).abs().max() <= 1e-5
+    huge = decay.clone()
+    huge[:, 10] = -200.0  # the masked exponent never overflows
+    r4, _ = scalar_decay_scan(k, v, huge, q, S0, 64)
+    assert torch.isfinite(r4).all() and (r4 - mamba2_reference(k, v, huge, q, S0)[0]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("site", ["hook_log_decay", "hook_query"])
+def test_decay_and_query_edits_are_exact_with_write_edits(mamba, ids, site):
+    """An edit of the decay or the query (which HF's scan cannot express: dt also scales the write, C is
+    shared by a group) goes through the canonical scan and composes with write edits, exactly."""
+    model = hook_model(mamba)
+    A = torch.outer(torch.randn(16, generator=torch.Generator().manual_seed(2)), torch.ones(16))
+
+    def edit(x, hook):
+        x = x.clone()
+        if site == "hook_log_decay":
+            x[0, 12:20, 1] = -0.01  # head 1 keeps its state over these positions
+        else:
+            x[1, 25:, 3] = -x[1, 25:, 3]  # head 3 only (its group partner keeps C)
+        return x
+
+    with torch.no_grad():
+        _, c = model.run_with_cache(ids)
+        with model.edits([WriteEdit(layer=1, pos=8, head=1, batch=0, matrix=A)]):
+            seen = {}
+            model.run_with_hooks(ids, fwd_hooks=[(P + site, edit), (P + "hook_read", lambda x, hook: seen.update(
+                read=x.clone()))])
+    inputs = {n: c[P + n] for n in ("hook_write_key", "hook_write_value", "hook_log_decay", "hook_query")}
+    inputs[site] = edit(inputs[site], None)
+    read, _ = mamba2_reference(inputs["hook_write_key"], inputs["hook_write_value"], inputs["hook_log_decay"],
+                               inputs["hook_query"], write_edits={(0, 8, 1): A})
+    assert (seen["read"] - read).abs().max() <= 1e-5
+    assert (seen["read"] - c[P + "hook_read"]).abs().max() > 1e-3
+
+
+def test_decay_and_query_edits_in_decode_match_the_full_forward(mamba, ids):
+    model = hook_model(mamba)
+
+    def edit(x, hook):
+        x = x.clone()
+        x[:, -1, 2] = x[:, -1, 2] * 0.3  # only the last position of this call
+        return x
+
+    with torch.no_grad():
+        for site in ("hook_log_decay", "hook_query"):
+            full = model.run_with_hooks(ids[:, :30], fwd_hooks=[(P + site, edit)])
+            out = model(ids[:, :29], return_type="hf", use_cache=True)
+            step = model.run_with_hooks(ids[:, 29:30], fwd_hooks=[(P + site, edit)], return_type="hf",
+                                        past_key_values=model.cache_of(out), use_cache=True)
+            assert (step.logits[:, 0] - full[:, 29]).abs().max() <= 1e-4, site
+            assert (step.logits[:, 0] - model(ids[:, :30])[:, 29]).abs().max() > 1e-4, site
+
+
+def test_gradients_through_edits_dense_hooks_and_spliced_saes(mamba, ids):
+    """WriteEdit factors, a spliced write SAE (dense hook_write under autograd, TL == nnsight) and a
+    differentiable hook_state edit all carry gradient; the SAE attribution matches finite differences."""
+    from writesae_plugin.attribution import feature_attribution, feature_attribution_nnsight
+    from writesae_plugin.sae import WriteSAE, WriteSAEConfig
+
+    model = hook_model(mamba)
+    u = torch.randn(16, requires_grad=True)
+    model.run_with_edits(ids, [WriteEdit(layer=1, pos=20, head=1, key=u, value=torch.randn(16), batch=0)]
+                         )[0, -1].logsumexp(-1).backward()
+    assert u.grad is not None and u.grad.abs().sum() > 0
+
+    torch.manual_seed(0)
+    sae = WriteSAE(WriteSAEConfig(d_in=256, d_sae=16, d_k=16, d_v=16, k=3, n_heads=4, head=1, site="write",
+                                  layer=1, family="mamba2"))
+    sae.cfg.metadata.hook_name = P + "hook_write"
+    with torch.no_grad():
+        sae.enc_key.mul_(30.0)
+
+    def metric(logits):
+        return logits[:, -1, 7].sum() - logits[:, -1, 3].sum()
+
+    with model.options(materialize_writes=True):
+        acts, attr = feature_attribution(model, ids, sae, metric)
+        acts_nn, attr_nn = feature_attribution_nnsight(model, ids, sae, metric)
+        assert torch.allclose(acts, acts_nn) and torch.allclose(attr, attr_nn, atol=1e-7)
+        assert attr.abs().sum() > 0
+        bi, t, i = (int(x) for x in torch.nonzero(attr.abs() == attr.abs().max())[0])
+
+        def scaled(eps):
+            def scale(x, hook):
+                x = x.clone()
+                x[bi, t, i] = x[bi, t, i] * (1 + eps)
+                return x
+            with torch.no_grad(), model.saes([sae], use_error_term=True):
+                return metric(model.run_with_hooks(ids, fwd_hooks=[(P + "hook_write.hook_sae_acts_post", scale)]))
+
+        eps = 1e-2
+        fd = (scaled(eps) - scaled(-eps)) / (2 * eps)
+    assert float(fd) == pytest.approx(float(attr[bi, t, i]), rel=2e-2, abs=1e-6)
+
+    D = torch.zeros(16, 16, requires_grad=True)
+
+    def add_state(x, hook):
+        return x + D  # every captured state of head 2 gets +D, under autograd
+
+    with model.options(capture_states=StateCapture([10], heads=[2])):
+        model.run_with_hooks(ids, fwd_hooks=[(P + "hook_state", add_state)])[0, -1].logsumexp(-1).backward()
+    assert D.grad is not None and D.grad.abs().sum() > 0
+    M = torch.zeros(16, 16, requires_grad=True)  # the same change as an extra write: the same gradient
+    model.run_with_edits(ids, [WriteEdit(layer=1, pos=10, head=2, op="add", matrix=M)])[0, -1].logsumexp(-1).backward()
+    assert torch.allclose(D.grad, M.grad, rtol=1e-4, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------ hybrids
@@ -243,7 +365,7 @@ def test_every_mamba2_family_decode_with_edit_matches_full_forward(tmp_path, fam
         with model.edits([edit]):
             out = model(tokens[:, :25], return_type="hf", use_cache=True)
             steps = [out.logits]
-            cache = out.cache_params if family == "mamba2" else out.past_key_values
+            cache = model.cache_of(out)
             for t in range(25, 30):
                 kw = {} if family == "mamba2" else {"position_ids": torch.full((2, 1), t)}  # bamba needs them
                 out = model(tokens[:, t:t + 1], return_type="hf", past_key_values=cache, use_cache=True, **kw)
@@ -326,7 +448,7 @@ def test_state_hook_in_decode(mamba, ids):
             return x
 
         step = model.run_with_hooks(ids[:, 29:30], fwd_hooks=[(P + "hook_state", edit)], return_type="hf",
-                                    past_key_values=out.cache_params, use_cache=True)
+                                    past_key_values=model.cache_of(out), use_cache=True)
     assert (seen[0] - full[P + "hook_state"][:, -1:]).abs().max() <= 1e-5
     with torch.no_grad():
         ref = model.run_with_edits(ids[:, :30], [WriteEdit(layer=1, pos=29, head=1, batch=0, op="add", matrix=D)])

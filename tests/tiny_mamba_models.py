@@ -32,7 +32,8 @@ zamba2            Zamba2MambaMixer            model.layers / model.final_layerno
 granitemoehybrid  GraniteMoeHybridMambaLayer  model.layers / model.norm             .mamba (None on attention layers)
 ================  ==========================  ====================================  ====================================
 
-Cache (``CACHE_KWARG``): mamba2 takes ``cache_params=`` and returns ``out.cache_params``; the five
+Cache (``CACHE_KWARG``): mamba2 takes ``cache=`` / returns ``out.cache`` from transformers 5.24
+(``cache_params`` before; the adapter reads the name off the signature: ``model.cache_kwarg``); the five
 hybrids take ``past_key_values=`` and return ``out.past_key_values``. The cache is a
 ``DynamicCache`` in every family (Mamba layers: ``LinearAttentionLayer`` with ``conv_states[0]`` /
 ``recurrent_states[0]`` [b, H, P, N]; falcon_h1 / zamba2-hybrid layers:
@@ -143,7 +144,7 @@ MAMBA_FAMILIES: list[str] = [f for f in _CANDIDATES if _available(f)]
 
 # family -> (forward kwarg that takes the cache, attribute of the returned output holding it)
 CACHE_KWARG: dict[str, tuple[str, str]] = {
-    "mamba2": ("cache_params", "cache_params"),
+    "mamba2": ("cache", "cache"),
     "bamba": ("past_key_values", "past_key_values"),
     "nemotron_h": ("past_key_values", "past_key_values"),
     "falcon_h1": ("past_key_values", "past_key_values"),

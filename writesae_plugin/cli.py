@@ -263,10 +263,14 @@ def cmd_attribute(args) -> int:
 
 
 def cmd_make_demo_model(args) -> int:
-    from .demo.build import DemoRecipe, make_demo_model
+    from .demo.build import ARCHS, make_demo_model
+    from .demo.run import demo_model_dir
 
-    recipe = DemoRecipe(steps=args.steps, seed=args.seed)
-    rec = make_demo_model(args.out, recipe)
+    recipe = ARCHS[args.arch](steps=args.steps, seed=args.seed)
+    tokenizer_dir = args.tokenizer
+    if tokenizer_dir is None and args.arch != "qwen3_5":
+        tokenizer_dir = demo_model_dir(arch="qwen3_5")  # one vocabulary for every demo model
+    rec = make_demo_model(args.out, recipe, tokenizer_dir=tokenizer_dir)
     print(f"demo model: {rec['n_parameters'] / 1e6:.2f} M parameters, {rec['train_tokens']} training tokens, "
           f"validation loss {rec['validation_loss_nats']:.3f} nats/token vs unigram {rec['unigram_baseline_nats']:.3f}"
           f" ({rec['seconds'] / 60:.1f} min) -> {args.out}")
@@ -284,9 +288,13 @@ def cmd_make_demo_release(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo.run import QUICK, DemoSize, run_demo, summary_table
+    from .demo.run import QUICK, DemoSize, run_demo, run_demo_all, summary_table
 
-    summary = run_demo(args.out, QUICK if args.quick else DemoSize())
+    size = QUICK if args.quick else DemoSize()
+    if args.arch == "all":
+        summary = run_demo_all(args.out, size)
+    else:
+        summary = run_demo(args.out, size, arch=args.arch)
     print(summary_table(summary))
     print(f"report: {args.out}/index.html")
     return 0
@@ -392,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     mk = sub.add_parser("make-demo-model", help="train the shipped demo model on the Python stdlib (reproducible)")
     mk.add_argument("--out", required=True)
+    mk.add_argument("--arch", choices=["qwen3_5", "mamba2"], default="qwen3_5",
+                    help="qwen3_5: the Gated DeltaNet demo; mamba2: the Mamba-2 demo")
+    mk.add_argument("--tokenizer", default=None,
+                    help="reuse this tokenizer directory (default for mamba2: the shipped GDN demo's tokenizer)")
     mk.add_argument("--steps", type=int, default=900)
     mk.add_argument("--seed", type=int, default=0)
     mk.set_defaults(func=cmd_make_demo_model)
@@ -404,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the shipped model and SAEs through the substitution, closed-form and install "
                                     "tests on held-out text (the main job)")
     d.add_argument("--out", default="writesae_results/demo", help="results directory")
+    d.add_argument("--arch", choices=["all", "qwen3_5", "mamba2"], default="all",
+                   help="all (default): both shipped models and the cross-architecture comparison; or just one")
     d.add_argument("--quick", action="store_true", help="a reduced size (for tests)")
     d.set_defaults(func=cmd_demo)
     return parser

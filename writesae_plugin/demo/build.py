@@ -23,10 +23,28 @@ EOS = "<|endoftext|>"
 
 
 @dataclass
-class DemoRecipe:
+class TrainingRecipe:
+    """Settings shared by every demo architecture: tokenizer, data, optimiser, evaluation."""
+
     vocab_size: int = 4096
     tokenizer_chars: int = 6_000_000
     train_chars: int = 14_000_000
+    context_length: int = 256
+    batch_size: int = 16
+    steps: int = 900
+    lr: float = 3e-3
+    warmup: int = 60
+    weight_decay: float = 0.05
+    bf16_autocast: bool = True
+    eval_contexts: int = 48
+    seed: int = 0
+
+
+@dataclass
+class DemoRecipe(TrainingRecipe):
+    """The shipped Gated DeltaNet demo: a Qwen3.5 text model, 5 GDN layers and one attention layer."""
+
+    arch: str = "qwen3_5"
     hidden_size: int = 256
     intermediate_size: int = 512
     layer_types: tuple[str, ...] = ("linear_attention", "linear_attention", "linear_attention", "full_attention",
@@ -38,15 +56,25 @@ class DemoRecipe:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     head_dim: int = 64
-    context_length: int = 256
-    batch_size: int = 16
-    steps: int = 900
-    lr: float = 3e-3
-    warmup: int = 60
-    weight_decay: float = 0.05
-    bf16_autocast: bool = True
-    eval_contexts: int = 48
-    seed: int = 0
+
+
+@dataclass
+class Mamba2DemoRecipe(TrainingRecipe):
+    """The shipped Mamba-2 demo: 8 Mamba-2 layers, 16 heads of head_dim 32, d_state 32 (so each head's state
+    is 32 x 32, as the GDN demo's), about the GDN demo's parameter count, same corpus, steps and data order."""
+
+    arch: str = "mamba2"
+    hidden_size: int = 256
+    num_hidden_layers: int = 8
+    expand: int = 2
+    mamba_head_dim: int = 32
+    state_size: int = 32
+    n_groups: int = 1
+    conv_kernel: int = 4
+    chunk_size: int = 64
+
+
+ARCHS = {"qwen3_5": DemoRecipe, "mamba2": Mamba2DemoRecipe}
 
 
 def train_tokenizer(recipe: DemoRecipe):
@@ -100,7 +128,20 @@ def mean_loss(model, contexts: torch.Tensor, batch: int = 8) -> float:
     return tot / n
 
 
-def build_config(recipe: DemoRecipe, tokenizer):
+def build_config(recipe: TrainingRecipe, tokenizer):
+    """The HF config of the recipe's architecture (random init; trained by :func:`make_demo_model`)."""
+    if isinstance(recipe, Mamba2DemoRecipe):
+        from transformers import Mamba2Config
+
+        d_inner = recipe.expand * recipe.hidden_size
+        return Mamba2Config(
+            vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, num_hidden_layers=recipe.num_hidden_layers,
+            expand=recipe.expand, head_dim=recipe.mamba_head_dim, num_heads=d_inner // recipe.mamba_head_dim,
+            state_size=recipe.state_size, n_groups=recipe.n_groups, conv_kernel=recipe.conv_kernel,
+            chunk_size=recipe.chunk_size, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    if not isinstance(recipe, DemoRecipe):
+        raise TypeError(f"unknown demo recipe {type(recipe).__name__}; expected one of {sorted(ARCHS)}")
     from transformers import Qwen3_5TextConfig
 
     return Qwen3_5TextConfig(
@@ -114,20 +155,42 @@ def build_config(recipe: DemoRecipe, tokenizer):
         bos_token_id=None)
 
 
-def make_demo_model(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: bool = True) -> dict:
-    """Build the tokenizer and train the model; returns the recorded recipe dict."""
-    from transformers import Qwen3_5ForCausalLM
+def build_model(recipe: TrainingRecipe, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(build_config(recipe, tokenizer))
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_demo_model(out_dir: str | Path, recipe: TrainingRecipe | None = None, progress: bool = True,
+                    tokenizer_dir: str | Path | None = None) -> dict:
+    """Build (or reuse, from ``tokenizer_dir``) the tokenizer and train the model; returns the recorded recipe.
+
+    Reusing the GDN demo's tokenizer gives every demo model the same vocabulary, so the cross-architecture
+    comparison runs on identical token ids."""
+    from transformers import AutoTokenizer
 
     recipe = recipe or DemoRecipe()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     t_start = time.time()
-    tokenizer = train_tokenizer(recipe)
+    if tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        if len(tokenizer) != recipe.vocab_size:
+            raise ValueError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens, the recipe asks for "
+                             f"{recipe.vocab_size}")
+    else:
+        tokenizer = train_tokenizer(recipe)
     train = token_stream(tokenizer, "train", recipe.train_chars)
     val = token_stream(tokenizer, "validation", None)
     evals = eval_contexts(val, recipe.eval_contexts, recipe.context_length)
-    model = Qwen3_5ForCausalLM(build_config(recipe, tokenizer)).float()
+    model = build_model(recipe, tokenizer).float()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup) * 0.5 * (
@@ -161,7 +224,10 @@ def make_demo_model(out_dir: str | Path, recipe: DemoRecipe | None = None, progr
     from safetensors.torch import save_file
 
     save_file({"input_ids": evals.contiguous()}, str(out / "eval_tokens.safetensors"))
-    record = {"recipe": asdict(recipe), "n_parameters": n_params, "train_tokens": int(len(train)),
+    record = {"arch": recipe.arch, "recipe": asdict(recipe),
+              "tokenizer": {"from": None if tokenizer_dir is None else str(tokenizer_dir),
+                            "tokenizer_json_sha256": _file_sha256(out / "tokenizer.json")},
+              "n_parameters": n_params, "train_tokens": int(len(train)),
               "validation_tokens": int(len(val)), "eval_contexts": list(evals.shape),
               "validation_loss_nats": val_loss, "unigram_baseline_nats": baseline,
               "corpus": {s: len(corpus.files(s)) for s in corpus.SPLITS}, "python": platform.python_version(),

@@ -18,7 +18,10 @@ import torch
 
 from . import corpus
 
-RELEASE = "writesae-demo"
+RELEASE = "writesae-demo"  # the Gated DeltaNet (Qwen3.5) demo release
+RELEASES = {"qwen3_5": RELEASE, "mamba2": "writesae-demo-mamba2"}
+MODEL_NAMES = {"qwen3_5": "writesae-plugin demo Qwen3.5 (package data)",
+               "mamba2": "writesae-plugin demo Mamba-2 (package data)"}
 
 
 @dataclass
@@ -37,6 +40,26 @@ class ReleaseRecipe:
     seed: int = 0
 
 
+def release_recipe(arch: str) -> ReleaseRecipe:
+    """The release recipe of a demo architecture: the same sizes, the layer/head at a comparable depth
+    (GDN demo: layer 2 of 6; Mamba-2 demo: layer 3 of 8)."""
+    if arch == "qwen3_5":
+        return ReleaseRecipe()
+    if arch == "mamba2":
+        return ReleaseRecipe(layer=3, head=1)
+    raise ValueError(f"no demo release recipe for arch {arch!r}; expected one of {sorted(RELEASES)}")
+
+
+def arch_of(hf_model) -> str:
+    """The demo architecture of an HF model (``qwen3_5`` or ``mamba2``) from its config."""
+    model_type = hf_model.config.model_type
+    if model_type.startswith("qwen3_5"):
+        return "qwen3_5"
+    if model_type == "mamba2":
+        return "mamba2"
+    raise ValueError(f"no demo architecture for model_type {model_type!r}; expected a Qwen3.5 or a Mamba-2 model")
+
+
 def sae_id(site: str, layer: int, head: int) -> str:
     return f"L{layer}.H{head}.{site}"
 
@@ -49,6 +72,8 @@ def _contexts(tokenizer, split: str, T: int, n: int | None = None, skip: int = 0
 
 
 def make_demo_release(model_dir: str | Path, out_dir: str | Path, recipe: ReleaseRecipe | None = None) -> dict:
+    """Train, evaluate and write the release of the demo model in ``model_dir`` (architecture from its
+    config; ``recipe`` defaults to :func:`release_recipe` of that architecture)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -57,16 +82,17 @@ def make_demo_release(model_dir: str | Path, out_dir: str | Path, recipe: Releas
     from ..sae import WriteSAETrainingConfig
     from ..train import evaluate_sae, train_write_sae
 
-    recipe = recipe or ReleaseRecipe()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    arch = arch_of(hf)
+    recipe = recipe or release_recipe(arch)
     torch.manual_seed(recipe.seed)
-    model = hook_model(AutoModelForCausalLM.from_pretrained(model_dir).eval(),
-                       tokenizer=AutoTokenizer.from_pretrained(model_dir))
+    model = hook_model(hf, tokenizer=AutoTokenizer.from_pretrained(model_dir))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     evals = torch.stack(list(_contexts(model.tokenizer, "validation", recipe.context_length, recipe.eval_contexts)))
     save_file({"input_ids": evals.contiguous()}, str(out / "eval_tokens.safetensors"))
     mcfg = model.cfg
-    meta = {"release": RELEASE, "model": "writesae-plugin demo Qwen3.5 (package data)", "recipe": asdict(recipe),
+    meta = {"release": RELEASES[arch], "arch": arch, "model": MODEL_NAMES[arch], "recipe": asdict(recipe),
             "saes": {}, "expected_var_explained": {}, "expected_l0": {}, "expected_fvu": {}}
     for site in ("state", "write"):
         layout = "factors" if site == "write" else "dense"

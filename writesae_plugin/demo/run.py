@@ -1,4 +1,7 @@
-"""``writesae demo``: the shipped model and SAEs through the paper's three tests on held-out stdlib text."""
+"""``writesae demo``: the shipped models and SAEs through the paper's three tests on held-out stdlib text.
+
+Two architectures ship (``qwen3_5``: Gated DeltaNet, ``mamba2``); both use the same tokenizer, so the
+cross-architecture comparison (:func:`run_demo_all`) runs them on identical held-out token contexts."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import corpus
-from .release import RELEASE, sae_id
+from .release import RELEASES, sae_id
 
 
 def assets_dir() -> Path:
@@ -19,30 +22,40 @@ def assets_dir() -> Path:
     return Path(str(files("writesae_plugin").joinpath("assets")))
 
 
-def demo_model_dir(override: str | Path | None = None) -> Path:
-    path = Path(override) if override is not None else assets_dir() / "demo" / "model"
+DEMO_ARCHS = {"qwen3_5": "model", "mamba2": "mamba2"}  # arch -> folder under assets/demo
+ARCH_NAMES = {"qwen3_5": "Gated DeltaNet (Qwen3.5)", "mamba2": "Mamba-2"}
+
+
+def demo_model_dir(override: str | Path | None = None, arch: str = "qwen3_5") -> Path:
+    """The shipped demo model of ``arch`` (``qwen3_5``: Gated DeltaNet, ``mamba2``), or ``override``."""
+    if arch not in DEMO_ARCHS:
+        raise ValueError(f"arch must be one of {sorted(DEMO_ARCHS)}, got {arch!r}")
+    path = Path(override) if override is not None else assets_dir() / "demo" / DEMO_ARCHS[arch]
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"the demo model is not in this install ({path}); build it with "
                                 "`writesae make-demo-model --out DIR` and load that directory")
     return path
 
 
-def load_demo_model(model_dir: str | Path | None = None):
-    """The shipped demo model, hooked, with its tokenizer (``AutoModelForCausalLM`` from package data)."""
+def load_demo_model(model_dir: str | Path | None = None, arch: str = "qwen3_5"):
+    """The shipped demo model of ``arch``, hooked, with its tokenizer (``AutoModelForCausalLM`` from
+    package data)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..adapters import hook_model
 
-    path = demo_model_dir(model_dir)
+    path = demo_model_dir(model_dir, arch)
     return hook_model(AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer=AutoTokenizer.from_pretrained(path))
 
 
-def demo_release_dir(override: str | Path | None = None) -> Path:
-    return Path(override) if override is not None else assets_dir() / "releases" / RELEASE
+def demo_release_dir(override: str | Path | None = None, arch: str = "qwen3_5") -> Path:
+    if arch not in RELEASES:
+        raise ValueError(f"arch must be one of {sorted(RELEASES)}, got {arch!r}")
+    return Path(override) if override is not None else assets_dir() / "releases" / RELEASES[arch]
 
 
-def demo_release_info(release_dir: str | Path | None = None) -> dict:
-    path = demo_release_dir(release_dir) / "release.json"
+def demo_release_info(release_dir: str | Path | None = None, arch: str = "qwen3_5") -> dict:
+    path = demo_release_dir(release_dir, arch) / "release.json"
     if not path.is_file():
         raise FileNotFoundError(f"the demo SAE release is not in this install ({path})")
     return json.loads(path.read_text())
@@ -78,8 +91,10 @@ def held_out_contexts(tokenizer, n: int, T: int) -> torch.Tensor:
 
 
 def run_demo(out_dir: str | Path, size: DemoSize | None = None, progress: bool = True,
-             model_dir: str | Path | None = None, release_dir: str | Path | None = None) -> dict:
-    """Run the three tests; ``model_dir`` / ``release_dir`` default to the shipped package data."""
+             model_dir: str | Path | None = None, release_dir: str | Path | None = None,
+             arch: str = "qwen3_5") -> dict:
+    """Run the three tests on one architecture's demo model and state SAE; ``model_dir`` / ``release_dir``
+    default to the shipped package data. Returns the summary (also in ``out_dir/results.json``)."""
     from sae_lens import SAE
 
     from ..experiments.closed_form import ClosedFormConfig, run_closed_form, save_closed_form
@@ -91,11 +106,12 @@ def run_demo(out_dir: str | Path, size: DemoSize | None = None, progress: bool =
     size = size or DemoSize()
     t0 = time.time()
     out = Path(out_dir)
-    model = load_demo_model(model_dir)
-    register_local_release(RELEASE, demo_release_dir(release_dir))
-    info = demo_release_info(release_dir)
+    model = load_demo_model(model_dir, arch)
+    release = RELEASES[arch]
+    register_local_release(release, demo_release_dir(release_dir, arch))
+    info = demo_release_info(release_dir, arch)
     layer, head = info["recipe"]["layer"], info["recipe"]["head"]
-    sae_state = SAE.from_pretrained(RELEASE, sae_id("state", layer, head))
+    sae_state = SAE.from_pretrained(release, sae_id("state", layer, head))
     tokens = held_out_contexts(model.tokenizer, size.contexts, size.context_length)
     timings = {}
 
@@ -103,7 +119,7 @@ def run_demo(out_dir: str | Path, size: DemoSize | None = None, progress: bool =
     sub = run_substitution(model, sae_state, tokens, SubstitutionConfig(
         max_firings=size.max_firings, max_per_context=max(1, size.max_firings // size.contexts), max_per_atom=10),
         progress=progress)
-    save_substitution(sub, out / "substitution", {"sae": f"{RELEASE}:{sae_id('state', layer, head)}"})
+    save_substitution(sub, out / "substitution", {"sae": f"{release}:{sae_id('state', layer, head)}"})
     timings["substitution_s"] = time.time() - t
 
     t = time.time()
@@ -111,7 +127,7 @@ def run_demo(out_dir: str | Path, size: DemoSize | None = None, progress: bool =
     atoms = counts.argsort(descending=True)[: size.cf_atoms].tolist()
     cf = run_closed_form(model, sae_state, tokens[: size.cf_contexts, :64], ClosedFormConfig(atoms=atoms, t0=16),
                          progress=progress)
-    save_closed_form(cf, out / "closed_form", {"sae": f"{RELEASE}:{sae_id('state', layer, head)}"})
+    save_closed_form(cf, out / "closed_form", {"sae": f"{release}:{sae_id('state', layer, head)}"})
     timings["closed_form_s"] = time.time() - t
 
     t = time.time()
@@ -123,35 +139,110 @@ def run_demo(out_dir: str | Path, size: DemoSize | None = None, progress: bool =
 
     head_sub = sub.summary.get("headline", {})
     summary = {
-        "model": {"path": str(demo_model_dir(model_dir)), "validation_loss_nats": json.loads(
-            (demo_model_dir(model_dir) / "recipe.json").read_text())["validation_loss_nats"]},
+        "arch": arch, "model": {"path": str(demo_model_dir(model_dir, arch)), "validation_loss_nats": json.loads(
+            (demo_model_dir(model_dir, arch) / "recipe.json").read_text())["validation_loss_nats"]},
         "substitution": {"atom_act_vs_delete": head_sub, "paper": "92.4% of n = 4,851 (Qwen3.5-0.8B L9 H4)"},
         "closed_form": {k: v for k, v in cf.summary.get("pooled", {}).items()},
         "install": ins.summary["by_multiplier"]["3.0"],
         "timings": {**timings, "total_s": time.time() - t0}, "size": size.__dict__,
         "held_out": "stdlib test split", "layer": layer, "head": head,
     }
-    write_report(out, "writesae demo", summary, None, None, [
+    write_report(out, f"writesae demo ({ARCH_NAMES[arch]})", summary, None, None, [
         "Sub-reports: substitution/index.html, closed_form/index.html, install/index.html.",
         "All numbers are measured on the shipped demo model (trained on the Python standard library) and held-out "
         "stdlib files; the paper's figures are for Qwen3.5-0.8B and are shown for orientation only."])
     return summary
 
 
-def summary_table(summary: dict) -> str:
+PAPER = {"substitution": "92.4% (n=4851)", "jvp": "-", "direct": "-0.06", "fitted_g": "0.98 (per prompt)",
+         "install_100_1000": "100% vs 33.3% (ranks 100-1000)"}
+
+
+def _rows(summary: dict) -> list[tuple[str, str, str]]:
     from ..report import fmt_rate
 
     rows = [("substitution: atom_act beats delete", fmt_rate(summary["substitution"]["atom_act_vs_delete"]),
-             "92.4% (n=4851)")]
+             PAPER["substitution"])]
     for name, v in summary["closed_form"].items():
         rows.append((f"closed form R^2 ({name})", f"{v['r2']:.3f} (n={v['n']}), sign agr. {v['sign_agreement']:.2f}",
-                     {"jvp": "-", "direct": "-0.06", "fitted_g": "0.98 (per prompt)"}[name]))
+                     PAPER[name]))
     for key, v in summary["install"].items():
         rows.append((f"install target in continuation, {key}",
                      f"{fmt_rate(v['installed_rate'])} vs base {100 * v['baseline_rate']['rate']:.1f}%",
-                     "100% vs 33.3% (ranks 100-1000)" if "100-1000" in key else "-"))
-    w = max(len(r[0]) for r in rows)
-    lines = [f"{'test':{w}s}  {'measured (95% CI)':52s}  paper"]
-    lines += [f"{a:{w}s}  {b:52s}  {c}" for a, b, c in rows]
-    lines.append(f"total time {summary['timings']['total_s']:.0f} s")
+                     PAPER["install_100_1000"] if "100-1000" in key else "-"))
+    return rows
+
+
+def summary_table(summary: dict) -> str:
+    """A text table of one architecture's summary (:func:`run_demo`) or of several (:func:`run_demo_all`)."""
+    per_arch = summary["by_arch"] if "by_arch" in summary else {summary.get("arch", "qwen3_5"): summary}
+    archs = list(per_arch)
+    table = {arch: _rows(s) for arch, s in per_arch.items()}
+    labels = [r[0] for r in table[archs[0]]]
+    w = max(len(x) for x in labels)
+    lines = [f"{'test':{w}s}  " + "  ".join(f"{ARCH_NAMES[a] + ' (95% CI)':52s}" for a in archs) + "  paper"]
+    for i, label in enumerate(labels):
+        cells = "  ".join(f"{table[a][i][1] if i < len(table[a]) else '-':52s}" for a in archs)
+        lines.append(f"{label:{w}s}  {cells}  {table[archs[0]][i][2]}")
+    if "comparison" in summary:
+        d = summary["comparison"]["win_rate_difference"]
+        lines.append(f"win rate difference {ARCH_NAMES[archs[0]]} - {ARCH_NAMES[archs[-1]]}: "
+                     f"{100 * d['difference']:+.1f} points [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]")
+    total = summary["timings"]["total_s"] if "timings" in summary else sum(
+        s["timings"]["total_s"] for s in per_arch.values())
+    lines.append(f"total time {total:.0f} s")
     return "\n".join(lines)
+
+
+def run_demo_all(out_dir: str | Path, size: DemoSize | None = None, progress: bool = True,
+                 archs: tuple[str, ...] = ("qwen3_5", "mamba2")) -> dict:
+    """Run :func:`run_demo` for each shipped architecture (``out_dir/<arch>/``) on the same held-out
+    contexts and write the cross-architecture comparison to ``out_dir`` (win rates with Wilson intervals
+    and their difference, closed-form quality per predictor, install rates)."""
+    from ..experiments.stats import rate_difference
+    from ..report import plt, write_report
+
+    t0 = time.time()
+    out = Path(out_dir)
+    by_arch = {arch: run_demo(out / arch, size, progress, arch=arch) for arch in archs}
+    comparison = {}
+    if len(archs) >= 2:
+        a, b = (by_arch[x]["substitution"]["atom_act_vs_delete"] for x in archs[:2])
+        comparison["win_rate_difference"] = rate_difference(a, b)
+        comparison["archs"] = list(archs[:2])
+    summary = {"by_arch": by_arch, "comparison": comparison, "timings": {"total_s": time.time() - t0},
+               "held_out": "stdlib test split (identical token contexts: the demo models share one tokenizer)"}
+
+    def fig_cross_architecture():
+        names = [ARCH_NAMES[x] for x in archs]
+        colors = ["tab:blue", "tab:orange", "tab:green"][: len(archs)]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+        rates = [by_arch[x]["substitution"]["atom_act_vs_delete"] for x in archs]
+        ys = [100 * r["rate"] if r.get("n") else 0.0 for r in rates]
+        err = [[100 * (r["rate"] - r["lo"]) if r.get("n") else 0.0 for r in rates],
+               [100 * (r["hi"] - r["rate"]) if r.get("n") else 0.0 for r in rates]]
+        ax1.bar(names, ys, yerr=err, capsize=6, color=colors)
+        ax1.axhline(50, color="grey", lw=0.8, ls="--")
+        for i, r in enumerate(rates):
+            ax1.text(i, 2, f"n={r.get('n', 0)}", ha="center", color="white")
+        ax1.set_ylabel("% of firings (95% Wilson CI)")
+        ax1.set_title("substitution: atom_act beats delete")
+        preds = list(by_arch[archs[0]]["closed_form"])
+        width = 0.8 / len(archs)
+        for j, x in enumerate(archs):
+            cf = by_arch[x]["closed_form"]
+            ax2.bar([i + j * width for i in range(len(preds))], [cf[p]["r2"] for p in preds], width,
+                    label=names[j], color=colors[j])
+        ax2.set_xticks([i + width * (len(archs) - 1) / 2 for i in range(len(preds))], preds)
+        ax2.axhline(0, color="grey", lw=0.8)
+        ax2.set_ylabel("R^2, predicted vs actual logit shift")
+        ax2.set_title("closed-form logit shift")
+        ax2.legend()
+        fig.tight_layout()
+        return fig
+
+    write_report(out, "writesae demo: Gated DeltaNet vs Mamba-2", summary, None, {"cross_architecture": fig_cross_architecture}, [
+        "The same three tests on both shipped demo models (same corpus, tokenizer, training steps and held-out "
+        "contexts); per-architecture reports: " + ", ".join(f"{x}/index.html" for x in archs) + ".",
+        "Win-rate difference: difference of proportions with a Newcombe (Wilson) 95% interval."])
+    return summary

@@ -1,10 +1,12 @@
-"""Statistics for the experiments, through scipy: Wilson intervals, cluster bootstrap, paired Wilcoxon.
+"""Statistics for the experiments, through scipy: Wilson intervals, their difference (Newcombe), cluster
+bootstrap, paired Wilcoxon.
 
 Every function returns plain dicts of floats (JSON-ready) that carry their ``n``.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Sequence
 
@@ -18,6 +20,19 @@ def wilson(successes: int, n: int, confidence: float = 0.95) -> dict:
         return {"rate": float("nan"), "lo": float("nan"), "hi": float("nan"), "k": 0, "n": 0}
     ci = stats.binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
     return {"rate": successes / n, "lo": float(ci.low), "hi": float(ci.high), "k": int(successes), "n": int(n)}
+
+
+def rate_difference(a: dict, b: dict) -> dict:
+    """Difference ``a.rate - b.rate`` of two independent :func:`wilson` proportions with Newcombe's hybrid
+    score interval (method 10: from the two Wilson intervals, at their confidence level)."""
+    if not a.get("n") or not b.get("n"):
+        return {"difference": float("nan"), "lo": float("nan"), "hi": float("nan"), "n_a": a.get("n", 0),
+                "n_b": b.get("n", 0)}
+    p1, l1, u1, p2, l2, u2 = a["rate"], a["lo"], a["hi"], b["rate"], b["lo"], b["hi"]
+    d = p1 - p2
+    lo = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    hi = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return {"difference": d, "lo": lo, "hi": hi, "n_a": int(a["n"]), "n_b": int(b["n"])}
 
 
 def cluster_bootstrap(wins: Sequence[bool], clusters: Sequence, n_resamples: int = 2000, confidence: float = 0.95,
