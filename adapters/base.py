@@ -171,6 +171,22 @@ def cache_from_kwargs(kwargs: dict):
     return None
 
 
+class WriteActivationCache(ActivationCache):
+    """TransformerLens ``ActivationCache`` that also answers to the layer-level hook aliases
+    (``cache["blocks.1.hook_write_value"]`` is ``cache["blocks.1.linear_attn.hook_write_value"]``)."""
+
+    def _resolve(self, key):
+        if isinstance(key, str) and key not in self.cache_dict:
+            return getattr(self.model, "hook_aliases", {}).get(key, key)
+        return key
+
+    def __getitem__(self, key):
+        return super().__getitem__(self._resolve(key))
+
+    def __contains__(self, key) -> bool:
+        return self._resolve(key) in self.cache_dict
+
+
 class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
     """A user's HF recurrent/hybrid LM with named write hook points (see the module docstring).
 
@@ -195,6 +211,7 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         self.blocks = family.build_blocks(self)
         self.cfg = family.make_config(self)
         self.setup()
+        self._add_layer_aliases()
 
     def _note_offset(self, module, args, kwargs):
         cache = cache_from_kwargs(kwargs)
@@ -444,30 +461,53 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
                                       do_sample=do_sample, **kwargs)
 
     # ------------------------------------------------------------------ hook names
+    def _add_layer_aliases(self) -> None:
+        """Layer-level aliases ``blocks.{l}.hook_X`` of ``blocks.{l}.{mixer}.hook_X``: the names
+        ``transformer_lens.utils.get_act_name("X", layer)`` builds, so TransformerLens' patching utilities
+        (``generic_activation_patch(..., activation_name="write_value")``) find the write hooks. Aliases
+        resolve in ``run_with_hooks``, ``run_with_cache`` filters and the returned cache; they are not
+        extra hook points (``hook_dict`` lists each hook once, so filters never fire a hook twice)."""
+        self.hook_aliases: dict[str, str] = {}
+        for name, hp in self.hook_dict.items():
+            parts = name.split(".")
+            if len(parts) == 4 and parts[0] == "blocks" and parts[2] == self.family.block_attr:
+                alias = f"blocks.{parts[1]}.{parts[3]}"
+                if alias not in self.mod_dict:
+                    self.hook_aliases[alias] = name
+                    self.mod_dict[alias] = hp
+
+    def canonical_hook_name(self, name: str) -> str:
+        """``blocks.{l}.{mixer}.hook_X`` for an alias ``blocks.{l}.hook_X``; other names unchanged."""
+        return self.hook_aliases.get(name, name)
+
     def check_hook_names(self, names: Iterable[str]) -> None:
-        """Raise :class:`HookNameError` listing the valid names if any name is unknown."""
-        bad = [n for n in names if n not in self.hook_dict]
+        """Raise :class:`HookNameError` listing the valid names if any name is unknown (aliases allowed)."""
+        bad = [n for n in names if n not in self.hook_dict and n not in self.hook_aliases]
         if bad:
-            raise HookNameError(f"unknown hook name(s) {bad}; valid names are {sorted(self.hook_dict)}")
+            raise HookNameError(f"unknown hook name(s) {bad}; valid names are {sorted(self.hook_dict)} "
+                                "(and their layer-level aliases blocks.{l}.hook_X)")
 
     def _names_filter_list(self, names_filter):
         if isinstance(names_filter, str):
             self.check_hook_names([names_filter])
-        elif isinstance(names_filter, (list, tuple)):
+            return self.canonical_hook_name(names_filter)
+        if isinstance(names_filter, (list, tuple)):
             self.check_hook_names(names_filter)
+            return [self.canonical_hook_name(n) for n in names_filter]
+        return names_filter
 
     def run_with_cache(self, *model_args, names_filter=None, pos_slice=None, return_cache_object: bool = True,
                        remove_batch_dim: bool = False, **kwargs):
         """TransformerLens ``run_with_cache``: ``(output, ActivationCache)`` (a dict with
         ``return_cache_object=False``). Exact-name filters are validated; ``pos_slice`` slices the position
         axis, which is axis 1 of every hook here (``[b, p, ...]``), not the axis TransformerLens guesses."""
-        self._names_filter_list(names_filter)
+        names_filter = self._names_filter_list(names_filter)
         out, cache = super().run_with_cache(*model_args, names_filter=names_filter,
                                             remove_batch_dim=remove_batch_dim, **kwargs)
         if pos_slice is not None:
             cache = _slice_positions(cache, pos_slice, axis=0 if remove_batch_dim else 1)
         if return_cache_object:
-            cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+            cache = WriteActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache
 
     def run_with_hooks(self, *model_args, fwd_hooks=(), bwd_hooks=(), **kwargs):
