@@ -1,0 +1,140 @@
+"""Activation patching over writes and atoms: TransformerLens' patching utilities unchanged, the batched
+resumed fast path against brute-force full forwards, atom + error decomposition, metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import writesae_plugin  # noqa: F401
+from conftest import SAFE_VOCAB
+from writesae_plugin.adapters import WriteEdit, hook_model
+from writesae_plugin.circuits import (kl_from, logit_diff, normalized_score, patch_atoms, patch_writes,
+                                      run_edit_rows, write_patch_index)
+from writesae_plugin.sae import WriteSAE, WriteSAEConfig
+
+L = 1
+
+
+@pytest.fixture
+def model(qwen):
+    return hook_model(qwen)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    g = torch.Generator().manual_seed(3)
+    clean = torch.randint(0, SAFE_VOCAB, (2, 12), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 4] = (clean[:, 4] + 7) % SAFE_VOCAB  # one token differs: writes from position 4 on differ
+    return clean, corrupted
+
+
+METRIC = logit_diff(7, 3)
+
+
+def write_sae(site="write"):
+    torch.manual_seed(0)
+    sae = WriteSAE(WriteSAEConfig(d_in=256, d_sae=32, d_k=16, d_v=16, k=4, n_heads=4, head=2, site=site,
+                                  family="qwen3_5_text", layer=L))
+    with torch.no_grad():
+        sae.enc_key.mul_(10.0)
+    sae.cfg.metadata.hook_name = f"blocks.{L}.linear_attn.hook_{site}"
+    return sae
+
+
+def test_transformer_lens_patching_runs_unchanged_and_equals_patch_writes(model, pair):
+    from transformer_lens import patching
+
+    clean, corrupted = pair
+    positions = list(range(3, 8))
+    with torch.no_grad(), model.options(materialize_writes=True):
+        _, cache = model.run_with_cache(clean)
+        index = write_patch_index(model, clean.shape[1], layers=[L])
+        index = index[index["pos"].isin(positions)]
+        tl = patching.generic_activation_patch(model, corrupted, cache, METRIC,
+                                               patching.layer_pos_head_vector_patch_setter, "write",
+                                               index_df=index)
+    ours = patch_writes(model, clean, corrupted, METRIC, layers=[L], positions=positions, progress=False)
+    assert ours.scores.shape == (1, len(positions), 4)
+    assert torch.allclose(tl, ours.scores.flatten(), atol=1e-4)
+    assert torch.allclose(ours.scores[0, 0], torch.full((4,), ours.corrupted), atol=1e-4)  # pos 3: same write
+    assert (ours.scores[0, 1:] - ours.corrupted).abs().max() > 1e-4
+
+
+def test_patch_writes_equals_brute_force_full_forwards(model, pair):
+    clean, corrupted = pair
+    res = patch_writes(model, clean, corrupted, METRIC, layers=[0, L], positions=[4, 9], heads=[1, 3],
+                       max_rows=4, progress=False)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+        for i, layer in enumerate([0, L]):
+            p = model.hook_prefix(layer)
+            for j, t in enumerate([4, 9]):
+                for k, h in enumerate([1, 3]):
+                    edits = [WriteEdit(layer=layer, pos=t, head=h, key=cache[p + "hook_write_key"][b, t, h],
+                                       value=cache[p + "hook_write_value"][b, t, h], batch=b) for b in range(2)]
+                    brute = float(METRIC(model.run_with_edits(corrupted, edits)))
+                    assert res.scores[i, j, k] == pytest.approx(brute, abs=1e-4)
+    assert res.clean == pytest.approx(float(METRIC(model(clean))), abs=1e-5)
+    assert torch.allclose(res.normalized, (res.scores - res.corrupted) / (res.clean - res.corrupted))
+
+
+@pytest.mark.parametrize("site", ["write", "state"])
+def test_atom_patches_sum_with_the_error_node_to_the_write_patch(model, pair, site):
+    """All atom deltas plus the error delta rebuild the clean site value exactly, so patching them
+    together equals patching the whole write (write site) or the state change (state site)."""
+    from writesae_plugin.circuits.patching import atom_matrices, site_codes
+
+    clean, corrupted = pair
+    sae = write_sae(site)
+    res = patch_atoms(model, sae, clean, corrupted, METRIC, positions=[4, 6], progress=False)
+    assert res.scores.shape == (2, len(res.index["atom"])) and res.index["atom"][-1] == "error"
+    a_c, e_c = site_codes(model, sae, clean)
+    a_x, e_x = site_codes(model, sae, corrupted)
+    A = atom_matrices(sae)
+    t = 6
+    full = [WriteEdit(layer=L, pos=t, head=2, op="add", batch=b, matrix=torch.einsum(
+        "i,ikv->kv", a_c[b, t] - a_x[b, t], A) + e_c[b, t] - e_x[b, t]) for b in range(2)]
+    together = run_edit_rows(model, corrupted, L, [full], METRIC)[0]
+    if site == "write":
+        expected = float(patch_writes(model, clean, corrupted, METRIC, layers=[L], positions=[t], heads=[2],
+                                      progress=False).scores[0, 0, 0])
+    else:  # the state at t becomes the clean run's: the same as setting it through hook_state
+        from writesae_plugin.adapters import StateCapture
+
+        with torch.no_grad(), model.options(capture_states=StateCapture([t], heads=[2])):
+            p = model.hook_prefix(L) + "hook_state"
+            _, c = model.run_with_cache(clean, names_filter=[p])
+
+            def set_state(x, hook):
+                x[:, 0, 0] = c[p][:, 0, 0]
+                return x
+
+            expected = float(METRIC(model.run_with_hooks(corrupted, fwd_hooks=[(p, set_state)])))
+    assert together == pytest.approx(expected, abs=1e-4)
+    # one atom alone, against a brute-force full forward
+    i = res.index["atom"][0]
+    with torch.no_grad():
+        brute = model.run_with_edits(corrupted, [WriteEdit(layer=L, pos=t, head=2, op="add", batch=b,
+                                                           matrix=(a_c[b, t, i] - a_x[b, t, i]) * A[i])
+                                                 for b in range(2)])
+    assert res.scores[1, 0] == pytest.approx(float(METRIC(brute)), abs=1e-4)
+
+
+def test_metrics_and_bad_inputs(model, pair):
+    clean, corrupted = pair
+    with torch.no_grad():
+        logits = model(clean)
+    assert float(kl_from(logits)(logits)) == pytest.approx(0.0, abs=1e-6)
+    assert float(logit_diff([1, 2], 3)(logits)) == pytest.approx(
+        float(((logits[0, -1, 1] - logits[0, -1, 3]) + (logits[1, -1, 2] - logits[1, -1, 3])) / 2), abs=1e-5)
+    assert normalized_score(1.5, 2.0, 1.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="undefined"):
+        normalized_score(1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="one shape"):
+        patch_writes(model, clean, corrupted[:, :5], METRIC)
+    with pytest.raises(ValueError, match="per-head"):
+        sae = write_sae()
+        sae.cfg.head = None
+        patch_atoms(model, sae, clean, corrupted, METRIC)
