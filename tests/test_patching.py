@@ -209,3 +209,41 @@ def test_attribution_patching_on_gdn_routes_agree_and_track_actual_patching(mode
         assert torch.allclose(r.scores, routes[0].scores, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="backend"):
         attribute_atoms(model, sae, clean, corrupted, METRIC, backend="magic")
+
+
+# ------------------------------------------------------------------------------------------ path patching
+def test_path_patching_through_reads(model, linear_mamba, pair):
+    from writesae_plugin.circuits import Reads, path_patch, read_deltas
+
+    clean, _ = pair
+    A = torch.outer(torch.randn(16, generator=torch.Generator().manual_seed(5)), torch.ones(16))
+    sender = [WriteEdit(layer=L, pos=4, head=2, matrix=A)]
+    full = path_patch(model, clean, sender, [Reads(L)], METRIC)
+    assert full["path"] == pytest.approx(full["total"], abs=1e-5) and full["path_fraction"] == pytest.approx(1, abs=1e-3)
+    none = path_patch(model, clean, sender, [Reads(L, positions=(0, 1, 2, 3))], METRIC)  # reads before s
+    assert none["path"] == pytest.approx(none["base"], abs=1e-6)
+    other_head = path_patch(model, clean, sender, [Reads(L, heads=(0, 1, 3))], METRIC)
+    assert other_head["path"] == pytest.approx(other_head["base"], abs=1e-6)
+    d = read_deltas(model, clean, sender, L)
+    assert d[:, :4].abs().max() == 0 and d[:, 4:, 2].abs().max() > 0 and d[:, :, [0, 1, 3]].abs().max() == 0
+    # only the last read: the same as adding that read's delta by hand
+    last = path_patch(model, clean, sender, [Reads(L, positions=(11,))], METRIC)
+
+    def add(x, hook):
+        x = x.clone()
+        x[:, 11] += d[:, 11]
+        return x
+
+    with torch.no_grad():
+        by_hand = float(METRIC(model.run_with_hooks(clean, fwd_hooks=[(model.hook_prefix(L) + "hook_read", add)])))
+    assert last["path"] == pytest.approx(by_hand, abs=1e-6)
+    # a later layer's write value as receiver mediates part of the effect; the layer's own reads all of it
+    later = path_patch(model, clean, [WriteEdit(layer=0, pos=4, head=2, matrix=A)],
+                       [f"blocks.{L}.hook_write_value"], METRIC)
+    assert later["path"] != pytest.approx(later["base"], abs=1e-7)
+    # linear model: path effects over a partition of the read positions add up to the total effect
+    lm, s0 = linear_mamba, [WriteEdit(layer=0, pos=3, head=1, matrix=A)]
+    parts = [path_patch(lm, clean, s0, [Reads(0, positions=p)], METRIC) for p in ((3, 4, 5), (6, 7, 8, 9, 10, 11))]
+    assert sum(p["path"] - p["base"] for p in parts) == pytest.approx(parts[0]["total"] - parts[0]["base"], abs=1e-4)
+    with pytest.raises(TypeError, match="receivers"):
+        path_patch(model, clean, sender, [3], METRIC)
