@@ -211,7 +211,6 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         self.blocks = family.build_blocks(self)
         self.cfg = family.make_config(self)
         self.setup()
-        self._add_layer_aliases()
 
     def _note_offset(self, module, args, kwargs):
         cache = cache_from_kwargs(kwargs)
@@ -461,6 +460,12 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
                                       do_sample=do_sample, **kwargs)
 
     # ------------------------------------------------------------------ hook names
+    def setup(self):
+        """TransformerLens' ``setup`` (rebuilds ``hook_dict`` / ``mod_dict``, e.g. after splicing an SAE),
+        then the layer-level aliases."""
+        super().setup()
+        self._add_layer_aliases()
+
     def _add_layer_aliases(self) -> None:
         """Layer-level aliases ``blocks.{l}.hook_X`` of ``blocks.{l}.{mixer}.hook_X``: the names
         ``transformer_lens.utils.get_act_name("X", layer)`` builds, so TransformerLens' patching utilities

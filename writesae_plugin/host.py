@@ -43,15 +43,14 @@ class SpliceWrapper(_SAEWrapper):
         acts = self.sae.encode(x_in)
         recon = self.sae.decode(acts)
         if self.use_error_term or self.identity_grad:
-            with torch.no_grad():
-                with _disable_hooks(self.sae):
-                    clean = self.sae.decode(self.sae.encode(x_in))
-                err = x - clean
-                v0 = err._version if not torch.is_inference(err) else None
+            with _disable_hooks(self.sae):
+                clean = self.sae.decode(self.sae.encode(x_in))  # the unedited reconstruction, as a function of x
+            err = x - clean  # the error node: its gradient to x is I - J_recon (SAELens' error term)
+            v0 = err._version if not torch.is_inference(err) else None
             err_h = self.hook_sae_error(err)
             if err_h is err and v0 is not None and err._version == v0:
-                out = (x if self.identity_grad else x.detach()) + (recon - clean)
-            else:
+                out = (x if self.identity_grad else x.detach()) + (recon - clean.detach())
+            else:  # an edited error node (or one carrying a perturbation under autograd): recon + error
                 out = recon + err_h
         else:
             out = recon

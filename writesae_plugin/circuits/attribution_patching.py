@@ -128,7 +128,7 @@ def _atom_grads_by_perturbation(model, sae, tokens, metric, nnsight: bool) -> Te
     if sae.cfg.site == "state":
         from ..adapters import StateCapture
 
-        opts = {"capture_states": StateCapture("all", heads=[sae.cfg.head])}
+        opts = {"capture_states": StateCapture("all")}  # all heads: the SAE's head indexes the hook's head axis
     holder: dict[str, Tensor] = {}
     with torch.enable_grad(), model.options(**opts), model.saes([sae], use_error_term=True):
         if not nnsight:

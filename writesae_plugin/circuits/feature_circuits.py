@@ -1,0 +1,292 @@
+"""Sparse feature circuits over write atoms (nodes, edges, error nodes) and an ACDC-style pruning loop.
+
+Nodes are the atoms of per-head WriteSAEs at several layers (summed over positions and batch) plus one error
+node per SAE (``e = X - SAE(X)``). With every SAE spliced with its error term the forward is the model's
+own; a zero perturbation on each ``hook_sae_acts_post`` and ``hook_sae_error`` gives, in one backward pass
+of the corrupted run, the attribution-patching node effects (Marks et al. 2024):
+
+* atom ``i`` of SAE ``l``: ``IE = sum_{b,t} (a^clean - a^corr) * d metric / d a``;
+* error node: ``IE = sum_{b,t} <e^clean - e^corr, d metric / d e>``.
+
+Edges ``u -> d`` (u upstream of d): ``sum_{b,t} (d metric / d d) (d d / d u) Delta u``, one backward pass per
+kept downstream node, through every path of the model (not only direct ones). Thresholds select nodes
+(``|IE| >= node_threshold * |metric(clean) - metric(corrupted)|``) and edges (the same, relative).
+
+:func:`acdc_prune` then checks the circuit by actual patching (ACDC, Conmy et al. 2023, at node level):
+from the whole graph, in reverse topological order, a node is ablated (its clean-run value replaced by
+the corrupted one, exactly) and removed for good when the metric moves by less than ``threshold``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..adapters import StateCapture
+from .patching import Metric, _check_pair, site_codes
+
+
+@dataclass
+class Circuit:
+    """Nodes ``{"id", "layer", "head", "kind": atom|error, "atom", "effect"}`` and edges
+    ``{"src", "dst", "effect"}``; ``metric``: the clean and corrupted metric values."""
+
+    nodes: list[dict]
+    edges: list[dict] = field(default_factory=list)
+    metric: dict = field(default_factory=dict)
+    method: str = "attribution"
+
+    def node_ids(self) -> list[str]:
+        return [n["id"] for n in self.nodes]
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(asdict(self), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "Circuit":
+        p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
+        return cls(**json.loads(p.read_text() if p is not None else str(text_or_path)))
+
+    def figure(self, title: str | None = None):
+        """The graph drawn by layer (x) with node effects (colour, size) and edge effects (width)."""
+        from ..report import plt
+
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        layers = sorted({n["layer"] for n in self.nodes})
+        pos = {}
+        for li, layer in enumerate(layers):
+            col = [n for n in self.nodes if n["layer"] == layer]
+            for j, n in enumerate(col):
+                pos[n["id"]] = (li, j - (len(col) - 1) / 2)
+        scale = max([abs(n["effect"]) for n in self.nodes] + [1e-12])
+        escale = max([abs(e["effect"]) for e in self.edges] + [1e-12])
+        for e in self.edges:
+            if e["src"] in pos and e["dst"] in pos:
+                (x0, y0), (x1, y1) = pos[e["src"]], pos[e["dst"]]
+                ax.plot([x0, x1], [y0, y1], color="tab:red" if e["effect"] > 0 else "tab:blue",
+                        lw=0.5 + 4 * abs(e["effect"]) / escale, alpha=0.6, zorder=1)
+        for n in self.nodes:
+            x, y = pos[n["id"]]
+            ax.scatter([x], [y], s=80 + 600 * abs(n["effect"]) / scale, zorder=2,
+                       color="tab:red" if n["effect"] > 0 else "tab:blue",
+                       marker="s" if n["kind"] == "error" else "o", edgecolor="k")
+            ax.annotate(n["id"], (x, y), textcoords="offset points", xytext=(8, 4), fontsize=8)
+        ax.set_xticks(range(len(layers)), [f"layer {layer}" for layer in layers])
+        ax.set_yticks([])
+        ax.set_title(title or f"feature circuit ({self.method}): {len(self.nodes)} nodes, {len(self.edges)} edges; "
+                     "red: raises the metric, squares: error nodes")
+        fig.tight_layout()
+        return fig
+
+
+def _node_id(sae, kind: str, atom: int | None) -> str:
+    base = f"L{sae.cfg.layer}.H{sae.cfg.head}.{sae.cfg.site}"
+    return f"{base}.err" if kind == "error" else f"{base}.{atom}"
+
+
+def _options(saes) -> dict:
+    """Adapter options under which every SAE's hook fires (dense writes; states of all heads, so a per-head
+    SAE's head index addresses the hook's head axis)."""
+    opts = {"materialize_writes": any(s.cfg.site == "write" for s in saes)}
+    if any(s.cfg.site == "state" for s in saes):
+        opts["capture_states"] = StateCapture("all")
+    return opts
+
+
+def _check_saes(model, saes) -> list:
+    saes = sorted(saes, key=lambda s: s.cfg.layer)
+    for s in saes:
+        if s.cfg.head is None:
+            raise ValueError("feature circuits need per-head WriteSAEs (cfg.head set)")
+        model.check_sae_fits(s, model.hook_prefix(s.cfg.layer) + f"hook_{s.cfg.site}")
+    hooks = [s.cfg.metadata.hook_name for s in saes]
+    if len(set(hooks)) != len(hooks):
+        raise ValueError("one SAE per hook: give SAEs at distinct (layer, site)")
+    return saes
+
+
+def _perturbed_run(model, saes, tokens, metric):
+    """Corrupted-run forward with every SAE spliced (error term) and zero perturbations on each SAE's acts
+    and error; returns (metric value, {sae index: (acts, err, z_acts, z_err)})."""
+    store: dict[int, dict] = {}
+
+    def acts_hook(i):
+        def hook(x, hook):
+            z = torch.zeros_like(x, requires_grad=True)
+            store.setdefault(i, {}).update(acts=x, z_acts=z)
+            return x + z
+        return hook
+
+    def err_hook(i):
+        def hook(x, hook):
+            z = torch.zeros_like(x, requires_grad=True)
+            store.setdefault(i, {}).update(err=x, z_err=z)
+            return x + z
+        return hook
+
+    fwd = []
+    for i, s in enumerate(saes):
+        fwd += [(s.cfg.metadata.hook_name + ".hook_sae_acts_post", acts_hook(i)),
+                (s.cfg.metadata.hook_name + ".hook_sae_error", err_hook(i))]
+    logits = model.run_with_hooks(tokens, fwd_hooks=fwd)
+    return metric(logits), store
+
+
+def _head_error(sae, err: Tensor) -> Tensor:
+    """The SAE's own head of an error tensor of the hook (5-D ``[b,T,H,N,P]`` or flat) as ``[b,T,N,P]``."""
+    cfg = sae.cfg
+    if err.dim() == 5:
+        return err[:, :, cfg.head]
+    if err.dim() == 3 and err.shape[-1] == cfg.n_heads * cfg.d_k * cfg.d_v:
+        return err.view(*err.shape[:2], cfg.n_heads, cfg.d_k, cfg.d_v)[:, :, cfg.head]
+    return err.view(*err.shape[:2], cfg.d_k, cfg.d_v)
+
+
+def feature_circuit(model, saes: Sequence, clean: Tensor, corrupted: Tensor, metric: Metric,
+                    node_threshold: float = 0.05, edge_threshold: float = 0.02, max_nodes_per_sae: int = 10,
+                    progress: bool = True) -> Circuit:
+    """Attribution-patching feature circuit (clean -> corrupted) over the atoms and error nodes of ``saes``
+    (per-head WriteSAEs at distinct layers; write or state site). See the module docstring."""
+    _check_pair(clean, corrupted)
+    saes = _check_saes(model, saes)
+    with torch.no_grad():
+        m_clean, m_corr = float(metric(model(clean))), float(metric(model(corrupted)))
+    total = abs(m_clean - m_corr)
+    if total < 1e-12:
+        raise ValueError("the metric does not distinguish the clean and corrupted inputs: no circuit to find")
+    with torch.no_grad():
+        deltas = []
+        for s in saes:
+            (a_c, e_c), (a_x, e_x) = site_codes(model, s, clean), site_codes(model, s, corrupted)
+            deltas.append((a_c - a_x, e_c - e_x))
+    opts = _options(saes)
+    nodes, kept = [], []  # kept: (sae index, kind, atom)
+    with torch.enable_grad(), model.options(**opts), model.saes(list(saes), use_error_term=True):
+        value, store = _perturbed_run(model, saes, corrupted, metric)
+        zs = [store[i]["z_acts"] for i in range(len(saes))] + [store[i]["z_err"] for i in range(len(saes))]
+        grads = torch.autograd.grad(value, zs, retain_graph=True)
+        for i, s in enumerate(saes):
+            g_acts, g_err = grads[i], _head_error(s, grads[len(saes) + i])
+            d_acts, d_err = deltas[i]
+            ie = (d_acts * g_acts).sum((0, 1))
+            order = ie.abs().argsort(descending=True)
+            picked = [int(j) for j in order[:max_nodes_per_sae] if abs(float(ie[j])) >= node_threshold * total]
+            for j in picked:
+                nodes.append({"id": _node_id(s, "atom", j), "layer": s.cfg.layer, "head": s.cfg.head, "kind": "atom",
+                              "atom": j, "effect": float(ie[j])})
+                kept.append((i, "atom", j))
+            ie_err = float((d_err * g_err).sum())
+            if abs(ie_err) >= node_threshold * total:
+                nodes.append({"id": _node_id(s, "error", None), "layer": s.cfg.layer, "head": s.cfg.head,
+                              "kind": "error", "atom": None, "effect": ie_err})
+                kept.append((i, "error", None))
+        edges = []
+        downstream = [k for k in kept if k[0] > 0]
+        for i, kind, j in tqdm(downstream, desc="circuit edges", disable=not progress):
+            s = saes[i]
+            g = grads[i] if kind == "atom" else grads[len(saes) + i]
+            if kind == "atom":
+                y = (g[..., j].detach() * store[i]["acts"][..., j]).sum()
+            else:
+                y = (g.detach() * store[i]["err"]).sum()
+            ups = [k for k in kept if k[0] < i]
+            if not ups or not y.requires_grad:
+                continue
+            up_z = [store[u]["z_acts"] if uk == "atom" else store[u]["z_err"] for u, uk, _ in ups]
+            up_g = torch.autograd.grad(y, up_z, retain_graph=True, allow_unused=True)
+            for (u, uk, uj), gz in zip(ups, up_g):
+                if gz is None:
+                    continue
+                d_acts, d_err = deltas[u]
+                w = float((d_acts[..., uj] * gz[..., uj]).sum()) if uk == "atom" else float(
+                    (d_err * _head_error(saes[u], gz)).sum())
+                if abs(w) >= edge_threshold * total:
+                    edges.append({"src": _node_id(saes[u], uk, uj), "dst": _node_id(s, kind, j), "effect": w})
+    return Circuit(nodes, edges, {"clean": m_clean, "corrupted": m_corr}, "attribution")
+
+
+@torch.no_grad()
+def _corrupted_values(model, saes, corrupted) -> dict[str, Tensor]:
+    """Each SAE's codes and error node on the corrupted run (SAEs spliced with their error terms)."""
+    names = [s.cfg.metadata.hook_name + n for s in saes for n in (".hook_sae_acts_post", ".hook_sae_error")]
+    with model.options(**_options(saes)), model.saes(list(saes), use_error_term=True):
+        _, cache = model.run_with_cache(corrupted, names_filter=names)
+    return {n: cache[n] for n in names}
+
+
+@torch.no_grad()
+def _circuit_metric(model, saes, clean, corrupted_values, metric, removed: set[str]) -> float:
+    """Metric of the clean run with the ``removed`` nodes ablated: a removed atom's code and a removed error
+    node take their corrupted-run values (SAEs spliced with error terms, so the rest is the model's own
+    computation and downstream nodes respond to upstream ablations)."""
+    fwd = []
+    for s in saes:
+        h = s.cfg.metadata.hook_name
+        atoms = [j for j in range(s.cfg.d_sae) if _node_id(s, "atom", j) in removed]
+        if atoms:
+            def set_acts(x, hook, atoms=atoms, ref=corrupted_values[h + ".hook_sae_acts_post"]):
+                x = x.clone()
+                x[..., atoms] = ref[..., atoms].to(x.dtype)
+                return x
+            fwd.append((h + ".hook_sae_acts_post", set_acts))
+        if _node_id(s, "error", None) in removed:
+            fwd.append((h + ".hook_sae_error", lambda x, hook, ref=corrupted_values[h + ".hook_sae_error"]:
+                        ref.to(x.dtype).clone()))
+    with model.options(**_options(saes)), model.saes(list(saes), use_error_term=True):
+        return float(metric(model.run_with_hooks(clean, fwd_hooks=fwd)))
+
+
+@torch.no_grad()
+def acdc_prune(model, saes: Sequence, clean: Tensor, corrupted: Tensor, metric: Metric,
+               threshold: float = 0.05, circuit: Circuit | None = None, progress: bool = True) -> Circuit:
+    """ACDC at node level with exact patching: start from ``circuit``'s nodes (default: every atom active in
+    either run, and every error node), visit them from the last layer back, and remove a node when ablating
+    it (with the nodes already removed) moves the metric by less than ``threshold * |clean - corrupted|``.
+    The kept nodes' effects are the metric change of ablating each alone."""
+    _check_pair(clean, corrupted)
+    saes = _check_saes(model, saes)
+    m_clean = float(metric(model(clean)))
+    m_corr = float(metric(model(corrupted)))
+    total = abs(m_clean - m_corr)
+    if total < 1e-12:
+        raise ValueError("the metric does not distinguish the clean and corrupted inputs: nothing to prune")
+    if circuit is None:
+        candidates = []
+        for s in saes:
+            (a_c, _), (a_x, _) = site_codes(model, s, clean), site_codes(model, s, corrupted)
+            active = ((a_c - a_x) != 0).any(0).any(0).nonzero().flatten().tolist()
+            candidates += [(s, "atom", j) for j in active] + [(s, "error", None)]
+    else:
+        by_id = {n["id"]: n for n in circuit.nodes}
+        candidates = [(s, n["kind"], n["atom"]) for s in saes for n in by_id.values()
+                      if n["layer"] == s.cfg.layer and n["head"] == s.cfg.head
+                      and n["id"].split(".")[2] == s.cfg.site]
+    candidates.sort(key=lambda c: -c[0].cfg.layer)
+    ref = _corrupted_values(model, saes, corrupted)
+    removed: set[str] = set()
+    current = m_clean
+    for s, kind, j in tqdm(candidates, desc="ACDC", disable=not progress):
+        nid = _node_id(s, kind, j)
+        trial = _circuit_metric(model, saes, clean, ref, metric, removed | {nid})
+        if abs(trial - current) < threshold * total:
+            removed.add(nid)
+            current = trial
+    nodes = []
+    for s, kind, j in candidates:
+        nid = _node_id(s, kind, j)
+        if nid in removed:
+            continue
+        alone = _circuit_metric(model, saes, clean, ref, metric, {nid})
+        nodes.append({"id": nid, "layer": s.cfg.layer, "head": s.cfg.head, "kind": kind, "atom": j,
+                      "effect": m_clean - alone})
+    return Circuit(nodes, [], {"clean": m_clean, "corrupted": m_corr, "circuit": current,
+                               "faithfulness": (current - m_corr) / (m_clean - m_corr)}, "acdc")
