@@ -131,3 +131,33 @@ def test_feature_circuit_on_gdn_has_edges_and_acdc_is_faithful(qwen, tokens):
         feature_circuit(model, [saes[0], saes[0]], clean, corrupted, METRIC)
     with pytest.raises(ValueError, match="does not distinguish"):
         feature_circuit(model, saes, clean, clean, METRIC)
+
+
+def test_shift_style_editing_against_random_controls(planted, pair):
+    from writesae_plugin.circuits import edit_atoms, mean_ci
+
+    clean, corrupted = pair
+    sae = planted_sae(planted, clean[:1], corrupted[:1])
+
+    def row_diff(logits):
+        return logits[:, -1, 7] - logits[:, -1, 3]
+
+    res = edit_atoms(planted, sae, clean[:1].repeat(3, 1), row_diff, atoms=[0], mode="ablate", n_controls=5,
+                     progress=False)
+    # ablating the planted atom removes the clean write at S (its error node is ~0): the metric moves
+    from writesae_plugin.adapters import WriteEdit
+
+    with torch.no_grad():
+        deleted = planted.run_with_edits(clean[:1], [WriteEdit(layer=0, pos=S, head=1, op="delete")])
+    assert res["after"]["mean"] == pytest.approx(float(row_diff(deleted)[0]), abs=1e-3)
+    assert res["effect"]["n"] == 3 and res["controls"]["n"] == 5
+    assert abs(res["effect"]["mean"]) > max(abs(c) for c in res["controls"]["effects"])
+    inst = edit_atoms(planted, sae, corrupted[:1], row_diff, atoms=[0], mode="install", positions=[S],
+                      n_controls=2, progress=False)
+    assert inst["after"]["mean"] != pytest.approx(inst["before"]["mean"], abs=1e-4)
+    m = mean_ci(torch.tensor([1.0, 2.0, 3.0]))
+    assert m["mean"] == 2.0 and m["lo"] < 2.0 < m["hi"] and m["n"] == 3
+    with pytest.raises(ValueError, match="one value per prompt"):
+        edit_atoms(planted, sae, clean[:1], lambda lo: lo[:, -1, 7].sum(), atoms=[0], n_controls=0)
+    with pytest.raises(ValueError, match="atoms"):
+        edit_atoms(planted, sae, clean[:1], row_diff, atoms=[99])
