@@ -96,7 +96,7 @@ def test_atom_patches_sum_with_the_error_node_to_the_write_patch(model, pair, si
     t = 6
     full = [WriteEdit(layer=L, pos=t, head=2, op="add", batch=b, matrix=torch.einsum(
         "i,ikv->kv", a_c[b, t] - a_x[b, t], A) + e_c[b, t] - e_x[b, t]) for b in range(2)]
-    together = run_edit_rows(model, corrupted, L, [full], METRIC)[0]
+    together = float(run_edit_rows(model, corrupted, L, [full], METRIC)[0])
     if site == "write":
         expected = float(patch_writes(model, clean, corrupted, METRIC, layers=[L], positions=[t], heads=[2],
                                       progress=False).scores[0, 0, 0])
@@ -120,6 +120,18 @@ def test_atom_patches_sum_with_the_error_node_to_the_write_patch(model, pair, si
                                                            matrix=(a_c[b, t, i] - a_x[b, t, i]) * A[i])
                                                  for b in range(2)])
     assert res.scores[1, 0] == pytest.approx(float(METRIC(brute)), abs=1e-4)
+
+
+def test_per_prompt_metrics_keep_rows_and_intervals(model, pair):
+    clean, corrupted = pair
+    per = patch_writes(model, clean, corrupted, logit_diff(7, 3, per_prompt=True), layers=[L], positions=[4, 5],
+                       progress=False)
+    mean = patch_writes(model, clean, corrupted, METRIC, layers=[L], positions=[4, 5], progress=False)
+    assert per.rows.shape == (1, 2, 4, 2) and torch.allclose(per.scores, mean.scores, atol=1e-5)
+    ci = per.effect_interval(0, 1, 2)
+    assert ci["n"] == 2 and ci["mean"] == pytest.approx(float(per.scores[0, 1, 2] - per.corrupted), abs=1e-5)
+    with pytest.raises(ValueError, match="per-prompt"):
+        mean.effect_interval(0, 1, 2)
 
 
 def test_metrics_and_bad_inputs(model, pair):

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .patching import Metric, PatchResult, _check_pair, atom_matrices, site_codes
+from .patching import Metric, PatchResult, _check_pair, atom_matrices, scalar, site_codes
 
 BACKENDS = ("adjoint", "transformer_lens", "nnsight")
 
@@ -40,8 +40,9 @@ def write_gradients(model, tokens: Tensor, metric: Metric, layers: Sequence[int]
         logits = model.run_with_hooks(tokens, fwd_hooks=[(model.hook_prefix(l_) + "hook_write", perturb(l_))
                                                          for l_ in layers])
         value = metric(logits)
-        if value.dim() != 0:
-            raise ValueError(f"metric must return a scalar, got shape {list(value.shape)}")
+        if value.dim() > 1:
+            raise ValueError(f"metric must return a scalar or one value per prompt, got shape {list(value.shape)}")
+        value = scalar(value)
         grads = torch.autograd.grad(value, [zeros[l_] for l_ in layers], allow_unused=True)
     return float(value), {l_: (g if g is not None else torch.zeros_like(zeros[l_])).detach()
                           for l_, g in zip(layers, grads)}
@@ -73,7 +74,7 @@ def attribute_writes(model, clean: Tensor, corrupted: Tensor, metric: Metric, la
             return torch.einsum("bthn,bthnp,bthp->th", k, g, v)
 
         scores[i] = base + bil(cc) - bil(cx)
-    clean_value = float(metric(model(clean)))
+    clean_value = float(scalar(metric(model(clean))))
     return PatchResult(scores, clean_value, base, {"layer": layers, "pos": positions, "head": heads,
                                                    "estimate": "attribution patching"})
 
@@ -114,7 +115,7 @@ def attribute_atoms(model, sae, clean: Tensor, corrupted: Tensor, metric: Metric
         err = (e_c - e_x)[:, positions]
         cols.append((base + torch.einsum("btkv,btkv->t", g, err))[:, None])
     with torch.no_grad():
-        clean_value = float(metric(model(clean)))
+        clean_value = float(scalar(metric(model(clean))))
     return PatchResult(torch.cat(cols, 1).detach(), clean_value, base,
                        {"pos": positions, "atom": atoms + (["error"] if include_error else []),
                         "estimate": f"attribution patching ({backend})"})
@@ -136,7 +137,7 @@ def _atom_grads_by_perturbation(model, sae, tokens, metric, nnsight: bool) -> Te
                 holder["z"] = torch.zeros_like(x, requires_grad=True)
                 return x + holder["z"]
 
-            value = metric(model.run_with_hooks(tokens, fwd_hooks=[(name, add_zero)]))
+            value = scalar(metric(model.run_with_hooks(tokens, fwd_hooks=[(name, add_zero)])))
             return torch.autograd.grad(value, holder["z"])[0].detach()
         from nnsight import NNsight
 
@@ -148,7 +149,8 @@ def _atom_grads_by_perturbation(model, sae, tokens, metric, nnsight: bool) -> Te
         z = torch.zeros(b, T, sae.cfg.d_sae, requires_grad=True)
         with nn_model.trace(tokens):
             envoy.hook_sae_acts_post.output = envoy.hook_sae_acts_post.output + z
-            value = metric(nn_model.output).save()
+            value = metric(nn_model.output)
+            value = (value.mean() if value.dim() == 1 else value).save()
         return torch.autograd.grad(value, z)[0].detach()
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..adapters import StateCapture
-from .patching import Metric, _check_pair, site_codes
+from .patching import Metric, _check_pair, scalar, site_codes
 
 
 @dataclass
@@ -138,7 +138,7 @@ def _perturbed_run(model, saes, tokens, metric):
         fwd += [(s.cfg.metadata.hook_name + ".hook_sae_acts_post", acts_hook(i)),
                 (s.cfg.metadata.hook_name + ".hook_sae_error", err_hook(i))]
     logits = model.run_with_hooks(tokens, fwd_hooks=fwd)
-    return metric(logits), store
+    return scalar(metric(logits)), store
 
 
 def _head_error(sae, err: Tensor) -> Tensor:
@@ -159,7 +159,7 @@ def feature_circuit(model, saes: Sequence, clean: Tensor, corrupted: Tensor, met
     _check_pair(clean, corrupted)
     saes = _check_saes(model, saes)
     with torch.no_grad():
-        m_clean, m_corr = float(metric(model(clean))), float(metric(model(corrupted)))
+        m_clean, m_corr = float(scalar(metric(model(clean)))), float(scalar(metric(model(corrupted))))
     total = abs(m_clean - m_corr)
     if total < 1e-12:
         raise ValueError("the metric does not distinguish the clean and corrupted inputs: no circuit to find")
@@ -242,7 +242,7 @@ def _circuit_metric(model, saes, clean, corrupted_values, metric, removed: set[s
             fwd.append((h + ".hook_sae_error", lambda x, hook, ref=corrupted_values[h + ".hook_sae_error"]:
                         ref.to(x.dtype).clone()))
     with model.options(**_options(saes)), model.saes(list(saes), use_error_term=True):
-        return float(metric(model.run_with_hooks(clean, fwd_hooks=fwd)))
+        return float(scalar(metric(model.run_with_hooks(clean, fwd_hooks=fwd))))
 
 
 @torch.no_grad()
@@ -254,8 +254,8 @@ def acdc_prune(model, saes: Sequence, clean: Tensor, corrupted: Tensor, metric: 
     The kept nodes' effects are the metric change of ablating each alone."""
     _check_pair(clean, corrupted)
     saes = _check_saes(model, saes)
-    m_clean = float(metric(model(clean)))
-    m_corr = float(metric(model(corrupted)))
+    m_clean = float(scalar(metric(model(clean))))
+    m_corr = float(scalar(metric(model(corrupted))))
     total = abs(m_clean - m_corr)
     if total < 1e-12:
         raise ValueError("the metric does not distinguish the clean and corrupted inputs: nothing to prune")

@@ -24,18 +24,35 @@ from tqdm.auto import tqdm
 
 from ..adapters import StateCapture, WriteEdit
 
-Metric = Callable[[Tensor], Tensor]  # logits [b, T, V] -> scalar
+Metric = Callable[[Tensor], Tensor]  # logits [b, T, V] -> scalar, or per prompt [b] (then kept per row)
+
+
+def scalar(v: Tensor) -> Tensor:
+    """A metric value reduced to a scalar (the batch mean of a per-prompt metric), keeping its graph."""
+    v = torch.as_tensor(v)
+    return v.mean() if v.dim() == 1 else v
+
+
+def _value(v: Tensor) -> Tensor:
+    """A metric's value as a detached fp32 tensor: ``[]`` (scalar metric) or ``[b]`` (per-prompt metric)."""
+    v = torch.as_tensor(v).detach().float().cpu()
+    if v.dim() > 1:
+        raise ValueError(f"a metric must return a scalar or one value per prompt [b], got {list(v.shape)}")
+    return v
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def logit_diff(answer: Tensor | Sequence[int] | int, wrong: Tensor | Sequence[int] | int, pos: int = -1) -> Metric:
-    """Metric: mean over the batch of ``logit[answer] - logit[wrong]`` at ``pos`` (one id, or one per row)."""
+def logit_diff(answer: Tensor | Sequence[int] | int, wrong: Tensor | Sequence[int] | int, pos: int = -1,
+               per_prompt: bool = False) -> Metric:
+    """Metric: ``logit[answer] - logit[wrong]`` at ``pos`` (one id, or one per row), averaged over the batch
+    (``per_prompt=True``: one value per row, so results carry per-prompt values and intervals)."""
     def metric(logits: Tensor) -> Tensor:
         rows = torch.arange(logits.shape[0], device=logits.device)
         a = torch.as_tensor(answer, device=logits.device).expand(logits.shape[0])
         w = torch.as_tensor(wrong, device=logits.device).expand(logits.shape[0])
         last = logits[:, pos].float()
-        return (last[rows, a] - last[rows, w]).mean()
+        d = last[rows, a] - last[rows, w]
+        return d if per_prompt else d.mean()
 
     return metric
 
@@ -80,9 +97,9 @@ def _check_pair(clean: Tensor, corrupted: Tensor) -> None:
 
 @torch.no_grad()
 def run_edit_rows(model, tokens: Tensor, layer: int, patches: list[list[WriteEdit]], metric: Metric,
-                  max_rows: int = 64, resid: Tensor | None = None) -> list[float]:
+                  max_rows: int = 64, resid: Tensor | None = None) -> list[Tensor]:
     """``metric`` of the run on ``tokens`` ``[B, T]`` under each list of edits in ``patches`` (all at layers
-    ``>= layer``; ``batch`` of each edit indexes ``tokens``' rows). The run resumes at ``layer`` from the
+    ``>= layer``; ``batch`` of each edit indexes ``tokens``' rows), as ``_value`` tensors. The run resumes at ``layer`` from the
     residual entering it; patches are stacked as rows (``B`` rows each), ``max_rows`` rows per forward."""
     B = tokens.shape[0]
     resid = model.residual_before(tokens, layer) if resid is None else resid
@@ -98,24 +115,47 @@ def run_edit_rows(model, tokens: Tensor, layer: int, patches: list[list[WriteEdi
                                     matrix=e.matrix, batch=j * B + r, mode=e.mode) for r in rows]
         with model.edits(edits):
             logits = model.run_from_layer(resid.repeat(len(group), 1, 1), layer)
-        values += [float(metric(logits[j * B:(j + 1) * B])) for j in range(len(group))]
+        values += [_value(metric(logits[j * B:(j + 1) * B])) for j in range(len(group))]
     return values
 
 
 # ---------------------------------------------------------------------------------------------- writes
 @dataclass
 class PatchResult:
-    """``scores[i, ...]``: the metric after patch i; ``clean`` / ``corrupted``: the unpatched metrics;
-    ``index``: what each axis of ``scores`` enumerates."""
+    """``scores[...]``: the (batch-mean) metric after each patch; ``clean`` / ``corrupted``: the unpatched
+    metrics; ``index``: what each axis of ``scores`` enumerates. With a per-prompt metric, ``rows[..., b]``,
+    ``clean_rows`` and ``corrupted_rows`` keep the per-prompt values (for intervals)."""
 
     scores: Tensor
     clean: float
     corrupted: float
     index: dict = field(default_factory=dict)
+    rows: Tensor | None = None
+    clean_rows: Tensor | None = None
+    corrupted_rows: Tensor | None = None
 
     @property
     def normalized(self) -> Tensor:
         return normalized_score(self.scores, self.clean, self.corrupted)
+
+    def effect_interval(self, *index) -> dict:
+        """Mean effect ``score - corrupted`` of one patch over prompts with its 95% t-interval (needs a
+        per-prompt metric)."""
+        from .editing import mean_ci
+
+        if self.rows is None:
+            raise ValueError("per-prompt values were not kept: use a per-prompt metric (per_prompt=True)")
+        return mean_ci(self.rows[index] - self.corrupted_rows)
+
+
+def _result(values: list[Tensor], shape: tuple, base_clean: Tensor, base_corr: Tensor, index: dict) -> PatchResult:
+    """Assemble a :class:`PatchResult` from per-patch metric values (scalars or per-prompt rows)."""
+    stacked = torch.stack(values) if values else torch.zeros(0)
+    if stacked.dim() == 2:  # per-prompt
+        rows = stacked.view(*shape, stacked.shape[-1])
+        return PatchResult(rows.mean(-1), float(base_clean.mean()), float(base_corr.mean()), index, rows,
+                           base_clean, base_corr)
+    return PatchResult(stacked.view(*shape), float(base_clean), float(base_corr), index)
 
 
 @torch.no_grad()
@@ -130,19 +170,19 @@ def patch_writes(model, clean: Tensor, corrupted: Tensor, metric: Metric, layers
     names = [model.hook_prefix(l_) + n for l_ in layers for n in ("hook_write_key", "hook_write_value")]
     with model.options(write_mode="raw"):
         _, cache = model.run_with_cache(clean, names_filter=names)
-        scores = torch.zeros(len(layers), len(positions), len(heads))
-        bar = tqdm(total=scores.numel(), desc="patching writes", disable=not progress)
+        values: list[Tensor] = []
+        bar = tqdm(total=len(layers) * len(positions) * len(heads), desc="patching writes", disable=not progress)
         for i, l_ in enumerate(layers):
             p = model.hook_prefix(l_)
             key, value = cache[p + "hook_write_key"], cache[p + "hook_write_value"]
             patches = [[WriteEdit(layer=l_, pos=t, head=h, key=key[b, t, h], value=value[b, t, h], batch=b)
                         for b in range(clean.shape[0])] for t in positions for h in heads]
-            vals = run_edit_rows(model, corrupted, l_, patches, metric, max_rows)
-            scores[i] = torch.tensor(vals).view(len(positions), len(heads))
+            values += run_edit_rows(model, corrupted, l_, patches, metric, max_rows)
             bar.update(len(patches))
         bar.close()
-        base_clean, base_corr = float(metric(model(clean))), float(metric(model(corrupted)))
-    return PatchResult(scores, base_clean, base_corr, {"layer": layers, "pos": positions, "head": heads})
+        base_clean, base_corr = _value(metric(model(clean))), _value(metric(model(corrupted)))
+    return _result(values, (len(layers), len(positions), len(heads)), base_clean, base_corr,
+                   {"layer": layers, "pos": positions, "head": heads})
 
 
 # ---------------------------------------------------------------------------------------------- atoms
@@ -212,7 +252,7 @@ def patch_atoms(model, sae, clean: Tensor, corrupted: Tensor, metric: Metric, po
         step = max(1, max_rows // B)
         for s in tqdm(range(0, len(patches), step), desc="patching atoms", disable=not progress):
             vals += run_edit_rows(model, corrupted, L, patches[s:s + step], metric, max_rows)
-        base_clean, base_corr = float(metric(model(clean))), float(metric(model(corrupted)))
+        base_clean, base_corr = _value(metric(model(clean))), _value(metric(model(corrupted)))
     n = len(atoms) + int(include_error)
-    return PatchResult(torch.tensor(vals).view(len(positions), n), base_clean, base_corr,
-                       {"pos": positions, "atom": atoms + (["error"] if include_error else [])})
+    return _result(vals, (len(positions), n), base_clean, base_corr,
+                   {"pos": positions, "atom": atoms + (["error"] if include_error else [])})

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..adapters import WriteEdit
-from .patching import Metric
+from .patching import Metric, scalar
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def path_patch(model, tokens: Tensor, sender: Sequence[WriteEdit], receivers: Se
         return hook
 
     path_logits = model.run_with_hooks(tokens, fwd_hooks=[(n, receiver_hook(r, n)) for r, n in zip(receivers, names)])
-    base, total, path = float(metric(model(tokens))), float(metric(total_logits)), float(metric(path_logits))
+    base, total, path = (float(scalar(metric(x))) for x in (model(tokens), total_logits, path_logits))
     frac = (path - base) / (total - base) if abs(total - base) > 1e-12 else float("nan")
     return {"base": base, "total": total, "path": path, "path_fraction": frac}
 
