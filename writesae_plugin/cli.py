@@ -300,6 +300,105 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _pairs_inputs(args, n_saes: int = 1):
+    """(hooked model, SAEs, copy-task pairs): the shipped demo model and release unless given."""
+    from .circuits.run import DEFAULT_SAES
+    from .circuits.tasks import copy_task
+    from .demo import corpus
+    from .demo.run import demo_model_dir
+
+    model, _ = _load(args.model or str(demo_model_dir()))
+    if model.tokenizer is None:
+        raise SystemExit("writesae: the model has no tokenizer; the copy task needs one")
+    specs = args.sae or list(DEFAULT_SAES[:n_saes])
+    saes = [_load_sae(s) for s in specs]
+    if args.dataset:
+        from .data import load_text_dataset
+
+        texts = (r[args.text_column] for r in load_text_dataset(args.dataset, text_column=args.text_column))
+    else:
+        texts = corpus.texts("test")
+    pairs = copy_task(model.tokenizer, texts, args.n, args.length, args.source_pos, args.seed)
+    return model, saes, pairs
+
+
+def cmd_patch(args) -> int:
+    from .circuits.run import run_patch
+
+    model, saes, pairs = _pairs_inputs(args)
+    res = run_patch(model, saes[0], pairs, args.out)
+    c, x = res["clean"], res["corrupted"]
+    print(f"copy task, n = {len(pairs)}: clean {c['mean']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}], corrupted "
+          f"{x['mean']:.3f} [{x['lo']:.3f}, {x['hi']:.3f}]")
+    for e in res["writes"]["top"][:5]:
+        print(f"  write L{e['layer']} pos {e['pos']} head {e['head']}: normalised {e['normalized']:+.3f}, effect "
+              f"{e['effect']['mean']:+.3f} [{e['effect']['lo']:+.3f}, {e['effect']['hi']:+.3f}]")
+    print(f"report: {args.out}/index.html")
+    return 0
+
+
+def cmd_attribution_patch(args) -> int:
+    from .circuits.run import run_attribution_patch
+
+    model, saes, pairs = _pairs_inputs(args)
+    res = run_attribution_patch(model, saes[0], pairs, args.out)
+    for k, v in res.items():
+        if isinstance(v, dict):
+            print(f"  {k}: pearson {v.get('pearson', float('nan')):.3f}, spearman {v.get('spearman', float('nan')):.3f}"
+                  f" (n = {v['n']} patches)")
+    print(f"report: {args.out}/index.html")
+    return 0
+
+
+def cmd_path_patch(args) -> int:
+    from .circuits.run import run_path_patch
+
+    model, _, pairs = _pairs_inputs(args, n_saes=0)
+    res = run_path_patch(model, pairs, args.out, args.layer, args.head)
+    s = res["sender"]
+    print(f"sender: write at layer {s['layer']} position {s['pos']} head {s['head']} (n = {len(pairs)} prompts)")
+    for t, r in res["by_read_position"].items():
+        print(f"  via read {t}: {r['path'] - r['base']:+.4f} (total {r['total'] - r['base']:+.4f})")
+    print(f"report: {args.out}/index.html")
+    return 0
+
+
+def cmd_circuit(args) -> int:
+    from .circuits.run import run_circuit
+
+    model, saes, pairs = _pairs_inputs(args, n_saes=2)
+    res = run_circuit(model, saes, pairs, args.out, args.node_threshold, args.edge_threshold, args.acdc_threshold)
+    print(f"attribution circuit: {res['attribution']['n_nodes']} nodes, {res['attribution']['n_edges']} edges; "
+          f"ACDC: {res['acdc']['n_nodes']} nodes, faithfulness {res['acdc']['metric']['faithfulness']:.3f}")
+    print(f"graphs: {args.out}/circuit.json, {args.out}/circuit_acdc.json; report: {args.out}/index.html")
+    return 0
+
+
+def cmd_edit_atoms(args) -> int:
+    from .circuits.run import run_edit
+
+    model, saes, pairs = _pairs_inputs(args)
+    res = run_edit(model, saes[0], pairs, args.out, args.atoms, args.controls)
+    b, a, c = res["before"], res["after"], res["controls"]
+    print(f"ablating atoms {res['atoms']}: behaviour {b['mean']:.3f} -> {a['mean']:.3f} (n = {b['n']}); "
+          f"effect {res['effect']['mean']:+.3f} [{res['effect']['lo']:+.3f}, {res['effect']['hi']:+.3f}]; random "
+          f"sets {c.get('mean', float('nan')):+.3f} (n = {c['n']}), p = {c.get('p_at_least_as_large', float('nan')):.3f}")
+    print(f"report: {args.out}/index.html")
+    return 0
+
+
+def _add_pairs_args(p, sae_help: str):
+    p.add_argument("--model", default=None, help="HF model directory (default: the shipped demo model)")
+    p.add_argument("--sae", action="append", default=None, help=sae_help)
+    p.add_argument("--dataset", default=None, help="text file/dir for the prompts (default: held-out stdlib)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--n", type=int, default=16, help="number of clean/corrupted prompt pairs")
+    p.add_argument("--length", type=int, default=32, help="prompt length in tokens")
+    p.add_argument("--source-pos", type=int, default=8, help="the corrupted position")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="results directory")
+
+
 def _add_data_args(p):
     p.add_argument("--dataset", required=True, help="hub dataset name, or a local .txt/.jsonl/.parquet file or dir")
     p.add_argument("--text-column", default="text")
@@ -412,6 +511,29 @@ def build_parser() -> argparse.ArgumentParser:
     mr.add_argument("--model", required=True, help="the demo model directory")
     mr.add_argument("--out", required=True)
     mr.set_defaults(func=cmd_make_demo_release)
+
+    pp = sub.add_parser("patch", help="activation patching of every write and of WriteSAE atoms (copy task)")
+    _add_pairs_args(pp, "DIR or RELEASE:SAE_ID (default writesae-demo:L2.H1.write)")
+    pp.set_defaults(func=cmd_patch)
+    ap = sub.add_parser("attribution-patch", help="attribution patching vs actual patching (writes, atoms)")
+    _add_pairs_args(ap, "DIR or RELEASE:SAE_ID (default writesae-demo:L2.H1.write)")
+    ap.set_defaults(func=cmd_attribution_patch)
+    pa = sub.add_parser("path-patch", help="path patching of one write through chosen reads / later layers")
+    _add_pairs_args(pa, "unused")
+    pa.add_argument("--layer", type=int, default=None, help="sender layer (default: largest patching effect)")
+    pa.add_argument("--head", type=int, default=None)
+    pa.set_defaults(func=cmd_path_patch)
+    ci = sub.add_parser("circuit", help="sparse feature circuit over write atoms + ACDC pruning (JSON, figures)")
+    _add_pairs_args(ci, "repeatable; in upstream-to-downstream order (default: the demo write and state SAEs)")
+    ci.add_argument("--node-threshold", type=float, default=0.02)
+    ci.add_argument("--edge-threshold", type=float, default=0.01)
+    ci.add_argument("--acdc-threshold", type=float, default=0.02)
+    ci.set_defaults(func=cmd_circuit)
+    ea = sub.add_parser("edit-atoms", help="SHIFT-style ablation of atoms vs random-atom controls")
+    _add_pairs_args(ea, "DIR or RELEASE:SAE_ID (default writesae-demo:L2.H1.write)")
+    ea.add_argument("--atoms", type=int, nargs="+", default=None, help="default: the top-3 by attribution")
+    ea.add_argument("--controls", type=int, default=20)
+    ea.set_defaults(func=cmd_edit_atoms)
 
     d = sub.add_parser("demo", help="the shipped model and SAEs through the substitution, closed-form and install "
                                     "tests on held-out text (the main job)")

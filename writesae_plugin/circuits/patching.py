@@ -162,7 +162,9 @@ def _result(values: list[Tensor], shape: tuple, base_clean: Tensor, base_corr: T
 def patch_writes(model, clean: Tensor, corrupted: Tensor, metric: Metric, layers: Sequence[int] | None = None,
                  positions: Sequence[int] | None = None, heads: Sequence[int] | None = None, max_rows: int = 64,
                  progress: bool = True) -> PatchResult:
-    """Patch each clean write ``(layer, pos, head)`` into the corrupted run; ``scores [L, P, H]``."""
+    """Patch each clean write ``(layer, pos, head)`` into the corrupted run; ``scores [L, P, H]``. A write
+    that is bitwise the same in both runs (e.g. before the first differing token) is a no-op patch: its
+    score is the corrupted run's metric, without a forward."""
     _check_pair(clean, corrupted)
     layers = list(model.cfg.recurrent_layers if layers is None else layers)
     positions = list(range(clean.shape[1]) if positions is None else positions)
@@ -170,17 +172,24 @@ def patch_writes(model, clean: Tensor, corrupted: Tensor, metric: Metric, layers
     names = [model.hook_prefix(l_) + n for l_ in layers for n in ("hook_write_key", "hook_write_value")]
     with model.options(write_mode="raw"):
         _, cache = model.run_with_cache(clean, names_filter=names)
+        _, cx = model.run_with_cache(corrupted, names_filter=names)
+        base_clean, base_corr = _value(metric(model(clean))), _value(metric(model(corrupted)))
         values: list[Tensor] = []
         bar = tqdm(total=len(layers) * len(positions) * len(heads), desc="patching writes", disable=not progress)
         for i, l_ in enumerate(layers):
             p = model.hook_prefix(l_)
             key, value = cache[p + "hook_write_key"], cache[p + "hook_write_value"]
+            same = (torch.equal(key[:, t, h], cx[p + "hook_write_key"][:, t, h])
+                    and torch.equal(value[:, t, h], cx[p + "hook_write_value"][:, t, h])
+                    for t in positions for h in heads)
+            same = list(same)
             patches = [[WriteEdit(layer=l_, pos=t, head=h, key=key[b, t, h], value=value[b, t, h], batch=b)
                         for b in range(clean.shape[0])] for t in positions for h in heads]
-            values += run_edit_rows(model, corrupted, l_, patches, metric, max_rows)
+            todo = [pt for pt, sm in zip(patches, same) if not sm]
+            done = iter(run_edit_rows(model, corrupted, l_, todo, metric, max_rows))
+            values += [base_corr if sm else next(done) for sm in same]
             bar.update(len(patches))
         bar.close()
-        base_clean, base_corr = _value(metric(model(clean))), _value(metric(model(corrupted)))
     return _result(values, (len(layers), len(positions), len(heads)), base_clean, base_corr,
                    {"layer": layers, "pos": positions, "head": heads})
 
