@@ -181,16 +181,19 @@ class Mamba2Hooks(nn.Module):
             S = S + d_final.transpose(-1, -2).to(S.dtype)  # canonical [N, P] -> HF [P, N]
         return (y_new, S) if a["return_final_states"] else y_new
 
+    def _rows(self, entries) -> tuple[Tensor, Tensor, Tensor]:
+        """State changes grouped by changed (batch, position) pair: ``(D0 [R, H, N, P], batch [R], pos [R])``."""
+        rows = sorted({(bi, t) for bi, t, _ in entries})
+        D0 = torch.zeros(len(rows), self.n_heads, self.d_k, self.d_v)
+        for (bi, t, h), dS in entries.items():
+            D0[rows.index((bi, t)), h] += dS.float()
+        return D0, torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+
     def _propagate_canonical(self, entries, b, T, log_decay, query):
         """Exact Delta y and Delta S_T of state changes under edited decays/queries: the zero-value trick
         with the canonical scan (rows = changed (batch, position) pairs)."""
         H, N, P = self.n_heads, self.d_k, self.d_v
-        rows = sorted({(bi, t) for bi, t, _ in entries})
-        D0 = torch.zeros(len(rows), H, N, P)
-        for (bi, t, h), dS in entries.items():
-            D0[rows.index((bi, t)), h] += dS.float()
-        batch = torch.tensor([r[0] for r in rows])
-        pos = torch.tensor([r[1] for r in rows])
+        D0, batch, pos = self._rows(entries)
         d_read = torch.zeros(b, T, H, P)
         d_read.index_put_((batch, pos), torch.einsum("rhnp,rhn->rhp", D0, query[batch, pos].float()), accumulate=True)
         L = int(T - 1 - pos.min())
@@ -292,12 +295,7 @@ class Mamba2Hooks(nn.Module):
     def _propagate(self, chunk_scan, a, entries, b, T, dt, C, B):
         """Exact Delta y (without skip) and Delta S_T with ``mamba2_chunk_scan`` on zero-x suffix rows."""
         H, N, P = self.n_heads, self.d_k, self.d_v
-        rows = sorted({(bi, t) for bi, t, _ in entries})
-        D0 = torch.zeros(len(rows), H, N, P)
-        for (bi, t, h), dS in entries.items():
-            D0[rows.index((bi, t)), h] += dS.float()
-        batch = torch.tensor([r[0] for r in rows])
-        pos = torch.tensor([r[1] for r in rows])
+        D0, batch, pos = self._rows(entries)
         rep = H // C.shape[2]
         d_read = torch.zeros(b, T, H, P)
         Cq = C.float().repeat_interleave(rep, dim=2)

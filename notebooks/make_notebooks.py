@@ -159,6 +159,85 @@ print(writesae_plugin.sae.describe(trained))
     "--dataset <text files or hub dataset> --out my_sae`.",
 ])
 
+CIRCUITS = nb([
+    "md:# Patching, attribution and circuits over write atoms\n\n"
+    "Each method of the field, on the shipped model's cache writes and WriteSAE atoms: activation patching "
+    "(TransformerLens' own utilities and the exact batched version), attribution patching (checked against "
+    "actual patching), path patching through the recurrence, a sparse feature circuit with error nodes and "
+    "its ACDC pruning, and SHIFT-style ablation against random atom sets. The task: copy (induction) pairs "
+    "from held-out stdlib code; the metric is logit(answer) - logit(wrong) at the last position.",
+    SETUP,
+    """
+from writesae_plugin.circuits import (patch_writes, patch_atoms, attribute_writes, attribute_atoms,
+                                      compare_with_patching, path_patch, Reads, feature_circuit, acdc_prune,
+                                      edit_atoms, write_patch_index)
+from writesae_plugin.circuits.tasks import copy_task
+from writesae_plugin.demo import corpus
+
+pairs = copy_task(tok, corpus.texts("test"), n=6, length=16, source_pos=5)
+metric = pairs.metric()
+print(len(pairs), "pairs; clean", float(metric(model(pairs.clean))), "corrupted", float(metric(model(pairs.corrupted))))
+""",
+    "md:## Activation patching\n\nTransformerLens' `generic_activation_patch` runs unchanged on the write hooks "
+    "(layer-level aliases `blocks.{l}.hook_write`; `write_patch_index` skips the attention layer of this hybrid). "
+    "`patch_writes` gives the same numbers, batched and resumed at each layer.",
+    """
+from transformer_lens import patching
+layer = 2
+with torch.no_grad(), model.options(materialize_writes=True):
+    _, clean_cache = model.run_with_cache(pairs.clean, names_filter=lambda n: n.endswith("hook_write"))
+    index = write_patch_index(model, pairs.clean.shape[1], layers=[layer])
+    tl_scores = patching.generic_activation_patch(model, pairs.corrupted, clean_cache, metric,
+                                                  patching.layer_pos_head_vector_patch_setter, "write", index_df=index)
+ours = patch_writes(model, pairs.clean, pairs.corrupted, metric, layers=[layer], progress=False)
+print("max |TL - ours|:", float((tl_scores - ours.scores.flatten()).abs().max()))
+""",
+    "md:## Attribution patching vs actual patching",
+    """
+est = attribute_writes(model, pairs.clean, pairs.corrupted, metric, layers=[layer])
+print(compare_with_patching(est, ours))
+from sae_lens import SAE
+sae = SAE.from_pretrained("writesae-demo", "L2.H1.write")
+sae_state = SAE.from_pretrained("writesae-demo", "L2.H1.state")
+actual = patch_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=[pairs.source_pos], max_atoms=8,
+                     progress=False)
+estimate = attribute_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=[pairs.source_pos],
+                           atoms=actual.index["atom"][:-1], backend="transformer_lens")
+print(compare_with_patching(estimate, actual))
+""",
+    "md:## Path patching: one write, one read at a time",
+    """
+from writesae_plugin.adapters import WriteEdit
+s, h = pairs.source_pos, 1
+p = model.hook_prefix(layer)
+_, c = model.run_with_cache(pairs.clean, names_filter=[p + "hook_write_key", p + "hook_write_value"])
+sender = [WriteEdit(layer=layer, pos=s, head=h, key=c[p + "hook_write_key"][b, s, h],
+                    value=c[p + "hook_write_value"][b, s, h], batch=b) for b in range(len(pairs))]
+for t in (s, s + 3, pairs.clean.shape[1] - 1):
+    r = path_patch(model, pairs.corrupted, sender, [Reads(layer, positions=(t,), heads=(h,))], metric)
+    print(f"via read {t}: {r['path'] - r['base']:+.4f} of total {r['total'] - r['base']:+.4f}")
+""",
+    "md:## A feature circuit over the write and state atoms, then ACDC",
+    """
+circ = feature_circuit(model, [sae, sae_state], pairs.clean, pairs.corrupted, metric, node_threshold=0.02,
+                       edge_threshold=0.01, max_nodes_per_sae=5, progress=False)
+print(len(circ.nodes), "nodes", len(circ.edges), "edges")
+pruned = acdc_prune(model, [sae, sae_state], pairs.clean, pairs.corrupted, metric, threshold=0.05, circuit=circ,
+                    progress=False)
+print("ACDC keeps", pruned.node_ids(), "faithfulness", round(pruned.metric["faithfulness"], 3))
+circ.figure();
+""",
+    "md:## SHIFT-style ablation against random atom sets",
+    """
+res = edit_atoms(model, sae, pairs.clean, pairs.metric(per_prompt=True), atoms=[n["atom"] for n in circ.nodes
+                 if n["kind"] == "atom" and n["layer"] == 2][:2] or [0], n_controls=5, progress=False)
+print(res["before"], res["after"], res["controls"].get("mean"))
+""",
+    "md:The same from the command line, on the shipped model: `writesae patch`, `writesae attribution-patch`, "
+    "`writesae path-patch`, `writesae circuit`, `writesae edit-atoms` (each `--out DIR`).",
+])
+
 for name, book in {"01_quickstart.ipynb": QUICKSTART, "02_substitution_and_closed_form.ipynb": SUBSTITUTION,
-                   "03_steering_by_install.ipynb": INSTALL, "04_training_a_writesae.ipynb": TRAINING}.items():
+                   "03_steering_by_install.ipynb": INSTALL, "04_training_a_writesae.ipynb": TRAINING,
+                   "05_patching_attribution_circuits.ipynb": CIRCUITS}.items():
     nbf.write(book, HERE / name)

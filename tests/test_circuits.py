@@ -161,3 +161,40 @@ def test_shift_style_editing_against_random_controls(planted, pair):
         edit_atoms(planted, sae, clean[:1], lambda lo: lo[:, -1, 7].sum(), atoms=[0], n_controls=0)
     with pytest.raises(ValueError, match="atoms"):
         edit_atoms(planted, sae, clean[:1], row_diff, atoms=[99])
+
+
+def test_copy_task_pairs(tiny_tokenizer):
+    from writesae_plugin.circuits.tasks import copy_task
+    from writesae_plugin.demo import corpus
+
+    pairs = copy_task(tiny_tokenizer, corpus.texts("test"), n=4, length=16, source_pos=5)
+    assert pairs.clean.shape == pairs.corrupted.shape == (4, 16) and len(pairs) == 4
+    diff = (pairs.clean != pairs.corrupted).nonzero()
+    assert set(diff[:, 1].tolist()) == {5}  # only the source position differs
+    assert torch.equal(pairs.clean[:, -1], pairs.clean[:, 4])  # the repeat of A
+    assert torch.equal(pairs.answer, pairs.clean[:, 5]) and torch.equal(pairs.wrong, pairs.corrupted[:, 5])
+    with pytest.raises(ValueError, match="source_pos"):
+        copy_task(tiny_tokenizer, corpus.texts("test"), n=1, length=8, source_pos=7)
+
+
+def test_circuit_cli_commands_on_the_shipped_model(tmp_path, capsys):
+    import json
+
+    from writesae_plugin.cli import main
+
+    common = ["--n", "2", "--length", "12", "--source-pos", "4"]
+    assert main(["patch", *common, "--out", str(tmp_path / "patch")]) == 0
+    res = json.loads((tmp_path / "patch" / "results.json").read_text())
+    assert res["n_prompts"] == 2 and res["writes"]["top"] and res["atoms"]["top"]
+    assert (tmp_path / "patch" / "write_patching.png").is_file()
+    assert main(["attribution-patch", *common, "--out", str(tmp_path / "ap")]) == 0
+    res = json.loads((tmp_path / "ap" / "results.json").read_text())
+    assert res["writes"]["n"] == 5 * 12 * 4 and "atoms_nnsight" in res
+    assert main(["path-patch", *common, "--layer", "2", "--head", "1", "--out", str(tmp_path / "pp")]) == 0
+    assert main(["circuit", *common, "--out", str(tmp_path / "circ")]) == 0
+    graph = json.loads((tmp_path / "circ" / "circuit.json").read_text())
+    assert set(graph) == {"nodes", "edges", "metric", "method"}
+    assert (tmp_path / "circ" / "circuit.png").is_file()
+    assert main(["edit-atoms", *common, "--controls", "3", "--out", str(tmp_path / "edit")]) == 0
+    out = capsys.readouterr().out
+    assert "ablating atoms" in out and "faithfulness" in out

@@ -88,4 +88,4 @@ def test_notebook_runs_top_to_bottom(path):
 
 
 def test_notebook_count():
-    assert len(NOTEBOOKS) == 4
+    assert len(NOTEBOOKS) == 5
