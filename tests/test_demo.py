@@ -13,17 +13,21 @@ from writesae_plugin.demo.run import demo_model_dir, demo_release_dir, demo_rele
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_shipped_model_reproduces_its_recorded_validation_loss():
+ARCHS = {"qwen3_5": "Qwen3_5ForCausalLM", "mamba2": "Mamba2ForCausalLM"}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_shipped_model_reproduces_its_recorded_validation_loss(arch):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from writesae_plugin.demo.build import mean_loss
 
-    path = demo_model_dir()
+    path = demo_model_dir(arch=arch)
     recipe = json.loads((path / "recipe.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    assert type(model).__name__ == "Qwen3_5ForCausalLM" and len(tok) == model.config.vocab_size
+    assert type(model).__name__ == ARCHS[arch] and len(tok) == model.config.vocab_size
     evals = load_file(str(path / "eval_tokens.safetensors"))["input_ids"]
     loss = mean_loss(model, evals)
     assert loss == pytest.approx(recipe["validation_loss_nats"], rel=1e-4)
@@ -32,7 +36,18 @@ def test_shipped_model_reproduces_its_recorded_validation_loss():
     assert size < 40e6
 
 
-def test_shipped_saes_load_through_the_registry_and_reproduce_fvu_and_l0():
+def test_demo_models_share_one_tokenizer():
+    """Identical token ids for both architectures: the cross-architecture comparison runs on the same text."""
+    gdn, mamba = ((demo_model_dir(arch=a) / "tokenizer.json").read_bytes() for a in ARCHS)
+    assert gdn == mamba
+    recorded = json.loads((demo_model_dir(arch="mamba2") / "recipe.json").read_text())["tokenizer"]
+    import hashlib
+
+    assert recorded["tokenizer_json_sha256"] == hashlib.sha256(mamba).hexdigest()
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_shipped_saes_load_through_the_registry_and_reproduce_fvu_and_l0(arch):
     from safetensors.torch import load_file
     from sae_lens import SAE
 
@@ -41,12 +56,12 @@ def test_shipped_saes_load_through_the_registry_and_reproduce_fvu_and_l0():
     from writesae_plugin.demo.run import load_demo_model
     from writesae_plugin.train import evaluate_sae
 
-    info = demo_release_info()
-    model = load_demo_model()
-    evals = load_file(str(demo_release_dir() / "eval_tokens.safetensors"))["input_ids"]
+    info = demo_release_info(arch=arch)
+    model = load_demo_model(arch=arch)
+    evals = load_file(str(demo_release_dir(arch=arch) / "eval_tokens.safetensors"))["input_ids"]
     layer, head = info["recipe"]["layer"], info["recipe"]["head"]
     for sid in info["saes"]:
-        sae = SAE.from_pretrained("writesae-demo", sid)
+        sae = SAE.from_pretrained(info["release"], sid)
         site = sae.cfg.site
         layout = "factors" if site == "write" else "dense"
         spec = SiteSpec(layer=layer, site=site, heads=[head], positions="all", layout=layout)
@@ -64,14 +79,22 @@ def test_demo_command_end_to_end(tmp_path):
 
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
-    for f in ("index.html", "results.json", "substitution/index.html", "substitution/results.json",
-              "substitution/records.jsonl", "substitution/substitution_kl.png", "substitution/substitution_win_rates.png",
-              "closed_form/index.html", "closed_form/closed_form_scatter.png", "closed_form/closed_form_horizon.png",
-              "install/index.html", "install/install_curve.png", "install/records.jsonl"):
-        assert (out / f).is_file(), f
+    assert (out / "index.html").is_file() and (out / "cross_architecture.png").is_file()
+    for arch in ARCHS:
+        for f in ("index.html", "results.json", "substitution/index.html", "substitution/results.json",
+                  "substitution/records.jsonl", "substitution/substitution_kl.png",
+                  "substitution/substitution_win_rates.png", "closed_form/index.html",
+                  "closed_form/closed_form_scatter.png", "closed_form/closed_form_horizon.png",
+                  "install/index.html", "install/install_curve.png", "install/records.jsonl"):
+            assert (out / arch / f).is_file(), f"{arch}/{f}"
     res = json.loads((out / "results.json").read_text())
-    assert res["substitution"]["atom_act_vs_delete"]["n"] > 0 and set(res["closed_form"]) == {"jvp", "direct",
-                                                                                                "fitted_g"}
+    for arch in ARCHS:
+        r = res["by_arch"][arch]
+        assert r["arch"] == arch and r["substitution"]["atom_act_vs_delete"]["n"] > 0
+        assert set(r["closed_form"]) == {"jvp", "direct", "fitted_g"}
+    d = res["comparison"]["win_rate_difference"]
+    a, b = (res["by_arch"][x]["substitution"]["atom_act_vs_delete"]["rate"] for x in ARCHS)
+    assert d["difference"] == pytest.approx(a - b) and d["lo"] <= d["difference"] <= d["hi"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])

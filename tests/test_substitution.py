@@ -18,6 +18,14 @@ from writesae_plugin.sae import WriteSAE, WriteSAEConfig
 
 
 # ------------------------------------------------------------------------------------------ statistics
+def test_rate_difference_matches_newcombes_worked_example():
+    # Newcombe (1998), Stat. Med. 17:873, example (a): 56/70 vs 48/80, method 10 interval 0.0524 to 0.3339
+    d = stats.rate_difference(stats.wilson(56, 70), stats.wilson(48, 80))
+    assert d["difference"] == pytest.approx(0.2) and d["lo"] == pytest.approx(0.0524, abs=5e-4)
+    assert d["hi"] == pytest.approx(0.3339, abs=5e-4) and d["n_a"] == 70
+    assert math.isnan(stats.rate_difference(stats.wilson(0, 0), stats.wilson(1, 2))["difference"])
+
+
 def test_wilson_matches_the_formula():
     k, n, z = 8, 10, 1.959963984540054
     p = k / n
