@@ -204,8 +204,8 @@ class Mamba2Hooks(nn.Module):
             idc = idx.clamp(max=T - 1)
             g_s = log_decay[batch[:, None], idc].float() * valid[..., None]  # padding: g = 0 keeps the state
             q_s = query[batch[:, None], idc].float() * valid[..., None, None]
-            zeros_k = torch.zeros(len(rows), L, H, N)
-            y, final = scalar_decay_scan(zeros_k, torch.zeros(len(rows), L, H, P), g_s, q_s, D0)
+            zeros_k = torch.zeros(len(batch), L, H, N)
+            y, final = scalar_decay_scan(zeros_k, torch.zeros(len(batch), L, H, P), g_s, q_s, D0)
             flat = (batch[:, None] * T + idx)[valid]
             d_read = d_read.view(b * T, H, P).index_add(0, flat, y[valid]).view(b, T, H, P)
         return d_read, torch.zeros(b, H, N, P).index_add(0, batch, final)
@@ -308,7 +308,7 @@ class Mamba2Hooks(nn.Module):
             valid = idx < T
             idc = idx.clamp(max=T - 1)
             m = valid.float()
-            x0 = torch.zeros(len(rows), L, H, P)
+            x0 = torch.zeros(len(batch), L, H, P)
             dt_s = dt[batch[:, None], idc]
             # padding keeps the state: dt' = 0 there (dt -> -inf before softplus)
             dt_s = torch.where(valid[..., None], dt_s, torch.full_like(dt_s, -1e4))

@@ -221,10 +221,9 @@ def run_demo_all(out_dir: str | Path, size: DemoSize | None = None, progress: bo
         ys = [100 * r["rate"] if r.get("n") else 0.0 for r in rates]
         err = [[100 * (r["rate"] - r["lo"]) if r.get("n") else 0.0 for r in rates],
                [100 * (r["hi"] - r["rate"]) if r.get("n") else 0.0 for r in rates]]
-        ax1.bar(names, ys, yerr=err, capsize=6, color=colors)
+        ax1.bar([f"{n}\n(n={r.get('n', 0)} firings)" for n, r in zip(names, rates)], ys, yerr=err, capsize=6,
+                color=colors)
         ax1.axhline(50, color="grey", lw=0.8, ls="--")
-        for i, r in enumerate(rates):
-            ax1.text(i, 2, f"n={r.get('n', 0)}", ha="center", color="white")
         ax1.set_ylabel("% of firings (95% Wilson CI)")
         ax1.set_title("substitution: atom_act beats delete")
         preds = list(by_arch[archs[0]]["closed_form"])
