@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .patching import Metric, PatchResult, _check_pair, atom_matrices, scalar, site_codes
+from .patching import Metric, PatchResult, _check_pair, atom_matrices, head_slice, scalar, site_codes
 
 BACKENDS = ("adjoint", "transformer_lens", "nnsight")
 
@@ -85,9 +85,9 @@ def attribute_atoms(model, sae, clean: Tensor, corrupted: Tensor, metric: Metric
     """Estimated metric after patching each atom's contribution (and the error node) from the clean into the
     corrupted run; ``scores [P, n_atoms (+1: error last)]`` as :func:`.patching.patch_atoms`.
 
-    ``backend``: ``adjoint`` (``(a^c - a^x) u^T G w``), ``transformer_lens`` / ``nnsight`` (the atom
-    gradients through the spliced SAE's ``hook_sae_acts_post``, every feature, active or not; the error node, which
-    SAELens' splice keeps off the autograd path, always comes from the adjoint)."""
+    ``backend``: ``adjoint`` (``(a^c - a^x) u^T G w`` and ``<G, e^c - e^x>``), ``transformer_lens`` /
+    ``nnsight`` (the gradients of the spliced SAE's ``hook_sae_acts_post``, every feature, active or not, and
+    of its ``hook_sae_error``, from zero perturbations added through TL hooks or nnsight assignments)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _check_pair(clean, corrupted)
@@ -107,13 +107,15 @@ def attribute_atoms(model, sae, clean: Tensor, corrupted: Tensor, metric: Metric
     A = atom_matrices(sae)[atoms]  # [n, N, P_v]
     if backend == "adjoint":
         atom_grad = torch.einsum("btkv,ikv->bti", g, A)
+        err_grad = g
     else:
-        full = _atom_grads_by_perturbation(model, sae, corrupted, metric, backend == "nnsight")
+        full, full_err = _grads_by_perturbation(model, sae, corrupted, metric, backend == "nnsight")
         atom_grad = full[:, positions][:, :, atoms]
+        err_grad = head_slice(sae, full_err)[:, positions]
     cols = [base + (delta[:, :, atoms] * atom_grad).sum(0)]
     if include_error:
         err = (e_c - e_x)[:, positions]
-        cols.append((base + torch.einsum("btkv,btkv->t", g, err))[:, None])
+        cols.append((base + torch.einsum("btkv,btkv->t", err_grad, err))[:, None])
     with torch.no_grad():
         clean_value = float(scalar(metric(model(clean))))
     return PatchResult(torch.cat(cols, 1).detach(), clean_value, base,
@@ -121,10 +123,12 @@ def attribute_atoms(model, sae, clean: Tensor, corrupted: Tensor, metric: Metric
                         "estimate": f"attribution patching ({backend})"})
 
 
-def _atom_grads_by_perturbation(model, sae, tokens, metric, nnsight: bool) -> Tensor:
-    """``d metric / d a`` for every feature, active or not: a zero added to ``hook_sae_acts_post`` under
-    autograd (TransformerLens hook, or an nnsight assignment)."""
-    name = sae.cfg.metadata.hook_name + ".hook_sae_acts_post"
+def _grads_by_perturbation(model, sae, tokens, metric, nnsight: bool) -> tuple[Tensor, Tensor]:
+    """``(d metric / d a [b, T, d_sae], d metric / d e [hook shape])``: zeros added to the spliced SAE's
+    ``hook_sae_acts_post`` and ``hook_sae_error`` under autograd (TransformerLens hooks, or nnsight
+    assignments in a trace). Every feature gets its gradient, active or not."""
+    acts_name = sae.cfg.metadata.hook_name + ".hook_sae_acts_post"
+    err_name = sae.cfg.metadata.hook_name + ".hook_sae_error"
     opts = {"materialize_writes": True} if sae.cfg.site == "write" else {}
     if sae.cfg.site == "state":
         from ..adapters import StateCapture
@@ -133,25 +137,34 @@ def _atom_grads_by_perturbation(model, sae, tokens, metric, nnsight: bool) -> Te
     holder: dict[str, Tensor] = {}
     with torch.enable_grad(), model.options(**opts), model.saes([sae], use_error_term=True):
         if not nnsight:
-            def add_zero(x, hook):
-                holder["z"] = torch.zeros_like(x, requires_grad=True)
-                return x + holder["z"]
+            def add_zero(key):
+                def hook(x, hook):
+                    holder[key] = torch.zeros_like(x, requires_grad=True)
+                    return x + holder[key]
+                return hook
 
-            value = scalar(metric(model.run_with_hooks(tokens, fwd_hooks=[(name, add_zero)])))
-            return torch.autograd.grad(value, holder["z"])[0].detach()
+            value = scalar(metric(model.run_with_hooks(tokens, fwd_hooks=[(acts_name, add_zero("a")),
+                                                                           (err_name, add_zero("e"))])))
+            g_a, g_e = torch.autograd.grad(value, [holder["a"], holder["e"]])
+            return g_a.detach(), g_e.detach()
         from nnsight import NNsight
 
+        with torch.no_grad():
+            _, c = model.run_with_cache(tokens, names_filter=[err_name])
         nn_model = NNsight(model)
         envoy = nn_model
         for part in sae.cfg.metadata.hook_name.split("."):
             envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
         b, T = tokens.shape
         z = torch.zeros(b, T, sae.cfg.d_sae, requires_grad=True)
+        z_err = torch.zeros(c[err_name].shape, requires_grad=True)
         with nn_model.trace(tokens):
             envoy.hook_sae_acts_post.output = envoy.hook_sae_acts_post.output + z
+            envoy.hook_sae_error.output = envoy.hook_sae_error.output + z_err
             value = metric(nn_model.output)
             value = (value.mean() if value.dim() == 1 else value).save()
-        return torch.autograd.grad(value, z)[0].detach()
+        g_a, g_e = torch.autograd.grad(value, [z, z_err])
+        return g_a.detach(), g_e.detach()
 
 
 def compare_with_patching(estimate: PatchResult, actual: PatchResult) -> dict:

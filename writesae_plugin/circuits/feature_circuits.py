@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..adapters import StateCapture
-from .patching import Metric, _check_pair, scalar, site_codes
+from .patching import Metric, _check_pair, head_slice as _head_error, scalar, site_codes
 
 
 @dataclass
@@ -139,16 +139,6 @@ def _perturbed_run(model, saes, tokens, metric):
                 (s.cfg.metadata.hook_name + ".hook_sae_error", err_hook(i))]
     logits = model.run_with_hooks(tokens, fwd_hooks=fwd)
     return scalar(metric(logits)), store
-
-
-def _head_error(sae, err: Tensor) -> Tensor:
-    """The SAE's own head of an error tensor of the hook (5-D ``[b,T,H,N,P]`` or flat) as ``[b,T,N,P]``."""
-    cfg = sae.cfg
-    if err.dim() == 5:
-        return err[:, :, cfg.head]
-    if err.dim() == 3 and err.shape[-1] == cfg.n_heads * cfg.d_k * cfg.d_v:
-        return err.view(*err.shape[:2], cfg.n_heads, cfg.d_k, cfg.d_v)[:, :, cfg.head]
-    return err.view(*err.shape[:2], cfg.d_k, cfg.d_v)
 
 
 def feature_circuit(model, saes: Sequence, clean: Tensor, corrupted: Tensor, metric: Metric,

@@ -195,6 +195,17 @@ def patch_writes(model, clean: Tensor, corrupted: Tensor, metric: Metric, layers
 
 
 # ---------------------------------------------------------------------------------------------- atoms
+def head_slice(sae, x: Tensor) -> Tensor:
+    """The SAE's own head of a tensor shaped like its hook (``[b,T,H,N,P]``, flat ``[b,T,H*N*P]``, or already
+    per-head ``[b,T,N,P]``) as ``[b,T,N,P]``."""
+    cfg = sae.cfg
+    if x.dim() == 5:
+        return x[:, :, cfg.head]
+    if x.dim() == 3 and x.shape[-1] == cfg.n_heads * cfg.d_k * cfg.d_v:
+        return x.view(*x.shape[:2], cfg.n_heads, cfg.d_k, cfg.d_v)[:, :, cfg.head]
+    return x.reshape(*x.shape[:2], cfg.d_k, cfg.d_v)
+
+
 def atom_matrices(sae) -> Tensor:
     """All decoder atoms as matrices ``[d_sae, d_k, d_v]`` (materialised: for small dictionaries)."""
     from ..sae import atoms as atom_ops
