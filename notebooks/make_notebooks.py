@@ -159,56 +159,80 @@ print(writesae_plugin.sae.describe(trained))
     "--dataset <text files or hub dataset> --out my_sae`.",
 ])
 
-CIRCUITS = nb([
-    "md:# Patching, attribution and circuits over write atoms\n\n"
-    "Each method of the field, on the shipped model's cache writes and WriteSAE atoms: activation patching "
-    "(TransformerLens' own utilities and the exact batched version), attribution patching (checked against "
-    "actual patching), path patching through the recurrence, a sparse feature circuit with error nodes and "
-    "its ACDC pruning, and SHIFT-style ablation against random atom sets. The task: copy (induction) pairs "
-    "from held-out stdlib code; the metric is logit(answer) - logit(wrong) at the last position.",
-    SETUP,
-    """
-from writesae_plugin.circuits import (patch_writes, patch_atoms, attribute_writes, attribute_atoms,
-                                      compare_with_patching, path_patch, Reads, feature_circuit, acdc_prune,
-                                      edit_atoms, write_patch_index)
+PAIRS = """
 from writesae_plugin.circuits.tasks import copy_task
 from writesae_plugin.demo import corpus
 
+# copy (induction) pairs from held-out stdlib code: the bigram A B at source_pos is repeated by ending the prompt
+# with A; the corrupted prompt has another token r in place of B. Metric: logit(B) - logit(r) at the last position.
 pairs = copy_task(tok, corpus.texts("test"), n=6, length=16, source_pos=5)
 metric = pairs.metric()
 print(len(pairs), "pairs; clean", float(metric(model(pairs.clean))), "corrupted", float(metric(model(pairs.corrupted))))
-""",
-    "md:## Activation patching\n\nTransformerLens' `generic_activation_patch` runs unchanged on the write hooks "
-    "(layer-level aliases `blocks.{l}.hook_write`; `write_patch_index` skips the attention layer of this hybrid). "
-    "`patch_writes` gives the same numbers, batched and resumed at each layer.",
+"""
+
+ACTIVATION_PATCHING = nb([
+    "md:# Activation patching of cache writes and WriteSAE atoms\n\n"
+    "TransformerLens' own `generic_activation_patch` runs unchanged on the write hooks (the adapter answers to "
+    "the layer-level names `blocks.{l}.hook_write` that `get_act_name` builds; `write_patch_index` skips the "
+    "attention layer of this hybrid). `patch_writes` gives the same numbers, batched and resumed at each layer; "
+    "`patch_atoms` patches one atom's contribution, or the SAE's error node.",
+    SETUP, PAIRS,
     """
 from transformer_lens import patching
+from writesae_plugin.circuits import patch_writes, patch_atoms, write_patch_index, logit_diff
 layer = 2
 with torch.no_grad(), model.options(materialize_writes=True):
     _, clean_cache = model.run_with_cache(pairs.clean, names_filter=lambda n: n.endswith("hook_write"))
     index = write_patch_index(model, pairs.clean.shape[1], layers=[layer])
     tl_scores = patching.generic_activation_patch(model, pairs.corrupted, clean_cache, metric,
                                                   patching.layer_pos_head_vector_patch_setter, "write", index_df=index)
-ours = patch_writes(model, pairs.clean, pairs.corrupted, metric, layers=[layer], progress=False)
+ours = patch_writes(model, pairs.clean, pairs.corrupted, pairs.metric(per_prompt=True), layers=[layer], progress=False)
 print("max |TL - ours|:", float((tl_scores - ours.scores.flatten()).abs().max()))
+print("normalised score at the source position, per head:", ours.normalized[0, pairs.source_pos])
+print("effect of head 1 at the source position, 95% CI over prompts:", ours.effect_interval(0, pairs.source_pos, 1))
 """,
-    "md:## Attribution patching vs actual patching",
     """
-est = attribute_writes(model, pairs.clean, pairs.corrupted, metric, layers=[layer])
-print(compare_with_patching(est, ours))
 from sae_lens import SAE
 sae = SAE.from_pretrained("writesae-demo", "L2.H1.write")
-sae_state = SAE.from_pretrained("writesae-demo", "L2.H1.state")
+atoms = patch_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=[pairs.source_pos], max_atoms=8,
+                    progress=False)
+for name, score in zip(atoms.index["atom"], atoms.scores[0]):
+    print(f"atom {name}: metric {float(score):+.4f} (corrupted {atoms.corrupted:+.4f}, clean {atoms.clean:+.4f})")
+""",
+    "md:CLI: `writesae patch --out DIR` (shipped model, release and task by default).",
+])
+
+ATTRIBUTION_PATCHING = nb([
+    "md:# Attribution patching of writes, atoms and error nodes\n\n"
+    "Gradient x delta from one forward and backward pass of the corrupted run, through the adapter's exact adjoint, "
+    "TransformerLens hooks, or an nnsight trace, checked against actual patching.",
+    SETUP, PAIRS,
+    """
+from sae_lens import SAE
+from writesae_plugin.circuits import attribute_writes, attribute_atoms, patch_writes, patch_atoms, compare_with_patching
+layer = 2
+est = attribute_writes(model, pairs.clean, pairs.corrupted, metric, layers=[layer])
+act = patch_writes(model, pairs.clean, pairs.corrupted, metric, layers=[layer], progress=False)
+print("writes:", compare_with_patching(est, act))
+sae = SAE.from_pretrained("writesae-demo", "L2.H1.write")
 actual = patch_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=[pairs.source_pos], max_atoms=8,
                      progress=False)
-estimate = attribute_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=[pairs.source_pos],
-                           atoms=actual.index["atom"][:-1], backend="transformer_lens")
-print(compare_with_patching(estimate, actual))
+for backend in ("adjoint", "transformer_lens", "nnsight"):
+    estimate = attribute_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=[pairs.source_pos],
+                               atoms=actual.index["atom"][:-1], backend=backend)
+    print(backend, compare_with_patching(estimate, actual))
 """,
-    "md:## Path patching: one write, one read at a time",
+    "md:CLI: `writesae attribution-patch --out DIR`.",
+])
+
+PATH_PATCHING = nb([
+    "md:# Path patching through the recurrence\n\n"
+    "A write's effect restricted to chosen reads (positions, heads) or mediated by a chosen later hook.",
+    SETUP, PAIRS,
     """
 from writesae_plugin.adapters import WriteEdit
-s, h = pairs.source_pos, 1
+from writesae_plugin.circuits import path_patch, Reads
+layer, h, s = 2, 1, pairs.source_pos
 p = model.hook_prefix(layer)
 _, c = model.run_with_cache(pairs.clean, names_filter=[p + "hook_write_key", p + "hook_write_value"])
 sender = [WriteEdit(layer=layer, pos=s, head=h, key=c[p + "hook_write_key"][b, s, h],
@@ -216,28 +240,55 @@ sender = [WriteEdit(layer=layer, pos=s, head=h, key=c[p + "hook_write_key"][b, s
 for t in (s, s + 3, pairs.clean.shape[1] - 1):
     r = path_patch(model, pairs.corrupted, sender, [Reads(layer, positions=(t,), heads=(h,))], metric)
     print(f"via read {t}: {r['path'] - r['base']:+.4f} of total {r['total'] - r['base']:+.4f}")
+r = path_patch(model, pairs.corrupted, sender, ["blocks.4.hook_write_value"], metric)
+print("mediated by layer 4's write values:", r)
 """,
-    "md:## A feature circuit over the write and state atoms, then ACDC",
+    "md:CLI: `writesae path-patch --out DIR [--layer L --head H]`.",
+])
+
+CIRCUITS = nb([
+    "md:# A sparse feature circuit over write and state atoms, then ACDC\n\n"
+    "Nodes: atoms and error nodes of the shipped write and state SAEs (layer 2, head 1); node and edge effects by "
+    "attribution patching; ACDC then prunes by exact ablation and reports faithfulness.",
+    SETUP, PAIRS,
     """
+from sae_lens import SAE
+from writesae_plugin.circuits import feature_circuit, acdc_prune
+sae = SAE.from_pretrained("writesae-demo", "L2.H1.write")
+sae_state = SAE.from_pretrained("writesae-demo", "L2.H1.state")
 circ = feature_circuit(model, [sae, sae_state], pairs.clean, pairs.corrupted, metric, node_threshold=0.02,
                        edge_threshold=0.01, max_nodes_per_sae=5, progress=False)
 print(len(circ.nodes), "nodes", len(circ.edges), "edges")
 pruned = acdc_prune(model, [sae, sae_state], pairs.clean, pairs.corrupted, metric, threshold=0.05, circuit=circ,
                     progress=False)
 print("ACDC keeps", pruned.node_ids(), "faithfulness", round(pruned.metric["faithfulness"], 3))
+print(circ.to_json()[:300])
 circ.figure();
 """,
-    "md:## SHIFT-style ablation against random atom sets",
+    "md:CLI: `writesae circuit --out DIR` writes `circuit.json`, `circuit_acdc.json` and the figures.",
+])
+
+EDITING = nb([
+    "md:# SHIFT-style editing: ablate atoms, against random atom sets\n\n"
+    "The atoms with the largest attribution to the copy behaviour are ablated on the clean prompts; the change "
+    "is compared with random atom sets of the same size.",
+    SETUP, PAIRS,
     """
-res = edit_atoms(model, sae, pairs.clean, pairs.metric(per_prompt=True), atoms=[n["atom"] for n in circ.nodes
-                 if n["kind"] == "atom" and n["layer"] == 2][:2] or [0], n_controls=5, progress=False)
-print(res["before"], res["after"], res["controls"].get("mean"))
+from sae_lens import SAE
+from writesae_plugin.circuits import attribute_atoms, edit_atoms
+sae = SAE.from_pretrained("writesae-demo", "L2.H1.write")
+est = attribute_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=[pairs.source_pos], include_error=False)
+top = [est.index["atom"][i] for i in (est.scores[0] - est.corrupted).argsort(descending=True)[:2].tolist()]
+res = edit_atoms(model, sae, pairs.clean, pairs.metric(per_prompt=True), atoms=top, n_controls=5, progress=False)
+print("atoms", res["atoms"], "before", res["before"], "after", res["after"])
+print("random sets:", res["controls"])
 """,
-    "md:The same from the command line, on the shipped model: `writesae patch`, `writesae attribution-patch`, "
-    "`writesae path-patch`, `writesae circuit`, `writesae edit-atoms` (each `--out DIR`).",
+    "md:CLI: `writesae edit-atoms --out DIR [--atoms ...]`.",
 ])
 
 for name, book in {"01_quickstart.ipynb": QUICKSTART, "02_substitution_and_closed_form.ipynb": SUBSTITUTION,
                    "03_steering_by_install.ipynb": INSTALL, "04_training_a_writesae.ipynb": TRAINING,
-                   "05_patching_attribution_circuits.ipynb": CIRCUITS}.items():
+                   "05_activation_patching.ipynb": ACTIVATION_PATCHING,
+                   "06_attribution_patching.ipynb": ATTRIBUTION_PATCHING, "07_path_patching.ipynb": PATH_PATCHING,
+                   "08_feature_circuits_and_acdc.ipynb": CIRCUITS, "09_editing_atoms.ipynb": EDITING}.items():
     nbf.write(book, HERE / name)
