@@ -83,7 +83,7 @@ def test_demo_command_end_to_end(tmp_path):
     for arch in ARCHS:
         for f in ("index.html", "results.json", "substitution/index.html", "substitution/results.json",
                   "substitution/records.jsonl", "substitution/substitution_kl.png",
-                  "substitution/substitution_win_rates.png", "closed_form/index.html",
+                  "substitution/substitution_win_rates.png", "substitution_write/results.json", "closed_form/index.html",
                   "closed_form/closed_form_scatter.png", "closed_form/closed_form_horizon.png",
                   "install/index.html", "install/install_curve.png", "install/records.jsonl"):
             assert (out / arch / f).is_file(), f"{arch}/{f}"
@@ -91,6 +91,7 @@ def test_demo_command_end_to_end(tmp_path):
     for arch in ARCHS:
         r = res["by_arch"][arch]
         assert r["arch"] == arch and r["substitution"]["atom_act_vs_delete"]["n"] > 0
+        assert r["substitution_write"]["atom_act_vs_delete"]["n"] > 0
         assert set(r["closed_form"]) == {"jvp", "direct", "fitted_g"}
     d = res["comparison"]["win_rate_difference"]
     a, b = (res["by_arch"][x]["substitution"]["atom_act_vs_delete"]["rate"] for x in ARCHS)

@@ -120,6 +120,11 @@ def run_demo(out_dir: str | Path, size: DemoSize | None = None, progress: bool =
         max_firings=size.max_firings, max_per_context=max(1, size.max_firings // size.contexts), max_per_atom=10),
         progress=progress)
     save_substitution(sub, out / "substitution", {"sae": f"{release}:{sae_id('state', layer, head)}"})
+    sae_write = SAE.from_pretrained(release, sae_id("write", layer, head))
+    sub_w = run_substitution(model, sae_write, tokens, SubstitutionConfig(
+        max_firings=size.max_firings, max_per_context=max(1, size.max_firings // size.contexts), max_per_atom=10),
+        progress=progress)
+    save_substitution(sub_w, out / "substitution_write", {"sae": f"{release}:{sae_id('write', layer, head)}"})
     timings["substitution_s"] = time.time() - t
 
     t = time.time()
@@ -141,7 +146,10 @@ def run_demo(out_dir: str | Path, size: DemoSize | None = None, progress: bool =
     summary = {
         "arch": arch, "model": {"path": str(demo_model_dir(model_dir, arch)), "validation_loss_nats": json.loads(
             (demo_model_dir(model_dir, arch) / "recipe.json").read_text())["validation_loss_nats"]},
-        "substitution": {"atom_act_vs_delete": head_sub, "paper": "92.4% of n = 4,851 (Qwen3.5-0.8B L9 H4)"},
+        "substitution": {"atom_act_vs_delete": head_sub, "paper": "92.4% of n = 4,851 (Qwen3.5-0.8B L9 H4)",
+                         "sae": sae_id("state", layer, head)},
+        "substitution_write": {"atom_act_vs_delete": sub_w.summary.get("headline", {}),
+                               "sae": sae_id("write", layer, head)},
         "closed_form": {k: v for k, v in cf.summary.get("pooled", {}).items()},
         "install": ins.summary["by_multiplier"]["3.0"],
         "timings": {**timings, "total_s": time.time() - t0}, "size": size.__dict__,
@@ -161,8 +169,11 @@ PAPER = {"substitution": "92.4% (n=4851)", "jvp": "-", "direct": "-0.06", "fitte
 def _rows(summary: dict) -> list[tuple[str, str, str]]:
     from ..report import fmt_rate
 
-    rows = [("substitution: atom_act beats delete", fmt_rate(summary["substitution"]["atom_act_vs_delete"]),
-             PAPER["substitution"])]
+    rows = [("substitution (state SAE): atom_act beats delete",
+             fmt_rate(summary["substitution"]["atom_act_vs_delete"]), PAPER["substitution"])]
+    if "substitution_write" in summary:
+        rows.append(("substitution (write SAE): atom_act beats delete",
+                     fmt_rate(summary["substitution_write"]["atom_act_vs_delete"]), "-"))
     for name, v in summary["closed_form"].items():
         rows.append((f"closed form R^2 ({name})", f"{v['r2']:.3f} (n={v['n']}), sign agr. {v['sign_agreement']:.2f}",
                      PAPER[name]))
@@ -184,10 +195,11 @@ def summary_table(summary: dict) -> str:
     for i, label in enumerate(labels):
         cells = "  ".join(f"{table[a][i][1] if i < len(table[a]) else '-':52s}" for a in archs)
         lines.append(f"{label:{w}s}  {cells}  {table[archs[0]][i][2]}")
-    if "comparison" in summary:
-        d = summary["comparison"]["win_rate_difference"]
-        lines.append(f"win rate difference {ARCH_NAMES[archs[0]]} - {ARCH_NAMES[archs[-1]]}: "
-                     f"{100 * d['difference']:+.1f} points [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]")
+    for key, site in (("win_rate_difference", "state"), ("win_rate_difference_write", "write")):
+        d = summary.get("comparison", {}).get(key)
+        if d:
+            lines.append(f"win rate difference ({site} SAEs) {ARCH_NAMES[archs[0]]} - {ARCH_NAMES[archs[-1]]}: "
+                         f"{100 * d['difference']:+.1f} points [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]")
     total = summary["timings"]["total_s"] if "timings" in summary else sum(
         s["timings"]["total_s"] for s in per_arch.values())
     lines.append(f"total time {total:.0f} s")
@@ -209,6 +221,8 @@ def run_demo_all(out_dir: str | Path, size: DemoSize | None = None, progress: bo
     if len(archs) >= 2:
         a, b = (by_arch[x]["substitution"]["atom_act_vs_delete"] for x in archs[:2])
         comparison["win_rate_difference"] = rate_difference(a, b)
+        a, b = (by_arch[x]["substitution_write"]["atom_act_vs_delete"] for x in archs[:2])
+        comparison["win_rate_difference_write"] = rate_difference(a, b)
         comparison["archs"] = list(archs[:2])
     summary = {"by_arch": by_arch, "comparison": comparison, "timings": {"total_s": time.time() - t0},
                "held_out": "stdlib test split (identical token contexts: the demo models share one tokenizer)"}
@@ -217,13 +231,18 @@ def run_demo_all(out_dir: str | Path, size: DemoSize | None = None, progress: bo
         names = [ARCH_NAMES[x] for x in archs]
         colors = ["tab:blue", "tab:orange", "tab:green"][: len(archs)]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-        rates = [by_arch[x]["substitution"]["atom_act_vs_delete"] for x in archs]
-        ys = [100 * r["rate"] if r.get("n") else 0.0 for r in rates]
-        err = [[100 * (r["rate"] - r["lo"]) if r.get("n") else 0.0 for r in rates],
-               [100 * (r["hi"] - r["rate"]) if r.get("n") else 0.0 for r in rates]]
-        ax1.bar([f"{n}\n(n={r.get('n', 0)} firings)" for n, r in zip(names, rates)], ys, yerr=err, capsize=6,
-                color=colors)
+        width = 0.8 / len(archs)
+        for j, x in enumerate(archs):
+            rates = [by_arch[x][k]["atom_act_vs_delete"] for k in ("substitution", "substitution_write")]
+            ys = [100 * r["rate"] if r.get("n") else 0.0 for r in rates]
+            err = [[100 * (r["rate"] - r["lo"]) if r.get("n") else 0.0 for r in rates],
+                   [100 * (r["hi"] - r["rate"]) if r.get("n") else 0.0 for r in rates]]
+            ax1.bar([i + j * width for i in range(2)], ys, width, yerr=err, capsize=5, color=colors[j],
+                    label=f"{names[j]} (n={rates[0].get('n', 0)}, {rates[1].get('n', 0)} firings)")
+        ax1.set_xticks([i + width * (len(archs) - 1) / 2 for i in range(2)], ["state SAE", "write SAE"])
         ax1.axhline(50, color="grey", lw=0.8, ls="--")
+        ax1.set_ylim(0, 115)
+        ax1.legend(fontsize=8, loc="upper center")
         ax1.set_ylabel("% of firings (95% Wilson CI)")
         ax1.set_title("substitution: atom_act beats delete")
         preds = list(by_arch[archs[0]]["closed_form"])
