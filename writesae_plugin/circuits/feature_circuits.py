@@ -29,12 +29,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..adapters import StateCapture
+from .editing import mean_ci
 from .patching import Metric, _check_pair, head_slice as _head_error, scalar, site_codes
 
 
 @dataclass
 class Circuit:
-    """Nodes ``{"id", "layer", "head", "kind": atom|error, "atom", "effect"}`` and edges
+    """Nodes ``{"id", "layer", "head", "kind": atom|error, "atom", "effect"[, "by_prompt": mean and 95% CI
+    of the per-prompt effects when the metric is a batch mean]}`` and edges
     ``{"src", "dst", "effect"}``; ``metric``: the clean and corrupted metric values."""
 
     nodes: list[dict]
@@ -46,7 +48,10 @@ class Circuit:
         return [n["id"] for n in self.nodes]
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(asdict(self), indent=2)
+        """The graph as JSON (NaN, e.g. an interval from one prompt, becomes null)."""
+        from ..report import _clean
+
+        text = json.dumps(_clean(asdict(self)), indent=2)
         if path is not None:
             Path(path).write_text(text)
         return text
@@ -167,17 +172,20 @@ def feature_circuit(model, saes: Sequence, clean: Tensor, corrupted: Tensor, met
         for i, s in enumerate(saes):
             g_acts, g_err = grads[i], _head_error(s, grads[len(saes) + i])
             d_acts, d_err = deltas[i]
-            ie = (d_acts * g_acts).sum((0, 1))
+            B = d_acts.shape[0]
+            by_prompt = (d_acts * g_acts).sum(1) * B  # [b, d_sae]: per-prompt effects of a batch-mean metric
+            ie = by_prompt.mean(0)
             order = ie.abs().argsort(descending=True)
             picked = [int(j) for j in order[:max_nodes_per_sae] if abs(float(ie[j])) >= node_threshold * total]
             for j in picked:
                 nodes.append({"id": _node_id(s, "atom", j), "layer": s.cfg.layer, "head": s.cfg.head, "kind": "atom",
-                              "atom": j, "effect": float(ie[j])})
+                              "atom": j, "effect": float(ie[j]), "by_prompt": mean_ci(by_prompt[:, j])})
                 kept.append((i, "atom", j))
-            ie_err = float((d_err * g_err).sum())
+            err_by_prompt = (d_err * g_err).flatten(1).sum(1) * B
+            ie_err = float(err_by_prompt.mean())
             if abs(ie_err) >= node_threshold * total:
                 nodes.append({"id": _node_id(s, "error", None), "layer": s.cfg.layer, "head": s.cfg.head,
-                              "kind": "error", "atom": None, "effect": ie_err})
+                              "kind": "error", "atom": None, "effect": ie_err, "by_prompt": mean_ci(err_by_prompt)})
                 kept.append((i, "error", None))
         edges = []
         downstream = [k for k in kept if k[0] > 0]
