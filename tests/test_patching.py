@@ -212,6 +212,7 @@ def test_attribution_patching_on_gdn_routes_agree_and_track_actual_patching(mode
     act = patch_writes(model, clean, corrupted, METRIC, layers=[0, L], progress=False)
     cmp = compare_with_patching(est, act)
     assert cmp["n"] == 2 * 12 * 4 and cmp["pearson"] > 0.5  # nonlinear model: an approximation
+    assert cmp["pearson_ci"][0] < cmp["pearson"] < cmp["pearson_ci"][1]
     assert torch.allclose(est.scores[:, :4], act.scores[:, :4], atol=1e-5)  # before the corruption: no effect
     sae = write_sae()
     routes = [attribute_atoms(model, sae, clean, corrupted, METRIC, positions=[4, 6], backend=b)
@@ -257,5 +258,9 @@ def test_path_patching_through_reads(model, linear_mamba, pair):
     lm, s0 = linear_mamba, [WriteEdit(layer=0, pos=3, head=1, matrix=A)]
     parts = [path_patch(lm, clean, s0, [Reads(0, positions=p)], METRIC) for p in ((3, 4, 5), (6, 7, 8, 9, 10, 11))]
     assert sum(p["path"] - p["base"] for p in parts) == pytest.approx(parts[0]["total"] - parts[0]["base"], abs=1e-4)
+    per = path_patch(model, clean, sender, [Reads(L, positions=(11,))], logit_diff(7, 3, per_prompt=True))
+    assert per["path"] == pytest.approx(last["path"], abs=1e-6)
+    assert per["path_effect"]["n"] == 2 and per["path_effect"]["mean"] == pytest.approx(per["path"] - per["base"],
+                                                                                          abs=1e-6)
     with pytest.raises(TypeError, match="receivers"):
         path_patch(model, clean, sender, [3], METRIC)

@@ -168,8 +168,8 @@ def _grads_by_perturbation(model, sae, tokens, metric, nnsight: bool) -> tuple[T
 
 
 def compare_with_patching(estimate: PatchResult, actual: PatchResult) -> dict:
-    """Agreement of an attribution-patching estimate with actual patching over the same index: Pearson and
-    Spearman correlation of the effects (score - corrupted), max abs difference, n."""
+    """Agreement of an attribution-patching estimate with actual patching over the same index: Pearson (with a
+    Fisher-z 95% interval) and Spearman correlation of the effects (score - corrupted), max abs difference, n."""
     from scipy import stats
 
     x = (estimate.scores - estimate.corrupted).flatten().double()
@@ -179,6 +179,12 @@ def compare_with_patching(estimate: PatchResult, actual: PatchResult) -> dict:
                          f"{y.numel()} entries)")
     out = {"n": int(x.numel()), "max_abs_difference": float((x - y).abs().max()) if x.numel() else float("nan")}
     if x.numel() >= 3 and x.std() > 0 and y.std() > 0:
-        out["pearson"] = float(stats.pearsonr(x.numpy(), y.numpy())[0])
+        r = float(stats.pearsonr(x.numpy(), y.numpy())[0])
+        out["pearson"] = r
         out["spearman"] = float(stats.spearmanr(x.numpy(), y.numpy())[0])
+        if x.numel() > 3 and abs(r) < 1:  # Fisher z interval (95%)
+            import math
+
+            z, half = math.atanh(r), 1.96 / math.sqrt(x.numel() - 3)
+            out["pearson_ci"] = [math.tanh(z - half), math.tanh(z + half)]
     return out

@@ -46,7 +46,8 @@ def path_patch(model, tokens: Tensor, sender: Sequence[WriteEdit], receivers: Se
                metric: Metric) -> dict:
     """``{"base", "total", "path", "path_fraction"}``: the metric of the unedited run, of the run with the
     ``sender`` edits everywhere, and of the run where only the ``receivers`` see the sender's effect;
-    ``path_fraction = (path - base) / (total - base)`` (NaN when the sender has no effect)."""
+    ``path_fraction = (path - base) / (total - base)`` (NaN when the sender has no effect). With a
+    per-prompt metric also ``path_effect`` / ``total_effect``: mean and 95% interval over prompts."""
     sender = list(sender)
     if not sender:
         raise ValueError("path_patch needs at least one sender WriteEdit")
@@ -73,9 +74,16 @@ def path_patch(model, tokens: Tensor, sender: Sequence[WriteEdit], receivers: Se
         return hook
 
     path_logits = model.run_with_hooks(tokens, fwd_hooks=[(n, receiver_hook(r, n)) for r, n in zip(receivers, names)])
-    base, total, path = (float(scalar(metric(x))) for x in (model(tokens), total_logits, path_logits))
+    values = [metric(x) for x in (model(tokens), total_logits, path_logits)]
+    base, total, path = (float(scalar(v)) for v in values)
     frac = (path - base) / (total - base) if abs(total - base) > 1e-12 else float("nan")
-    return {"base": base, "total": total, "path": path, "path_fraction": frac}
+    out = {"base": base, "total": total, "path": path, "path_fraction": frac}
+    if values[0].dim() == 1:  # per-prompt metric: effects with intervals over prompts
+        from .editing import mean_ci
+
+        out["path_effect"] = mean_ci(values[2].float() - values[0].float())
+        out["total_effect"] = mean_ci(values[1].float() - values[0].float())
+    return out
 
 
 @torch.no_grad()

@@ -122,7 +122,7 @@ def run_path_patch(model, pairs: PromptPairs, out: str | Path, layer: int | None
     from ..adapters import WriteEdit
     from ..report import plt, write_report
 
-    metric = pairs.metric()
+    metric = pairs.metric(per_prompt=True)
     s = pairs.source_pos
     if layer is None or head is None:
         res = patch_writes(model, pairs.clean, pairs.corrupted, metric, positions=[s], progress=progress)
