@@ -272,8 +272,12 @@ class GatedDeltaNetHooks(nn.Module):
             delta_read = d_read if delta_read is None else delta_read + d_read
             delta_final = d_final if delta_final is None else delta_final + d_final
             rows = dense_changed.any(-1).nonzero()
+            states_need_grad = owner.state_capture is not None and dense_D.requires_grad and torch.is_grad_enabled()
+            if states_need_grad:  # the captured states must carry the dense change's gradient: every row
+                rows = torch.ones(b, T, dtype=torch.bool, device=dense_D.device).nonzero()
             if rows.numel():
-                dense_pert = ops.Perturbations(rows[:, 0], rows[:, 1], dense_D.detach()[rows[:, 0], rows[:, 1]])
+                values = dense_D[rows[:, 0], rows[:, 1]]
+                dense_pert = ops.Perturbations(rows[:, 0], rows[:, 1], values if states_need_grad else values.detach())
                 pert = dense_pert if pert is None else ops.Perturbations(
                     torch.cat([pert.batch, dense_pert.batch]), torch.cat([pert.pos, dense_pert.pos]),
                     torch.cat([pert.delta_state, dense_pert.delta_state]))

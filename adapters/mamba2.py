@@ -227,7 +227,7 @@ class Mamba2Hooks(nn.Module):
                 if tt == t:
                     S[bi, h] = S[bi, h] + dS.float()
             if dense_D is not None:
-                S = S + dense_D[:, t].detach()
+                S = S + dense_D[:, t]  # differentiable: a state SAE downstream of a write SAE sees its effect
             if t in wanted:
                 out[:, wanted[t]] = S
         shown = out[:, :, heads].clone()

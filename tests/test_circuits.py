@@ -198,3 +198,58 @@ def test_circuit_cli_commands_on_the_shipped_model(tmp_path, capsys):
     assert main(["edit-atoms", *common, "--controls", "3", "--out", str(tmp_path / "edit")]) == 0
     out = capsys.readouterr().out
     assert "ablating atoms" in out and "faithfulness" in out
+
+
+def test_edit_atoms_covers_every_position_atom_pair_and_write_to_state_edges(planted, pair):
+    from writesae_plugin.circuits import edit_atoms
+
+    clean, corrupted = pair
+    sae = planted_sae(planted, clean[:1], corrupted[:1])
+
+    def row_diff(logits):
+        return logits[:, -1, 7] - logits[:, -1, 3]
+
+    res = edit_atoms(planted, sae, clean, row_diff, atoms=[0, 1, 2], positions=[2, 5, 7], n_controls=0,
+                     progress=False)
+    name = sae.cfg.metadata.hook_name + ".hook_sae_acts_post"
+
+    def zero(x, hook):
+        x = x.clone()
+        for t in (2, 5, 7):
+            x[:, t, [0, 1, 2]] = 0
+        return x
+
+    with torch.no_grad(), planted.options(materialize_writes=True), planted.saes([sae], use_error_term=True):
+        manual = row_diff(planted.run_with_hooks(clean, fwd_hooks=[(name, zero)]))
+    assert res["after"]["mean"] == pytest.approx(float(manual.mean()), abs=1e-6)
+    # a state SAE downstream of the write SAE at the same layer: write -> state edges exist (Mamba-2)
+    torch.manual_seed(3)
+    state_sae = WriteSAE(WriteSAEConfig(d_in=256, d_sae=12, d_k=16, d_v=16, k=2, n_heads=4, head=1, site="state",
+                                        layer=0, family="mamba2"))
+    state_sae.cfg.metadata.hook_name = "blocks.0.mixer.hook_state"
+    with torch.no_grad():
+        state_sae.enc_key.mul_(5.0)
+    circ = feature_circuit(planted, [state_sae, sae], clean[:1], corrupted[:1], METRIC, node_threshold=0.0,
+                           edge_threshold=0.0, progress=False)
+    assert any(e["src"].startswith("L0.H1.write") and e["dst"].startswith("L0.H1.state") for e in circ.edges)
+
+
+def test_write_to_state_edges_on_gdn(qwen, tokens):
+    """On Gated DeltaNet too, a state SAE at the write SAE's layer sees the write atoms (states carry the
+    dense write change's gradient)."""
+    model = hook_model(qwen)
+    clean = tokens[:1, :10]
+    corrupted = clean.clone()
+    corrupted[:, 3] = (clean[:, 3] + 5) % SAFE_VOCAB
+    saes = []
+    for site, seed in (("write", 0), ("state", 1)):
+        torch.manual_seed(seed)
+        s = WriteSAE(WriteSAEConfig(d_in=256, d_sae=16, d_k=16, d_v=16, k=4, n_heads=4, head=2, site=site,
+                                    family="qwen3_5_text", layer=1))
+        with torch.no_grad():
+            s.enc_key.mul_(10.0)
+        s.cfg.metadata.hook_name = f"blocks.1.linear_attn.hook_{site}"
+        saes.append(s)
+    circ = feature_circuit(model, saes[::-1], clean, corrupted, METRIC, node_threshold=0.0, edge_threshold=0.0,
+                           max_nodes_per_sae=3, progress=False)
+    assert any(e["src"].startswith("L1.H2.write") and e["dst"].startswith("L1.H2.state") for e in circ.edges)

@@ -129,11 +129,9 @@ def _grads_by_perturbation(model, sae, tokens, metric, nnsight: bool) -> tuple[T
     assignments in a trace). Every feature gets its gradient, active or not."""
     acts_name = sae.cfg.metadata.hook_name + ".hook_sae_acts_post"
     err_name = sae.cfg.metadata.hook_name + ".hook_sae_error"
-    opts = {"materialize_writes": True} if sae.cfg.site == "write" else {}
-    if sae.cfg.site == "state":
-        from ..adapters import StateCapture
+    from .editing import _opts
 
-        opts = {"capture_states": StateCapture("all")}  # all heads: the SAE's head indexes the hook's head axis
+    opts = _opts(sae)  # the SAE's write mode; dense writes or the states of all heads
     holder: dict[str, Tensor] = {}
     with torch.enable_grad(), model.options(**opts), model.saes([sae], use_error_term=True):
         if not nnsight:
@@ -156,8 +154,9 @@ def _grads_by_perturbation(model, sae, tokens, metric, nnsight: bool) -> tuple[T
         for part in sae.cfg.metadata.hook_name.split("."):
             envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
         b, T = tokens.shape
-        z = torch.zeros(b, T, sae.cfg.d_sae, requires_grad=True)
-        z_err = torch.zeros(c[err_name].shape, requires_grad=True)
+        dev = c[err_name].device
+        z = torch.zeros(b, T, sae.cfg.d_sae, device=dev, requires_grad=True)
+        z_err = torch.zeros(c[err_name].shape, device=dev, requires_grad=True)
         with nn_model.trace(tokens):
             envoy.hook_sae_acts_post.output = envoy.hook_sae_acts_post.output + z
             envoy.hook_sae_error.output = envoy.hook_sae_error.output + z_err

@@ -36,9 +36,13 @@ def mean_ci(x: Tensor, confidence: float = 0.95) -> dict:
 
 
 def _opts(sae) -> dict:
+    """Adapter options under which the SAE's hook fires with the input it was trained on."""
+    opts = {"write_mode": sae.cfg.write_mode}
     if sae.cfg.site == "state":
-        return {"capture_states": StateCapture("all")}
-    return {"materialize_writes": True}
+        opts["capture_states"] = StateCapture("all")
+    else:
+        opts["materialize_writes"] = True
+    return opts
 
 
 @torch.no_grad()
@@ -47,13 +51,15 @@ def _run(model, sae, tokens: Tensor, metric: RowMetric, atoms: Sequence[int], va
     name = sae.cfg.metadata.hook_name + ".hook_sae_acts_post"
     atoms = list(atoms)
 
-    def hook(x, hook):
+    idx = torch.tensor(atoms, dtype=torch.long)
+
+    def hook(x, hook):  # x [b, T, (heads,) d_sae]: every chosen position x every chosen atom
         x = x.clone()
-        pos = slice(None) if positions is None else list(positions)
-        if value is None:
-            x[:, pos, atoms] = 0
-        else:
-            x[:, pos, atoms] = value.to(x.dtype)
+        view = x if positions is None else x[:, list(positions)]
+        new = torch.zeros(()) if value is None else value.to(x.dtype)
+        view[..., idx] = new.expand(*view.shape[:-1], len(atoms)) if value is not None else 0
+        if positions is not None:
+            x[:, list(positions)] = view
         return x
 
     with model.options(**_opts(sae)), model.saes([sae], use_error_term=True):
@@ -92,7 +98,8 @@ def edit_atoms(model, sae, tokens: Tensor, metric: RowMetric, atoms: Sequence[in
 
     before = _run(model, sae, tokens, metric, [], None, positions)
     after = _run(model, sae, tokens, metric, atoms, values_for(atoms), positions)
-    pool = [a for a in (active if mode == "ablate" else range(sae.cfg.d_sae)) if a not in atoms]
+    # controls: atoms that are active on the data (an install at a never-active atom's peak, 0, does nothing)
+    pool = [a for a in active if a not in atoms]
     rng = torch.Generator().manual_seed(seed)
     controls = []
     for _ in tqdm(range(n_controls if len(pool) >= len(atoms) else 0), desc="control atom sets",

@@ -99,16 +99,19 @@ def _node_id(sae, kind: str, atom: int | None) -> str:
 
 
 def _options(saes) -> dict:
-    """Adapter options under which every SAE's hook fires (dense writes; states of all heads, so a per-head
-    SAE's head index addresses the hook's head axis)."""
-    opts = {"materialize_writes": any(s.cfg.site == "write" for s in saes)}
+    """Adapter options under which every SAE's hook fires with the input it was trained on (its write mode;
+    dense writes; states of all heads, so a per-head SAE's head index addresses the hook's head axis)."""
+    opts = {"materialize_writes": any(s.cfg.site == "write" for s in saes), "write_mode": saes[0].cfg.write_mode}
     if any(s.cfg.site == "state" for s in saes):
         opts["capture_states"] = StateCapture("all")
     return opts
 
 
 def _check_saes(model, saes) -> list:
-    saes = sorted(saes, key=lambda s: s.cfg.layer)
+    """Upstream to downstream: by layer, and at one layer the write site before the state site."""
+    saes = sorted(saes, key=lambda s: (s.cfg.layer, s.cfg.site == "state"))
+    if len({s.cfg.write_mode for s in saes}) > 1:
+        raise ValueError("the SAEs of one circuit must share a write mode (raw or delta): one forward runs them")
     for s in saes:
         if s.cfg.head is None:
             raise ValueError("feature circuits need per-head WriteSAEs (cfg.head set)")
