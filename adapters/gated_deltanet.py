@@ -152,8 +152,9 @@ class GatedDeltaNetHooks(nn.Module):
         if recompute is None:
             return _Fired(out, True, raw=out)
         original = recompute()
-        if torch.equal(out, original):
-            return _Fired(original, False, raw=out)
+        if torch.equal(out, original) and not (torch.is_grad_enabled() and out.requires_grad):
+            return _Fired(original, False, raw=out)  # (a replacement equal in value but carrying gradient, e.g.
+            # x + zeros(requires_grad) for attribution, counts as an edit so that its gradient path exists)
         return _Fired(out.to(original.dtype), True, original, raw=out)
 
     # ---- the intercepted kernel call
@@ -214,13 +215,17 @@ class GatedDeltaNetHooks(nn.Module):
         if f_key.edited or f_val.edited:
             hook_changed = (new_key != kn).any(-1) | (new_val != write_value).any(-1)
         dense_new = None
+        dense_grad = torch.is_grad_enabled() and ((f_key.edited and new_key.requires_grad)
+                                                  or (f_val.edited and new_val.requires_grad))
+        if dense_grad and not owner.materialize_writes:  # factor hooks replaced under autograd: dense path
+            dense_new = torch.einsum("bthk,bthv->bthkv", new_key, new_val)
         if owner.materialize_writes:
             W = torch.einsum("bthk,bthv->bthkv", new_key, new_val)
             f_W = self._fire(self.hook_write, W, lambda: torch.einsum("bthk,bthv->bthkv", new_key, new_val))
             W_in = f_W.raw if f_W.replaced_differentiably(W) else f_W.value
             flat_in = W_in.reshape(b, T, H * d_k * d_v)
             f_flat = self._fire(self.hook_write_flat, flat_in, lambda: W_in.detach().reshape(b, T, -1).clone())
-            dense_grad = f_W.replaced_differentiably(W) or f_flat.replaced_differentiably(flat_in)
+            dense_grad = dense_grad or f_W.replaced_differentiably(W) or f_flat.replaced_differentiably(flat_in)
             flat_out = f_flat.raw if f_flat.replaced_differentiably(flat_in) else f_flat.value
             dense_new = flat_out.reshape(b, T, H, d_k, d_v)
             if f_W.edited or f_flat.edited:

@@ -250,9 +250,13 @@ class Mamba2Hooks(nn.Module):
         gradient (a spliced SAE under autograd), ``dense_D [b,T,H,N,P]`` = hook output - clean write at every
         position (propagated by the differentiable torch scan; it already contains any factor edits)."""
         new_key, new_val = f_key.value, f_val.value
+        factor_grad = torch.is_grad_enabled() and ((f_key.edited and new_key.requires_grad)
+                                                   or (f_val.edited and new_val.requires_grad))
         changed = None
         if f_key.edited or f_val.edited:
             changed = (new_key != key).any(-1) | (new_val != value).any(-1)
+        if factor_grad and not owner.materialize_writes:  # factor hooks replaced under autograd: dense path
+            return {}, torch.einsum("bthn,bthp->bthnp", new_key, new_val) - torch.einsum("bthn,bthp->bthnp", key, value)
         dense = None
         if owner.materialize_writes:
             H, N, P = self.n_heads, self.d_k, self.d_v
@@ -261,7 +265,8 @@ class Mamba2Hooks(nn.Module):
             W_in = f_W.raw if f_W.replaced_differentiably(W) else f_W.value
             flat_in = W_in.reshape(b, T, H * N * P)
             f_flat = self._fire(self.hook_write_flat, flat_in, lambda: W_in.detach().reshape(b, T, H * N * P).clone())
-            differentiable = f_W.replaced_differentiably(W) or f_flat.replaced_differentiably(flat_in)
+            differentiable = (factor_grad or f_W.replaced_differentiably(W)
+                              or f_flat.replaced_differentiably(flat_in))
             flat_out = f_flat.raw if f_flat.replaced_differentiably(flat_in) else f_flat.value
             dense = flat_out.reshape(b, T, H, N, P)
             if differentiable:

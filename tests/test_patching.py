@@ -264,3 +264,34 @@ def test_path_patching_through_reads(model, linear_mamba, pair):
                                                                                           abs=1e-6)
     with pytest.raises(TypeError, match="receivers"):
         path_patch(model, clean, sender, [3], METRIC)
+
+
+@pytest.mark.parametrize("site", ["hook_write_key", "hook_write_value", "hook_log_decay", "hook_query"])
+def test_zero_perturbations_of_factor_decay_and_query_hooks_carry_exact_gradients(model, linear_mamba, pair, site):
+    """Attribution through any write-side hook: a zero added under autograd gets the gradient that central
+    finite differences give (GDN and Mamba-2)."""
+    clean, _ = pair
+    for m, layer in ((model, L), (linear_mamba, 0)):
+        name = m.hook_prefix(layer) + site
+        holder = {}
+
+        def add_zero(x, hook):
+            holder["z"] = torch.zeros_like(x, requires_grad=True)
+            return x + holder["z"]
+
+        METRIC(m.run_with_hooks(clean, fwd_hooks=[(name, add_zero)])).backward()
+        g = holder["z"].grad
+        assert g is not None and g.abs().max() > 0, (site, m.cfg.family)
+        idx = tuple(int(i) for i in torch.nonzero(g.abs() == g.abs().max())[0])
+
+        def shifted(eps):
+            def hook(x, hook):
+                x = x.clone()
+                x[idx] += eps
+                return x
+            with torch.no_grad():
+                return float(METRIC(m.run_with_hooks(clean, fwd_hooks=[(name, hook)])))
+
+        eps = 1e-3  # the last position is strongly curved: larger steps carry O(eps^2) error
+        fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
+        assert fd == pytest.approx(float(g[idx]), rel=3e-2, abs=1e-5), (site, m.cfg.family)
