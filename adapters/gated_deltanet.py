@@ -245,7 +245,7 @@ class GatedDeltaNetHooks(nn.Module):
                                                                                     new_val[bi, t, h])
                 W_old = torch.outer(kn[bi, t, h], write_value[bi, t, h])
                 entries[(bi, t, h)] = (W_new - W_old, mode == "delta")
-        self._functional_edits(owner, entries, offset, b, T, kn, raw_value, v32, beta32, g, init, chunk)
+        self._functional_edits(owner, entries, offset, b, T, kn, raw_value, v32, beta32, g, init, chunk, dense_D)
 
         # main call: exactly what HF would run unless the read or the transitions were edited
         if not (f_query.edited or f_g.edited):
@@ -313,7 +313,8 @@ class GatedDeltaNetHooks(nn.Module):
             S = (S.float() + delta_final).to(S.dtype)
         return f_read.value.to(o.dtype), S
 
-    def _functional_edits(self, owner, entries, offset, b, T, kn, raw_value, v32, beta32, g, init, chunk):
+    def _functional_edits(self, owner, entries, offset, b, T, kn, raw_value, v32, beta32, g, init, chunk,
+                          dense_D=None):
         pending = owner._pending_edits
         if not pending:
             return
@@ -321,6 +322,11 @@ class GatedDeltaNetHooks(nn.Module):
         for i, e in enumerate(pending):
             if e.layer != self.layer_idx or not offset <= e.pos < offset + T:
                 continue
+            if dense_D is not None:
+                raise ValueError(f"layer {self.layer_idx}: a WriteEdit at position {e.pos} and a write hook replaced under "
+                                 "autograd (e.g. a spliced SAE) change the same writes in one forward; their "
+                                 "changes would add up silently. Apply the edit through the hook, or run them "
+                                 "in separate forwards")
             if e.batch is not None and not 0 <= e.batch < b:
                 raise ValueError(f"WriteEdit.batch={e.batch} is out of range for a batch of {b} rows")
             t = e.pos - offset

@@ -63,9 +63,11 @@ def _install(module_name: str) -> dict:
     return _INSTALLED[module_name]
 
 
-def dt_effective(dt: Tensor, dt_bias: Tensor, dt_limit=(0.0, float("inf"))) -> Tensor:
-    """``dt' = clamp(softplus(dt + dt_bias))`` in fp32, as HF's chunk scan computes it."""
-    return torch.clamp(F.softplus(dt.float() + dt_bias.float()), min=dt_limit[0], max=dt_limit[1])
+def dt_effective(dt: Tensor, dt_bias: Tensor | None, dt_limit=(0.0, float("inf")), softplus: bool = True) -> Tensor:
+    """``dt' = clamp(softplus(dt + dt_bias))`` in fp32, as HF's chunk scan computes it (``softplus=False``:
+    no softplus, as the kernel's ``dt_softplus`` flag)."""
+    x = dt.float() + (dt_bias.float() if dt_bias is not None else 0.0)
+    return torch.clamp(F.softplus(x) if softplus else x, min=dt_limit[0], max=dt_limit[1])
 
 
 def mamba2_reference(key: Tensor, value: Tensor, log_decay: Tensor, query: Tensor, initial_state: Tensor | None = None,
@@ -127,7 +129,7 @@ class Mamba2Hooks(nn.Module):
         fx, fdt, fB, fC = (self._fire(self.hook_x, x), self._fire(self.hook_dt, dt), self._fire(self.hook_B, B),
                            self._fire(self.hook_C, C))
         x, dt, B, C = fx.value, fdt.value, fB.value, fC.value
-        dtp = dt_effective(dt, a["dt_bias"], a["dt_limit"])
+        dtp = dt_effective(dt, a["dt_bias"], a["dt_limit"], a["dt_softplus"])
         A = a["A"].float()
         key = B.float().repeat_interleave(rep, dim=2)
         value = dtp[..., None] * x.float()
@@ -154,7 +156,7 @@ class Mamba2Hooks(nn.Module):
             y, S = out if a["return_final_states"] else (out, None)
         entries, dense_D = self._write_entries(owner, f_key, f_val, key, value, b, T)
         offset = cache_offset(self, owner, init is not None, T)
-        self._functional(owner, entries, offset, b, T, key, value)
+        self._functional(owner, entries, offset, b, T, key, value, dense_D)
         if owner.state_capture is not None:
             state_D = self._states(owner, entries, key, value, g_eff, init, b, T, dense_D)
             if state_D is not None:
@@ -281,10 +283,15 @@ class Mamba2Hooks(nn.Module):
                 entries[(bi, t, h)] = W_new - torch.outer(key[bi, t, h], value[bi, t, h])
         return entries, None
 
-    def _functional(self, owner, entries, offset, b, T, key, value):
+    def _functional(self, owner, entries, offset, b, T, key, value, dense_D=None):
         for i, e in enumerate(owner._pending_edits or []):
             if e.layer != self.layer_idx or not offset <= e.pos < offset + T:
                 continue
+            if dense_D is not None:
+                raise ValueError(f"layer {self.layer_idx}: a WriteEdit at position {e.pos} and a write hook replaced under "
+                                 "autograd (e.g. a spliced SAE) change the same writes in one forward; their "
+                                 "changes would add up silently. Apply the edit through the hook, or run them "
+                                 "in separate forwards")
             if e.batch is not None and not 0 <= e.batch < b:
                 raise ValueError(f"WriteEdit.batch={e.batch} is out of range for a batch of {b} rows")
             A = e.atom(self.d_k, self.d_v)
@@ -372,7 +379,7 @@ class Mamba2Hooks(nn.Module):
         gate = F.silu(z) if z is not None else None
         pos = cache_offset(self, owner, True, 1)
         entries, dense_D = self._write_entries(owner, f_key, f_val, key, value, b, 1)
-        self._functional(owner, entries, pos, b, 1, key, value)
+        self._functional(owner, entries, pos, b, 1, key, value, dense_D)
         read = out.float() - skip
         dS = torch.zeros(b, H, self.d_k, self.d_v)
         for (bi, _, h), d in entries.items():
@@ -483,8 +490,9 @@ _HOOK_DOCS = {
     "hook_write_value": "[b,p,H,P] canonical value factor dt' x; edits replace the write only",
     "hook_write": "[b,p,H,N,P] dense write (only while materialize_writes); edits propagate exactly",
     "hook_write_flat": "[b,p,H*N*P] flat dense write (only while materialize_writes)",
-    "hook_log_decay": "[b,p,H] dt' A (log of the scalar decay); read-only for now",
-    "hook_query": "[b,p,H,N] C per head as read; read-only for now",
+    "hook_log_decay": "[b,p,H] dt' A (log of the scalar decay); edits change the transitions only (exact, "
+                      "canonical scan)",
+    "hook_query": "[b,p,H,N] C per head as read; edits change this head's read only (exact, canonical scan)",
     "hook_state": "[b,P,H_s,N,P] opt-in states after the write (key-first); an edit acts as an extra write",
     "hook_read": "[b,p,H,P] y_t = S_t^T C_t without the D x skip (fp32); edits replace the read",
 }

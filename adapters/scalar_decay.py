@@ -12,14 +12,18 @@ import torch
 from torch import Tensor
 
 
-def _decay_matrix(g: Tensor) -> tuple[Tensor, Tensor]:
-    """For one chunk ``g [b, L, H]``: ``(M [b, H, L, L], G [b, L, H])`` with ``G = cumsum(g)`` and
-    ``M[t, s] = exp(G_t - G_s)`` for ``s <= t`` else 0 (masked before ``exp``: no overflow)."""
-    G = g.float().cumsum(1)
-    diff = G.permute(0, 2, 1)[..., :, None] - G.permute(0, 2, 1)[..., None, :]
-    L = g.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=g.device).tril()
-    return diff.masked_fill(~causal, float("-inf")).exp(), G
+def _decay_matrix(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For one chunk ``g [b, L, H]``: ``(M [b, H, L, L], G [b, L, H], tail [b, L, H])`` with ``G = cumsum(g)``,
+    ``M[t, s] = exp(sum_{s < r <= t} g_r)`` for ``s <= t`` else 0 and ``tail[s] = exp(sum_{s < r < L} g_r)``.
+    The exponents are segment sums (masked, then cumulated), not differences of running sums, so very
+    negative decays lose no precision; masked entries never reach ``exp`` as large numbers."""
+    gT = g.float().permute(0, 2, 1)  # [b, H, L]
+    L = gT.shape[-1]
+    strict = torch.ones(L, L, dtype=torch.bool, device=g.device).tril(-1)  # r > s
+    seg = gT[..., :, None].expand(*gT.shape, L).masked_fill(~strict, 0.0).cumsum(-2)  # [t, s] = sum_{s<r<=t}
+    M = seg.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=g.device).tril(), float("-inf")).exp()
+    tail = seg[..., -1, :].exp().permute(0, 2, 1)
+    return M, g.float().cumsum(1), tail
 
 
 def scalar_decay_scan(key: Tensor, value: Tensor, log_decay: Tensor, query: Tensor,
@@ -38,13 +42,11 @@ def scalar_decay_scan(key: Tensor, value: Tensor, log_decay: Tensor, query: Tens
     for t0 in range(0, T, chunk):
         k, v = key[:, t0:t0 + chunk].float(), value[:, t0:t0 + chunk].float()
         q, g = query[:, t0:t0 + chunk].float(), log_decay[:, t0:t0 + chunk]
-        M, G = _decay_matrix(g)
+        M, G, tail = _decay_matrix(g)
         scores = torch.einsum("bthn,bshn->bhts", q, k) * M
         y = torch.einsum("bhts,bshp->bthp", scores, v)
         y = y + G.exp()[..., None] * torch.einsum("bhnp,bthn->bthp", S, q)
-        last = G[:, -1]  # [b, H]
-        tail = (last[:, None] - G).exp()  # exp(G_L - G_s) [b, L, H]
-        S = last.exp()[..., None, None] * S + torch.einsum("bshn,bshp,bsh->bhnp", k, v, tail)
+        S = G[:, -1].exp()[..., None, None] * S + torch.einsum("bshn,bshp,bsh->bhnp", k, v, tail)
         reads.append(y)
     return torch.cat(reads, 1), S
 
@@ -58,10 +60,9 @@ def dense_decay_scan(writes: Tensor, log_decay: Tensor, query: Tensor, initial_s
     reads = []
     for t0 in range(0, T, chunk):
         W, q, g = writes[:, t0:t0 + chunk].float(), query[:, t0:t0 + chunk].float(), log_decay[:, t0:t0 + chunk]
-        M, G = _decay_matrix(g)
+        M, G, tail = _decay_matrix(g)
         y = torch.einsum("bhts,bshnp,bthn->bthp", M, W, q)
         y = y + G.exp()[..., None] * torch.einsum("bhnp,bthn->bthp", S, q)
-        last = G[:, -1]
-        S = last.exp()[..., None, None] * S + torch.einsum("bshnp,bsh->bhnp", W, (last[:, None] - G).exp())
+        S = G[:, -1].exp()[..., None, None] * S + torch.einsum("bshnp,bsh->bhnp", W, tail)
         reads.append(y)
     return torch.cat(reads, 1), S

@@ -295,3 +295,16 @@ def test_zero_perturbations_of_factor_decay_and_query_hooks_carry_exact_gradient
         eps = 1e-3  # the last position is strongly curved: larger steps carry O(eps^2) error
         fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
         assert fd == pytest.approx(float(g[idx]), rel=3e-2, abs=1e-5), (site, m.cfg.family)
+
+
+def test_a_write_edit_and_a_differentiable_write_replacement_in_one_forward_are_refused(model, linear_mamba, pair):
+    clean, _ = pair
+    for m, layer in ((model, L), (linear_mamba, 0)):
+        z = torch.zeros(16, 16, requires_grad=True)
+
+        def add(x, hook):
+            return x + z
+
+        with m.options(materialize_writes=True), pytest.raises(ValueError, match="add up silently"):
+            with m.edits([WriteEdit(layer=layer, pos=3, head=1, op="delete")]):
+                m.run_with_hooks(clean, fwd_hooks=[(m.hook_prefix(layer) + "hook_write", add)])

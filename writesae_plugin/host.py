@@ -36,8 +36,10 @@ class SpliceWrapper(_SAEWrapper):
 
     def forward(self, original_output: torch.Tensor) -> torch.Tensor:
         """Splice. With the error term (or ``identity_grad``) the output is ``x + (recon - clean)``, so an
-        unedited splice returns ``x`` bit for bit; gradients reach ``x`` through the reconstruction (as in
-        SAELens) or, with ``identity_grad``, directly (clean-model gradients)."""
+        unedited splice returns ``x`` bit for bit. Gradients to ``x``: through the reconstruction (``J_recon``,
+        the SAE-linearised gradient) for an untouched error node; ``I`` (the model's own) once the error node
+        is edited or perturbed (``recon + e`` with ``e = x - clean(x)``: the error node's own path to ``x`` is
+        ``I - J_recon``, as feature circuits need); with ``identity_grad``, always ``I``."""
         x = original_output
         x_in = x.detach() if self.identity_grad else x
         acts = self.sae.encode(x_in)
@@ -45,7 +47,7 @@ class SpliceWrapper(_SAEWrapper):
         if self.use_error_term or self.identity_grad:
             with _disable_hooks(self.sae):
                 clean = self.sae.decode(self.sae.encode(x_in))  # the unedited reconstruction, as a function of x
-            err = x - clean  # the error node: its gradient to x is I - J_recon (SAELens' error term)
+            err = x - clean  # the error node; its gradient path to x is I - J_recon
             v0 = err._version if not torch.is_inference(err) else None
             err_h = self.hook_sae_error(err)
             if err_h is err and v0 is not None and err._version == v0:
