@@ -160,12 +160,12 @@ print(writesae_plugin.sae.describe(trained))
 ])
 
 PAIRS = """
-from writesae_plugin.circuits.tasks import copy_task
+from writesae_plugin.circuits.tasks import quote_task
 from writesae_plugin.demo import corpus
 
-# copy (induction) pairs from held-out stdlib code: the bigram A B at source_pos is repeated by ending the prompt
-# with A; the corrupted prompt has another token r in place of B. Metric: logit(B) - logit(r) at the last position.
-pairs = copy_task(tok, corpus.texts("test"), n=6, length=16, source_pos=5)
+# quote pairs: a held-out stdlib prefix, then `x = f(` + a quote + two words. The clean prompt opens the string
+# with ', the corrupted one with ". Metric: logit(') - logit(") at the last position (which quote closes it).
+pairs = quote_task(tok, corpus.texts("test"), n=6, length=20)
 metric = pairs.metric()
 print(len(pairs), "pairs; clean", float(metric(model(pairs.clean))), "corrupted", float(metric(model(pairs.corrupted))))
 """
@@ -237,7 +237,7 @@ p = model.hook_prefix(layer)
 _, c = model.run_with_cache(pairs.clean, names_filter=[p + "hook_write_key", p + "hook_write_value"])
 sender = [WriteEdit(layer=layer, pos=s, head=h, key=c[p + "hook_write_key"][b, s, h],
                     value=c[p + "hook_write_value"][b, s, h], batch=b) for b in range(len(pairs))]
-for t in (s, s + 3, pairs.clean.shape[1] - 1):
+for t in range(s, pairs.clean.shape[1]):
     r = path_patch(model, pairs.corrupted, sender, [Reads(layer, positions=(t,), heads=(h,))], metric)
     print(f"via read {t}: {r['path'] - r['base']:+.4f} of total {r['total'] - r['base']:+.4f}")
 r = path_patch(model, pairs.corrupted, sender, ["blocks.4.hook_write_value"], metric)
@@ -270,7 +270,7 @@ circ.figure();
 
 EDITING = nb([
     "md:# SHIFT-style editing: ablate atoms, against random atom sets\n\n"
-    "The atoms with the largest attribution to the copy behaviour are ablated on the clean prompts; the change "
+    "The atoms with the largest attribution to the quote-matching behaviour are ablated on the clean prompts; the change "
     "is compared with random atom sets of the same size.",
     SETUP, PAIRS,
     """

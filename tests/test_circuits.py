@@ -177,12 +177,33 @@ def test_copy_task_pairs(tiny_tokenizer):
         copy_task(tiny_tokenizer, corpus.texts("test"), n=1, length=8, source_pos=7)
 
 
+def test_quote_task_pairs_and_their_effect_on_both_shipped_models():
+    from writesae_plugin.circuits.tasks import quote_task
+    from writesae_plugin.demo import corpus
+    from writesae_plugin.demo.run import load_demo_model
+
+    for arch in ("qwen3_5", "mamba2"):
+        model = load_demo_model(arch=arch)
+        pairs = quote_task(model.tokenizer, corpus.texts("test"), n=8, length=20)
+        assert pairs.clean.shape == (8, 20) and pairs.source_pos == 17
+        diff = (pairs.clean != pairs.corrupted).nonzero()
+        assert set(diff[:, 1].tolist()) == {17}
+        assert model.tokenizer.decode(pairs.clean[:1, 17]) == "'" and model.tokenizer.decode(pairs.wrong[:1]) == '"'
+        m = pairs.metric(per_prompt=True)
+        with torch.no_grad():
+            gap = m(model(pairs.clean)) - m(model(pairs.corrupted))
+        assert gap.min() > 1.0, arch  # the state remembers which quote is open
+    with pytest.raises(ValueError, match="no room"):
+        quote_task(model.tokenizer, corpus.texts("test"), n=1, length=6)
+
+
 def test_circuit_cli_commands_on_the_shipped_model(tmp_path, capsys):
     import json
 
     from writesae_plugin.cli import main
 
-    common = ["--n", "2", "--length", "12", "--source-pos", "4"]
+    common = ["--n", "2", "--length", "12"]
+    assert main(["patch", *common, "--task", "copy", "--source-pos", "4", "--out", str(tmp_path / "copy")]) == 0
     assert main(["patch", *common, "--out", str(tmp_path / "patch")]) == 0
     res = json.loads((tmp_path / "patch" / "results.json").read_text())
     assert res["n_prompts"] == 2 and res["writes"]["top"] and res["atoms"]["top"]

@@ -301,9 +301,9 @@ def cmd_demo(args) -> int:
 
 
 def _pairs_inputs(args, n_saes: int = 1):
-    """(hooked model, SAEs, copy-task pairs): the shipped demo model and release unless given."""
+    """(hooked model, SAEs, task pairs): the shipped demo model and release unless given."""
     from .circuits.run import DEFAULT_SAES
-    from .circuits.tasks import copy_task
+    from .circuits.tasks import copy_task, quote_task
     from .demo import corpus
     from .demo.run import demo_model_dir
 
@@ -318,7 +318,10 @@ def _pairs_inputs(args, n_saes: int = 1):
         texts = (r[args.text_column] for r in load_text_dataset(args.dataset, text_column=args.text_column))
     else:
         texts = corpus.texts("test")
-    pairs = copy_task(model.tokenizer, texts, args.n, args.length, args.source_pos, args.seed)
+    if args.task == "quote":
+        pairs = quote_task(model.tokenizer, texts, args.n, args.length, seed=args.seed)
+    else:
+        pairs = copy_task(model.tokenizer, texts, args.n, args.length, args.source_pos, args.seed)
     return model, saes, pairs
 
 
@@ -328,7 +331,7 @@ def cmd_patch(args) -> int:
     model, saes, pairs = _pairs_inputs(args)
     res = run_patch(model, saes[0], pairs, args.out)
     c, x = res["clean"], res["corrupted"]
-    print(f"copy task, n = {len(pairs)}: clean {c['mean']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}], corrupted "
+    print(f"{args.task} task, n = {len(pairs)}: clean {c['mean']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}], corrupted "
           f"{x['mean']:.3f} [{x['lo']:.3f}, {x['hi']:.3f}]")
     for e in res["writes"]["top"][:5]:
         print(f"  write L{e['layer']} pos {e['pos']} head {e['head']}: normalised {e['normalized']:+.3f}, effect "
@@ -392,9 +395,11 @@ def _add_pairs_args(p, sae_help: str):
     p.add_argument("--sae", action="append", default=None, help=sae_help)
     p.add_argument("--dataset", default=None, help="text file/dir for the prompts (default: held-out stdlib)")
     p.add_argument("--text-column", default="text")
+    p.add_argument("--task", choices=["quote", "copy"], default="quote",
+                   help="quote: ' vs \" opening a string, metric logit(') - logit(\") (default); copy: induction")
     p.add_argument("--n", type=int, default=16, help="number of clean/corrupted prompt pairs")
-    p.add_argument("--length", type=int, default=32, help="prompt length in tokens")
-    p.add_argument("--source-pos", type=int, default=8, help="the corrupted position")
+    p.add_argument("--length", type=int, default=24, help="prompt length in tokens")
+    p.add_argument("--source-pos", type=int, default=8, help="copy task: the corrupted position")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="results directory")
 
@@ -512,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     mr.add_argument("--out", required=True)
     mr.set_defaults(func=cmd_make_demo_release)
 
-    pp = sub.add_parser("patch", help="activation patching of every write and of WriteSAE atoms (copy task)")
+    pp = sub.add_parser("patch", help="activation patching of every write and of WriteSAE atoms")
     _add_pairs_args(pp, "DIR or RELEASE:SAE_ID (default writesae-demo:L2.H1.write)")
     pp.set_defaults(func=cmd_patch)
     ap = sub.add_parser("attribution-patch", help="attribution patching vs actual patching (writes, atoms)")

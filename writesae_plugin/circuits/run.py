@@ -2,7 +2,7 @@
 
 Each ``run_*`` takes a hooked model, the SAEs and :class:`~.tasks.PromptPairs`, writes ``results.json``
 (every number with its n and interval), figures and ``index.html`` to ``out``, and returns the results.
-Defaults elsewhere (CLI): the shipped demo model, its release, the copy task on held-out stdlib text.
+Defaults elsewhere (CLI): the shipped demo model, its release, the quote task on held-out stdlib text.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def run_patch(model, sae, pairs: PromptPairs, out: str | Path, progress: bool = 
     positions = sorted({pairs.source_pos, T - 1})
     atoms = patch_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=positions, max_atoms=16,
                         progress=progress) if sae is not None else None
-    results = {"task": "copy", "n_prompts": len(pairs), "source_pos": pairs.source_pos, **_baselines(writes),
+    results = {"n_prompts": len(pairs), "source_pos": pairs.source_pos, **_baselines(writes),
                "writes": {"top": _top(writes), "index": writes.index,
                           "normalized": writes.normalized.tolist()}}
     if atoms is not None:
@@ -69,7 +69,7 @@ def run_patch(model, sae, pairs: PromptPairs, out: str | Path, progress: bool = 
         fig.colorbar(im, ax=axes[0].tolist(), label="normalised patching score")
         return fig
 
-    write_report(out, "activation patching: writes and atoms (copy task)", results, None, {"write_patching": heatmap},
+    write_report(out, "activation patching: writes and atoms", results, None, {"write_patching": heatmap},
                  [f"{len(pairs)} clean/corrupted pairs; metric logit(answer) - logit(wrong) at the last position; "
                   "score 1 = the patch restores the clean metric, 0 = no effect. Intervals: 95% t over prompts."])
     return results
@@ -187,7 +187,7 @@ def run_circuit(model, saes: Sequence, pairs: PromptPairs, out: str | Path, node
 
 def run_edit(model, sae, pairs: PromptPairs, out: str | Path, atoms: Sequence[int] | None = None,
              n_controls: int = 20, progress: bool = True) -> dict:
-    """Ablate the atoms that carry the copy behaviour (default: the 3 with the largest positive attribution
+    """Ablate the atoms that carry the behaviour (default: the 3 with the largest positive attribution
     effect) on the clean prompts; behaviour before/after with intervals, against random atom sets."""
     from ..report import plt, write_report
 
