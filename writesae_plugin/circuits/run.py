@@ -59,13 +59,16 @@ def run_patch(model, sae, pairs: PromptPairs, out: str | Path, progress: bool = 
 
     def heatmap():
         L = len(writes.index["layer"])
-        fig, axes = plt.subplots(1, L, figsize=(3 * L, 3.2), squeeze=False)
+        fig, axes = plt.subplots(1, L, figsize=(2.6 * L + 1.5, 3.2), squeeze=False, sharey=True,
+                                 constrained_layout=True)
         lim = float(writes.normalized.abs().max()) or 1.0
         for i, ax in enumerate(axes[0]):
-            im = ax.imshow(writes.normalized[i].T, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim)
+            im = ax.imshow(writes.normalized[i].T, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim,
+                           interpolation="nearest")
             ax.set_title(f"layer {writes.index['layer'][i]}")
             ax.set_xlabel("position")
-            ax.set_ylabel("head")
+            ax.set_yticks(range(len(writes.index["head"])), writes.index["head"])
+        axes[0][0].set_ylabel("value head")
         fig.colorbar(im, ax=axes[0].tolist(), label="normalised patching score")
         return fig
 
