@@ -180,7 +180,7 @@ ACTIVATION_PATCHING = nb([
     """
 from transformer_lens import patching
 from writesae_plugin.circuits import patch_writes, patch_atoms, write_patch_index, logit_diff
-layer = 2
+layer = 4  # where the quote memory is written (see `writesae patch`)
 with torch.no_grad(), model.options(materialize_writes=True):
     _, clean_cache = model.run_with_cache(pairs.clean, names_filter=lambda n: n.endswith("hook_write"))
     index = write_patch_index(model, pairs.clean.shape[1], layers=[layer])
@@ -188,13 +188,13 @@ with torch.no_grad(), model.options(materialize_writes=True):
                                                   patching.layer_pos_head_vector_patch_setter, "write", index_df=index)
 ours = patch_writes(model, pairs.clean, pairs.corrupted, pairs.metric(per_prompt=True), layers=[layer], progress=False)
 print("max |TL - ours|:", float((tl_scores - ours.scores.flatten()).abs().max()))
-print("normalised score at the source position, per head:", ours.normalized[0, pairs.source_pos])
-print("effect of head 1 at the source position, 95% CI over prompts:", ours.effect_interval(0, pairs.source_pos, 1))
+print("normalised score one token after the quote, per head:", ours.normalized[0, pairs.source_pos + 1])
+print("effect of head 0 one token after the quote, 95% CI over prompts:", ours.effect_interval(0, pairs.source_pos + 1, 0))
 """,
     """
 from sae_lens import SAE
-sae = SAE.from_pretrained("writesae-demo", "L2.H1.write")
-atoms = patch_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=[pairs.source_pos], max_atoms=8,
+sae = SAE.from_pretrained("writesae-demo", "L4.H0.write")
+atoms = patch_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=list(range(pairs.source_pos, pairs.clean.shape[1])), max_atoms=8,
                     progress=False)
 for name, score in zip(atoms.index["atom"], atoms.scores[0]):
     print(f"atom {name}: metric {float(score):+.4f} (corrupted {atoms.corrupted:+.4f}, clean {atoms.clean:+.4f})")
@@ -210,15 +210,15 @@ ATTRIBUTION_PATCHING = nb([
     """
 from sae_lens import SAE
 from writesae_plugin.circuits import attribute_writes, attribute_atoms, patch_writes, patch_atoms, compare_with_patching
-layer = 2
+layer = 4  # where the quote memory is written (see `writesae patch`)
 est = attribute_writes(model, pairs.clean, pairs.corrupted, metric, layers=[layer])
 act = patch_writes(model, pairs.clean, pairs.corrupted, metric, layers=[layer], progress=False)
 print("writes:", compare_with_patching(est, act))
-sae = SAE.from_pretrained("writesae-demo", "L2.H1.write")
-actual = patch_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=[pairs.source_pos], max_atoms=8,
+sae = SAE.from_pretrained("writesae-demo", "L4.H0.write")
+actual = patch_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=list(range(pairs.source_pos, pairs.clean.shape[1])), max_atoms=8,
                      progress=False)
 for backend in ("adjoint", "transformer_lens", "nnsight"):
-    estimate = attribute_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=[pairs.source_pos],
+    estimate = attribute_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=list(range(pairs.source_pos, pairs.clean.shape[1])),
                                atoms=actual.index["atom"][:-1], backend=backend)
     print(backend, compare_with_patching(estimate, actual))
 """,
@@ -232,7 +232,7 @@ PATH_PATCHING = nb([
     """
 from writesae_plugin.adapters import WriteEdit
 from writesae_plugin.circuits import path_patch, Reads
-layer, h, s = 2, 1, pairs.source_pos
+layer, h, s = 4, 0, pairs.source_pos
 p = model.hook_prefix(layer)
 _, c = model.run_with_cache(pairs.clean, names_filter=[p + "hook_write_key", p + "hook_write_value"])
 sender = [WriteEdit(layer=layer, pos=s, head=h, key=c[p + "hook_write_key"][b, s, h],
@@ -248,14 +248,14 @@ print("mediated by layer 4's write values:", r)
 
 CIRCUITS = nb([
     "md:# A sparse feature circuit over write and state atoms, then ACDC\n\n"
-    "Nodes: atoms and error nodes of the shipped write and state SAEs (layer 2, head 1); node and edge effects by "
+    "Nodes: atoms and error nodes of the shipped write and state SAEs (layer 4, head 0); node and edge effects by "
     "attribution patching; ACDC then prunes by exact ablation and reports faithfulness.",
     SETUP, PAIRS,
     """
 from sae_lens import SAE
 from writesae_plugin.circuits import feature_circuit, acdc_prune
-sae = SAE.from_pretrained("writesae-demo", "L2.H1.write")
-sae_state = SAE.from_pretrained("writesae-demo", "L2.H1.state")
+sae = SAE.from_pretrained("writesae-demo", "L4.H0.write")
+sae_state = SAE.from_pretrained("writesae-demo", "L4.H0.state")
 circ = feature_circuit(model, [sae, sae_state], pairs.clean, pairs.corrupted, metric, node_threshold=0.02,
                        edge_threshold=0.01, max_nodes_per_sae=5, progress=False)
 print(len(circ.nodes), "nodes", len(circ.edges), "edges")
@@ -276,9 +276,9 @@ EDITING = nb([
     """
 from sae_lens import SAE
 from writesae_plugin.circuits import attribute_atoms, edit_atoms
-sae = SAE.from_pretrained("writesae-demo", "L2.H1.write")
-est = attribute_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=[pairs.source_pos], include_error=False)
-top = [est.index["atom"][i] for i in (est.scores[0] - est.corrupted).argsort(descending=True)[:2].tolist()]
+sae = SAE.from_pretrained("writesae-demo", "L4.H0.write")
+est = attribute_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=list(range(pairs.source_pos, pairs.clean.shape[1])), include_error=False)
+top = [est.index["atom"][i] for i in (est.scores - est.corrupted).sum(0).argsort(descending=True)[:2].tolist()]
 res = edit_atoms(model, sae, pairs.clean, pairs.metric(per_prompt=True), atoms=top, n_controls=5, progress=False)
 print("atoms", res["atoms"], "before", res["before"], "after", res["after"])
 print("random sets:", res["controls"])

@@ -59,10 +59,9 @@ def test_shipped_saes_load_through_the_registry_and_reproduce_fvu_and_l0(arch):
     info = demo_release_info(arch=arch)
     model = load_demo_model(arch=arch)
     evals = load_file(str(demo_release_dir(arch=arch) / "eval_tokens.safetensors"))["input_ids"]
-    layer, head = info["recipe"]["layer"], info["recipe"]["head"]
     for sid in info["saes"]:
         sae = SAE.from_pretrained(info["release"], sid)
-        site = sae.cfg.site
+        site, layer, head = sae.cfg.site, sae.cfg.layer, sae.cfg.head
         layout = "factors" if site == "write" else "dense"
         spec = SiteSpec(layer=layer, site=site, heads=[head], positions="all", layout=layout)
         val = list(ActivationProvider(model, iter(evals), spec, batch_size=512, buffer_batches=2,

@@ -19,7 +19,7 @@ from .path_patching import Reads, path_patch
 from .patching import PatchResult, patch_atoms, patch_writes
 from .tasks import PromptPairs
 
-DEFAULT_SAES = ("writesae-demo:L2.H1.write", "writesae-demo:L2.H1.state")
+DEFAULT_SAES = ("writesae-demo:L4.H0.write", "writesae-demo:L4.H0.state")  # where the quote memory lives
 
 
 def _baselines(res: PatchResult) -> dict:
@@ -48,7 +48,7 @@ def run_patch(model, sae, pairs: PromptPairs, out: str | Path, progress: bool = 
     metric = pairs.metric(per_prompt=True)
     writes = patch_writes(model, pairs.clean, pairs.corrupted, metric, progress=progress)
     T = pairs.clean.shape[1]
-    positions = sorted({pairs.source_pos, T - 1})
+    positions = list(range(pairs.source_pos, T))  # the writes that can differ: from the corruption on
     atoms = patch_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=positions, max_atoms=16,
                         progress=progress) if sae is not None else None
     results = {"n_prompts": len(pairs), "source_pos": pairs.source_pos, **_baselines(writes),
@@ -88,7 +88,7 @@ def run_attribution_patch(model, sae, pairs: PromptPairs, out: str | Path, progr
     results = {"n_prompts": len(pairs), "writes": compare_with_patching(est_w, act_w)}
     pairs_xy = [("writes", est_w, act_w)]
     if sae is not None:
-        pos = sorted({pairs.source_pos, pairs.clean.shape[1] - 1})
+        pos = list(range(pairs.source_pos, pairs.clean.shape[1]))
         act_a = patch_atoms(model, sae, pairs.clean, pairs.corrupted, metric, positions=pos, max_atoms=16,
                             progress=progress)
         atoms = [a for a in act_a.index["atom"] if a != "error"]
@@ -196,8 +196,8 @@ def run_edit(model, sae, pairs: PromptPairs, out: str | Path, atoms: Sequence[in
 
     if atoms is None:
         est = attribute_atoms(model, sae, pairs.clean, pairs.corrupted, pairs.metric(),
-                              positions=[pairs.source_pos], include_error=False)
-        eff = est.scores[0] - est.corrupted
+                              positions=list(range(pairs.source_pos, pairs.clean.shape[1])), include_error=False)
+        eff = (est.scores - est.corrupted).sum(0)  # summed over the positions from the corruption on
         atoms = [est.index["atom"][i] for i in eff.argsort(descending=True)[:3].tolist()]
     res = edit_atoms(model, sae, pairs.clean, pairs.metric(per_prompt=True), atoms, mode="ablate",
                      n_controls=n_controls, progress=progress)
