@@ -92,6 +92,14 @@ def mamba2_reference(key: Tensor, value: Tensor, log_decay: Tensor, query: Tenso
     return read, S
 
 
+def _suffix(pos: Tensor, T: int) -> tuple[int, Tensor, Tensor, Tensor]:
+    """Suffix rows for the zero-value trick: length ``L`` (after the earliest changed position), the
+    positions ``idx [R, L]`` after each row's own, their validity (``< T``) and ``idx`` clamped in range."""
+    L = int(T - 1 - pos.min())
+    idx = pos[:, None] + 1 + torch.arange(L)[None]
+    return L, idx, idx < T, idx.clamp(max=T - 1)
+
+
 class Mamba2Hooks(nn.Module):
     """Hook points of one Mamba-2 mixer (``blocks.{l}.mixer``) and its exact write edits."""
 
@@ -198,12 +206,9 @@ class Mamba2Hooks(nn.Module):
         D0, batch, pos = self._rows(entries)
         d_read = torch.zeros(b, T, H, P)
         d_read.index_put_((batch, pos), torch.einsum("rhnp,rhn->rhp", D0, query[batch, pos].float()), accumulate=True)
-        L = int(T - 1 - pos.min())
+        L, idx, valid, idc = _suffix(pos, T)
         final = D0
         if L > 0:
-            idx = pos[:, None] + 1 + torch.arange(L)[None]
-            valid = idx < T
-            idc = idx.clamp(max=T - 1)
             g_s = log_decay[batch[:, None], idc].float() * valid[..., None]  # padding: g = 0 keeps the state
             q_s = query[batch[:, None], idc].float() * valid[..., None, None]
             zeros_k = torch.zeros(len(batch), L, H, N)
@@ -313,12 +318,9 @@ class Mamba2Hooks(nn.Module):
         Cq = C.float().repeat_interleave(rep, dim=2)
         here = torch.einsum("rhnp,rhn->rhp", D0, Cq[batch, pos])
         d_read.index_put_((batch, pos), here, accumulate=True)
-        L = int(T - 1 - pos.min())
+        L, idx, valid, idc = _suffix(pos, T)
         final = D0
         if L > 0:
-            idx = pos[:, None] + 1 + torch.arange(L)[None]
-            valid = idx < T
-            idc = idx.clamp(max=T - 1)
             m = valid.float()
             x0 = torch.zeros(len(batch), L, H, P)
             dt_s = dt[batch[:, None], idc]

@@ -127,24 +127,17 @@ def _perturbed_run(model, saes, tokens, metric):
     and error; returns (metric value, {sae index: (acts, err, z_acts, z_err)})."""
     store: dict[int, dict] = {}
 
-    def acts_hook(i):
+    def perturb(i, kind):  # kind: "acts" or "err"; keeps the input and its zero perturbation
         def hook(x, hook):
             z = torch.zeros_like(x, requires_grad=True)
-            store.setdefault(i, {}).update(acts=x, z_acts=z)
-            return x + z
-        return hook
-
-    def err_hook(i):
-        def hook(x, hook):
-            z = torch.zeros_like(x, requires_grad=True)
-            store.setdefault(i, {}).update(err=x, z_err=z)
+            store.setdefault(i, {}).update({kind: x, f"z_{kind}": z})
             return x + z
         return hook
 
     fwd = []
     for i, s in enumerate(saes):
-        fwd += [(s.cfg.metadata.hook_name + ".hook_sae_acts_post", acts_hook(i)),
-                (s.cfg.metadata.hook_name + ".hook_sae_error", err_hook(i))]
+        fwd += [(s.cfg.metadata.hook_name + ".hook_sae_acts_post", perturb(i, "acts")),
+                (s.cfg.metadata.hook_name + ".hook_sae_error", perturb(i, "err"))]
     logits = model.run_with_hooks(tokens, fwd_hooks=fwd)
     return scalar(metric(logits)), store
 
