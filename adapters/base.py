@@ -32,6 +32,7 @@ forward and compose exactly (linearity of the state in the writes).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Sequence
@@ -158,6 +159,13 @@ class AdapterConfig:
     normalization_type: str | None = "RMS"
     positional_embedding_type: str = "rotary"
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def conflicting_edit_error(layer: int, pos: int) -> ValueError:
+    """A WriteEdit and a write hook replaced under autograd both change one layer's writes in one forward."""
+    return ValueError(f"layer {layer}: a WriteEdit at position {pos} and a write hook replaced under autograd "
+                      "(e.g. a spliced SAE) change the same writes in one forward; their changes would add up "
+                      "silently. Apply the edit through the hook, or run them in separate forwards")
 
 
 CACHE_NAMES = ("past_key_values", "cache", "cache_params")
@@ -427,10 +435,10 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
                 layers[i] = m
         return out if return_hf else out.logits
 
-    @property
+    @functools.cached_property
     def cache_kwarg(self) -> str:
         """The name the HF model's ``forward`` takes its cache by (``past_key_values``; Mamba-2 models:
-        ``cache`` from transformers 5.24, ``cache_params`` before)."""
+        ``cache`` from transformers 5.24, ``cache_params`` before); read once, off the signature."""
         params = inspect.signature(self.hf_model.forward).parameters
         return next((n for n in CACHE_NAMES if n in params), "past_key_values")
 

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from . import ops
-from .base import (AdapterConfig, HookedRecurrentModel, StateCapture, UnsupportedModelError, WriteEdit, cache_from_kwargs,
-                   find_decoder_layers, find_final_norm)
+from .base import (AdapterConfig, HookedRecurrentModel, StateCapture, UnsupportedModelError, WriteEdit,
+                   cache_from_kwargs, conflicting_edit_error, find_decoder_layers, find_final_norm)
 from .reference import l2_normalize
 
 #: model_type -> the transformers modeling module holding its GDN mixer and kernels
@@ -155,7 +155,7 @@ class GatedDeltaNetHooks(nn.Module):
         if torch.equal(out, original) and not (torch.is_grad_enabled() and out.requires_grad):
             return _Fired(original, False, raw=out)  # (a replacement equal in value but carrying gradient, e.g.
             # x + zeros(requires_grad) for attribution, counts as an edit so that its gradient path exists)
-        return _Fired(out.to(original.dtype), True, original, raw=out)
+        return _Fired(out.to(original.dtype), True, original, raw=out)  # .to keeps the graph
 
     # ---- the intercepted kernel call
     def intercept(self, name: str, kernels: _Kernels, args, kwargs):
@@ -222,12 +222,11 @@ class GatedDeltaNetHooks(nn.Module):
         if owner.materialize_writes:
             W = torch.einsum("bthk,bthv->bthkv", new_key, new_val)
             f_W = self._fire(self.hook_write, W, lambda: torch.einsum("bthk,bthv->bthkv", new_key, new_val))
-            W_in = f_W.raw if f_W.replaced_differentiably(W) else f_W.value
+            W_in = f_W.value
             flat_in = W_in.reshape(b, T, H * d_k * d_v)
             f_flat = self._fire(self.hook_write_flat, flat_in, lambda: W_in.detach().reshape(b, T, -1).clone())
             dense_grad = dense_grad or f_W.replaced_differentiably(W) or f_flat.replaced_differentiably(flat_in)
-            flat_out = f_flat.raw if f_flat.replaced_differentiably(flat_in) else f_flat.value
-            dense_new = flat_out.reshape(b, T, H, d_k, d_v)
+            dense_new = f_flat.value.reshape(b, T, H, d_k, d_v)
             if f_W.edited or f_flat.edited:
                 base = torch.einsum("bthk,bthv->bthkv", new_key, new_val)
                 ch = (dense_new != base).any(-1).any(-1)
@@ -305,8 +304,6 @@ class GatedDeltaNetHooks(nn.Module):
         if delta_read is not None:
             o32 = o32 + delta_read
         f_read = self._fire(self.hook_read, o32, (lambda: o.float()) if delta_read is None else None)
-        if f_read.replaced_differentiably(o32):
-            f_read = _Fired(f_read.raw, True, raw=f_read.raw)
         if delta_read is None and not f_read.edited:
             return o, S
         if S is not None and delta_final is not None:
@@ -323,10 +320,7 @@ class GatedDeltaNetHooks(nn.Module):
             if e.layer != self.layer_idx or not offset <= e.pos < offset + T:
                 continue
             if dense_D is not None:
-                raise ValueError(f"layer {self.layer_idx}: a WriteEdit at position {e.pos} and a write hook replaced under "
-                                 "autograd (e.g. a spliced SAE) change the same writes in one forward; their "
-                                 "changes would add up silently. Apply the edit through the hook, or run them "
-                                 "in separate forwards")
+                raise conflicting_edit_error(self.layer_idx, e.pos)
             if e.batch is not None and not 0 <= e.batch < b:
                 raise ValueError(f"WriteEdit.batch={e.batch} is out of range for a batch of {b} rows")
             t = e.pos - offset

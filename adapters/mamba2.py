@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from .base import (AdapterConfig, HookedRecurrentModel, UnsupportedModelError, WriteEdit,
+from .base import (AdapterConfig, HookedRecurrentModel, UnsupportedModelError, WriteEdit, conflicting_edit_error,
                    find_decoder_layers, find_final_norm)
 from .gated_deltanet import _CURRENT, GatedDeltaNetHooks, _enter, cache_offset
 from .scalar_decay import dense_decay_scan, scalar_decay_scan
@@ -182,8 +182,6 @@ class Mamba2Hooks(nn.Module):
         if d_read is not None:
             read = read + d_read
         f_read = self._fire(self.hook_read, read, (lambda: y.float() - skip) if d_read is None else None)
-        if f_read.replaced_differentiably(read):
-            f_read = type(f_read)(f_read.raw, True, raw=f_read.raw)
         if d_read is None and not f_read.edited and not canonical:
             return out
         y_new = (f_read.value + skip).to(y.dtype)
@@ -257,30 +255,29 @@ class Mamba2Hooks(nn.Module):
         gradient (a spliced SAE under autograd), ``dense_D [b,T,H,N,P]`` = hook output - clean write at every
         position (propagated by the differentiable torch scan; it already contains any factor edits)."""
         new_key, new_val = f_key.value, f_val.value
-        factor_grad = torch.is_grad_enabled() and ((f_key.edited and new_key.requires_grad)
-                                                   or (f_val.edited and new_val.requires_grad))
+        differentiable = torch.is_grad_enabled() and ((f_key.edited and new_key.requires_grad)
+                                                      or (f_val.edited and new_val.requires_grad))
         changed = None
         if f_key.edited or f_val.edited:
             changed = (new_key != key).any(-1) | (new_val != value).any(-1)
-        if factor_grad and not owner.materialize_writes:  # factor hooks replaced under autograd: dense path
-            return {}, torch.einsum("bthn,bthp->bthnp", new_key, new_val) - torch.einsum("bthn,bthp->bthnp", key, value)
         dense = None
         if owner.materialize_writes:
             H, N, P = self.n_heads, self.d_k, self.d_v
             W = torch.einsum("bthn,bthp->bthnp", new_key, new_val)
             f_W = self._fire(self.hook_write, W, lambda: torch.einsum("bthn,bthp->bthnp", new_key, new_val))
-            W_in = f_W.raw if f_W.replaced_differentiably(W) else f_W.value
-            flat_in = W_in.reshape(b, T, H * N * P)
-            f_flat = self._fire(self.hook_write_flat, flat_in, lambda: W_in.detach().reshape(b, T, H * N * P).clone())
-            differentiable = (factor_grad or f_W.replaced_differentiably(W)
+            flat_in = f_W.value.reshape(b, T, H * N * P)
+            f_flat = self._fire(self.hook_write_flat, flat_in,
+                                lambda: f_W.value.detach().reshape(b, T, H * N * P).clone())
+            differentiable = (differentiable or f_W.replaced_differentiably(W)
                               or f_flat.replaced_differentiably(flat_in))
-            flat_out = f_flat.raw if f_flat.replaced_differentiably(flat_in) else f_flat.value
-            dense = flat_out.reshape(b, T, H, N, P)
-            if differentiable:
-                return {}, dense.float() - torch.einsum("bthn,bthp->bthnp", key, value)
+            dense = f_flat.value.reshape(b, T, H, N, P)
             if f_W.edited or f_flat.edited:
                 ch = (dense != torch.einsum("bthn,bthp->bthnp", new_key, new_val)).any(-1).any(-1)
                 changed = ch if changed is None else changed | ch
+        elif differentiable:  # factor hooks replaced under autograd
+            dense = torch.einsum("bthn,bthp->bthnp", new_key, new_val)
+        if differentiable:
+            return {}, dense.float() - torch.einsum("bthn,bthp->bthnp", key, value)
         entries = {}
         if changed is not None:
             for bi, t, h in changed.nonzero().tolist():
@@ -293,10 +290,7 @@ class Mamba2Hooks(nn.Module):
             if e.layer != self.layer_idx or not offset <= e.pos < offset + T:
                 continue
             if dense_D is not None:
-                raise ValueError(f"layer {self.layer_idx}: a WriteEdit at position {e.pos} and a write hook replaced under "
-                                 "autograd (e.g. a spliced SAE) change the same writes in one forward; their "
-                                 "changes would add up silently. Apply the edit through the hook, or run them "
-                                 "in separate forwards")
+                raise conflicting_edit_error(self.layer_idx, e.pos)
             if e.batch is not None and not 0 <= e.batch < b:
                 raise ValueError(f"WriteEdit.batch={e.batch} is out of range for a batch of {b} rows")
             A = e.atom(self.d_k, self.d_v)
@@ -406,8 +400,6 @@ class Mamba2Hooks(nn.Module):
             state.add_(dS.detach().transpose(-1, -2).to(state.dtype))
         f_read = self._fire(self.hook_read, read[:, None], (lambda: (out.float() - skip)[:, None])
                             if d_read is None else None)
-        if f_read.replaced_differentiably(read[:, None]):
-            f_read = type(f_read)(f_read.raw, True, raw=f_read.raw)
         if d_read is None and not f_read.edited:
             return out if gate is None else out * gate
         y = (f_read.value[:, 0] + skip).to(out.dtype)

@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .patching import Metric, PatchResult, _check_pair, atom_matrices, head_slice, scalar, site_codes
+from .patching import (Metric, PatchResult, _check_pair, atom_matrices, head_slice, sae_options, scalar,
+                       site_codes)
 
 BACKENDS = ("adjoint", "transformer_lens", "nnsight")
 
@@ -129,9 +130,7 @@ def _grads_by_perturbation(model, sae, tokens, metric, nnsight: bool) -> tuple[T
     assignments in a trace). Every feature gets its gradient, active or not."""
     acts_name = sae.cfg.metadata.hook_name + ".hook_sae_acts_post"
     err_name = sae.cfg.metadata.hook_name + ".hook_sae_error"
-    from .editing import _opts
-
-    opts = _opts(sae)  # the SAE's write mode; dense writes or the states of all heads
+    opts = sae_options(sae)
     holder: dict[str, Tensor] = {}
     with torch.enable_grad(), model.options(**opts), model.saes([sae], use_error_term=True):
         if not nnsight:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..adapters import StateCapture
+from .patching import sae_options
 
 RowMetric = Callable[[Tensor], Tensor]  # logits [b, T, V] -> [b]
 
@@ -35,16 +35,6 @@ def mean_ci(x: Tensor, confidence: float = 0.95) -> dict:
     return {"mean": m, "lo": m - half, "hi": m + half, "n": n, "sd": float(x.std())}
 
 
-def _opts(sae) -> dict:
-    """Adapter options under which the SAE's hook fires with the input it was trained on."""
-    opts = {"write_mode": sae.cfg.write_mode}
-    if sae.cfg.site == "state":
-        opts["capture_states"] = StateCapture("all")
-    else:
-        opts["materialize_writes"] = True
-    return opts
-
-
 @torch.no_grad()
 def _run(model, sae, tokens: Tensor, metric: RowMetric, atoms: Sequence[int], value: Tensor | None,
          positions: Sequence[int] | None) -> Tensor:
@@ -55,14 +45,13 @@ def _run(model, sae, tokens: Tensor, metric: RowMetric, atoms: Sequence[int], va
 
     def hook(x, hook):  # x [b, T, (heads,) d_sae]: every chosen position x every chosen atom
         x = x.clone()
-        view = x if positions is None else x[:, list(positions)]
-        new = torch.zeros(()) if value is None else value.to(x.dtype)
-        view[..., idx] = new.expand(*view.shape[:-1], len(atoms)) if value is not None else 0
+        view = x if positions is None else x[:, list(positions)]  # a copy when positions are given
+        view[..., idx] = 0 if value is None else value.to(x.dtype)
         if positions is not None:
             x[:, list(positions)] = view
         return x
 
-    with model.options(**_opts(sae)), model.saes([sae], use_error_term=True):
+    with model.options(**sae_options(sae)), model.saes([sae], use_error_term=True):
         out = metric(model.run_with_hooks(tokens, fwd_hooks=[(name, hook)] if atoms else []))
     if out.dim() != 1 or out.shape[0] != tokens.shape[0]:
         raise ValueError(f"the behaviour metric must return one value per prompt [{tokens.shape[0]}], got "
@@ -82,7 +71,7 @@ def edit_atoms(model, sae, tokens: Tensor, metric: RowMetric, atoms: Sequence[in
     if not atoms or any(not 0 <= a < sae.cfg.d_sae for a in atoms):
         raise ValueError(f"atoms must be a non-empty list of indices in [0, {sae.cfg.d_sae}), got {atoms}")
     name = sae.cfg.metadata.hook_name + ".hook_sae_acts_post"
-    with model.options(**_opts(sae)), model.saes([sae], use_error_term=True):
+    with model.options(**sae_options(sae)), model.saes([sae], use_error_term=True):
         _, cache = model.run_with_cache(tokens, names_filter=[name])
     acts = cache[name]
     active = (acts != 0).flatten(0, -2).any(0).nonzero().flatten().tolist()

@@ -28,9 +28,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..adapters import StateCapture
 from .editing import mean_ci
-from .patching import Metric, _check_pair, head_slice as _head_error, scalar, site_codes
+from .patching import Metric, _check_pair, head_slice, sae_options, scalar, site_codes
 
 
 @dataclass
@@ -98,20 +97,10 @@ def _node_id(sae, kind: str, atom: int | None) -> str:
     return f"{base}.err" if kind == "error" else f"{base}.{atom}"
 
 
-def _options(saes) -> dict:
-    """Adapter options under which every SAE's hook fires with the input it was trained on (its write mode;
-    dense writes; states of all heads, so a per-head SAE's head index addresses the hook's head axis)."""
-    opts = {"materialize_writes": any(s.cfg.site == "write" for s in saes), "write_mode": saes[0].cfg.write_mode}
-    if any(s.cfg.site == "state" for s in saes):
-        opts["capture_states"] = StateCapture("all")
-    return opts
-
-
 def _check_saes(model, saes) -> list:
     """Upstream to downstream: by layer, and at one layer the write site before the state site."""
     saes = sorted(saes, key=lambda s: (s.cfg.layer, s.cfg.site == "state"))
-    if len({s.cfg.write_mode for s in saes}) > 1:
-        raise ValueError("the SAEs of one circuit must share a write mode (raw or delta): one forward runs them")
+    sae_options(*saes)  # one write mode for all (raises otherwise)
     for s in saes:
         if s.cfg.head is None:
             raise ValueError("feature circuits need per-head WriteSAEs (cfg.head set)")
@@ -159,14 +148,14 @@ def feature_circuit(model, saes: Sequence, clean: Tensor, corrupted: Tensor, met
         for s in saes:
             (a_c, e_c), (a_x, e_x) = site_codes(model, s, clean), site_codes(model, s, corrupted)
             deltas.append((a_c - a_x, e_c - e_x))
-    opts = _options(saes)
+    opts = sae_options(*saes)
     nodes, kept = [], []  # kept: (sae index, kind, atom)
     with torch.enable_grad(), model.options(**opts), model.saes(list(saes), use_error_term=True):
         value, store = _perturbed_run(model, saes, corrupted, metric)
         zs = [store[i]["z_acts"] for i in range(len(saes))] + [store[i]["z_err"] for i in range(len(saes))]
         grads = torch.autograd.grad(value, zs, retain_graph=True)
         for i, s in enumerate(saes):
-            g_acts, g_err = grads[i], _head_error(s, grads[len(saes) + i])
+            g_acts, g_err = grads[i], head_slice(s, grads[len(saes) + i])
             d_acts, d_err = deltas[i]
             B = d_acts.shape[0]
             by_prompt = (d_acts * g_acts).sum(1) * B  # [b, d_sae]: per-prompt effects of a batch-mean metric
@@ -202,7 +191,7 @@ def feature_circuit(model, saes: Sequence, clean: Tensor, corrupted: Tensor, met
                     continue
                 d_acts, d_err = deltas[u]
                 w = float((d_acts[..., uj] * gz[..., uj]).sum()) if uk == "atom" else float(
-                    (d_err * _head_error(saes[u], gz)).sum())
+                    (d_err * head_slice(saes[u], gz)).sum())
                 if abs(w) >= edge_threshold * total:
                     edges.append({"src": _node_id(saes[u], uk, uj), "dst": _node_id(s, kind, j), "effect": w})
     return Circuit(nodes, edges, {"clean": m_clean, "corrupted": m_corr}, "attribution")
@@ -212,7 +201,7 @@ def feature_circuit(model, saes: Sequence, clean: Tensor, corrupted: Tensor, met
 def _corrupted_values(model, saes, corrupted) -> dict[str, Tensor]:
     """Each SAE's codes and error node on the corrupted run (SAEs spliced with their error terms)."""
     names = [s.cfg.metadata.hook_name + n for s in saes for n in (".hook_sae_acts_post", ".hook_sae_error")]
-    with model.options(**_options(saes)), model.saes(list(saes), use_error_term=True):
+    with model.options(**sae_options(*saes)), model.saes(list(saes), use_error_term=True):
         _, cache = model.run_with_cache(corrupted, names_filter=names)
     return {n: cache[n] for n in names}
 
@@ -235,7 +224,7 @@ def _circuit_metric(model, saes, clean, corrupted_values, metric, removed: set[s
         if _node_id(s, "error", None) in removed:
             fwd.append((h + ".hook_sae_error", lambda x, hook, ref=corrupted_values[h + ".hook_sae_error"]:
                         ref.to(x.dtype).clone()))
-    with model.options(**_options(saes)), model.saes(list(saes), use_error_term=True):
+    with model.options(**sae_options(*saes)), model.saes(list(saes), use_error_term=True):
         return float(scalar(metric(model.run_with_hooks(clean, fwd_hooks=fwd))))
 
 

@@ -179,10 +179,9 @@ def patch_writes(model, clean: Tensor, corrupted: Tensor, metric: Metric, layers
         for i, l_ in enumerate(layers):
             p = model.hook_prefix(l_)
             key, value = cache[p + "hook_write_key"], cache[p + "hook_write_value"]
-            same = (torch.equal(key[:, t, h], cx[p + "hook_write_key"][:, t, h])
+            same = [torch.equal(key[:, t, h], cx[p + "hook_write_key"][:, t, h])
                     and torch.equal(value[:, t, h], cx[p + "hook_write_value"][:, t, h])
-                    for t in positions for h in heads)
-            same = list(same)
+                    for t in positions for h in heads]
             patches = [[WriteEdit(layer=l_, pos=t, head=h, key=key[b, t, h], value=value[b, t, h], batch=b)
                         for b in range(clean.shape[0])] for t in positions for h in heads]
             todo = [pt for pt, sm in zip(patches, same) if not sm]
@@ -195,6 +194,19 @@ def patch_writes(model, clean: Tensor, corrupted: Tensor, metric: Metric, layers
 
 
 # ---------------------------------------------------------------------------------------------- atoms
+def sae_options(*saes) -> dict:
+    """Adapter options under which every SAE's hook fires with the input it was trained on: its write mode
+    (one for all), dense writes for write-site SAEs, the states of all heads for state-site SAEs (so a
+    per-head SAE's head index addresses the hook's head axis)."""
+    modes = {s.cfg.write_mode for s in saes}
+    if len(modes) > 1:
+        raise ValueError("the SAEs of one forward must share a write mode (raw or delta)")
+    opts = {"write_mode": modes.pop(), "materialize_writes": any(s.cfg.site == "write" for s in saes)}
+    if any(s.cfg.site == "state" for s in saes):
+        opts["capture_states"] = StateCapture("all")
+    return opts
+
+
 def head_slice(sae, x: Tensor) -> Tensor:
     """The SAE's own head of a tensor shaped like its hook (``[b,T,H,N,P]``, flat ``[b,T,H*N*P]``, or already
     per-head ``[b,T,N,P]``) as ``[b,T,N,P]``."""
@@ -219,19 +231,12 @@ def atom_matrices(sae) -> Tensor:
 def site_codes(model, sae, tokens: Tensor) -> tuple[Tensor, Tensor]:
     """``(codes [b, T, d_sae], error [b, T, d_k, d_v])`` of a per-head WriteSAE at its site (write: the raw
     or delta write the SAE was trained on; state: the state after each position), ``error = X - SAE(X)``."""
-    cfg = sae.cfg
-    if cfg.head is None:
+    from ..experiments.substitution import capture_site
+
+    if sae.cfg.head is None:
         raise ValueError("atom patching needs a per-head WriteSAE (cfg.head set)")
-    L, h = cfg.layer, cfg.head
-    p = model.hook_prefix(L)
-    capture = StateCapture("all", heads=[h]) if cfg.site == "state" else None
-    names = [p + "hook_write_key", p + "hook_write_value"] + ([p + "hook_state"] if capture else [])
-    with model.options(write_mode=cfg.write_mode, capture_states=capture):
-        _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=L + 1)
-    if cfg.site == "state":
-        X = cache[p + "hook_state"][:, :, 0].float()
-    else:
-        X = cache[p + "hook_write_key"][:, :, h, :, None].float() * cache[p + "hook_write_value"][:, :, h, None, :]
+    key, value, states = capture_site(model, sae, tokens, sae.cfg.write_mode)
+    X = states.float() if states is not None else key[..., :, None].float() * value[..., None, :]
     codes = sae.encode(X)
     recon = sae._decode_matrices(codes)
     return codes, X - recon

@@ -78,8 +78,9 @@ class SubstitutionResult:
 
 
 # ------------------------------------------------------------------------------------------ site and codes
-def _site_and_writes(model, sae, tokens: Tensor, write_mode: str):
-    """Per context: the SAE codes ``[b, T, n]`` at its site and head, and the write factors of that head."""
+def capture_site(model, sae, tokens: Tensor, write_mode: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The write factors ``key [b, T, d_k]``, ``value [b, T, d_v]`` of the SAE's (layer, head) and, for a
+    state-site SAE, the states ``[b, T, d_k, d_v]`` after each position (one forward up to the layer)."""
     cfg = sae.cfg
     L, h = cfg.layer, cfg.head
     p = model.hook_prefix(L)
@@ -88,10 +89,17 @@ def _site_and_writes(model, sae, tokens: Tensor, write_mode: str):
     with torch.no_grad(), model.options(write_mode=write_mode, capture_states=capture):
         _, cache = model.run_with_cache(tokens, names_filter=names + ([p + "hook_state"] if capture else []),
                                         stop_at_layer=L + 1)
-    key, value = cache[p + "hook_write_key"][:, :, h], cache[p + "hook_write_value"][:, :, h]
+    states = cache[p + "hook_state"][:, :, 0] if capture else None
+    return cache[p + "hook_write_key"][:, :, h], cache[p + "hook_write_value"][:, :, h], states
+
+
+def _site_and_writes(model, sae, tokens: Tensor, write_mode: str):
+    """Per context: the SAE codes ``[b, T, n]`` at its site and head, and the write factors of that head."""
+    cfg = sae.cfg
+    key, value, states = capture_site(model, sae, tokens, write_mode)
     with torch.no_grad():
         if cfg.site == "state":
-            codes = sae.encode(cache[p + "hook_state"][:, :, 0])
+            codes = sae.encode(states)
         else:
             if write_mode != cfg.write_mode:
                 raise ValueError(f"the SAE was trained on {cfg.write_mode} writes; run with write_mode="
