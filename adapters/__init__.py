@@ -16,22 +16,31 @@ from .base import (AdapterConfig, HookedRecurrentModel, HookNameError, StateCapt
                    WriteEdit, lm_cross_entropy)
 from .gated_deltanet import GDN_MODEL_TYPES, GatedDeltaNetFamily, available_model_types
 from .mamba2 import MAMBA2_MODEL_TYPES, Mamba2Family
+from .mamba_ssm import InferenceCache, MambaSSMCausalLM, hook_mamba_ssm, is_mamba_ssm_model
 
 
 def supported_families() -> list[str]:
-    """Model types this install can hook."""
+    """Model types this install can hook (``mamba_ssm``: mamba-ssm's ``MambaLMHeadModel``, where importable)."""
     import importlib.util
 
-    return available_model_types() + [t for t, m in MAMBA2_MODEL_TYPES.items() if importlib.util.find_spec(m)]
+    found = available_model_types() + [t for t, m in MAMBA2_MODEL_TYPES.items() if importlib.util.find_spec(m)]
+    try:
+        found += ["mamba_ssm"] if importlib.util.find_spec("mamba_ssm") else []
+    except (ImportError, ValueError):
+        pass
+    return found
 
 
 def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
-    """Wrap a loaded HF recurrent/hybrid LM into a :class:`HookedRecurrentModel` (same weights, same outputs).
+    """Wrap a loaded HF recurrent/hybrid LM, or a mamba-ssm ``MambaLMHeadModel`` with Mamba2 layers, into a
+    :class:`HookedRecurrentModel` (same weights, same outputs).
 
     Raises :class:`UnsupportedModelError` naming the supported families for any other model.
     """
     if not isinstance(hf_model, nn.Module):
         raise TypeError(f"hook_model expects a loaded transformers model, got {type(hf_model).__name__}")
+    if is_mamba_ssm_model(hf_model):
+        return hook_mamba_ssm(hf_model, tokenizer=tokenizer)
     model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
     if model_type in MAMBA2_MODEL_TYPES:
         import importlib.util
@@ -45,4 +54,5 @@ def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
 
 
 __all__ = ["hook_model", "supported_families", "HookedRecurrentModel", "WriteEdit", "StateCapture",
-           "AdapterConfig", "UnsupportedModelError", "HookNameError", "GDN_MODEL_TYPES", "lm_cross_entropy"]
+           "AdapterConfig", "UnsupportedModelError", "HookNameError", "GDN_MODEL_TYPES", "lm_cross_entropy",
+           "MambaSSMCausalLM", "InferenceCache", "hook_mamba_ssm"]

@@ -168,7 +168,7 @@ def conflicting_edit_error(layer: int, pos: int) -> ValueError:
                       "silently. Apply the edit through the hook, or run them in separate forwards")
 
 
-CACHE_NAMES = ("past_key_values", "cache", "cache_params")
+CACHE_NAMES = ("past_key_values", "cache", "cache_params", "inference_params")
 
 
 def cache_from_kwargs(kwargs: dict):
@@ -223,7 +223,12 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
     def _note_offset(self, module, args, kwargs):
         cache = cache_from_kwargs(kwargs)
         try:
-            self._call_offset = 0 if cache is None else int(cache.get_seq_length())
+            if cache is None:
+                self._call_offset = 0
+            elif hasattr(cache, "get_seq_length"):
+                self._call_offset = int(cache.get_seq_length())
+            else:  # mamba-ssm InferenceParams
+                self._call_offset = int(cache.seqlen_offset)
         except (ValueError, AttributeError, TypeError):
             self._call_offset = None  # unknown: the layers fall back to their own token counters
 
@@ -394,12 +399,18 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
             stop_at_layer += len(layers)
         target = self.family.final_norm(self.hf_model) if stop_at_layer == len(layers) else layers[stop_at_layer]
         captured = {}
+        stream_in = getattr(self.family, "stream_entering", None)
+        if stream_in is not None:  # families whose blocks carry the residual stream in two parts (mamba-ssm)
+            target, hook_kind, read = stream_in(self.hf_model, stop_at_layer)
+        else:
+            hook_kind, read = "pre", lambda args, kwargs: args[0] if args else kwargs["hidden_states"]
 
-        def stop(module, args, kwargs):
-            captured["resid"] = args[0] if args else kwargs["hidden_states"]
+        def stop(module, args, *rest):
+            captured["resid"] = read(args, rest[0]) if hook_kind == "pre" else read(rest[-1])
             raise _StopForward
 
-        handle = target.register_forward_pre_hook(stop, with_kwargs=True)
+        handle = (target.register_forward_pre_hook(stop, with_kwargs=True) if hook_kind == "pre"
+                  else target.register_forward_hook(stop))
         try:
             self.hf_model(input_ids=tokens, attention_mask=attention_mask, use_cache=False, **hf_kwargs)
         except _StopForward:
@@ -426,7 +437,7 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         saved = [layers[i] for i in range(layer)]
         try:
             for i in range(layer):
-                layers[i] = _PassThrough()
+                layers[i] = getattr(self.family, "pass_through", _PassThrough)()
             cache_kw = self.cache_kwarg
             out = self.hf_model(inputs_embeds=resid, attention_mask=attention_mask,
                                 use_cache=past_key_values is not None, **{cache_kw: past_key_values})

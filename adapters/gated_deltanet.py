@@ -11,6 +11,7 @@ call HF would have made, so logits stay bit-identical. Edits are propagated exac
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 import threading
@@ -71,6 +72,14 @@ class _Kernels:
 _INSTALLED: dict[str, _Kernels] = {}
 
 
+def on_device_of(args, kwargs):
+    """Context that makes tensor factories without a device inside an intercepted kernel call allocate on the
+    device of the call's first tensor argument (so the edit machinery runs on a GPU model's device); a
+    no-op for CPU tensors."""
+    dev = next((v.device for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
+    return contextlib.nullcontext() if dev is None or dev.type == "cpu" else torch.device(dev)
+
+
 def _install(module_name: str) -> _Kernels:
     if module_name in _INSTALLED:
         return _INSTALLED[module_name]
@@ -84,7 +93,8 @@ def _install(module_name: str) -> _Kernels:
             layer = getattr(_CURRENT, "layer", None)
             if layer is None:
                 return original(*args, **kwargs)
-            return layer.intercept(name, kernels, args, kwargs)
+            with on_device_of(args, kwargs):
+                return layer.intercept(name, kernels, args, kwargs)
 
         dispatch.__wrapped_by_writesae__ = original
         dispatch.__name__ = name

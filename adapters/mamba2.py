@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import sys
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,22 +28,42 @@ from transformer_lens.hook_points import HookPoint
 
 from .base import (AdapterConfig, HookedRecurrentModel, UnsupportedModelError, WriteEdit, conflicting_edit_error,
                    find_decoder_layers, find_final_norm)
-from .gated_deltanet import _CURRENT, GatedDeltaNetHooks, _enter, cache_offset
+from .gated_deltanet import _CURRENT, GatedDeltaNetHooks, _enter, cache_offset, on_device_of
 from .scalar_decay import dense_decay_scan, scalar_decay_scan
 
 MAMBA2_MODEL_TYPES = {t: f"transformers.models.{t}.modeling_{t}" for t in
                       ("mamba2", "bamba", "nemotron_h", "falcon_h1", "zamba2", "granitemoehybrid")}
-CHUNK, STEP, FUSED = "mamba2_chunk_scan", "mamba2_selective_state_update", "mamba2_split_conv1d_scan_combined"
+
+
+@dataclass(frozen=True)
+class ScanKernels:
+    """The module-level names one library's Mamba-2 mixer calls its kernels by, and what ``x`` is called.
+    ``fused_falls_through``: the fused training kernel may return None and the forward then takes the
+    unfused path (transformers); otherwise the family turns the fused path off itself (mamba-ssm)."""
+
+    chunk: str
+    step: str
+    fused: str
+    x_arg: str
+    fused_falls_through: bool
+
+
+HF_KERNELS = ScanKernels("mamba2_chunk_scan", "mamba2_selective_state_update", "mamba2_split_conv1d_scan_combined",
+                         "hidden_states", True)
+MAMBA_SSM_KERNELS = ScanKernels("mamba_chunk_scan_combined", "selective_state_update",
+                                "mamba_split_conv1d_scan_combined", "x", False)
 _INSTALLED: dict[str, dict] = {}
 
 
-def _install(module_name: str) -> dict:
+def _install(module_name: str, names: ScanKernels = HF_KERNELS) -> dict:
     if module_name in _INSTALLED:
         return _INSTALLED[module_name]
     module = sys.modules[module_name]
-    original = {n: getattr(module, n) for n in (CHUNK, STEP, FUSED) if hasattr(module, n)}
-    if CHUNK not in original or STEP not in original:
-        raise UnsupportedModelError(f"{module_name} has no module-level {CHUNK} / {STEP} to hook")
+    original = {n: getattr(module, n) for n in (names.chunk, names.step, names.fused)
+                if getattr(module, n, None) is not None}
+    if names.chunk not in original or names.step not in original:
+        raise UnsupportedModelError(f"{module_name} has no module-level {names.chunk} / {names.step} to hook "
+                                    "(for mamba-ssm: its triton kernels did not import)")
     pure = {n: inspect.unwrap(f) for n, f in original.items()}
 
     def make(name):
@@ -50,16 +71,20 @@ def _install(module_name: str) -> dict:
             layer = getattr(_CURRENT, "layer", None)
             if layer is None:
                 return original[name](*args, **kwargs)
-            if name == FUSED:
-                return None  # the fused training path would hide the write: fall through to the hooked path
-            return layer.intercept(name, pure, args, kwargs)
+            if name == names.fused:
+                if names.fused_falls_through:
+                    return None  # the fused training path would hide the write: fall through to the hooked path
+                raise RuntimeError(f"{name} ran while hooked; the family turns the fused path off, so the "
+                                   "mixer's forward was changed")
+            with on_device_of(args, kwargs):
+                return layer.intercept(name, pure, args, kwargs)
 
         dispatch.__name__ = name
         return dispatch
 
     for n in original:
         setattr(module, n, make(n))
-    _INSTALLED[module_name] = {"original": original, "pure": pure}
+    _INSTALLED[module_name] = {"original": original, "pure": pure, "names": names}
     return _INSTALLED[module_name]
 
 
@@ -100,19 +125,39 @@ def _suffix(pos: Tensor, T: int) -> tuple[int, Tensor, Tensor, Tensor]:
     return L, idx, idx < T, idx.clamp(max=T - 1)
 
 
+def _skip(D: Tensor | None, x: Tensor):
+    """The ``D x`` skip in fp32: ``D`` per head ``[H]`` or per channel ``[H, P]`` (mamba-ssm ``D_has_hdim``)."""
+    if D is None:
+        return 0.0
+    return (D.float()[:, None] if D.dim() == 1 else D.float()) * x.float()
+
+
+def _refuse_packed(a: dict, layer: int) -> None:
+    for k in ("seq_idx", "cu_seqlens"):
+        if a.get(k) is not None:
+            raise NotImplementedError(f"layer {layer}: packed sequences ({k}) are not supported while hooked; "
+                                      "run one sequence per batch row")
+    if a.get("return_varlen_states"):
+        raise NotImplementedError(f"layer {layer}: varlen states are not supported while hooked")
+
+
 class Mamba2Hooks(nn.Module):
     """Hook points of one Mamba-2 mixer (``blocks.{l}.mixer``) and its exact write edits."""
 
     NAMES = ("hook_x", "hook_B", "hook_C", "hook_dt", "hook_write_key", "hook_write_value", "hook_write",
              "hook_write_flat", "hook_log_decay", "hook_query", "hook_state", "hook_read")
 
-    def __init__(self, owner: HookedRecurrentModel, mixer: nn.Module, layer_idx: int):
+    def __init__(self, owner: HookedRecurrentModel, mixer: nn.Module, layer_idx: int,
+                 names: ScanKernels = HF_KERNELS, dims: tuple[int, int, int, int] | None = None):
+        """``dims = (heads, groups, d_state, head_dim)``; read off an HF mixer when not given."""
         super().__init__()
         self._owner = weakref.ref(owner)
         self._mixer = weakref.ref(mixer)
         self.layer_idx = layer_idx
-        self.n_heads, self.n_groups = mixer.num_heads, mixer.n_groups
-        self.d_k, self.d_v = mixer.ssm_state_size, mixer.head_dim
+        self.names = names
+        if dims is None:
+            dims = (mixer.num_heads, mixer.n_groups, mixer.ssm_state_size, mixer.head_dim)
+        self.n_heads, self.n_groups, self.d_k, self.d_v = dims
         for n in self.NAMES:
             setattr(self, n, HookPoint())
         self._kernel_called = False
@@ -125,13 +170,18 @@ class Mamba2Hooks(nn.Module):
         owner, mixer = self._owner(), self._mixer()
         if owner.write_mode != "raw":
             raise NotImplementedError("Mamba-2 has no separate delta write (it equals the raw write); use raw")
-        if name == STEP:
+        kn = self.names
+        if name == kn.step:
             return self._decode(pure, args, kwargs, owner, mixer)
-        a = inspect.signature(pure[CHUNK]).bind(*args, **kwargs)
+        a = inspect.signature(pure[kn.chunk]).bind(*args, **kwargs)
         a.apply_defaults()
         a = dict(a.arguments)
         extra = a.pop("kwargs", {}) or {}
-        x, dt, B, C = a["hidden_states"], a["dt"], a["B"], a["C"]
+        _refuse_packed(a, self.layer_idx)
+        z = a.get("z")
+        if z is not None:  # a gate inside the kernel (mamba-ssm without rmsnorm): applied after the read below
+            a["z"] = None
+        x, dt, B, C = a[kn.x_arg], a["dt"], a["B"], a["C"]
         b, T, H, P = x.shape
         rep = H // B.shape[2]
         fx, fdt, fB, fC = (self._fire(self.hook_x, x), self._fire(self.hook_dt, dt), self._fire(self.hook_B, B),
@@ -152,15 +202,14 @@ class Mamba2Hooks(nn.Module):
         canonical = f_g.edited or f_q.edited  # HF's scan cannot express these: run the canonical scan
         init = a["initial_states"]
         init_c = None if init is None else init.float().transpose(-1, -2)  # HF [P, N] -> canonical [N, P]
-        D = a["D"]
-        skip = (D.float()[:, None] * x.float()) if D is not None else 0.0
+        skip = _skip(a["D"], x)
         if canonical:
             read_c, S_c = scalar_decay_scan(key, value, g_eff, q_eff, init_c, a["chunk_size"])
             y = (read_c + skip).to(x.dtype)
             S = S_c.transpose(-1, -2).to(init.dtype if init is not None else x.dtype)
             out = (y, S) if a["return_final_states"] else y
         else:
-            out = pure[CHUNK](**dict(a, hidden_states=x, dt=dt, B=B, C=C, **extra))
+            out = pure[kn.chunk](**dict(a, **{kn.x_arg: x}, dt=dt, B=B, C=C, **extra))
             y, S = out if a["return_final_states"] else (out, None)
         entries, dense_D = self._write_entries(owner, f_key, f_val, key, value, b, T)
         offset = cache_offset(self, owner, init is not None, T)
@@ -175,16 +224,20 @@ class Mamba2Hooks(nn.Module):
             if canonical:
                 d_read, d_final = self._propagate_canonical(entries, b, T, g_eff, q_eff)
             else:
-                d_read, d_final = self._propagate(pure[CHUNK], a, entries, b, T, dt, C, B)
+                d_read, d_final = self._propagate(pure[kn.chunk], a, entries, b, T, dt, C, B)
         if dense_D is not None:  # a dense hook replaced under autograd: the differentiable torch path
             dr, df = dense_decay_scan(dense_D, g_eff, q_eff, None, a["chunk_size"])
             d_read, d_final = (dr, df) if d_read is None else (d_read + dr, d_final + df)
         if d_read is not None:
             read = read + d_read
         f_read = self._fire(self.hook_read, read, (lambda: y.float() - skip) if d_read is None else None)
-        if d_read is None and not f_read.edited and not canonical:
+        if d_read is None and not f_read.edited and not canonical and z is None:
             return out
-        y_new = (f_read.value + skip).to(y.dtype)
+        changed = d_read is not None or f_read.edited or canonical
+        if z is not None:  # the kernel's gate, in fp32 as the kernel computes it: (y + D x) * silu(z)
+            y_new = (((f_read.value + skip) if changed else y.float()) * F.silu(z.float())).to(y.dtype)
+        else:
+            y_new = (f_read.value + skip).to(y.dtype)
         if S is not None and d_final is not None:
             S = S + d_final.transpose(-1, -2).to(S.dtype)  # canonical [N, P] -> HF [P, N]
         return (y_new, S) if a["return_final_states"] else y_new
@@ -334,11 +387,15 @@ class Mamba2Hooks(nn.Module):
     def _decode(self, pure, args, kwargs, owner, mixer):
         """Single-token decode (HF updates the cached state in place). The hooks fire with ``p = 1``; write
         edits at this position add ``C^T Delta W`` to the read and ``Delta W`` to the cached state."""
-        a = inspect.signature(pure[STEP]).bind(*args, **kwargs)
+        kn = self.names
+        a = inspect.signature(pure[kn.step]).bind(*args, **kwargs)
         a.apply_defaults()
         a = dict(a.arguments)
         extra = a.pop("kwargs", {}) or {}
-        state, x, dt, B, C = a["state"], a["hidden_states"], a["dt"], a["B"], a["C"]
+        if a.get("state_batch_indices") is not None:
+            raise NotImplementedError(f"layer {self.layer_idx}: state_batch_indices (continuous batching) is not "
+                                      "supported while hooked")
+        state, x, dt, B, C = a["state"], a[kn.x_arg], a["dt"], a["B"], a["C"]
         b, H, P = x.shape
         rep = H // B.shape[1]
         fx = self._fire(self.hook_x, x[:, None])
@@ -367,7 +424,7 @@ class Mamba2Hooks(nn.Module):
         D = a["D"]
         skip = (D.float() * x.float()) if D is not None else 0.0  # D arrives expanded [H, P]
         S_prev = state.float().transpose(-1, -2).clone() if canonical else None
-        out = pure[STEP](**dict(a, hidden_states=x, dt=dt, B=B, C=C, z=None, **extra))
+        out = pure[kn.step](**dict(a, **{kn.x_arg: x}, dt=dt, B=B, C=C, z=None, **extra))
         if canonical:
             S_new = g_eff.exp()[..., None, None] * S_prev + key[:, 0, :, :, None] * value[:, 0, :, None, :]
             state.copy_(S_new.detach().transpose(-1, -2).to(state.dtype))

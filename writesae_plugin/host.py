@@ -98,6 +98,10 @@ class MultiHeadSplice(nn.Module):
 
 
 def _family_key(name: str) -> str:
+    """Families whose writes are the same: ``qwen3_5_text`` is ``qwen3_5``; a mamba-ssm model's Mamba2 layers
+    are ``mamba2`` layers (the same checkpoint loads in either library)."""
+    if name == "mamba_ssm":
+        return "mamba2"
     return name[: -len("_text")] if name.endswith("_text") else name
 
 
