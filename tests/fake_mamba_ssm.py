@@ -321,7 +321,7 @@ CausalLMOutput = namedtuple("CausalLMOutput", ["logits"])
 
 
 class MambaLMHeadModel(nn.Module):
-    def __init__(self, config: MambaConfig):
+    def __init__(self, config: MambaConfig, initializer_cfg=None, device=None, dtype=None):
         super().__init__()
         self.config = config
         vocab = config.vocab_size + (-config.vocab_size) % config.pad_vocab_size_multiple
@@ -329,6 +329,7 @@ class MambaLMHeadModel(nn.Module):
         self.lm_head = nn.Linear(config.d_model, vocab, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
+        self.to(device=device, dtype=dtype)
 
     def forward(self, input_ids, position_ids=None, inference_params=None, num_last_tokens=0, **mixer_kwargs):
         hidden_states = self.backbone(input_ids, inference_params=inference_params, **mixer_kwargs)
