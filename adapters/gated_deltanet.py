@@ -183,7 +183,15 @@ class GatedDeltaNetHooks(nn.Module):
         b, T, Hk, d_k = k.shape
         H, d_v = v.shape[-2:]
         if (Hk, H, d_k, d_v) != (self.n_key_heads, self.n_heads, self.d_k, self.d_v):
-            raise RuntimeError(f"layer {self.layer_idx}: kernel inputs do not match the mixer's heads/dims")
+            if Hk == H == self.n_heads != self.n_key_heads:
+                import transformers
+
+                raise RuntimeError(f"layer {self.layer_idx}: the kernel received the key heads already repeated to "
+                                   f"the {H} value heads, as transformers < 5.23 does (installed: "
+                                   f"{transformers.__version__}); the write hooks need transformers >= 5.23")
+            raise RuntimeError(f"layer {self.layer_idx}: kernel inputs do not match the mixer's heads/dims "
+                               f"(key heads {Hk}, value heads {H}, d_k {d_k}, d_v {d_v}; expected "
+                               f"{(self.n_key_heads, self.n_heads, self.d_k, self.d_v)})")
         offset = cache_offset(self, owner, init is not None, T)
         dev = k.device
         chunk = kernels.chunk(dev)

@@ -347,6 +347,8 @@ class Mamba2Hooks(nn.Module):
             if e.batch is not None and not 0 <= e.batch < b:
                 raise ValueError(f"WriteEdit.batch={e.batch} is out of range for a batch of {b} rows")
             A = e.atom(self.d_k, self.d_v)
+            if A is not None:
+                A = A.to(key.device)  # edits given on the CPU apply to a GPU model
             t = e.pos - offset
             for bi in (range(b) if e.batch is None else [e.batch]):
                 if (bi, t, e.head) in entries:
