@@ -172,6 +172,7 @@ class GatedDeltaNetHooks(nn.Module):
         self._kernel_called = True
         owner = self._owner()
         bound = kernels.signature[name].bind(*args, **kwargs)
+        given = set(bound.arguments) - {"kwargs"}  # what HF passed (an fla kernel takes no torch-only defaults)
         bound.apply_defaults()
         a = dict(bound.arguments)
         extra = a.pop("kwargs", {}) or {}
@@ -266,8 +267,10 @@ class GatedDeltaNetHooks(nn.Module):
 
         # main call: exactly what HF would run unless the read or the transitions were edited
         if not (f_query.edited or f_g.edited):
-            main_args = dict(a, query=q2, key=k2, value=v2, beta=beta2, **extra)
-            o, S = kernels.main(name, dev)(**main_args)
+            # q, k, v by position: HF's torch kernels name them query/key/value, fla's q/k/v
+            rest = {n: v_ for n, v_ in a.items() if n in given and n not in ("query", "key", "value")}
+            rest["beta"] = beta2
+            o, S = kernels.main(name, dev)(q2, k2, v2, **rest, **extra)
         else:
             o, S = ops.kernel_canonical(chunk, q_kernel, kn, v32, g_tr, beta32, init, out_final)
 

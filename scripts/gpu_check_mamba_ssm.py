@@ -124,8 +124,12 @@ def main():
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--stand-in", action="store_true", help="dry run of this script on the CPU, with the stand-in "
                     "module playing the real package (checks the script, not mamba-ssm)")
+    ap.add_argument("--gdn-only", action="store_true", help="only the Qwen3.5-on-fla check")
     args = ap.parse_args()
     dev = torch.device("cpu" if args.stand_in else "cuda")
+    if args.gdn_only:
+        gdn_on_fla(dev)
+        return finish(args)
     RESULTS["env"] = {"torch": torch.__version__, "device": "stand-in on cpu" if args.stand_in
                       else torch.cuda.get_device_name(0)}
     if args.stand_in:
