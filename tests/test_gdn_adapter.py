@@ -416,3 +416,58 @@ def test_edits_work_under_inference_mode(qwen, tokens):
         plain = model(tokens)
     assert torch.equal(inplace, ref) and not torch.equal(inplace, clean)
     assert torch.equal(plain, clean)
+
+
+def test_bound_kernel_is_called_the_way_fla_names_its_arguments(qwen, tokens, monkeypatch):
+    """On a GPU transformers binds fla's kernels, which take ``q, k, v`` (not ``query=``) and no ``chunk_size``:
+    the adapter passes q, k, v by position and only the arguments HF itself passed."""
+    from writesae_plugin.adapters import gated_deltanet as gdn
+
+    model = hook_model(qwen)
+    kernels = gdn._INSTALLED[model.family.module_name]
+    calls = []
+
+    def fla_like(name):
+        pure = kernels.pure[name]
+
+        def kernel(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                   use_qk_l2norm_in_kernel=False, cu_seqlens=None, **kwargs):  # fla 0.6's signature
+            calls.append(name)
+            return pure(q, k, v, g=g, beta=beta, initial_state=initial_state, output_final_state=output_final_state,
+                        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+        return kernel
+
+    edit = WriteEdit(layer=L, pos=5, head=1, op="delete")
+    with torch.no_grad():
+        clean, edited = model(tokens), model.run_with_edits(tokens, [edit])
+        monkeypatch.setattr(kernels, "main", lambda name, device: fla_like(name))
+        assert torch.equal(model(tokens), clean) and torch.equal(model.run_with_edits(tokens, [edit]), edited)
+    assert gdn.CHUNK in calls
+
+
+def test_key_heads_repeated_before_the_kernel_name_the_transformers_version(qwen, tokens, monkeypatch):
+    """transformers < 5.23 repeats the key heads to the value heads before calling the kernel."""
+    import sys
+
+    from writesae_plugin.adapters import gated_deltanet as gdn
+
+    model = hook_model(qwen)
+    module = sys.modules[model.family.module_name]
+    dispatch, rep = getattr(module, gdn.CHUNK), model.cfg.n_heads // model.cfg.n_key_heads
+    assert rep > 1
+
+    def old_transformers(query, key, value, **kw):
+        return dispatch(query.repeat_interleave(rep, dim=2), key.repeat_interleave(rep, dim=2), value, **kw)
+
+    monkeypatch.setattr(module, gdn.CHUNK, old_transformers)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"transformers >= 5\.23"):
+        model(tokens)
+
+
+def test_kernel_calls_allocate_on_the_kernel_device():
+    from writesae_plugin.adapters.gated_deltanet import on_device_of
+
+    with on_device_of((torch.empty(2, device="meta"),), {}):
+        assert torch.zeros(3).device.type == "meta"
+    with on_device_of((), {"x": torch.empty(2)}):
+        assert torch.zeros(3).device.type == "cpu"

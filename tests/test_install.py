@@ -59,3 +59,14 @@ def test_install_decodes_like_brute_force_greedy(model, tmp_path):
         run_install(model, prompts, InstallConfig(layer=3, head=0))
     with pytest.raises(ValueError, match="mode"):
         InstallConfig(layer=1, head=0, mode="swap")
+
+
+def test_every_package_is_listed_for_non_editable_installs():
+    """``pip install .`` ships only the packages pyproject lists: each package folder must be there."""
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "writesae_plugin").rglob("__init__.py")}
+    assert found | {"writesae_plugin.adapters"} == listed

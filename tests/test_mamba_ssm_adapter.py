@@ -194,6 +194,16 @@ def test_generate_is_greedy_through_the_cache(ids):
         d = model.hf_model.generate(ids[:1, :6], max_new_tokens=3, output_logits=True, return_dict_in_generate=True)
     assert torch.equal(out, seq)
     assert len(d.logits) == 3 and torch.equal(d.sequences, seq[:, :9])
+    with torch.no_grad():  # sampling from the single most likely token is greedy
+        sampled = model.generate(ids[:1, :6], max_new_tokens=5, do_sample=True, top_k=1)
+    assert torch.equal(sampled, seq)
+
+
+def test_selfcheck_runs_on_a_mamba_ssm_model(ids):
+    from writesae_plugin.selfcheck import run_selfcheck
+
+    report = run_selfcheck(hook_model(tiny_mamba_ssm()), ids[:1, :12], repeats=1)
+    assert report.ok, report.table()
 
 
 def test_spliced_sae_parity_substitution_and_install(ids):
