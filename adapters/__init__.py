@@ -24,11 +24,7 @@ def supported_families() -> list[str]:
     import importlib.util
 
     found = available_model_types() + [t for t, m in MAMBA2_MODEL_TYPES.items() if importlib.util.find_spec(m)]
-    try:
-        found += ["mamba_ssm"] if importlib.util.find_spec("mamba_ssm") else []
-    except (ImportError, ValueError):
-        pass
-    return found
+    return found + (["mamba_ssm"] if importlib.util.find_spec("mamba_ssm") else [])
 
 
 def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:

@@ -397,12 +397,12 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
             raise ValueError(f"stop_at_layer must be in [-{len(layers)}, {len(layers)}], got {stop_at_layer}")
         if stop_at_layer < 0:
             stop_at_layer += len(layers)
-        target = self.family.final_norm(self.hf_model) if stop_at_layer == len(layers) else layers[stop_at_layer]
         captured = {}
         stream_in = getattr(self.family, "stream_entering", None)
         if stream_in is not None:  # families whose blocks carry the residual stream in two parts (mamba-ssm)
             target, hook_kind, read = stream_in(self.hf_model, stop_at_layer)
         else:
+            target = self.family.final_norm(self.hf_model) if stop_at_layer == len(layers) else layers[stop_at_layer]
             hook_kind, read = "pre", lambda args, kwargs: args[0] if args else kwargs["hidden_states"]
 
         def stop(module, args, *rest):

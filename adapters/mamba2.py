@@ -147,16 +147,14 @@ class Mamba2Hooks(nn.Module):
     NAMES = ("hook_x", "hook_B", "hook_C", "hook_dt", "hook_write_key", "hook_write_value", "hook_write",
              "hook_write_flat", "hook_log_decay", "hook_query", "hook_state", "hook_read")
 
-    def __init__(self, owner: HookedRecurrentModel, mixer: nn.Module, layer_idx: int,
-                 names: ScanKernels = HF_KERNELS, dims: tuple[int, int, int, int] | None = None):
-        """``dims = (heads, groups, d_state, head_dim)``; read off an HF mixer when not given."""
+    def __init__(self, owner: HookedRecurrentModel, mixer: nn.Module, layer_idx: int, names: ScanKernels,
+                 dims: tuple[int, int, int, int]):
+        """``names``: the library's kernel names; ``dims = (heads, groups, d_state, head_dim)``."""
         super().__init__()
         self._owner = weakref.ref(owner)
         self._mixer = weakref.ref(mixer)
         self.layer_idx = layer_idx
         self.names = names
-        if dims is None:
-            dims = (mixer.num_heads, mixer.n_groups, mixer.ssm_state_size, mixer.head_dim)
         self.n_heads, self.n_groups, self.d_k, self.d_v = dims
         for n in self.NAMES:
             setattr(self, n, HookPoint())
@@ -465,11 +463,43 @@ class Mamba2Hooks(nn.Module):
         return y if gate is None else y * gate
 
 
-class Mamba2Family:
+class Mamba2FamilyBase:
+    """What the transformers and mamba-ssm Mamba-2 families share: edit validation, module names and the hook
+    inventory, over ``self.mixers`` (layer -> mixer) and ``dims(mixer) = (heads, groups, d_state, head_dim)``."""
+
+    block_attr = "mixer"
+    mixers: dict[int, nn.Module]
+
+    @staticmethod
+    def dims(mixer: nn.Module) -> tuple[int, int, int, int]:
+        raise NotImplementedError
+
+    def validate_edit(self, owner, e: WriteEdit) -> None:
+        if e.layer not in self.mixers:
+            raise ValueError(f"WriteEdit.layer={e.layer} is not a Mamba-2 layer; recurrent layers are "
+                             f"{sorted(self.mixers)}")
+        H, _, N, P = self.dims(self.mixers[e.layer])
+        if not 0 <= e.head < H:
+            raise ValueError(f"WriteEdit.head={e.head} out of range: layer {e.layer} has {H} heads")
+        if e.mode != "raw":
+            raise ValueError("Mamba-2 writes have one mode: its raw and delta writes coincide; use mode='raw'")
+        e.atom(N, P)
+
+    def hf_module_name(self, hf_model, layer: int) -> str:
+        return next(n for n, m in hf_model.named_modules() if m is self.mixers[layer])
+
+    def describe_hook(self, owner, name: str) -> str:
+        return _HOOK_DOCS.get(name.rsplit(".", 1)[-1], "")
+
+
+class Mamba2Family(Mamba2FamilyBase):
     """Finds ``Mamba2Mixer`` modules by class and ``layer_idx`` and builds ``blocks.{l}.mixer`` hooks."""
 
     name = "mamba2"
-    block_attr = "mixer"
+
+    @staticmethod
+    def dims(mixer: nn.Module) -> tuple[int, int, int, int]:
+        return mixer.num_heads, mixer.n_groups, mixer.ssm_state_size, mixer.head_dim
 
     def __init__(self, hf_model: nn.Module, model_type: str):
         self.model_type = model_type
@@ -497,7 +527,7 @@ class Mamba2Family:
         for i in range(len(self.decoder_layers(owner.hf_model))):
             block = nn.Module()
             if i in self.mixers:
-                hooks = Mamba2Hooks(owner, self.mixers[i], i)
+                hooks = Mamba2Hooks(owner, self.mixers[i], i, HF_KERNELS, self.dims(self.mixers[i]))
                 block.mixer = hooks
                 self.mixers[i].register_forward_pre_hook(_enter(hooks), with_kwargs=True)
                 self.mixers[i].register_forward_hook(_leave(hooks))
@@ -507,31 +537,15 @@ class Mamba2Family:
 
     def make_config(self, owner: HookedRecurrentModel) -> AdapterConfig:
         hf, cfg = owner.hf_model, owner.hf_model.config
-        m = next(iter(self.mixers.values()))
+        H, G, N, P = self.dims(next(iter(self.mixers.values())))
         param = next(hf.parameters())
         return AdapterConfig(
             model_name=getattr(cfg, "_name_or_path", "") or type(hf).__name__, family=self.model_type,
             n_layers=len(self.decoder_layers(hf)), d_model=cfg.hidden_size,
             d_vocab=hf.get_output_embeddings().weight.shape[0], n_ctx=2048, device=torch.device(param.device),
-            dtype=param.dtype, recurrent_layers=tuple(sorted(self.mixers)), d_k=m.ssm_state_size, d_v=m.head_dim,
-            n_heads=m.num_heads, n_key_heads=m.n_groups, normalization_type="RMS", positional_embedding_type="none")
+            dtype=param.dtype, recurrent_layers=tuple(sorted(self.mixers)), d_k=N, d_v=P, n_heads=H, n_key_heads=G,
+            normalization_type="RMS", positional_embedding_type="none")
 
-    def validate_edit(self, owner, e: WriteEdit) -> None:
-        if e.layer not in self.mixers:
-            raise ValueError(f"WriteEdit.layer={e.layer} is not a Mamba-2 layer; recurrent layers are "
-                             f"{sorted(self.mixers)}")
-        m = self.mixers[e.layer]
-        if not 0 <= e.head < m.num_heads:
-            raise ValueError(f"WriteEdit.head={e.head} out of range: layer {e.layer} has {m.num_heads} heads")
-        if e.mode != "raw":
-            raise ValueError("Mamba-2 writes have one mode: its raw and delta writes coincide; use mode='raw'")
-        e.atom(m.ssm_state_size, m.head_dim)
-
-    def hf_module_name(self, hf_model, layer: int) -> str:
-        return next(n for n, m in hf_model.named_modules() if m is self.mixers[layer])
-
-    def describe_hook(self, owner, name: str) -> str:
-        return _HOOK_DOCS.get(name.rsplit(".", 1)[-1], "")
 
 
 _HOOK_DOCS = {

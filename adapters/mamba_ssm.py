@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterConfig, HookedRecurrentModel, UnsupportedModelError, WriteEdit
+from .base import AdapterConfig, HookedRecurrentModel, UnsupportedModelError
 from .gated_deltanet import _enter
-from .mamba2 import _HOOK_DOCS, MAMBA_SSM_KERNELS, Mamba2Hooks, _clear, _install, _leave
+from .mamba2 import MAMBA_SSM_KERNELS, Mamba2FamilyBase, Mamba2Hooks, _clear, _install, _leave
 
 _MIXER_ATTRS = ("A_log", "dt_bias", "D", "d_state", "ngroups", "headdim", "nheads", "use_mem_eff_path", "in_proj",
                 "out_proj", "layer_idx")
@@ -229,12 +229,15 @@ def _stream(out) -> Tensor:
     return h if r is None else r + h
 
 
-class MambaSSMFamily:
+class MambaSSMFamily(Mamba2FamilyBase):
     """Finds the ``Mamba2`` mixers of a mamba-ssm model (``backbone.layers[i].mixer``) and builds their hooks."""
 
     name = "mamba_ssm"
-    block_attr = "mixer"
     pass_through = _BlockPassThrough
+
+    @staticmethod
+    def dims(mixer: nn.Module) -> tuple[int, int, int, int]:
+        return mixer.nheads, mixer.ngroups, mixer.d_state, mixer.headdim
 
     def __init__(self, wrapper: MambaSSMCausalLM):
         model = wrapper.model
@@ -281,7 +284,7 @@ class MambaSSMFamily:
             block = nn.Module()
             if i in self.mixers:
                 m = self.mixers[i]
-                hooks = Mamba2Hooks(owner, m, i, MAMBA_SSM_KERNELS, dims=(m.nheads, m.ngroups, m.d_state, m.headdim))
+                hooks = Mamba2Hooks(owner, m, i, MAMBA_SSM_KERNELS, self.dims(m))
                 block.mixer = hooks
                 m.register_forward_pre_hook(_enter(hooks), with_kwargs=True)
                 m.register_forward_pre_hook(_unfused)
@@ -293,32 +296,15 @@ class MambaSSMFamily:
 
     def make_config(self, owner: HookedRecurrentModel) -> AdapterConfig:
         model, cfg = owner.hf_model.model, owner.hf_model.config
-        m = next(iter(self.mixers.values()))
+        H, G, N, P = self.dims(next(iter(self.mixers.values())))
         param = next(model.parameters())
         name = getattr(cfg, "_name_or_path", "") or type(model).__name__
         return AdapterConfig(
             model_name=name, family="mamba_ssm", n_layers=len(model.backbone.layers),
             d_model=model.lm_head.weight.shape[1], d_vocab=model.lm_head.weight.shape[0], n_ctx=2048,
             device=torch.device(param.device), dtype=param.dtype, recurrent_layers=tuple(sorted(self.mixers)),
-            d_k=m.d_state, d_v=m.headdim, n_heads=m.nheads, n_key_heads=m.ngroups,
+            d_k=N, d_v=P, n_heads=H, n_key_heads=G,
             normalization_type="RMS" if getattr(cfg, "rms_norm", True) else "LN", positional_embedding_type="none")
-
-    def validate_edit(self, owner, e: WriteEdit) -> None:
-        if e.layer not in self.mixers:
-            raise ValueError(f"WriteEdit.layer={e.layer} is not a Mamba-2 layer; recurrent layers are "
-                             f"{sorted(self.mixers)}")
-        m = self.mixers[e.layer]
-        if not 0 <= e.head < m.nheads:
-            raise ValueError(f"WriteEdit.head={e.head} out of range: layer {e.layer} has {m.nheads} heads")
-        if e.mode != "raw":
-            raise ValueError("Mamba-2 writes have one mode: its raw and delta writes coincide; use mode='raw'")
-        e.atom(m.d_state, m.headdim)
-
-    def hf_module_name(self, hf_model, layer: int) -> str:
-        return next(n for n, m in hf_model.named_modules() if m is self.mixers[layer])
-
-    def describe_hook(self, owner, name: str) -> str:
-        return _HOOK_DOCS.get(name.rsplit(".", 1)[-1], "")
 
 
 def _unfused(module, args):

@@ -33,6 +33,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 RESULTS: dict = {}
+from fake_mamba_ssm import unfused_copy  # noqa: E402  (the stand-in's helper: copy with the fused path off)
+
 if importlib.util.find_spec("wandb") is None:  # sae_lens imports wandb at import; the check never logs to it
     _w = types.ModuleType("wandb")
     _w.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
@@ -82,14 +84,6 @@ def import_mamba_ssm():
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
     return MambaConfig, MambaLMHeadModel
-
-
-def unfused(model):
-    ref = copy.deepcopy(model)
-    for m in ref.modules():
-        if hasattr(m, "use_mem_eff_path"):
-            m.use_mem_eff_path = False
-    return ref
 
 
 def rel(a, b) -> float:
@@ -174,7 +168,7 @@ def main():
     ids = torch.randint(0, 512, (2, 150), generator=torch.Generator().manual_seed(0)).to(dev)
     pristine = copy.deepcopy(real)  # copies made before hooking (a deep copy of a hooked model carries its hooks)
     fused_ref = copy.deepcopy(real)
-    plain = unfused(real)
+    plain = unfused_copy(real)
     model = hook_model(real)
     P = "blocks.1.mixer."
 
@@ -276,7 +270,7 @@ def main():
     @check("bf16")
     def _bf16():
         rb = copy.deepcopy(pristine).to(torch.bfloat16)
-        want = unfused(rb)
+        want = unfused_copy(rb)
         mb = hook_model(rb)
         with torch.no_grad():
             w = want(ids).logits
@@ -306,7 +300,7 @@ def speed(MambaConfig, MambaLMHeadModel, hook_model, dev):
     torch.manual_seed(0)
     m = MambaLMHeadModel(cfg, device=dev, dtype=torch.bfloat16).eval()
     ids = torch.randint(0, 50000, (4, 2048), device=dev)
-    plain = unfused(m)
+    plain = unfused_copy(m)
     rec = {}
     with torch.no_grad():
         rec["unhooked_unfused_s"] = median_time(lambda: plain(ids))

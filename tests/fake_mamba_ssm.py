@@ -348,6 +348,18 @@ class InferenceParams:  # mamba_ssm.utils.generation.InferenceParams
     lengths_per_sample: Tensor | None = None
 
 
+def unfused_copy(model: nn.Module) -> nn.Module:
+    """A deep copy whose Mamba2 mixers take the unfused path (the reference a hooked model must equal bitwise).
+    Copy before hooking: a copy of a hooked model carries its hooks."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if hasattr(m, "use_mem_eff_path"):
+            m.use_mem_eff_path = False
+    return ref
+
+
 def tiny_mamba_ssm(seed: int = 0, **overrides) -> MambaLMHeadModel:
     """A tiny random model: 2 layers, d_model 64, 4 heads of head_dim 16 in 2 groups, d_state 8."""
     ssm = dict(layer="Mamba2", d_state=8, headdim=16, ngroups=2, chunk_size=8, expand=1)

@@ -14,20 +14,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from fake_mamba_ssm import InferenceParams, tiny_mamba_ssm  # noqa: E402
+from fake_mamba_ssm import InferenceParams, tiny_mamba_ssm, unfused_copy  # noqa: E402
 
 from writesae_plugin.adapters import StateCapture, UnsupportedModelError, WriteEdit, hook_model  # noqa: E402
 from writesae_plugin.adapters.mamba2 import mamba2_reference  # noqa: E402
 
 P = "blocks.1.mixer."
-
-
-def unfused(model):
-    ref = copy.deepcopy(model)
-    for m in ref.modules():
-        if hasattr(m, "use_mem_eff_path"):
-            m.use_mem_eff_path = False
-    return ref
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +34,7 @@ def ref_of(c, p=P, **kw):
 
 def test_capture_bit_identical_with_the_fused_path_off_and_reference_parity(ids):
     mamba = tiny_mamba_ssm()
-    plain, fused = unfused(mamba), mamba
+    plain, fused = unfused_copy(mamba), mamba
     with torch.no_grad():
         want, want_fused = plain(ids).logits, fused(ids).logits
         model = hook_model(mamba)
@@ -150,7 +142,7 @@ VARIANTS = {
 def test_model_variants_capture_and_edit_exactly(ids, variant):
     mamba = tiny_mamba_ssm(**copy.deepcopy(VARIANTS[variant]))
     with torch.no_grad():
-        want = unfused(mamba)(ids).logits
+        want = unfused_copy(mamba)(ids).logits
         model = hook_model(mamba)
         logits, c = model.run_with_cache(ids)
         H = model.cfg.n_heads
