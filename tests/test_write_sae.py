@@ -249,3 +249,93 @@ def test_resampling_revives_dead_atoms():
                                                    n_training_steps=5, is_logging_step=False))
     assert out.metrics["resampled_atoms"] == 6
     assert torch.allclose(sae.atom_norms()[:6], torch.ones(6), atol=1e-5)
+
+
+def _aux_reference(sae, k, v, pre, acts, dead):
+    """The readable factored aux-k formula (full ``d_sae x d_sae`` Gram), as the plugin first had it."""
+    err = sae._factored_sq_error_reference(k, v, acts).detach()
+    num_dead = int(dead.sum())
+    k_aux = min(sae.cfg.aux_k, num_dead)
+    top = torch.where(dead[None], pre, -torch.inf).topk(k_aux, dim=-1)
+    c = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    r_dot = sae._atom_dots(k, v) - acts.detach() @ sae._gram(detach_left=True) - sae._bias_dots(detach_bias=True)
+    aux = (err - 2 * (c * r_dot).sum(-1) + ((c @ sae._gram()) * c).sum(-1)).mean()
+    return sae.cfg.aux_loss_coefficient * min(num_dead / sae.cfg.aux_k, 1.0) * aux
+
+
+@pytest.mark.parametrize("decoder_rank", [1, 2, None])
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
+def test_factored_aux_k_on_selected_atoms_equals_full_gram(decoder_rank, activation):
+    """Issue 12 item 12: the factors-layout losses use the Gram of the selected atoms only, with the values and
+    gradients of the full-Gram formula."""
+    torch.manual_seed(0)
+    cfg = make_cfg(WriteSAETrainingConfig, head=None, decoder_rank=decoder_rank, activation=activation,
+                   site="write", aux_k=8, input_layout="factors", encoder_rank=2 if decoder_rank == 2 else 1)
+    sae, ref = TrainingWriteSAE(cfg), TrainingWriteSAE(cfg)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        if activation == "jumprelu":
+            sae.log_threshold.fill_(-1.0)
+    ref.load_state_dict(sae.state_dict())
+    k, v = torch.randn(16, DK), torch.randn(16, DV)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[::3] = True
+    inp = TrainStepInput(sae_in=torch.cat([k, v], -1), coefficients={"l0": 1.0}, dead_neuron_mask=dead,
+                         n_training_steps=1, is_logging_step=False)
+    out = sae.training_forward_pass(inp)
+    ref.normalize_decoder()
+    pre = ref.pre_from_factors(k, v)
+    acts = ref.activation_fn(pre)
+    aux_ref = _aux_reference(ref, k, v, pre, acts, dead)
+    mse_ref = ref._factored_sq_error_reference(k, v, acts).mean()
+    assert torch.allclose(out.losses["auxiliary_reconstruction_loss"], aux_ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(out.losses["mse_loss"], mse_ref, rtol=1e-5, atol=1e-6)
+    out.losses["auxiliary_reconstruction_loss"].backward()
+    aux_ref.backward()
+    for (name, p), (_, q) in zip(sae.named_parameters(), ref.named_parameters()):
+        if q.grad is not None:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+    sae.zero_grad()
+    ref.zero_grad()
+    out = sae.training_forward_pass(inp)
+    out.losses["mse_loss"].backward()
+    ref._factored_sq_error_reference(k, v, ref.activation_fn(ref.pre_from_factors(k, v))).mean().backward()
+    for (name, p), (_, q) in zip(sae.named_parameters(), ref.named_parameters()):
+        if q.grad is not None:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("decoder_rank", [1, None])
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_factored_aux_k_never_forms_a_d_sae_square(decoder_rank, activation):
+    """Issue 12 item 12: with dead atoms, no ``d_sae x d_sae`` Gram (nor any tensor that large) is formed."""
+    from writesae_plugin.profiling import LargestTensor
+
+    d, n, N = 8, 4096, 32
+    torch.manual_seed(0)
+    sae = TrainingWriteSAE(WriteSAETrainingConfig(d_in=d * d, d_sae=n, d_k=d, d_v=d, k=4, site="write",
+                                                  input_layout="factors", aux_k=16, activation=activation,
+                                                  decoder_rank=decoder_rank))
+    dead = torch.ones(n, dtype=torch.bool)
+    dead[:100] = False
+    class Shapes(LargestTensor):
+        def __init__(self):
+            super().__init__()
+            self.square = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            for o in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(o, torch.Tensor) and sum(s == n for s in o.shape) >= 2:
+                    self.square.append((str(func), tuple(o.shape)))
+            return out
+
+    mode = Shapes()
+    with mode:
+        out = sae.training_forward_pass(TrainStepInput(sae_in=torch.randn(N, 2 * d), coefficients={},
+                                                       dead_neuron_mask=dead, n_training_steps=1,
+                                                       is_logging_step=False))
+        out.loss.backward()
+    assert "auxiliary_reconstruction_loss" in out.losses
+    assert not mode.square  # no [d_sae, d_sae(, r, r)] Gram
+    assert mode.largest < n * n // 8  # the largest are [N, d_sae, d] / [d_sae, d_in]-sized, linear in d_sae

@@ -123,7 +123,7 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
         k, v = self._split(step_input.sae_in)
         pre = self.hook_sae_acts_pre(self.pre_from_factors(k, v))
         acts = self.hook_sae_acts_post(self.activation_fn(pre))
-        err = self._factored_sq_error(k, v, acts)
+        err = self._factored_sq_error(k, v, acts, pre)
         losses = {"mse_loss": err.mean()}
         losses.update(self._aux_losses(step_input, pre, acts, factors=(k, v, err.detach())))
         if step_input.is_logging_step:  # SAELens' logger compares dense sae_in and sae_out
@@ -136,13 +136,64 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
 
     def _gram(self, detach_left: bool = False) -> Tensor:
         """``G_il = <A_i, A_l>_F`` ``[d_sae, d_sae]`` from factors (no atom matrix formed); with
-        ``detach_left`` the gradient flows through ``A_l`` only."""
+        ``detach_left`` the gradient flows through ``A_l`` only. Readable reference only: the training step
+        uses ``_code_gram`` on the selected atoms (tests hold them equal)."""
         d = (lambda t: t.detach()) if detach_left else (lambda t: t)  # noqa: E731
         if self.cfg.decoder_rank is None:
             return d(self.dec_dense) @ self.dec_dense.T
         UU = torch.einsum("ijk,lmk->iljm", d(self.dec_key), self.dec_key)
         WW = torch.einsum("ijv,lmv->iljm", d(self.dec_value), self.dec_value)
         return (UU * WW).sum((-1, -2))
+
+    def _atom_gram(self, i: Tensor, j: Tensor, detach_left: bool = False) -> Tensor:
+        """``<A_i, A_j>_F`` for index tensors ``i [..., K1]``, ``j [..., K2]`` -> ``[..., K1, K2]``, touching only
+        those atoms' factors."""
+        d = (lambda t: t.detach()) if detach_left else (lambda t: t)  # noqa: E731
+        if self.cfg.decoder_rank is None:
+            return d(self.dec_dense)[i] @ self.dec_dense[j].transpose(-1, -2)
+        UU = torch.einsum("...ajk,...bmk->...abjm", d(self.dec_key)[i], self.dec_key[j])
+        WW = torch.einsum("...ajv,...bmv->...abjm", d(self.dec_value)[i], self.dec_value[j])
+        return (UU * WW).sum((-1, -2))
+
+    def _code_gram(self, xv: Tensor, xi: Tensor, yv: Tensor, yi: Tensor, detach_left: bool = False) -> Tensor:
+        """``sum_ab x_a y_b <A_{xi_a}, A_{yi_b}>_F`` per row ``[N]`` for sparse codes (values ``[N, K]`` at atom
+        indices ``[N, K]``): the Gram of the selected atoms only, never ``d_sae x d_sae``.
+
+        Per row (``[N, K1, K2]``) or on the union of the selected atoms (``[|Sx|, |Sy|]``), whichever is smaller.
+        """
+        N, K1 = xi.shape
+        K2 = yi.shape[1]
+        r = 1 if self.cfg.decoder_rank is None else self.cfg.decoder_rank
+        D = self.cfg.d_in if self.cfg.decoder_rank is None else r * (self.cfg.d_k + self.cfg.d_v)
+        Sx, ix = torch.unique(xi, return_inverse=True)
+        Sy, iy = torch.unique(yi, return_inverse=True)
+        nx, ny = Sx.numel(), Sy.numel()
+        per_row = N * K1 * K2 * r * r + N * (K1 + K2) * D
+        union = nx * ny * r * r + (nx + ny) * D + N * (nx + ny)
+        if per_row <= union:
+            return torch.einsum("Na,Nab,Nb->N", xv, self._atom_gram(xi, yi, detach_left), yv)
+        X = xv.new_zeros(N, nx).scatter_add(1, ix, xv)
+        Y = yv.new_zeros(N, ny).scatter_add(1, iy, yv)
+        return ((X @ self._atom_gram(Sx, Sy, detach_left)) * Y).sum(-1)
+
+    def _sparse_codes(self, acts: Tensor, pre: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Codes as ``(values, indices)`` ``[N, m]``: each row's nonzero atoms (``k`` for TopK).
+
+        JumpReLU passes its straight-through gradient to the threshold at zero codes whose pre-activation is
+        within the bandwidth of the threshold, so with ``pre`` those atoms are selected too (with value 0), and
+        the loss's gradient reaches them exactly as through the full formula.
+        """
+        if self.cfg.activation == "topk":
+            score = acts.detach().abs()
+            m = self.cfg.k
+        else:
+            support = acts.detach() != 0
+            if self.cfg.activation == "jumprelu" and pre is not None:
+                support |= (pre.detach() - self.log_threshold.detach().exp()).abs() <= self.cfg.jumprelu_bandwidth
+            score = support.to(acts.dtype) + acts.detach().abs()
+            m = max(int(support.sum(-1).max()), 1) if acts.shape[0] else 1
+        idx = score.topk(min(m, acts.shape[-1]), dim=-1).indices
+        return acts.gather(-1, idx), idx
 
     def _atom_dots(self, k: Tensor, v: Tensor) -> Tensor:
         """``<k v^T, A_i>_F`` ``[N, d_sae]``."""
@@ -160,12 +211,24 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
             return self.dec_dense @ B.reshape(-1)
         return torch.einsum("njk,kv,njv->n", self.dec_key, B, self.dec_value)
 
-    def _factored_sq_error(self, k: Tensor, v: Tensor, acts: Tensor) -> Tensor:
-        """``||k v^T - (sum_i a_i A_i + B)||_F^2`` per row, from inner products only."""
+    def _factored_sq_error(self, k: Tensor, v: Tensor, acts: Tensor, pre: Tensor | None = None) -> Tensor:
+        """``||k v^T - (sum_i a_i A_i + B)||_F^2`` per row, from inner products only (the Gram of each row's
+        selected atoms, never ``d_sae x d_sae``)."""
         if self.cfg.activation == "topk" and self.cfg.decoder_rank is not None:
             values, indices = acts.topk(self.cfg.k, dim=-1)
             return atoms.factored_sq_error(k, v, values, indices, self.dec_key, self.dec_value,
                                            self.b_dec.view(self.cfg.d_k, self.cfg.d_v))
+        B = self.b_dec.view(self.cfg.d_k, self.cfg.d_v)
+        kk = (k * k).sum(-1) * (v * v).sum(-1)
+        cross = (acts * self._atom_dots(k, v)).sum(-1)
+        values, indices = self._sparse_codes(acts, pre)
+        quad = self._code_gram(values, indices, values, indices)  # ||sum_i a_i A_i||^2 on the active atoms
+        xb = torch.einsum("Nk,kv,Nv->N", k, B, v)
+        rb = acts @ self._bias_dots()
+        return kk - 2 * cross + quad - 2 * (xb - rb) + (B * B).sum()
+
+    def _factored_sq_error_reference(self, k: Tensor, v: Tensor, acts: Tensor) -> Tensor:
+        """Readable reference of ``_factored_sq_error`` with the full ``d_sae x d_sae`` Gram (tests only)."""
         B = self.b_dec.view(self.cfg.d_k, self.cfg.d_v)
         kk = (k * k).sum(-1) * (v * v).sum(-1)
         cross = (acts * self._atom_dots(k, v)).sum(-1)
@@ -193,13 +256,14 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
         if factors is None:  # dense residual R: ||sum_j c_j A_j - R||^2 (no decoder bias)
             recon = (aux_acts @ self._decoder_matrix())
             aux = (recon - residual.reshape(recon.shape)).pow(2).sum(-1).mean()
-        else:  # R = k v^T - X^ ; ||R - sum c A||^2 = ||R||^2 - 2 c.<R, A> + c^T G c
+        else:  # R = k v^T - X^ ; ||R - sum c A||^2 = ||R||^2 - 2 c.<R, A> + c^T G c, G on the selected atoms
             k, v, rr = factors
-            G = self._gram()
+            c, ci = top.values.relu(), top.indices
+            a, ai = self._sparse_codes(acts.detach())
             # <R, A_j> with the residual R detached (as SAELens' dense aux-k): gradient only through A_j
-            r_dot = (self._atom_dots(k, v) - acts.detach() @ self._gram(detach_left=True)
-                     - self._bias_dots(detach_bias=True))
-            aux = (rr - 2 * (aux_acts * r_dot).sum(-1) + ((aux_acts @ G) * aux_acts).sum(-1)).mean()
+            r_dot = (aux_acts * (self._atom_dots(k, v) - self._bias_dots(detach_bias=True))).sum(-1) \
+                - self._code_gram(a, ai, c, ci, detach_left=True)
+            aux = (rr - 2 * r_dot + self._code_gram(c, ci, c, ci)).mean()
         losses["auxiliary_reconstruction_loss"] = self.cfg.aux_loss_coefficient * scale * aux
         return losses
 
