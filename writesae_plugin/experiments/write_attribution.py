@@ -4,6 +4,8 @@
   ``A_eff[t, s] = beta_s c q^_t^T Phi(t, s) k^_s``, in parallel:
   ``A_eff = tril(Q K^T . Gamma) L^{-1} diag(beta)``, ``L = I + strict_tril(diag(beta) K K^T . Gamma)``,
   ``Gamma[t, s] = exp(G_t - G_s)``, ``G = cumsum(g)``; then ``o_t = sum_s A_eff[t, s] v_s`` exactly.
+* ``layer_effective_attention``: the same per family, from a model and tokens: Gated DeltaNet (the delta-rule
+  form above) or Mamba-2 and its hybrids (scalar decay: ``A_eff = Gamma . (C B^T)``, value ``dt' x``).
 * ``dictionary_scores``: the adjoint score of a whole dictionary, ``<A_i - W_s, G_s>_F`` with
   ``G_s = dm/dS_s`` from the reverse recurrence: the first-order change of a metric when the write at s is
   replaced by atom i, for every atom at once (``((U G_s) . W).sum(-1)`` for rank-1 atoms).
@@ -56,6 +58,49 @@ def mamba2_effective_attention(C: Tensor, B: Tensor, log_decay: Tensor) -> Tenso
     return (c @ k.transpose(-1, -2)) * Gamma
 
 
+def _write_rule(model) -> str:
+    """``"delta"`` (Gated DeltaNet) or ``"scalar_decay"`` (Mamba-2 and its hybrids, transformers or mamba-ssm)."""
+    from ..adapters.gated_deltanet import GatedDeltaNetFamily
+    from ..adapters.mamba2 import Mamba2FamilyBase
+
+    if isinstance(model.family, Mamba2FamilyBase):
+        return "scalar_decay"
+    if isinstance(model.family, GatedDeltaNetFamily):
+        return "delta"
+    raise ValueError(f"write attribution supports Gated DeltaNet and Mamba-2 layers; this model's family is "
+                     f"{getattr(model.family, 'name', type(model.family).__name__)!r}")
+
+
+def _attribution_hooks(model) -> tuple[str, ...]:
+    base = ("hook_query", "hook_write_key", "hook_write_value", "hook_log_decay")
+    return base + (("hook_beta", "hook_v") if _write_rule(model) == "delta" else ())
+
+
+def layer_effective_attention(model, tokens: Tensor | None, layer: int, cache=None) -> tuple[Tensor, Tensor]:
+    """``(A_eff [b, H, T, T], value [b, T, H, d_v])`` of ``layer`` for the model's write family, so that the
+    layer's read is exactly ``sum_s A_eff[:, h, t, s] value[:, s, h]`` (``write_contributions(A_eff, value)``).
+
+    Gated DeltaNet: the delta-rule effective attention (``beta`` inside ``A_eff``) and the native ``v``.
+    Mamba-2 (and hybrids): ``A_eff = Gamma . (C B^T)`` on the scalar-decay transitions and the write's
+    value side ``dt' x`` (the ``D x`` skip is not a write and is not part of the read). ``cache``: an
+    ``ActivationCache`` already holding the layer's hooks (else ``tokens`` are run, without gradients).
+    """
+    rule = _write_rule(model)
+    p = model.hook_prefix(layer)
+    if cache is None:
+        if tokens is None:
+            raise ValueError("layer_effective_attention needs tokens or a cache")
+        names = [p + n for n in _attribution_hooks(model)]
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=names)
+    if rule == "delta":
+        A = effective_attention(cache[p + "hook_query"], cache[p + "hook_write_key"], cache[p + "hook_log_decay"],
+                                cache[p + "hook_beta"])
+        return A, cache[p + "hook_v"]
+    A = mamba2_effective_attention(cache[p + "hook_query"], cache[p + "hook_write_key"], cache[p + "hook_log_decay"])
+    return A, cache[p + "hook_write_value"]
+
+
 def write_contributions(A_eff: Tensor, value: Tensor) -> Tensor:
     """Per-write contributions to each read ``[b, H, T_read, T_write, d_v]`` (``value``: native v
     ``[b, T, H, d_v]``). Materialises ``T^2 d_v`` per head: for short contexts or a slice."""
@@ -69,7 +114,7 @@ def read_gradient(model, tokens: Tensor, layer: int, metric) -> tuple[Tensor, di
     caller attached to ``hook_read`` (and the metric) see the tensor whose gradient is taken.
     """
     p = model.hook_prefix(layer)
-    names = [p + n for n in ("hook_query", "hook_write_key", "hook_write_value", "hook_log_decay", "hook_beta")]
+    names = [p + n for n in _attribution_hooks(model)]
     saved: dict = {}
 
     def make_leaf(module, inputs, output):
@@ -93,10 +138,15 @@ def read_gradient(model, tokens: Tensor, layer: int, metric) -> tuple[Tensor, di
 
 def dictionary_scores(model, tokens: Tensor, sae, metric) -> Tensor:
     """First-order change of ``metric(logits)`` when the write of the SAE's (layer, head) at position s is
-    replaced by atom i (raw mode): ``<A_i - W_s, G_s>``, returned ``[b, T, d_sae]``."""
+    replaced by atom i (raw mode): ``<A_i - W_s, G_s>``, returned ``[b, T, d_sae]``. Gated DeltaNet and
+    Mamba-2 (whose reverse recurrence is ``G_s = exp(g_{s+1}) G_{s+1} + C_s (dm/dy_s)^T``)."""
+    if sae.cfg.head is None:
+        raise ValueError("dictionary_scores needs an SAE for one head (cfg.head is None)")
     h = sae.cfg.head
     grad, c = read_gradient(model, tokens, sae.cfg.layer, metric)
-    G = ops.write_adjoint(c["hook_query"], c["hook_write_key"], c["hook_log_decay"], c["hook_beta"], grad)[:, :, h]
+    # Mamba-2's transition exp(g) I is the delta rule's with beta = 0: the same reverse recurrence, no erase
+    beta = c["hook_beta"] if "hook_beta" in c else torch.zeros_like(c["hook_log_decay"])
+    G = ops.write_adjoint(c["hook_query"], c["hook_write_key"], c["hook_log_decay"], beta, grad)[:, :, h]
     W_dot = torch.einsum("btk,btkv,btv->bt", c["hook_write_key"][:, :, h], G, c["hook_write_value"][:, :, h])
     if sae.cfg.decoder_rank is None:
         M = sae.dec_dense.detach().view(-1, sae.cfg.d_k, sae.cfg.d_v)
