@@ -23,7 +23,7 @@ hook                   shape                    semantics of an edit (return a n
 ``hook_read``          ``[b,p,H,d_v]``          o_t before the output norm (fp32); edits replace the read
 =====================  =======================  ==============================================================
 
-Write modes (MATH.md section 2): ``raw`` (default) exposes ``W = beta k^ v^T``, and replacing it keeps the
+Write modes (docs/method.md section 3): ``raw`` (default) exposes ``W = beta k^ v^T``, and replacing it keeps the
 token's erase; ``delta`` exposes ``W = k^ delta^T`` (the actual increment), and replacing it removes erase
 and write (``S_s = alpha_s S_{s-1} + A``). Edits of one forward call are specified against the clean
 forward and compose exactly (linearity of the state in the writes).
@@ -67,7 +67,7 @@ class WriteEdit:
     ``pos`` counts tokens from the start of the sequence held in the cache (for a forward without cache it
     is the index in the input); positions are absolute and non-negative. ``batch=None`` edits every row. ``op``: ``replace`` the write by the
     matrix ``A`` (given as ``key``/``value`` factors ``A = key value^T`` or as ``matrix``), ``add`` ``A`` to
-    the write, or ``delete`` the write. ``mode`` chooses the raw or the delta write (MATH.md section 2).
+    the write, or ``delete`` the write. ``mode`` chooses the raw or the delta write (docs/method.md section 3).
     """
 
     layer: int

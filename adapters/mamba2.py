@@ -1,6 +1,6 @@
 """Mamba-2 write hooks for HF ``mamba2`` (hybrids: not yet; see the issue notes).
 
-Canonical key-first frame (MATH.md 1): per head, ``S_t = exp(dt'_t A_h) S_{t-1} + B_t (dt'_t x_t)^T`` with
+Canonical key-first frame (docs/method.md 2.2): per head, ``S_t = exp(dt'_t A_h) S_{t-1} + B_t (dt'_t x_t)^T`` with
 ``S`` ``[d_state, head_dim]`` (the transpose of HF's value-first ``[head_dim, d_state]`` cache), read
 ``y_t = S_t^T C_t`` (the ``D x`` skip is left untouched and is not part of ``hook_read``). Hooks under
 ``blocks.{l}.mixer.``: native ``hook_x`` ``[b,p,H,P]``, ``hook_B`` / ``hook_C`` ``[b,p,G,N]``, ``hook_dt``

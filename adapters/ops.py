@@ -5,7 +5,7 @@ the HF / fla signature ``kernel(q, k, v, g=, beta=, initial_state=, output_final
 use_qk_l2norm_in_kernel=False) -> (o [b,T,H,d_v], S_T [b,H,d_k,d_v])`` where the kernel multiplies ``q`` by
 ``d_k**-0.5`` itself. ``q`` below is always the *unscaled* normalised query the kernel expects.
 
-The zero-value (suffix) trick (MATH.md section 3): a change ``D`` of the state right after position s
+The zero-value (suffix) trick (docs/method.md section 4): a change ``D`` of the state right after position s
 propagates as ``Phi(t, s) D`` because transitions never depend on the state. Running the kernel on the
 suffix ``s+1..T-1`` with ``initial_state = D``, every value zeroed and the original keys, gates and betas
 gives exactly ``Delta o_t`` and ``Delta S_T``. Many (row, position) perturbations are batched as rows of one
@@ -172,7 +172,7 @@ def propagated_states(kernel, pert: Perturbations, k: Tensor, g: Tensor, beta: T
 
 
 def write_adjoint(query_scaled: Tensor, k: Tensor, g: Tensor, beta: Tensor, grad_read: Tensor) -> Tensor:
-    """``G_s = dL/dS_s`` for every s from ``grad_read = dL/do`` (MATH.md 5.4), by the reverse recurrence
+    """``G_s = dL/dS_s`` for every s from ``grad_read = dL/do`` (docs/method.md 6.4), by the reverse recurrence
     ``G_s = T_{s+1}^T G_{s+1} + (c q_s) (dL/do_s)^T`` (``T`` is symmetric for the delta rule).
 
     Returns ``[b, T, H, d_k, d_v]`` fp32: the gradient of a state change (or extra write) at each position.

@@ -8,7 +8,7 @@ Canonical Gated DeltaNet step, per (batch row, value head), with ``S`` of shape 
 ``alpha_t = exp(g_t)``. The raw write is ``W_t = beta_t k_t v_t^T``; the delta write is
 ``W^delta_t = S_t - alpha_t S_{t-1} = k_t delta_t^T`` with ``delta_t = beta_t (v_t - alpha_t S_{t-1}^T k_t)``.
 
-Edits (MATH.md sections 2-3):
+Edits (docs/method.md sections 3-4):
 
 * ``write_edits[(b, t, h)] = (W_new [d_k, d_v], mode)``: in ``"raw"`` mode the raw write at t is replaced,
   ``S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + W_new``; in ``"delta"`` mode erase and write are

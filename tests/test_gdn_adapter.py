@@ -1,4 +1,4 @@
-"""Gated DeltaNet adapter: capture, reference parity, decode, exact edits, bad input (MATH.md 1-3)."""
+"""Gated DeltaNet adapter: capture, reference parity, decode, exact edits, bad input (docs/method.md 1-4)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Activation patching over cache writes and WriteSAE atoms (clean -> corrupted), exact and batched.
 
-Semantics (MATH.md 2, raw writes): patching the write at ``(layer, pos, head)`` replaces the corrupted
+Semantics (docs/method.md 3, raw writes): patching the write at ``(layer, pos, head)`` replaces the corrupted
 run's write there by the clean run's; the transitions (decays, erase terms) stay the corrupted run's,
 exactly as an edit of ``hook_write`` does. Patching an atom ``i`` of a WriteSAE at ``pos`` adds
 ``(a_i^clean - a_i^corr) A_i`` to the corrupted write (state site: to the state, which acts as an extra

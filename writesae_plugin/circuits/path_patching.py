@@ -2,7 +2,7 @@
 to chosen reads or mediated by chosen downstream hooks.
 
 A write at ``(layer, s, head)`` reaches the output only through the reads ``o_t`` of its own head at
-``t >= s`` (``o_t`` changes by ``c (Phi(t, s) Delta W)^T q_t``, MATH.md 3). :class:`Reads` selects some of them:
+``t >= s`` (``o_t`` changes by ``c (Phi(t, s) Delta W)^T q_t``, docs/method.md 4). :class:`Reads` selects some of them:
 the sender's change of exactly those reads is applied, every other read keeps its base value. A hook name
 as receiver (any later hook, e.g. ``blocks.3.linear_attn.hook_write_value``) measures the effect mediated
 by that activation: its values from the sender run are patched into the base run, the sender itself not.

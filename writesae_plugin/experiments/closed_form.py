@@ -1,4 +1,4 @@
-"""Closed-form logit shift of an atom install (MATH.md 5.2), with three predictors reported side by side.
+"""Closed-form logit shift of an atom install (docs/method.md 6.2), with three predictors reported side by side.
 
 Perturb the write of (layer, head) at ``t0`` by ``eps A`` (``A = u w^T``, unit atom) and compare, for
 ``t > t0`` and a few target tokens per atom, the measured ``Delta logit / eps`` with:

@@ -1,4 +1,4 @@
-"""Behavioural install (steering, MATH.md 5.3).
+"""Behavioural install (steering, docs/method.md 6.3).
 
 For a target token ``T`` at (layer, head): value direction ``w*_T = normalize(W_O[:, head]^T W_U[T])``, key side
 the position's own key ``k^_t``. The atom ``k^_t w*_T^T`` scaled to ``m ||k_t v_t^T||`` is installed (replace

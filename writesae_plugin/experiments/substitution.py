@@ -1,4 +1,4 @@
-"""The substitution test (MATH.md 5.1), exact and batched.
+"""The substitution test (docs/method.md 6.1), exact and batched.
 
 At a firing ``(context c, position t)`` of the SAE's site, with dominant atom ``i*``, the write ``W_t`` of
 the SAE's (layer, head) is replaced under each condition and the next-token distributions are compared

@@ -1,4 +1,4 @@
-"""Write attribution (MATH.md 5.4) and atom erasure.
+"""Write attribution (docs/method.md 6.4) and atom erasure.
 
 * ``effective_attention``: the exact weight of write ``s`` in read ``t`` of a Gated DeltaNet head,
   ``A_eff[t, s] = beta_s c q^_t^T Phi(t, s) k^_s``, in parallel:

@@ -1,4 +1,4 @@
-"""Matrix-atom algebra of the WriteSAE (MATH.md section 4), as plain functions on tensors.
+"""Matrix-atom algebra of the WriteSAE (docs/method.md section 5), as plain functions on tensors.
 
 Shapes: ``n`` atoms, rank ``r``, key side ``d_k``, value side ``d_v``; ``X`` is ``[N, d_k, d_v]``, a factored
 write is ``(k [N, d_k], v [N, d_v])`` with ``X = k v^T``.

@@ -1,6 +1,6 @@
 """WriteSAE configs: orthogonal axes (encoder x decoder x activation x site x head) plus write metadata.
 
-The paper's names collide; the plugin names its baselines by axes (MATH.md section 4):
+The paper's names collide; the plugin names its baselines by axes (docs/method.md section 5):
 
 =======================  ===========  ============  =======================================
 variant                  encoder      decoder_rank  what it is

@@ -2,7 +2,7 @@
 
 * Decoder factors are renormalised to unit norm before every step (atoms stay unit-Frobenius for rank 1).
 * Loss: MSE (summed over the matrix, mean over the batch) + aux-k on dead atoms (coefficient
-  ``aux_loss_coefficient``, default 1/32; MATH.md 4) + the L0 penalty for JumpReLU.
+  ``aux_loss_coefficient``, default 1/32; docs/method.md 5) + the L0 penalty for JumpReLU.
 * ``input_layout="factors"``: batches are ``[N, d_k + d_v]`` concatenated write factors; encoder, MSE and
   aux-k are computed from inner products only (``atoms.py``), never forming ``k v^T``.
 * Optional resampling of dead atoms every ``resample_every`` steps (the paper's recipe): a dead atom is

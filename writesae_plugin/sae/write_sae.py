@@ -1,4 +1,4 @@
-"""The WriteSAE: a SAELens SAE whose decoder atoms are rank-r matrices ``sum_j u_ij w_ij^T`` (MATH.md 4).
+"""The WriteSAE: a SAELens SAE whose decoder atoms are rank-r matrices ``sum_j u_ij w_ij^T`` (docs/method.md 5).
 
 Input layouts (``encode``) and what ``decode`` returns:
 
