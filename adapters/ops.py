@@ -212,3 +212,121 @@ class DensePerturbationPath(torch.autograd.Function):
     def backward(ctx, grad_read, grad_final):
         query_scaled, k, g, beta = ctx.saved_tensors
         return write_adjoint(query_scaled, k, g, beta, grad_read), None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------- gradient paths
+def delta_rule_scan(query: Tensor, write_key: Tensor, write_value: Tensor, key: Tensor, beta: Tensor,
+                    log_decay: Tensor, initial_state: Tensor | None = None, chunk: int = 64) -> tuple[Tensor, Tensor]:
+    """The gated delta rule with the write decoupled from the transition, chunked, pure torch, differentiable:
+
+        S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + sum_r kw_{t,r} wv_{t,r}^T,     o_t = S_t^T q_t
+
+    ``query [b,T,H,d_k]`` (the read's query as used, scale included), ``write_key [b,T,H,(r,)d_k]``,
+    ``write_value [b,T,H,(r,)d_v]`` (``r`` rank-1 writes per step), transition ``key [b,T,H,d_k]``,
+    ``beta [b,T,H]``, ``log_decay [b,T,H]``. Returns ``(read [b,T,H,d_v], final [b,H,d_k,d_v])`` in fp32;
+    nothing of size ``T x d_k x d_v`` is formed. With ``write_key = key``, ``write_value = beta v`` it is the
+    model's kernel. Per chunk, with ``d_s = exp(g_s) S_{s-1}^T k_s`` the recurrence is a scalar-decay one with
+    the writes ``kw wv^T - beta k d^T``, and ``d`` solves a unit lower-triangular system (MATH.md 5.4)."""
+    from .scalar_decay import _decay_matrix
+
+    if write_key.dim() == 4:
+        write_key, write_value = write_key[..., None, :], write_value[..., None, :]
+    b, T, H, d_k = key.shape
+    d_v = write_value.shape[-1]
+    S = (torch.zeros(b, H, d_k, d_v, device=key.device) if initial_state is None else initial_state.float())
+    reads = []
+    for t0 in range(0, T, chunk):
+        sl = slice(t0, t0 + chunk)
+        q, kt = query[:, sl].float().transpose(1, 2), key[:, sl].float().transpose(1, 2)  # [b,H,L,d_k]
+        bt = beta[:, sl].float().transpose(1, 2)  # [b,H,L]
+        kw = write_key[:, sl].float().permute(0, 2, 1, 3, 4)  # [b,H,L,r,d_k]
+        wv = write_value[:, sl].float().permute(0, 2, 1, 3, 4)  # [b,H,L,r,d_v]
+        M, G, tail = _decay_matrix(log_decay[:, sl])  # M [b,H,L,L] (diagonal 1), G, tail [b,L,H]
+        L = q.shape[2]
+        strict = M * torch.ones(L, L, device=key.device).tril(-1)
+        eG, tail = G.exp().transpose(1, 2), tail.transpose(1, 2)  # [b,H,L]
+        A = torch.eye(L, device=key.device) + (kt @ kt.transpose(-1, -2)) * strict * bt[:, :, None, :]
+        rhs = eG[..., None] * (kt @ S) + torch.einsum("bhij,bhid,bhjrd,bhjrv->bhiv", strict, kt, kw, wv)
+        d = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # [b,H,L,d_v]
+        bd = bt[..., None] * d
+        o = (eG[..., None] * (q @ S) + torch.einsum("bhij,bhid,bhjrd,bhjrv->bhiv", M, q, kw, wv)
+             - ((q @ kt.transpose(-1, -2)) * M) @ bd)
+        S = (G[:, -1].exp()[..., None, None] * S + torch.einsum("bhjrd,bhjrv,bhj->bhdv", kw, wv, tail)
+             - torch.einsum("bhjd,bhjv,bhj->bhdv", kt, bd, tail))
+        reads.append(o.transpose(1, 2))
+    return torch.cat(reads, 1), S
+
+
+def in_functorch_or_forward_ad(*tensors) -> bool:
+    """Inside a ``torch.func`` transform, or some tensor carries a ``torch.autograd.forward_ad`` tangent."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    from torch.autograd import forward_ad
+
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def carries_derivative(t: Tensor | None) -> bool:
+    """``t`` is on an autograd graph being recorded, or carries a forward-mode tangent."""
+    if t is None:
+        return False
+    return (torch.is_grad_enabled() and t.requires_grad) or in_functorch_or_forward_ad(t)
+
+
+class _Linearised(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, like, n, *tensors):
+        ctx.fn, ctx.n = fn, n
+        ctx.save_for_backward(*tensors[:n])
+        ctx.has_delta = [t is not None for t in tensors[n:]]
+        return torch.zeros_like(like)
+
+    @staticmethod
+    def backward(ctx, grad):
+        base = ctx.saved_tensors
+        with torch.enable_grad():
+            zs = [torch.zeros_like(b_, requires_grad=True) if h else None for b_, h in zip(base, ctx.has_delta)]
+            y = ctx.fn(*[b_ if z is None else b_ + z for b_, z in zip(base, zs)])
+            used = [z for z in zs if z is not None]
+            grads = iter(torch.autograd.grad(y, used, grad, allow_unused=True))
+        out = [None if z is None else next(grads) for z in zs]
+        return (None, None, None, *([None] * ctx.n), *out)
+
+
+def linearised(fn, base: list[Tensor], delta: list[Tensor | None], like: Tensor) -> Tensor:
+    """``J_fn(base) . delta`` for ``delta`` that is zero in value: a tensor of zeros shaped as ``like`` that
+    carries the first-order response of ``fn`` to the deltas, in both autodiff modes. Reverse mode costs
+    nothing in the forward (``fn`` runs in the backward, at ``base``); forward mode (``torch.func.jvp``,
+    ``forward_ad``) evaluates ``fn(base + delta) - fn(base)``. ``base`` entries are constants (detached)."""
+    if in_functorch_or_forward_ad(*base, *delta):
+        return fn(*[b_ if d is None else b_ + d for b_, d in zip(base, delta)]) - fn(*base)
+    return _Linearised.apply(fn, like, len(base), *[b_.detach() for b_ in base], *delta)
+
+
+class _ValueOf(torch.autograd.Function):
+    @staticmethod
+    def forward(src, value):
+        return value.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+    @staticmethod
+    def jvp(ctx, src_tangent, value_tangent):
+        return src_tangent
+
+
+def straight_through(src: Tensor, value: Tensor) -> Tensor:
+    """A tensor with exactly the bits of ``value`` and the derivatives of ``src`` (equal to ``value`` up to
+    rounding): used where the model's own output is kept bit for bit while the derivative path runs through
+    the hook points. Returns ``value`` itself when ``src`` carries no derivative."""
+    if not carries_derivative(src):
+        return value
+    if src.dtype != value.dtype:
+        src = src.to(value.dtype)
+    return _ValueOf.apply(src, value)
