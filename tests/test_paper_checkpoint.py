@@ -187,9 +187,6 @@ def test_gated_and_unknown_layouts_refused(tmp_path):
         load_paper_checkpoint(tmp_path / "nok.pt")
 
 
-MARKER = []
-
-
 def _side_effect(path):
     open(path, "w").write("code ran")
     return torch.zeros(1)
@@ -211,3 +208,6 @@ def test_pickle_with_code_is_refused_without_running_it(tmp_path):
     with pytest.raises(ValueError, match="refused to unpickle.*weights_only.*allow_pickle"):
         load_paper_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable torch checkpoint"):
+        load_paper_checkpoint(tmp_path / "junk.pt")

@@ -68,10 +68,15 @@ def _read(path: Path, allow_pickle: bool) -> tuple[dict[str, Tensor], dict]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: refused to unpickle: torch.load(weights_only=True) found more than tensors and "
-                         f"plain containers ({first}); re-save it as a state dict, or pass allow_pickle=True "
-                         "only for a file you trust") from None
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        why = why.split(" Please")[0].split(" was not an allowed global")[0]
+        raise ValueError(f"{path}: refused to unpickle: torch.load(weights_only=True) reads tensors and plain "
+                         f"containers only and stopped ({why[:200]}); re-save it as a state dict, or pass "
+                         "allow_pickle=True only for a file you trust") from None
+    except Exception as err:  # a truncated or foreign file: torch raises RuntimeError, EOFError, KeyError, ...
+        msg = (str(err).splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {msg})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__})")
     config: dict = {}
