@@ -162,9 +162,9 @@ class GatedDeltaNetHooks(nn.Module):
         if recompute is None:
             return _Fired(out, True, raw=out)
         original = recompute()
-        if torch.equal(out, original) and not (torch.is_grad_enabled() and out.requires_grad):
-            return _Fired(original, False, raw=out)  # (a replacement equal in value but carrying gradient, e.g.
-            # x + zeros(requires_grad) for attribution, counts as an edit so that its gradient path exists)
+        if torch.equal(out, original):  # not an edit; a replacement that carries derivatives (TransformerLens
+            # backward hooks, x + zeros(requires_grad), a dual tensor) reaches the logits through ``raw``
+            return _Fired(original, False, raw=out)
         return _Fired(out.to(original.dtype), True, original, raw=out)  # .to keeps the graph
 
     # ---- the intercepted kernel call
@@ -217,20 +217,23 @@ class GatedDeltaNetHooks(nn.Module):
         else:
             write_value = raw_value
 
-        f_key = self._fire(self.hook_write_key, kn, lambda: norm(k2).repeat_interleave(rep, dim=2))
-        f_val = self._fire(self.hook_write_value, write_value,
+        # the canonical hooks get aliases (own autograd nodes) of the clean tensors: a hook's gradient is then
+        # only what flows through its output, never what reaches the clean tensor along other paths
+        f_key = self._fire(self.hook_write_key, _alias(kn), lambda: norm(k2).repeat_interleave(rep, dim=2))
+        f_val = self._fire(self.hook_write_value, _alias(write_value),
                            lambda: beta32[..., None] * (v32 - prev) if mode == "delta" else beta32[..., None] * v32)
         kn = f_key.original if f_key.edited else kn  # transitions always use the model's own key
         write_value = f_val.original if f_val.edited else write_value
-        f_g = self._fire(self.hook_log_decay, g.float().clone(), lambda: g.float())
-        f_query = self._fire(self.hook_query, qn * scale, lambda: qn * scale)
-        g_tr = f_g.value
-        query_scaled = f_query.value
+        g32, qs = g.float(), qn * scale
+        f_g = self._fire(self.hook_log_decay, g32.clone(), lambda: g.float())
+        f_query = self._fire(self.hook_query, _alias(qs), lambda: qn * scale)
+        g_tr = f_g.value if f_g.edited else g32
+        query_scaled = f_query.value if f_query.edited else qs
         q_kernel = query_scaled / scale if f_query.edited else qn
 
         # write edits: hooks (factors, then dense) and functional edits -> dense Delta S per (b, t, h)
         hook_changed = None
-        new_key, new_val = f_key.value, f_val.value
+        new_key, new_val = _output(f_key), _output(f_val)
         if f_key.edited or f_val.edited:
             hook_changed = (new_key != kn).any(-1) | (new_val != write_value).any(-1)
         dense_new = None
@@ -244,8 +247,9 @@ class GatedDeltaNetHooks(nn.Module):
             W_in = f_W.value
             flat_in = W_in.reshape(b, T, H * d_k * d_v)
             f_flat = self._fire(self.hook_write_flat, flat_in, lambda: W_in.detach().reshape(b, T, -1).clone())
-            dense_grad = dense_grad or f_W.replaced_differentiably(W) or f_flat.replaced_differentiably(flat_in)
-            dense_new = f_flat.value.reshape(b, T, H, d_k, d_v)
+            dense_grad = (dense_grad or f_W.replaced_differentiably(W) or f_flat.replaced_differentiably(flat_in)
+                          or ops.carries_derivative(_output(f_flat)))  # capture: the dense hooks carry gradient
+            dense_new = _output(f_flat).reshape(b, T, H, d_k, d_v)
             if f_W.edited or f_flat.edited:
                 base = torch.einsum("bthk,bthv->bthkv", new_key, new_val)
                 ch = (dense_new != base).any(-1).any(-1)
@@ -292,8 +296,7 @@ class GatedDeltaNetHooks(nn.Module):
             res = ops.propagate(chunk, pert, q_kernel, query_scaled, kn, g_tr, beta_tr)
             delta_read, delta_final = res.delta_read, res.delta_final
         if dense_D is not None:
-            d_read, d_final = ops.DensePerturbationPath.apply(dense_D, chunk, q_kernel, query_scaled, kn, g_tr,
-                                                              beta_tr)
+            d_read, d_final = _dense_path(dense_D, chunk, q_kernel, query_scaled, kn, g_tr, beta_tr)
             delta_read = d_read if delta_read is None else delta_read + d_read
             delta_final = d_final if delta_final is None else delta_final + d_final
             rows = dense_changed.any(-1).nonzero()
@@ -312,8 +315,7 @@ class GatedDeltaNetHooks(nn.Module):
             extra_pert = self._states(owner.state_capture, chunk, kn, v32, g_tr, beta32, init, pert,
                                       beta_tr, b, T)
             if isinstance(extra_pert, Tensor):  # differentiable state edit: dense D over all positions
-                d_read, d_final = ops.DensePerturbationPath.apply(extra_pert, chunk, q_kernel, query_scaled, kn,
-                                                                  g_tr, beta_tr)
+                d_read, d_final = _dense_path(extra_pert, chunk, q_kernel, query_scaled, kn, g_tr, beta_tr)
                 delta_read = d_read if delta_read is None else delta_read + d_read
                 delta_final = d_final if delta_final is None else delta_final + d_final
             elif extra_pert is not None:
@@ -321,15 +323,44 @@ class GatedDeltaNetHooks(nn.Module):
                 delta_read = res.delta_read if delta_read is None else delta_read + res.delta_read
                 delta_final = res.delta_final if delta_final is None else delta_final + res.delta_final
 
+        # the hooks not edited get their derivatives by a path that is zero in value (reverse mode: computed in
+        # the backward by ops.delta_rule_scan; forward mode: its difference), so the model's own kernel output
+        # stays bit for bit and every hook output is on the autograd path of the logits
+        deltas = {"q": None if f_query.edited else f_query.raw.float() - qs,
+                  "g": None if f_g.edited else f_g.raw.float() - g32}
+        if dense_D is None:  # otherwise the factors reach the logits through the dense write hooks
+            deltas["k"] = None if f_key.edited else f_key.raw.float() - kn
+            deltas["v"] = None if f_val.edited else f_val.raw.float() - write_value
+        deltas = {n_: d for n_, d in deltas.items() if ops.carries_derivative(d)}
         o32 = o.float()
-        if delta_read is not None:
-            o32 = o32 + delta_read
-        f_read = self._fire(self.hook_read, o32, (lambda: o.float()) if delta_read is None else None)
-        if delta_read is None and not f_read.edited:
-            return o, S
-        if S is not None and delta_final is not None:
+        src = o32 if delta_read is None else o32 + delta_read
+        if deltas:
+            src = src + self._derivative_path(deltas, query_scaled, g_tr, kn, beta_tr, new_key, new_val, raw_value,
+                                              mode, init, o32)
+        value_changed = delta_read is not None and bool((delta_read != 0).any())
+        f_read = self._fire(self.hook_read, src, None if value_changed else (lambda: o.float()))
+        if S is not None and delta_final is not None and bool((delta_final != 0).any()):
             S = (S.float() + delta_final).to(S.dtype)
+        if not value_changed and not f_read.edited:
+            return ops.straight_through(f_read.raw, o), S  # the model's bits; derivatives through the hooks
         return f_read.value.to(o.dtype), S
+
+    @staticmethod
+    def _derivative_path(deltas, query, g, key, beta, write_key, write_value, raw_value, mode, init, like):
+        """Zero-valued ``Delta o`` carrying the first-order response to the unedited canonical hooks (read query
+        ``q``, log decay ``g``, write factors ``k``/``v``), linearised at the layer as it ran."""
+        init = None if init is None else init.detach().float().clone()
+
+        def fn(q, g_, ek, ev):
+            if mode == "delta":  # the dynamics write beta v; a factor change adds a write on top of it
+                keys, values = torch.stack([key, ek], 3), torch.stack([raw_value + ev, write_value], 3)
+            else:
+                keys, values = write_key + ek, write_value + ev
+            return ops.delta_rule_scan(q, keys, values, key, beta, g_, init)[0]
+
+        zero_k, zero_v = torch.zeros_like(key), torch.zeros_like(raw_value)
+        base = [query.detach(), g.detach(), zero_k, zero_v]
+        return ops.linearised(fn, base, [deltas.get(n_) for n_ in "qgkv"], like)
 
     def _functional_edits(self, owner, entries, offset, b, T, kn, raw_value, v32, beta32, g, init, chunk,
                           dense_D=None):
@@ -376,8 +407,8 @@ class GatedDeltaNetHooks(nn.Module):
             S = S + ops.propagated_states(chunk, pert, kn, g, beta_tr, pos_t, b)
         S = S[:, :, heads]
         shown = S.clone()
-        f = self._fire(self.hook_state, S, lambda: shown)
-        if f.replaced_differentiably(S):
+        f = self._fire(self.hook_state, _alias(S), lambda: shown)
+        if f.replaced_differentiably(S) or (not f.edited and ops.carries_derivative(f.raw)):
             D = torch.zeros(b, T, self.n_heads, self.d_k, self.d_v, dtype=torch.float32, device=kn.device)
             D[:, pos_t[:, None], torch.tensor(heads, device=kn.device)[None, :]] = f.raw.float() - shown
             return D
@@ -389,6 +420,27 @@ class GatedDeltaNetHooks(nn.Module):
             key = (bi, positions[i], heads[j])
             entries[key] = entries.get(key, 0) + (f.value[bi, i, j] - shown[bi, i, j])
         return _group({k_: (d, False) for k_, d in entries.items()}, self.n_heads, self.d_k, self.d_v, kn.device)
+
+
+def _alias(x: Tensor) -> Tensor:
+    """A view of ``x`` with its own autograd node (what a hook point is given)."""
+    return x.view_as(x)
+
+
+def _output(f: _Fired) -> Tensor:
+    """What a factor hook returned (its own output when not edited, so dense hooks built on it pass their
+    gradient on to it)."""
+    return f.value if f.edited else f.raw
+
+
+def _dense_path(D, chunk, q, query_scaled, k, g, beta):
+    """``(Delta o, Delta S_T)`` of dense state changes ``D [b,T,H,d_k,d_v]``: the kernel on the changed rows with
+    an adjoint backward, or (forward-mode autodiff) the decoupled delta-rule scan with identity write keys."""
+    if ops.in_functorch_or_forward_ad(D, q, k, g, beta):
+        d_k = D.shape[-2]
+        eye = torch.eye(d_k, device=D.device).expand(*D.shape[:3], d_k, d_k)
+        return ops.delta_rule_scan(query_scaled, eye, D, k, beta, g)
+    return ops.DensePerturbationPath.apply(D, chunk, q, query_scaled, k, g, beta)
 
 
 def resolve_capture(capture: StateCapture, T: int, n_heads: int) -> tuple[list[int], list[int]]:
