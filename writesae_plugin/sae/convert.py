@@ -69,7 +69,9 @@ def _read(path: Path, allow_pickle: bool) -> tuple[dict[str, Tensor], dict]:
         obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        why = next((ln for ln in lines if "global" in ln.lower()), None)
+        if why is None:  # not a refused global: a corrupt or foreign file
+            raise ValueError(f"{path}: not a readable torch checkpoint ({(lines or [''])[0][:200]})") from None
         why = why.split(" Please")[0].split(" was not an allowed global")[0]
         raise ValueError(f"{path}: refused to unpickle: torch.load(weights_only=True) reads tensors and plain "
                          f"containers only and stopped ({why[:200]}); re-save it as a state dict, or pass "
