@@ -171,8 +171,8 @@ def load_paper_checkpoint(path: str | Path, *, k: int | None = None, hook_name: 
 
     ``k``, ``layer``, ``d_k``, ``d_v`` default to the checkpoint's config; an explicit ``k`` overrides it
     (TopK), ``d_k``/``d_v`` must agree with the tensors. ``head`` (the value head in a hook with ``n_heads``
-    heads) is not taken from the config, whose head indexes the paper's own extraction. BatchTopK checkpoints need ``batchtopk_threshold`` or
-    ``calibration`` (see the module docstring).
+    heads) is not taken from the config, whose head indexes the paper's own extraction. BatchTopK
+    checkpoints need ``batchtopk_threshold`` or ``calibration`` (see the module docstring).
     """
     path = Path(path)
     sd, config = _read(path, allow_pickle)
@@ -252,8 +252,8 @@ def load_paper_checkpoint(path: str | Path, *, k: int | None = None, hook_name: 
     if activation == "jumprelu":
         state["threshold"] = sd["log_threshold"].float().exp()
     enc_rank = rank_of.get(enc_names[0], 1)
-    cfg = WriteSAEConfig(d_in=d_in, d_sae=n, d_k=d_k, d_v=d_v, k=min(k, n), encoder="dense" if enc_dense else "bilinear",
-                         encoder_rank=enc_rank, decoder_rank=None if dec_dense else rank_of[dec_names[0]],
+    cfg = WriteSAEConfig(d_in=d_in, d_sae=n, d_k=d_k, d_v=d_v, k=min(k, n),
+                         encoder="dense" if enc_dense else "bilinear", encoder_rank=enc_rank, decoder_rank=None if dec_dense else rank_of[dec_names[0]],
                          activation=activation, site=site, head=head,
                          n_heads=n_heads, family=family,
                          layer=layer if layer is not None else int(config.get("layer", -1)),
