@@ -244,7 +244,7 @@ class GatedDeltaNetHooks(nn.Module):
         if owner.materialize_writes:
             W = torch.einsum("bthk,bthv->bthkv", new_key, new_val)
             f_W = self._fire(self.hook_write, W, lambda: torch.einsum("bthk,bthv->bthkv", new_key, new_val))
-            W_in = f_W.value
+            W_in = _output(f_W)
             flat_in = W_in.reshape(b, T, H * d_k * d_v)
             f_flat = self._fire(self.hook_write_flat, flat_in, lambda: W_in.detach().reshape(b, T, -1).clone())
             dense_grad = (dense_grad or f_W.replaced_differentiably(W) or f_flat.replaced_differentiably(flat_in)
@@ -350,6 +350,8 @@ class GatedDeltaNetHooks(nn.Module):
         """Zero-valued ``Delta o`` carrying the first-order response to the unedited canonical hooks (read query
         ``q``, log decay ``g``, write factors ``k``/``v``), linearised at the layer as it ran."""
         init = None if init is None else init.detach().float().clone()
+        key, beta, write_key, write_value, raw_value = (t.detach() for t in (key, beta, write_key, write_value,
+                                                                               raw_value))
 
         def fn(q, g_, ek, ev):
             if mode == "delta":  # the dynamics write beta v; a factor change adds a write on top of it

@@ -28,7 +28,8 @@ from transformer_lens.hook_points import HookPoint
 
 from .base import (AdapterConfig, HookedRecurrentModel, UnsupportedModelError, WriteEdit, conflicting_edit_error,
                    find_decoder_layers, find_final_norm)
-from .gated_deltanet import _CURRENT, GatedDeltaNetHooks, _enter, cache_offset, on_device_of
+from .gated_deltanet import _CURRENT, GatedDeltaNetHooks, _alias, _enter, _output, cache_offset, on_device_of
+from .ops import carries_derivative, linearised, straight_through
 from .scalar_decay import dense_decay_scan, scalar_decay_scan
 
 MAMBA2_MODEL_TYPES = {t: f"transformers.models.{t}.modeling_{t}" for t in
@@ -132,6 +133,19 @@ def _skip(D: Tensor | None, x: Tensor):
     return (D.float()[:, None] if D.dim() == 1 else D.float()) * x.float()
 
 
+def _derivative_path(deltas: dict, query, log_decay, write_key, write_value, init, chunk, like):
+    """Zero-valued ``Delta read`` carrying the first-order response to the unedited canonical hooks (``q``,
+    ``g``, write factors ``k``/``v``), linearised at the layer as it ran (canonical frame, fp32)."""
+    init = None if init is None else init.detach().float().clone()
+    write_key, write_value = write_key.detach(), write_value.detach()
+
+    def fn(q, g, ek, ev):
+        return scalar_decay_scan(write_key + ek, write_value + ev, g, q, init, chunk)[0]
+
+    base = [query.detach(), log_decay.detach(), torch.zeros_like(write_key), torch.zeros_like(write_value)]
+    return linearised(fn, base, [deltas.get(n) for n in "qgkv"], like)
+
+
 def _refuse_packed(a: dict, layer: int) -> None:
     for k in ("seq_idx", "cu_seqlens"):
         if a.get(k) is not None:
@@ -189,14 +203,16 @@ class Mamba2Hooks(nn.Module):
         A = a["A"].float()
         key = B.float().repeat_interleave(rep, dim=2)
         value = dtp[..., None] * x.float()
-        f_key = self._fire(self.hook_write_key, key, lambda: B.float().repeat_interleave(rep, dim=2))
-        f_val = self._fire(self.hook_write_value, value, lambda: dtp[..., None] * x.float())
-        f_g = self._fire(self.hook_log_decay, dtp * A, lambda: dtp * A)
-        f_q = self._fire(self.hook_query, C.float().repeat_interleave(rep, dim=2),
-                         lambda: C.float().repeat_interleave(rep, dim=2))
+        g_c, q_c = dtp * A, C.float().repeat_interleave(rep, dim=2)
+        # the hooks get aliases (own autograd nodes) of the clean tensors (see gated_deltanet._alias)
+        f_key = self._fire(self.hook_write_key, _alias(key), lambda: B.float().repeat_interleave(rep, dim=2))
+        f_val = self._fire(self.hook_write_value, _alias(value), lambda: dtp[..., None] * x.float())
+        f_g = self._fire(self.hook_log_decay, _alias(g_c), lambda: dtp * A)
+        f_q = self._fire(self.hook_query, _alias(q_c), lambda: C.float().repeat_interleave(rep, dim=2))
         key = f_key.original if f_key.edited else key  # the clean factors (a hook may edit in place)
         value = f_val.original if f_val.edited else value
-        g_eff, q_eff = f_g.value, f_q.value
+        g_eff = f_g.value if f_g.edited else g_c
+        q_eff = f_q.value if f_q.edited else q_c
         canonical = f_g.edited or f_q.edited  # HF's scan cannot express these: run the canonical scan
         init = a["initial_states"]
         init_c = None if init is None else init.float().transpose(-1, -2)  # HF [P, N] -> canonical [N, P]
@@ -210,6 +226,7 @@ class Mamba2Hooks(nn.Module):
             out = pure[kn.chunk](**dict(a, **{kn.x_arg: x}, dt=dt, B=B, C=C, **extra))
             y, S = out if a["return_final_states"] else (out, None)
         entries, dense_D = self._write_entries(owner, f_key, f_val, key, value, b, T)
+        write_dense = dense_D
         offset = cache_offset(self, owner, init is not None, T)
         self._functional(owner, entries, offset, b, T, key, value, dense_D)
         if owner.state_capture is not None:
@@ -228,16 +245,29 @@ class Mamba2Hooks(nn.Module):
             d_read, d_final = (dr, df) if d_read is None else (d_read + dr, d_final + df)
         if d_read is not None:
             read = read + d_read
-        f_read = self._fire(self.hook_read, read, (lambda: y.float() - skip) if d_read is None else None)
-        if d_read is None and not f_read.edited and not canonical and z is None:
-            return out
-        changed = d_read is not None or f_read.edited or canonical
-        if z is not None:  # the kernel's gate, in fp32 as the kernel computes it: (y + D x) * silu(z)
-            y_new = (((f_read.value + skip) if changed else y.float()) * F.silu(z.float())).to(y.dtype)
+        # unedited hooks: a zero-valued first-order path (scalar_decay_scan in the backward), so every hook output
+        # is on the autograd path of the logits while the scan's output stays bit for bit
+        deltas = {"q": None if f_q.edited else f_q.raw.float() - q_c, "g": None if f_g.edited else f_g.raw.float() - g_c}
+        if write_dense is None:  # otherwise the factors reach the logits through the dense write hooks
+            deltas["k"] = None if f_key.edited else f_key.raw.float() - key
+            deltas["v"] = None if f_val.edited else f_val.raw.float() - value
+        deltas = {n_: d for n_, d in deltas.items() if carries_derivative(d)}
+        if deltas:
+            read = read + _derivative_path(deltas, q_eff, g_eff, _output(f_key), _output(f_val), init_c,
+                                           a["chunk_size"], read)
+        value_changed = (d_read is not None and bool((d_read != 0).any())) or canonical
+        f_read = self._fire(self.hook_read, read, None if value_changed else (lambda: y.float() - skip))
+        if S is not None and d_final is not None and bool((d_final != 0).any()):
+            S = S + d_final.transpose(-1, -2).to(S.dtype)  # canonical [N, P] -> HF [P, N]
+        if not value_changed and not f_read.edited:  # the scan's bits; derivatives through the hooks
+            if z is None:
+                y_new = straight_through(f_read.raw + skip, y)
+            else:  # the kernel's gate, in fp32 as the kernel computes it: (y + D x) * silu(z)
+                y_new = (straight_through(f_read.raw + skip, y.float()) * F.silu(z.float())).to(y.dtype)
+        elif z is not None:
+            y_new = ((f_read.value + skip) * F.silu(z.float())).to(y.dtype)
         else:
             y_new = (f_read.value + skip).to(y.dtype)
-        if S is not None and d_final is not None:
-            S = S + d_final.transpose(-1, -2).to(S.dtype)  # canonical [N, P] -> HF [P, N]
         return (y_new, S) if a["return_final_states"] else y_new
 
     def _rows(self, entries) -> tuple[Tensor, Tensor, Tensor]:
@@ -289,7 +319,7 @@ class Mamba2Hooks(nn.Module):
         shown = out[:, :, heads].clone()
         given = out[:, :, heads]
         f = self._fire(self.hook_state, given, lambda: shown)
-        if f.replaced_differentiably(given):  # under autograd: a dense change at the captured positions
+        if f.replaced_differentiably(given) or (not f.edited and carries_derivative(f.raw)):  # under autograd: a dense change at the captured positions
             D = torch.zeros(b, T, self.n_heads, self.d_k, self.d_v)
             D[:, torch.tensor(positions)[:, None], torch.tensor(heads)[None, :]] = f.raw.float() - shown
             return D
@@ -305,7 +335,7 @@ class Mamba2Hooks(nn.Module):
         for value edits (propagated with the kernel), or, when a dense hook returned a tensor that carries
         gradient (a spliced SAE under autograd), ``dense_D [b,T,H,N,P]`` = hook output - clean write at every
         position (propagated by the differentiable torch scan; it already contains any factor edits)."""
-        new_key, new_val = f_key.value, f_val.value
+        new_key, new_val = _output(f_key), _output(f_val)
         differentiable = torch.is_grad_enabled() and ((f_key.edited and new_key.requires_grad)
                                                       or (f_val.edited and new_val.requires_grad))
         changed = None
@@ -316,12 +346,13 @@ class Mamba2Hooks(nn.Module):
             H, N, P = self.n_heads, self.d_k, self.d_v
             W = torch.einsum("bthn,bthp->bthnp", new_key, new_val)
             f_W = self._fire(self.hook_write, W, lambda: torch.einsum("bthn,bthp->bthnp", new_key, new_val))
-            flat_in = f_W.value.reshape(b, T, H * N * P)
+            flat_in = _output(f_W).reshape(b, T, H * N * P)
             f_flat = self._fire(self.hook_write_flat, flat_in,
                                 lambda: f_W.value.detach().reshape(b, T, H * N * P).clone())
             differentiable = (differentiable or f_W.replaced_differentiably(W)
-                              or f_flat.replaced_differentiably(flat_in))
-            dense = f_flat.value.reshape(b, T, H, N, P)
+                              or f_flat.replaced_differentiably(flat_in)
+                              or carries_derivative(_output(f_flat)))  # capture: the dense hooks carry gradient
+            dense = _output(f_flat).reshape(b, T, H, N, P)
             if f_W.edited or f_flat.edited:
                 ch = (dense != torch.einsum("bthn,bthp->bthnp", new_key, new_val)).any(-1).any(-1)
                 changed = ch if changed is None else changed | ch
