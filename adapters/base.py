@@ -32,7 +32,9 @@ forward and compose exactly (linearity of the state in the writes).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import logging
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Sequence
@@ -43,6 +45,8 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
 
 from ..host import SAEHostMixin
+
+_log = logging.getLogger(__name__)
 
 WriteMode = Literal["raw", "delta"]
 WRITE_MODES = ("raw", "delta")
@@ -379,6 +383,7 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         if stop_at_layer is not None:
             return self._run_until(tokens, stop_at_layer, attention_mask, hf_kwargs)
         cache_kw = self.cache_kwarg
+        hf_kwargs = self._continuation_positions(tokens, past_key_values, hf_kwargs)
         out = self.hf_model(input_ids=tokens, attention_mask=attention_mask, use_cache=use_cache,
                             **{cache_kw: past_key_values}, **hf_kwargs)
         if return_type == "hf":
@@ -424,27 +429,117 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         fire)."""
         return self.forward(tokens, stop_at_layer=layer, attention_mask=attention_mask)
 
-    def run_from_layer(self, resid: Tensor, layer: int, attention_mask: Tensor | None = None,
-                       past_key_values=None, return_hf: bool = False):
-        """Logits of the model resumed at decoder layer ``layer`` from the residual ``resid`` entering it:
-        earlier layers are skipped (swapped for pass-throughs for the call), the embedding is bypassed with
-        ``inputs_embeds``. Hooks and edits of layers ``>= layer`` apply. With ``past_key_values`` the call
-        continues a cached sequence (only the caches of layers ``>= layer`` are read and updated). Equals the
-        full forward for models whose decoder loop only threads the residual (``check_resumable``)."""
+    def resume_state(self, tokens: Tensor, layer: int, attention_mask: Tensor | None = None,
+                     check: bool = True) -> "ResumeState":
+        """What :meth:`run_from_layer` needs to rerun decoder layers ``>= layer`` on ``tokens`` ``[b, T]``
+        without rerunning the layers before it: the clean output of decoder layer ``layer - 1`` (in whatever
+        form the model's decoder loop threads it: a tensor, a tuple, a hyper-connection stream). One forward of
+        layers ``< layer`` (their hooks fire).
+
+        With ``check`` (default) the resumed clean logits of the first row are compared with the full forward;
+        if they differ (a decoder loop this resume cannot reproduce) the state falls back to the full forward
+        (``state.full``, reason in ``state.fallback_reason``; logged), so results stay exact, only slower.
+        """
+        if isinstance(tokens, Tensor) and tokens.dim() == 1:
+            tokens = tokens[None]
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+            raise ValueError(f"resume_state takes token ids [batch, pos], got {type(tokens).__name__}")
         layers = self.family.decoder_layers(self.hf_model)
         if not 0 <= layer < len(layers):
             raise ValueError(f"layer must be in [0, {len(layers)}), got {layer}")
-        saved = [layers[i] for i in range(layer)]
+        tokens = tokens.to(self.cfg.device)
+        carried = None
+        if layer > 0:
+            captured = {}
+
+            def stop(module, args, output):
+                captured["out"] = output
+                raise _StopForward
+
+            handle = layers[layer - 1].register_forward_hook(stop)
+            try:
+                self.hf_model(input_ids=tokens, attention_mask=attention_mask, use_cache=False)
+            except _StopForward:
+                pass
+            finally:
+                handle.remove()
+            carried = captured["out"]
+        state = ResumeState(layer=layer, tokens=tokens, attention_mask=attention_mask, carried=carried)
+        reason = state.unsliceable_reason()
+        if reason is None and check and layer > 0:
+            one = state.select([0])
+            with torch.no_grad():
+                full = self.hf_model(input_ids=one.tokens, attention_mask=one.attention_mask, use_cache=False).logits
+                resumed = self.run_from_layer(one)
+            err = (full - resumed).abs().max().item()
+            if not err <= 1e-5 * max(1.0, full.abs().max().item()):
+                reason = f"resumed logits differ from the full forward by {err:.2e}"
+        if reason is not None:
+            state = dataclasses.replace(state, carried=None, full=True, fallback_reason=reason)
+            _log.warning("%s model: resuming at layer %d is not exact (%s); using the full forward instead",
+                         self.cfg.family, layer, reason)
+        return state
+
+    def run_from_layer(self, state: "ResumeState", past_key_values=None, return_hf: bool = False):
+        """Logits ``[b, T, vocab]`` of the model rerun from decoder layer ``state.layer`` on (see
+        :meth:`resume_state`): the model's own forward runs on ``state.tokens`` with each earlier decoder layer
+        replaced, for the call, by a replay of the recorded output of layer ``state.layer - 1``. Embeddings,
+        masks, position ids, hyper-connection streams, shared blocks fed by the embeddings and every other part
+        of the decoder loop are the model's own, so this equals the full forward. Hooks and edits of layers
+        ``>= state.layer`` apply; edits of earlier layers cannot (they would change the replayed output).
+        With ``past_key_values`` the call continues a cached sequence (``state`` then holds the new positions
+        only: ``state.select(rows, start)``); only the caches of layers ``>= state.layer`` are advanced."""
+        if not isinstance(state, ResumeState):
+            raise TypeError(f"run_from_layer takes a ResumeState from model.resume_state(tokens, layer), got "
+                            f"{type(state).__name__}")
+        if self._pending_edits:
+            early = [e for e in self._pending_edits if e.layer < state.layer and not state.full]
+            if early:
+                raise ValueError(f"an edit at layer {early[0].layer} cannot apply in a forward resumed at layer "
+                                 f"{state.layer}; resume at layer <= {early[0].layer} or run the full forward")
+        layers = self.family.decoder_layers(self.hf_model)
+        replays = [] if state.full else [_Replay(state.carried) for _ in range(state.layer)]
+        saved = []
         try:
-            for i in range(layer):
-                layers[i] = getattr(self.family, "pass_through", _PassThrough)()
+            for i, replay in enumerate(replays):
+                saved.append(layers[i].__dict__.get("forward", _MISSING))
+                layers[i].forward = replay
             cache_kw = self.cache_kwarg
-            out = self.hf_model(inputs_embeds=resid, attention_mask=attention_mask,
-                                use_cache=past_key_values is not None, **{cache_kw: past_key_values})
+            extra = self._continuation_positions(state.tokens, past_key_values, {})
+            out = self.hf_model(input_ids=state.tokens, attention_mask=state.attention_mask,
+                                use_cache=past_key_values is not None, **{cache_kw: past_key_values}, **extra)
         finally:
-            for i, m in enumerate(saved):
-                layers[i] = m
+            for i, prev in enumerate(saved):
+                if prev is _MISSING:
+                    del layers[i].forward
+                else:
+                    layers[i].forward = prev
+        T = state.tokens.shape[1]
+        for i, replay in enumerate(replays):
+            if replay.cursor != T:
+                raise RuntimeError(f"the resumed forward ran decoder layer {i} over {replay.cursor} of the state's "
+                                   f"{T} positions; run_from_layer expects one call over all of them")
         return out if return_hf else out.logits
+
+    def _continuation_positions(self, tokens: Tensor, cache, hf_kwargs: dict) -> dict:
+        """``hf_kwargs`` plus ``position_ids = offset + arange(p)`` when a cache holding ``offset > 0`` tokens is
+        continued and the caller gave none: what most HF models compute by themselves, and what Bamba does not
+        (its default positions restart at 0 on every call, so a continued attention layer would get wrong RoPE
+        positions)."""
+        if cache is None or "position_ids" in hf_kwargs or not self._takes_position_ids:
+            return hf_kwargs
+        try:
+            offset = int(cache.get_seq_length())
+        except (AttributeError, TypeError, ValueError):
+            return hf_kwargs
+        if offset <= 0:
+            return hf_kwargs
+        pos = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)[None].expand(tokens.shape[0], -1)
+        return {**hf_kwargs, "position_ids": pos}
+
+    @functools.cached_property
+    def _takes_position_ids(self) -> bool:
+        return "position_ids" in inspect.signature(self.hf_model.forward).parameters
 
     @functools.cached_property
     def cache_kwarg(self) -> str:
@@ -462,15 +557,12 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
                 return cache
         return None
 
-    def check_resumable(self, tokens: Tensor, layer: int, atol: float = 1e-5) -> None:
-        """Raise unless ``run_from_layer(residual_before(tokens, layer), layer)`` reproduces the logits."""
-        with torch.no_grad():
-            full = self.forward(tokens)
-            resumed = self.run_from_layer(self.residual_before(tokens, layer), layer)
-        err = (full - resumed).abs().max().item()
-        if err > atol:
-            raise RuntimeError(f"this {self.cfg.family} model cannot be resumed at layer {layer} from its residual "
-                               f"stream (max |logit diff| {err:.2e}); use the full-forward path")
+    def check_resumable(self, tokens: Tensor, layer: int) -> None:
+        """Raise unless resuming at ``layer`` reproduces the full forward on ``tokens`` without falling back."""
+        state = self.resume_state(tokens, layer)
+        if state.full:
+            raise RuntimeError(f"this {self.cfg.family} model cannot be resumed exactly at layer {layer}: "
+                               f"{state.fallback_reason}")
 
     def generate(self, input, max_new_tokens: int = 20, do_sample: bool = False, **kwargs) -> Tensor:
         """Greedy (default) generation through the HF ``generate`` with every hook and edit active."""
@@ -566,11 +658,91 @@ class _StopForward(Exception):
     pass
 
 
-class _PassThrough(nn.Module):
-    """Stands in for a skipped decoder layer: returns the hidden states it is given."""
+_MISSING = object()
 
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
+
+def _map_tensors(obj, fn):
+    """``obj`` with ``fn`` applied to every tensor in it (tensors, tuples, lists, dicts; other leaves kept)."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, _map_tensors(v, fn)) for k, v in obj.items())
+    return obj
+
+
+def _tensors(obj) -> list[Tensor]:
+    found: list[Tensor] = []
+    _map_tensors(obj, lambda t: found.append(t) or t)
+    return found
+
+
+class _Replay:
+    """Stands in for a skipped decoder layer's ``forward``: returns the recorded output of the layer before the
+    resume point, for the positions of this call (a cursor advances by each call's length, so wrappers that run
+    a continuation one token at a time get one position per call)."""
+
+    def __init__(self, carried):
+        self.carried, self.cursor = carried, 0
+
+    def __call__(self, *args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim() >= 2), None)
+        if first is None:
+            raise RuntimeError("a replayed decoder layer was called without a [batch, pos, ...] tensor input")
+        n = first.shape[1]
+        start, self.cursor = self.cursor, self.cursor + n
+        return _map_tensors(self.carried, lambda t: t[:, start:start + n])
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """The clean run of a batch up to a decoder layer, from :meth:`HookedRecurrentModel.resume_state`.
+
+    ``tokens`` ``[b, T]`` (the embeddings are recomputed from them: cheap, and exact for models that feed the
+    embeddings to later layers); ``carried``: the output of decoder layer ``layer - 1`` as the model returns it
+    (every tensor in it ``[b, T, ...]``), None at layer 0; ``full``: no exact resume, the full forward runs.
+    """
+
+    layer: int
+    tokens: Tensor
+    attention_mask: Tensor | None = None
+    carried: Any = None
+    full: bool = False
+    fallback_reason: str | None = None
+
+    def unsliceable_reason(self) -> str | None:
+        b, T = self.tokens.shape
+        for t in _tensors(self.carried):
+            if t.dim() < 2 or tuple(t.shape[:2]) != (b, T):
+                return (f"decoder layer {self.layer - 1} returns a tensor of shape {list(t.shape)}, not "
+                        f"[batch={b}, pos={T}, ...]")
+        return None
+
+    def _rows_cols(self, rows, start: int) -> "ResumeState":
+        b, T = self.tokens.shape
+        if not 0 <= start < T:
+            raise ValueError(f"start must be in [0, {T}), got {start}")
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.tokens.device)
+        if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < b):
+            raise ValueError(f"rows must index the state's {b} rows, got {idx.tolist()}")
+        mask = None if self.attention_mask is None else self.attention_mask.index_select(0, idx.to(
+            self.attention_mask.device))
+        carried = _map_tensors(self.carried, lambda t: t.index_select(0, idx.to(t.device))[:, start:])
+        return dataclasses.replace(self, tokens=self.tokens.index_select(0, idx)[:, start:], attention_mask=mask,
+                                   carried=carried)
+
+    def select(self, rows: Sequence[int] | Tensor | None = None, start: int = 0) -> "ResumeState":
+        """The state of rows ``rows`` (default all, in that order, repeats allowed) from position ``start`` on
+        (to continue a cache that holds the first ``start`` tokens; the attention mask keeps all positions, as
+        HF expects with a cache)."""
+        rows = range(self.tokens.shape[0]) if rows is None else rows
+        return self._rows_cols(rows, start)
+
+    def repeat(self, n: int) -> "ResumeState":
+        """``n`` copies of the batch stacked as rows (row ``j * b + r`` is row ``r``), like ``Tensor.repeat``."""
+        b = self.tokens.shape[0]
+        return self._rows_cols([r for _ in range(n) for r in range(b)], 0)
 
 
 def _slice_positions(cache, pos_slice, axis: int):

@@ -215,13 +215,6 @@ class _Given(nn.Module):
         return self.value
 
 
-class _BlockPassThrough(nn.Module):
-    """Stands in for a skipped mamba-ssm block: passes ``(hidden_states, residual)`` on unchanged."""
-
-    def forward(self, hidden_states, residual=None, *args, **kwargs):
-        return hidden_states, residual
-
-
 def _stream(out) -> Tensor:
     """The residual stream after a mamba-ssm block, ``hidden_states + residual`` (the add is deferred to the
     next block's fused add-norm)."""
@@ -233,7 +226,6 @@ class MambaSSMFamily(Mamba2FamilyBase):
     """Finds the ``Mamba2`` mixers of a mamba-ssm model (``backbone.layers[i].mixer``) and builds their hooks."""
 
     name = "mamba_ssm"
-    pass_through = _BlockPassThrough
 
     @staticmethod
     def dims(mixer: nn.Module) -> tuple[int, int, int, int]:

@@ -166,11 +166,25 @@ def test_resume_at_a_layer_and_stop_before_the_final_norm(ids):
     mamba = tiny_mamba_ssm()
     model = hook_model(mamba)
     seen = {}
-    mamba.backbone.norm_f.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    handle = mamba.backbone.norm_f.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         logits = model(ids)
+    handle.remove()
+    with torch.no_grad():
         for layer in (0, 1):
-            model.check_resumable(ids, layer, atol=1e-6)
+            model.check_resumable(ids, layer)
+            edit = WriteEdit(layer=layer, pos=5, head=1, batch=0, key=torch.randn(model.cfg.d_k, generator=g),
+                             value=torch.randn(model.cfg.d_v, generator=g))
+            state = model.resume_state(ids, layer)
+            with model.edits([edit]):
+                resumed = model.run_from_layer(state)
+            torch.testing.assert_close(resumed, model.run_with_edits(ids, [edit]), rtol=0, atol=1e-6)
+            # continuing a cache runs one token per call here: the replay follows call by call
+            out = model(ids[:1, :5], return_type="hf", use_cache=True)
+            with model.edits([edit]):
+                cont = model.run_from_layer(state.select([0], start=5), past_key_values=model.cache_of(out))
+            torch.testing.assert_close(cont[0], model.run_with_edits(ids[:1], [edit])[0, 5:], rtol=0, atol=2e-5)
         final = model(ids, stop_at_layer=2)
     assert torch.equal(final, seen["x"].float())
     assert logits.shape == (2, 19, 104)

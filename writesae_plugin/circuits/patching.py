@@ -7,7 +7,7 @@ exactly as an edit of ``hook_write`` does. Patching an atom ``i`` of a WriteSAE 
 write at ``pos``); patching the SAE's error node adds ``e^clean - e^corr`` with ``e = X - SAE(X)``.
 
 Speed: layers below the patched one are identical to the corrupted run, so each layer's patches resume
-from the corrupted residual entering it (``run_from_layer``), many patches as rows of one batch, each edit
+from the corrupted run's output of the layer before it (``run_from_layer``), many patches as rows of one batch, each edit
 one extra kernel call for all rows. ``transformer_lens.patching.generic_activation_patch`` runs unchanged
 on the same hooks (``activation_name="write"`` with ``materialize_writes``, or ``"write_value"``; use
 :func:`write_patch_index` as its ``index_df`` on hybrids whose attention layers have no write).
@@ -97,12 +97,13 @@ def _check_pair(clean: Tensor, corrupted: Tensor) -> None:
 
 @torch.no_grad()
 def run_edit_rows(model, tokens: Tensor, layer: int, patches: list[list[WriteEdit]], metric: Metric,
-                  max_rows: int = 64, resid: Tensor | None = None) -> list[Tensor]:
+                  max_rows: int = 64, state=None) -> list[Tensor]:
     """``metric`` of the run on ``tokens`` ``[B, T]`` under each list of edits in ``patches`` (all at layers
-    ``>= layer``; ``batch`` of each edit indexes ``tokens``' rows), as ``_value`` tensors. The run resumes at ``layer`` from the
-    residual entering it; patches are stacked as rows (``B`` rows each), ``max_rows`` rows per forward."""
+    ``>= layer``; ``batch`` of each edit indexes ``tokens``' rows), as ``_value`` tensors. The run resumes at ``layer``
+    (``model.resume_state``, or ``state`` if given); patches are stacked as rows (``B`` rows each), ``max_rows`` rows
+    per forward."""
     B = tokens.shape[0]
-    resid = model.residual_before(tokens, layer) if resid is None else resid
+    state = model.resume_state(tokens, layer) if state is None else state
     per_call = max(1, max_rows // B)
     values = []
     for s in range(0, len(patches), per_call):
@@ -114,7 +115,7 @@ def run_edit_rows(model, tokens: Tensor, layer: int, patches: list[list[WriteEdi
                 edits += [WriteEdit(layer=e.layer, pos=e.pos, head=e.head, op=e.op, key=e.key, value=e.value,
                                     matrix=e.matrix, batch=j * B + r, mode=e.mode) for r in rows]
         with model.edits(edits):
-            logits = model.run_from_layer(resid.repeat(len(group), 1, 1), layer)
+            logits = model.run_from_layer(state.repeat(len(group)))
         values += [_value(metric(logits[j * B:(j + 1) * B])) for j in range(len(group))]
     return values
 

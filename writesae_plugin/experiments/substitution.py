@@ -227,9 +227,8 @@ def run_substitution(model, sae, tokens: Tensor, cfg: SubstitutionConfig | None 
     _check(model, sae)
     firings, jobs = _plan(model, sae, tokens, cfg)
     L = sae.cfg.layer
-    model.check_resumable(tokens[:1], L)
     clean = model(tokens)
-    resid = model.residual_before(tokens, L)  # the suffix of layers < L is the same for every condition
+    state = model.resume_state(tokens, L)  # layers < L are the same for every condition: run them once
     by_firing: dict[int, list] = {}
     for job in jobs:
         by_firing.setdefault(job[0], []).append(job)
@@ -249,10 +248,10 @@ def run_substitution(model, sae, tokens: Tensor, cfg: SubstitutionConfig | None 
             group = by_firing[fi]
             rows = copy.deepcopy(cache)
             rows.reorder_cache(torch.zeros(len(group), dtype=torch.long, device=tokens.device))
-            suffix = resid[f.context:f.context + 1, f.pos:].expand(len(group), -1, -1)
+            suffix = state.select([f.context] * len(group), start=f.pos)
             edits = [_edit(sae, f, A, r, cfg.write_mode) for r, (_, _, A, _, _) in enumerate(group)]
             with model.edits(edits):
-                logits = model.run_from_layer(suffix, L, past_key_values=rows)
+                logits = model.run_from_layer(suffix, past_key_values=rows)
             for r, (_, cond, _, wn, an) in enumerate(group):
                 records.append({"firing": fi, "context": f.context, "pos": f.pos, "atom": f.atom, "act": f.act,
                                 "condition": cond, "write_norm": wn, "replacement_norm": an,
