@@ -124,3 +124,23 @@ def test_resume_refuses_what_it_cannot_do():
         state.select([3])
     with pytest.raises(ValueError, match="start must be in"):
         state.select(start=8)
+
+
+def test_selfcheck_covers_the_resumed_and_cached_paths_and_catches_a_broken_one(monkeypatch):
+    """``writesae hooks`` says "all checks passed" only if the paths the commands use are exact: with Bamba's
+    continuation positions broken again (its default RoPE positions restart at 0 on a continued call), the
+    self-check fails on exactly those rows."""
+    from writesae_plugin.selfcheck import run_selfcheck
+
+    model = _model("mamba2", "bamba")
+    tokens = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    result = run_selfcheck(model, tokens, repeats=1)
+    names = [r.name for r in result.results]
+    for layer in model.cfg.recurrent_layers:
+        assert f"layer {layer}: resumed forward + edit vs full forward" in names
+        assert f"layer {layer}: cached prefix + resumed suffix + edit vs full" in names
+    assert result.ok, result.table()
+    monkeypatch.setattr(type(model), "_continuation_positions", lambda self, tokens, cache, kw: kw)
+    broken = run_selfcheck(model, tokens, repeats=1)
+    failed = {r.name for r in broken.results if not r.ok}
+    assert failed and all("cached prefix" in n for n in failed), broken.table()

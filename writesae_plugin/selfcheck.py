@@ -1,4 +1,5 @@
-"""Self-check of the write hooks on a model: inventory, bit-identity, reference parity, exact edits, timing.
+"""Self-check of the write hooks on a model: inventory, bit-identity, reference parity, exact edits, the
+resumed and cached paths the experiment commands use, timing.
 
 Every number is measured on the given model and tokens; nothing is assumed.
 """
@@ -9,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
+import copy
 
 from .adapters import HookedRecurrentModel, WriteEdit
 from .adapters.reference import gated_deltanet_reference
@@ -94,9 +97,39 @@ def run_selfcheck(model: HookedRecurrentModel, tokens: torch.Tensor, repeats: in
                                        (ref - edited[p + "hook_read"]).abs().max().item(), 1e-5))
         out.results.append(CheckResult("edit: change before the edited position", (
             edited[p + "hook_read"][:, :pos] - cache[p + "hook_read"][:, :pos]).abs().max().item(), 0.0))
+        _check_resume_paths(model, tokens, out)
         t_plain = _median_time(lambda: hf(input_ids=tokens), repeats)
         t_wrap = _median_time(lambda: model(tokens), repeats)
         t_edit = _median_time(lambda: model.run_with_edits(tokens, [edit]), repeats)
         out.results.append(CheckResult("time: hooked (no hooks attached) / plain HF", t_wrap / t_plain, None))
         out.results.append(CheckResult("time: one exact edit / clean hooked forward", t_edit / t_wrap, None))
     return out
+
+
+def _check_resume_paths(model: HookedRecurrentModel, tokens: torch.Tensor, out: SelfCheck) -> None:
+    """The fast paths of ``substitute`` / ``patch`` / ``install`` against the full forward with the same edit, at
+    every recurrent layer: a forward resumed at the layer (``run_from_layer``), a clean prefix cache continued
+    from the edited position by a resumed forward (the substitution path), and a cache continued by the plain
+    forward (decode / generation)."""
+    b, T = tokens.shape
+    pos = T // 2
+    g = torch.Generator().manual_seed(1)
+    for layer in model.cfg.recurrent_layers:
+        edit = WriteEdit(layer=layer, pos=pos, head=0, batch=0, key=torch.randn(model.cfg.d_k, generator=g),
+                         value=torch.randn(model.cfg.d_v, generator=g))
+        full = model.run_with_edits(tokens, [edit])
+        state = model.resume_state(tokens, layer)
+        with model.edits([edit]):
+            resumed = model.run_from_layer(state)
+        detail = "" if not state.full else f"(falls back to the full forward: {state.fallback_reason})"
+        out.results.append(CheckResult(f"layer {layer}: resumed forward + edit vs full forward",
+                                       (resumed - full).abs().max().item(), 1e-5, detail))
+        prefix = model.cache_of(model(tokens[:1, :pos], return_type="hf", use_cache=True))
+        with model.edits([edit]):
+            cont = model.run_from_layer(state.select([0], start=pos), past_key_values=copy.deepcopy(prefix))
+        out.results.append(CheckResult(f"layer {layer}: cached prefix + resumed suffix + edit vs full",
+                                       (cont[0] - full[0, pos:]).abs().max().item(), 1e-5))
+        with model.edits([edit]):
+            step = model(tokens[:1, pos:], past_key_values=prefix)
+        out.results.append(CheckResult(f"layer {layer}: cached prefix + continued forward + edit vs full",
+                                       (step[0] - full[0, pos:]).abs().max().item(), 1e-5))
