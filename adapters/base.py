@@ -362,6 +362,7 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
 
     def _forward(self, input, return_type, loss_per_token, prepend_bos, stop_at_layer, attention_mask,
                  past_key_values, use_cache, padding_side, **hf_kwargs):
+        self._check_hf_kwargs(hf_kwargs)
         if return_type not in ("logits", "loss", "both", "hf", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both', 'hf' or None, got {return_type!r}")
         if isinstance(input, (str, list)):
@@ -536,6 +537,30 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
             return hf_kwargs
         pos = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)[None].expand(tokens.shape[0], -1)
         return {**hf_kwargs, "position_ids": pos}
+
+    def _check_hf_kwargs(self, hf_kwargs: dict) -> None:
+        """Raise ``TypeError`` for keyword arguments the HF forward does not take (HF models accept ``**kwargs``
+        and drop unknown ones, so e.g. ``use_error_term`` passed to ``run_with_hooks_with_saes`` would silently
+        do nothing; TransformerLens' ``HookedSAETransformer`` raises here too)."""
+        unknown = sorted(set(hf_kwargs) - self._hf_forward_kwargs)
+        if unknown:
+            raise TypeError(f"forward() got unexpected keyword argument(s) {unknown}: neither this hooked model nor "
+                            f"the {type(self.hf_model).__name__} forward takes them (SAE options such as "
+                            "use_error_term belong to add_sae / saes())")
+
+    @functools.cached_property
+    def _hf_forward_kwargs(self) -> frozenset:
+        """Keyword names the HF forward takes: its named parameters plus transformers' ``TransformersKwargs``."""
+        params = inspect.signature(self.hf_model.forward).parameters
+        names = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            try:
+                from transformers.utils.generic import TransformersKwargs
+
+                names |= set(TransformersKwargs.__annotations__)
+            except ImportError:  # pragma: no cover - older transformers
+                pass
+        return frozenset(names)
 
     @functools.cached_property
     def _takes_position_ids(self) -> bool:
