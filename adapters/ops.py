@@ -226,7 +226,7 @@ def delta_rule_scan(query: Tensor, write_key: Tensor, write_value: Tensor, key: 
     ``beta [b,T,H]``, ``log_decay [b,T,H]``. Returns ``(read [b,T,H,d_v], final [b,H,d_k,d_v])`` in fp32;
     nothing of size ``T x d_k x d_v`` is formed. With ``write_key = key``, ``write_value = beta v`` it is the
     model's kernel. Per chunk, with ``d_s = exp(g_s) S_{s-1}^T k_s`` the recurrence is a scalar-decay one with
-    the writes ``kw wv^T - beta k d^T``, and ``d`` solves a unit lower-triangular system (MATH.md 5.4)."""
+    the writes ``kw wv^T - beta k d^T``, and ``d`` solves a unit lower-triangular system (docs/method.md 6.4)."""
     from .scalar_decay import _decay_matrix
 
     if write_key.dim() == 4:
