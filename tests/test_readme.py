@@ -337,3 +337,18 @@ def test_delta_writes_are_marked_gated_deltanet_only():
         if re.search(r'write_mode="delta"|--write-mode delta|delta writes', line):
             near = " ".join(lines[max(0, i - 2): i + 3])
             assert "Gated DeltaNet" in near, f"README line {i + 1}: delta writes without 'Gated DeltaNet only'"
+
+
+def test_nothing_cites_the_team_spec_users_do_not_have():
+    """The method document users get is docs/method.md; the team's working spec is not in the repository or
+    the package, so no source, test, notebook or doc may point at it."""
+    banned = ("MATH" + ".md", "shared/" + "docs")
+    skip = {".venv", ".git", "build", "dist", "writesae_results", "results", "__pycache__", "node_modules"}
+    hits = []
+    for dirpath, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in skip and not d.endswith(".egg-info")]
+        for name in files:
+            if Path(name).suffix in {".py", ".md", ".ipynb", ".toml", ".sh", ".cfg", ".txt"}:
+                text = Path(dirpath, name).read_text(errors="replace")
+                hits += [f"{Path(dirpath, name).relative_to(ROOT)}: {b}" for b in banned if b in text]
+    assert not hits, f"cite docs/method.md instead: {hits}"
