@@ -7,6 +7,7 @@ factors, for ``input_layout="factors"``).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
@@ -154,6 +155,10 @@ class ActivationProvider(Iterator[Tensor]):
     ``normalize=True`` multiplies every matrix by one constant ``scale`` (estimated on the first buffer so
     that the mean Frobenius norm is ``sqrt(d_in)``, as SAELens' ``expected_average_only_in``); factors are
     each multiplied by ``sqrt(scale)``. ``train_write_sae`` folds ``scale`` back into the SAE.
+
+    ``state_dict()`` / ``load_state_dict()`` save and restore the stream's position (contexts consumed and a hash
+    of them, the shuffle buffer, the RNG, the scale): a fresh provider over the same contexts, loaded with a saved
+    state, yields exactly the batches the saved one would have yielded next.
     """
 
     def __init__(self, model: HookedRecurrentModel, contexts: Iterable[Tensor], spec: SiteSpec,
@@ -172,6 +177,9 @@ class ActivationProvider(Iterator[Tensor]):
         self.samples_seen = 0
         self.normalize = normalize
         self.scale: float = 1.0
+        self.scale_set = False  # estimated on the first buffer, or restored from a checkpoint
+        self.contexts_consumed = 0
+        self._digest = hashlib.sha256()
 
     def matrix_norms(self, x: Tensor) -> Tensor:
         cfg = self.model.cfg
@@ -190,7 +198,7 @@ class ActivationProvider(Iterator[Tensor]):
             batch = []
             for _ in range(self.forward_batch):
                 try:
-                    batch.append(next(self.contexts))
+                    batch.append(self._next_context())
                 except StopIteration:
                     self.exhausted = True
                     break
@@ -204,16 +212,58 @@ class ActivationProvider(Iterator[Tensor]):
             have += acts.shape[0]
         if chunks:
             buf = torch.cat(chunks)
-            if self.normalize and self.buffer is None:
+            if self.normalize and not self.scale_set:
                 d_in = self.model.cfg.d_k * self.model.cfg.d_v
                 mean_norm = self.matrix_norms(buf).mean().item()
                 if mean_norm <= 0:
                     raise ValueError("all activations are zero; cannot normalise")
                 self.scale = d_in ** 0.5 / mean_norm
+                self.scale_set = True
                 buf = self.apply_scale(buf)
             elif self.normalize:
-                buf = torch.cat([chunks[0], self.apply_scale(torch.cat(chunks[1:]))]) if len(chunks) > 1 else buf
+                n_old = 0 if self.buffer is None else 1  # the buffer's rows are already scaled
+                if len(chunks) > n_old:
+                    buf = torch.cat(chunks[:n_old] + [self.apply_scale(torch.cat(chunks[n_old:]))])
             self.buffer = buf[torch.randperm(buf.shape[0], generator=self.generator)]
+
+    def _next_context(self) -> Tensor:
+        ctx = next(self.contexts)
+        self.contexts_consumed += 1
+        self._digest.update(torch.as_tensor(ctx).to(torch.int64).cpu().numpy().tobytes())
+        return ctx
+
+    def state_dict(self) -> dict:
+        """The stream's position: JSON-able values plus the tensors ``buffer`` and ``generator``."""
+        return {"contexts_consumed": self.contexts_consumed, "contexts_sha256": self._digest.hexdigest(),
+                "samples_seen": self.samples_seen, "exhausted": self.exhausted, "normalize": self.normalize,
+                "scale": self.scale, "scale_set": self.scale_set,
+                "buffer": None if self.buffer is None else self.buffer.detach().cpu(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` left off: skip the contexts it consumed (checking they are the same ones),
+        restore its buffer, RNG and scale (never re-estimated)."""
+        if self.contexts_consumed or self.buffer is not None:
+            raise RuntimeError("load_state_dict needs a fresh ActivationProvider (this one has already streamed)")
+        if bool(state["normalize"]) != self.normalize:
+            raise ValueError(f"the saved stream was {'' if state['normalize'] else 'not '}normalised, this provider "
+                             f"is {'' if self.normalize else 'not '}(normalize={self.normalize})")
+        n = int(state["contexts_consumed"])
+        for i in range(n):
+            try:
+                self._next_context()
+            except StopIteration:
+                raise ValueError(f"the context stream ended after {i} contexts, but the saved stream had consumed "
+                                 f"{n}; resume with the same dataset, context length and validation split") from None
+        if self._digest.hexdigest() != state["contexts_sha256"]:
+            raise ValueError(f"the first {n} contexts of this stream differ from the ones the saved stream consumed; "
+                             "resume with the same dataset, context length and validation split")
+        self.samples_seen = int(state["samples_seen"])
+        self.exhausted = bool(state["exhausted"])
+        self.scale, self.scale_set = float(state["scale"]), bool(state["scale_set"])
+        buf = state.get("buffer")
+        self.buffer = None if buf is None else buf.to(self.device)
+        self.generator.set_state(state["generator"])
 
     def __next__(self) -> Tensor:
         if self.buffer is None or self.buffer.shape[0] < self.capacity // 2:

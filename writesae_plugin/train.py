@@ -1,21 +1,32 @@
 """Train a WriteSAE on a hooked model with SAELens' ``SAETrainer``: validation, checkpoints, resume.
 
-Output directory: ``final/`` (the inference SAE: ``SAE.load_from_disk(out/"final")``), ``checkpoints/``
-(SAELens training checkpoints, usable with ``resume_from``), ``validation.jsonl`` (FVU, L0, dead fraction
-per validation) and ``train_config.json``.
+Output directory: ``final/`` (the inference SAE: ``SAE.load_from_disk(out/"final")``), ``checkpoints/<samples>/``
+(each one an SAE in real units that ``SAE.load_from_disk`` loads, plus everything ``resume_from`` needs; layout
+in ``checkpoints.py``), ``validation.jsonl`` (FVU, L0, dead fraction per validation) and ``train_config.json``.
+
+Every file is written through a temporary file or directory and renamed into place, so a kill or a full disk
+leaves the previous complete state. A resumed run continues the data stream where the checkpoint left it, with
+the checkpoint's input scale, and refuses a checkpoint of another run (model, site, SAE, schedule, data).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.sae_trainer import SAETrainer
 
+from .checkpoints import (CheckpointError, OutputDirError, atomic_dir, atomic_write_text, check_identity,
+                          prepare_output, write_manifest)
 from .sae import TrainingWriteSAE, WriteSAETrainingConfig
 
 
@@ -56,14 +67,26 @@ def evaluate_sae(sae, batches: list[torch.Tensor], layout: str = "dense", input_
 
 
 class WriteSAETrainer(SAETrainer):
-    """``SAETrainer`` plus periodic validation written to ``validation.jsonl`` and the progress bar."""
+    """``SAETrainer`` plus periodic validation (``validation.jsonl``), atomic self-contained checkpoints and an
+    exact resume (weights, optimizer, schedule, dead-atom counters, input scale and data stream)."""
 
     def __init__(self, *args, val_batches: list[torch.Tensor] | None = None, val_every: int = 0,
-                 log_path: Path | None = None, layout: str = "dense", **kwargs):
+                 log_path: Path | None = None, layout: str = "dense", identity: dict | None = None,
+                 stream=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.val_batches, self.val_every, self.log_path, self.layout = val_batches or [], val_every, log_path, layout
         self.history: list[dict[str, Any]] = []
         self.input_scale = 1.0  # the provider's normalisation while the SAE works in scaled units
+        self.identity = identity or {}
+        self.stream = self.data_provider if stream is None else stream  # the provider whose position is saved
+
+    @property
+    def normalized(self) -> bool:
+        return bool(getattr(self.stream, "normalize", False))
+
+    def _write_log(self) -> None:
+        if self.log_path is not None:
+            atomic_write_text(self.log_path, "".join(json.dumps(row) + "\n" for row in self.history))
 
     def validate(self) -> dict[str, Any]:
         was_training = self.sae.training
@@ -72,9 +95,7 @@ class WriteSAETrainer(SAETrainer):
         self.sae.train(was_training)
         row = {"step": self.n_training_steps, "samples": self.n_training_samples, **asdict(m)}
         self.history.append(row)
-        if self.log_path is not None:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        self._write_log()
         return row
 
     def step(self, batch):
@@ -82,6 +103,137 @@ class WriteSAETrainer(SAETrainer):
         if self.val_every and self.val_batches and (self.n_training_steps + 1) % self.val_every == 0:
             self.validate()
         return out
+
+    # ------------------------------------------------------------------ checkpoints
+    @torch.no_grad()
+    def _checkpoint_if_needed(self):
+        # called inside fit's loop after a step and before n_training_steps counts it
+        if self.checkpoint_thresholds and self.n_training_samples > self.checkpoint_thresholds[0]:
+            self.checkpoint_thresholds.pop(0)
+            self.save_checkpoint(str(self.n_training_samples), completed_steps=self.n_training_steps + 1)
+
+    def export_inference_sae(self) -> TrainingWriteSAE:
+        """A copy of the SAE as the final one would be saved now: unit-norm atoms, input scale folded (it reads
+        and reconstructs the site's real units)."""
+        export = copy.deepcopy(self.sae)
+        export.normalize_decoder()
+        if self.normalized:
+            export.fold_activation_norm_scaling_factor(self.input_scale)
+            export.cfg.metadata.input_scale_folded = self.input_scale
+        return export
+
+    @torch.no_grad()
+    def save_checkpoint(self, checkpoint_name: str, base_path: Path | str | None = None,
+                        wandb_aliases: list[str] | None = None, completed_steps: int | None = None) -> None:
+        base = Path(base_path if base_path is not None else self.cfg.checkpoint_path)
+        final = base / checkpoint_name
+        try:
+            with atomic_dir(final) as tmp:
+                self.export_inference_sae().save_inference_model(tmp)
+                self.sae.save_model(tmp / "training_sae")
+                save_file({"sparsity": self.log_feature_sparsity.contiguous()}, tmp / "sparsity.safetensors")
+                self.save_trainer_state(tmp)  # SAELens' trainer_state.pt (+ its own, unused, scaler file)
+                ActivationScaler(scaling_factor=self.input_scale if self.normalized else None).save(
+                    str(tmp / "activation_scaler.json"))
+                self._save_stream(tmp)
+                (tmp / "run.json").write_text(json.dumps({
+                    "identity": self.identity, "n_training_samples": self.n_training_samples,
+                    "completed_steps": self.n_training_steps if completed_steps is None else completed_steps,
+                    "checkpoint_thresholds": list(self.checkpoint_thresholds), "validation": self.history,
+                }, indent=1, default=str))
+                write_manifest(tmp, n_training_samples=self.n_training_samples)
+        except OSError as e:
+            raise OutputDirError(f"writing checkpoint {final} failed ({e.strerror or e}); nothing torn was left, "
+                                 f"resume with --resume latest from the last complete checkpoint") from e
+        if self.save_checkpoint_fn is not None:
+            self.save_checkpoint_fn(checkpoint_path=final)
+
+    def _save_stream(self, tmp: Path) -> None:
+        if not hasattr(self.stream, "state_dict"):
+            (tmp / "data_state.json").write_text(json.dumps({"stateful": False,
+                                                             "samples": self.n_training_samples}))
+            return
+        state = dict(self.stream.state_dict())
+        tensors = {k: state.pop(k) for k in ("buffer", "generator")}
+        save_file({k: v.contiguous().clone() for k, v in tensors.items() if v is not None},
+                  tmp / "data_state.safetensors")
+        (tmp / "data_state.json").write_text(json.dumps({"stateful": True, **state}, default=str))
+
+    def resume(self, ckpt: Path, run: dict) -> None:
+        """Restore weights, trainer state, input scale, data stream position and validation history."""
+        ckpt = Path(ckpt)
+        self.sae.load_weights_from_checkpoint(ckpt / "training_sae")
+        self.load_trainer_state(ckpt)
+        self.activation_scaler = ActivationScaler()  # the provider applies the scale, the trainer must not again
+        self.n_training_steps = int(run["completed_steps"])
+        self.checkpoint_thresholds = list(run["checkpoint_thresholds"])
+        scale = json.loads((ckpt / "activation_scaler.json").read_text())["scaling_factor"]
+        data = json.loads((ckpt / "data_state.json").read_text())
+        if data.get("stateful"):
+            if not hasattr(self.stream, "load_state_dict"):
+                raise CheckpointError(f"{ckpt} saved a data stream position that this provider cannot restore "
+                                      f"({type(self.stream).__name__} has no load_state_dict)")
+            tensors = load_file(ckpt / "data_state.safetensors")
+            state = {**data, "buffer": tensors.get("buffer"), "generator": tensors["generator"]}
+            if self.normalized and (scale is None or abs(float(state["scale"]) - scale) > 1e-12 * abs(scale)):
+                raise CheckpointError(f"{ckpt}: data_state.json and activation_scaler.json disagree on the scale")
+            try:
+                self.stream.load_state_dict(state)
+            except ValueError as e:
+                raise CheckpointError(f"cannot continue the data stream of {ckpt}: {e}") from None
+        else:  # a stream without a saved position: skip the samples the checkpoint consumed
+            if self.normalized:
+                raise CheckpointError(f"{ckpt}: a normalised stream needs a provider with load_state_dict to restore "
+                                      "its scale")
+            seen = 0
+            while seen < int(data["samples"]):
+                seen += next(self.data_provider).shape[0]
+        self.input_scale = float(scale) if self.normalized else 1.0
+        self.history = [dict(row) for row in run.get("validation", [])]
+        self._write_log()  # the log as it was at the checkpoint: rows of a killed run past it are gone
+
+
+def model_fingerprint(hf_model) -> str:
+    """A hash of a model's config and a strided sample of every parameter (cheap; tells models apart)."""
+    h = hashlib.sha256()
+    conf = {k: v for k, v in hf_model.config.to_dict().items()
+            if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
+    h.update(json.dumps(conf, sort_keys=True, default=str).encode())
+    for name, p in sorted(hf_model.named_parameters(), key=lambda t: t[0]):
+        flat = p.detach().reshape(-1)
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_identity(cfg: WriteSAETrainingConfig, provider, **schedule) -> dict:
+    """What a run is, for refusing to resume a checkpoint into another one (JSON values)."""
+    ident = {name: getattr(cfg, name) for name in (
+        "d_in", "d_sae", "d_k", "d_v", "k", "encoder", "encoder_rank", "decoder_rank", "activation", "site", "head",
+        "n_heads", "family", "layer", "write_mode", "input_layout", "aux_k", "aux_loss_coefficient",
+        "resample_every", "topk_threshold_lr", "jumprelu_bandwidth", "jumprelu_init_threshold", "l0_coefficient",
+        "normalize_activations")}
+    ident["architecture"] = cfg.architecture()
+    ident["hook_name"] = cfg.metadata.hook_name
+    ident["normalize"] = bool(getattr(provider, "normalize", False))
+    spec = getattr(provider, "spec", None)
+    if spec is not None:
+        ident.update(positions=spec.positions, layers=spec.layer, heads=spec.heads, skip_first=spec.skip_first)
+    hf = getattr(getattr(provider, "model", None), "hf_model", None)
+    if hf is not None:
+        ident["model"] = model_fingerprint(hf)
+    ident.update(schedule)
+    return json.loads(json.dumps(ident, default=str))
+
+
+def _check_free_space(out: Path, sae: TrainingWriteSAE, provider, n_checkpoints: int) -> None:
+    weights = sum(p.numel() * p.element_size() for p in sae.parameters())
+    buffer = getattr(provider, "capacity", 0) * sae.cfg.d_in * 4
+    need = n_checkpoints * (4 * weights + buffer) + weights  # checkpoints (inference + training + Adam) + final
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise OutputDirError(f"{out}: about {need / 1e6:.0f} MB are needed for {n_checkpoints} checkpoint(s) and the "
+                             f"final SAE, {free / 1e6:.0f} MB are free")
 
 
 def train_write_sae(cfg: WriteSAETrainingConfig, provider, out_dir: str | Path, *, total_samples: int,
@@ -92,16 +244,25 @@ def train_write_sae(cfg: WriteSAETrainingConfig, provider, out_dir: str | Path, 
     """Train, validate and save; returns the training SAE and the validation history.
 
     The schedule follows the paper (Adam, warm-up, cosine decay to ``lr_end``, default ``lr / 10``).
+    ``resume_from``: a checkpoint directory, or ``"latest"`` (the newest complete one under ``out/checkpoints``).
+    A resumed run continues ``provider`` where the checkpoint left it: pass a fresh provider over the same
+    contexts (it skips those the checkpoint consumed), and the run ends with the SAE an uninterrupted run gives.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if total_samples < batch_size:
         raise ValueError(f"total_samples ({total_samples}) must be at least one batch ({batch_size})")
+    ckpt, run = prepare_output(out, resume_from, checkpoints=n_checkpoints > 0)
     sae = TrainingWriteSAE(cfg)
     steps = total_samples // batch_size
+    lr_end = lr / 10 if lr_end is None else lr_end
+    identity = run_identity(cfg, provider, total_samples=total_samples, batch_size=batch_size, lr=lr, lr_end=lr_end,
+                            warmup_steps=warmup_steps, dead_feature_window=dead_feature_window)
+    if ckpt is not None:
+        check_identity(ckpt, identity, run)
+    _check_free_space(out, sae, provider, n_checkpoints)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=total_samples, train_batch_size_samples=batch_size, device=device, lr=lr,
-        lr_end=lr / 10 if lr_end is None else lr_end, lr_scheduler_name="cosineannealing",
+        lr_end=lr_end, lr_scheduler_name="cosineannealing",
         lr_warm_up_steps=min(warmup_steps, max(steps - 1, 0)),
         lr_decay_steps=max(steps - min(warmup_steps, steps - 1) - 1, 1),
         dead_feature_window=dead_feature_window, feature_sampling_window=max(steps, 1),
@@ -109,43 +270,41 @@ def train_write_sae(cfg: WriteSAETrainingConfig, provider, out_dir: str | Path, 
         logger=LoggingConfig(log_to_wandb=False), autocast=False, adam_beta1=0.9, adam_beta2=0.999,
         n_restart_cycles=1,
     )
-    log_path = out / "validation.jsonl"
-    if resume_from is None and log_path.exists():
-        log_path.unlink()
     trainer = WriteSAETrainer(cfg=trainer_cfg, sae=sae, data_provider=provider, val_batches=val_batches,
-                              val_every=val_every, log_path=log_path, layout=cfg.input_layout)
-    if resume_from is not None:
-        ckpt = Path(resume_from)
-        if not (ckpt / "trainer_state.pt").is_file():
-            raise FileNotFoundError(f"{ckpt} is not a training checkpoint (no trainer_state.pt)")
-        sae.load_weights_from_checkpoint(ckpt)
-        trainer.load_trainer_state(ckpt)
-    (out / "train_config.json").write_text(json.dumps({
+                              val_every=val_every, log_path=out / "validation.jsonl", layout=cfg.input_layout,
+                              identity=identity, stream=provider)
+    if ckpt is not None:
+        trainer.resume(ckpt, run)
+    atomic_write_text(out / "train_config.json", json.dumps({
         "sae": cfg.to_dict(), "total_samples": total_samples, "batch_size": batch_size, "lr": lr,
         "lr_end": trainer_cfg.lr_end, "warmup_steps": trainer_cfg.lr_warm_up_steps,
-        "dead_feature_window": dead_feature_window, "resumed_from": None if resume_from is None else str(resume_from),
+        "dead_feature_window": dead_feature_window, "resumed_from": None if ckpt is None else str(ckpt),
     }, indent=2, default=str))
-    if getattr(provider, "normalize", False):
-        next_batch = next(provider)  # estimates the scale; the batch is used as the first step's
-        provider = _Prepend(next_batch, provider)
-        trainer.data_provider = provider
-        trainer.input_scale = provider.inner.scale
-    if val_batches:
-        trainer.validate()
+    if ckpt is None:
+        if trainer.normalized:
+            next_batch = next(provider)  # estimates the scale; the batch is used as the first step's
+            trainer.data_provider = _Prepend(next_batch, provider)
+            trainer.input_scale = provider.scale
+        if val_batches:
+            trainer.validate()
     try:
         trainer.fit()
     except StopIteration:
         raise RuntimeError(f"the activation provider ran out after {trainer.n_training_samples} samples, before "
                            f"total_samples={total_samples}; give more text or lower total_samples") from None
     sae.normalize_decoder()  # the next step would have done it; saves unit-norm atoms
-    scale = getattr(getattr(provider, "inner", provider), "scale", 1.0)
-    if scale != 1.0:
-        sae.fold_activation_norm_scaling_factor(scale)  # the SAE now reads unscaled activations
-        sae.cfg.metadata.input_scale_folded = scale
+    if trainer.normalized:
+        sae.fold_activation_norm_scaling_factor(trainer.input_scale)  # the SAE now reads unscaled activations
+        sae.cfg.metadata.input_scale_folded = trainer.input_scale
         trainer.input_scale = 1.0
     if val_batches:
         trainer.validate()
-    sae.save_inference_model(out / "final")
+    try:
+        with atomic_dir(out / "final") as tmp:
+            sae.save_inference_model(tmp)
+    except OSError as e:
+        raise OutputDirError(f"writing the final SAE to {out / 'final'} failed ({e.strerror or e}); the checkpoints "
+                             "are intact") from e
     return sae, trainer.history
 
 
@@ -163,4 +322,5 @@ class _Prepend:
         return next(self.inner)
 
 
-__all__ = ["train_write_sae", "evaluate_sae", "SAEMetrics", "WriteSAETrainer"]
+__all__ = ["train_write_sae", "evaluate_sae", "SAEMetrics", "WriteSAETrainer", "run_identity",
+           "model_fingerprint"]
