@@ -69,6 +69,26 @@ def cmd_train(args) -> int:
     import itertools
     import json
 
+    from .checkpoints import CheckpointError, OutputDirError, check_identity, prepare_output
+
+    layout = args.layout
+    if layout == "auto":
+        layout = "factors" if args.site == "write" and args.encoder == "bilinear" else "dense"
+    try:  # output dirs writable, the checkpoint to resume complete and of this run: before loading any model
+        ckpt, run = prepare_output(args.out, args.resume)
+        if ckpt is not None:
+            check_identity(ckpt, {
+                "layer": args.layer, "head": args.head, "site": args.site, "write_mode": args.write_mode,
+                "input_layout": layout, "normalize": not args.no_normalize, "d_sae": args.d_sae, "k": args.k,
+                "encoder": args.encoder, "decoder_rank": None if args.decoder_rank == 0 else args.decoder_rank,
+                "activation": args.activation, "aux_k": min(args.aux_k, args.d_sae),
+                "resample_every": args.resample_every, "total_samples": args.total_samples,
+                "batch_size": args.batch_size, "lr": args.lr, "positions": args.positions, "layers": args.layer,
+                "heads": None if args.head is None else [args.head]}, run)
+    except (CheckpointError, OutputDirError) as e:
+        print(f"writesae train: {e}", file=sys.stderr)
+        return 2
+
     import torch
 
     from .data import ActivationProvider, SiteSpec, load_text_dataset, token_contexts
@@ -88,9 +108,6 @@ def cmd_train(args) -> int:
     if args.head is not None and not 0 <= args.head < cfg_m.n_heads:
         print(f"writesae train: --head {args.head} out of range (0..{cfg_m.n_heads - 1} or all)", file=sys.stderr)
         return 2
-    layout = args.layout
-    if layout == "auto":
-        layout = "factors" if args.site == "write" and args.encoder == "bilinear" else "dense"
     ds = load_text_dataset(args.dataset, text_column=args.text_column)
     texts = (row[args.text_column] for row in ds)
     contexts = token_contexts(texts, model.tokenizer, args.context_length)
@@ -118,9 +135,13 @@ def cmd_train(args) -> int:
     cfg.metadata.model_name = desc
     cfg.metadata.context_size = args.context_length
     cfg.metadata.prepend_bos = False
-    sae, history = train_write_sae(cfg, provider, args.out, total_samples=args.total_samples,
-                                   batch_size=args.batch_size, lr=args.lr, val_batches=val_batches,
-                                   val_every=args.val_every, resume_from=args.resume)
+    try:
+        sae, history = train_write_sae(cfg, provider, args.out, total_samples=args.total_samples,
+                                       batch_size=args.batch_size, lr=args.lr, val_batches=val_batches,
+                                       val_every=args.val_every, resume_from=ckpt)
+    except (CheckpointError, OutputDirError) as e:  # another model or data than the checkpoint's; a failed write
+        print(f"writesae train: {e}", file=sys.stderr)
+        return 2
     last = history[-1] if history else {}
     print(json.dumps({"out": str(args.out), "final_validation": last}, indent=2))
     print(f"load with: SAE.load_from_disk({str(args.out) + '/final'!r})")
@@ -447,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-contexts", type=int, default=16)
     t.add_argument("--val-every", type=int, default=100)
     t.add_argument("--no-normalize", action="store_true", help="do not rescale inputs to mean norm sqrt(d_in)")
-    t.add_argument("--resume", default=None, help="a checkpoint directory under OUT/checkpoints to resume from")
+    t.add_argument("--resume", default=None,
+                   help="a checkpoint directory to resume from, or 'latest' (the newest complete one under "
+                        "OUT/checkpoints); the run continues its data stream where the checkpoint left it")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
 
