@@ -178,9 +178,9 @@ def validate_checkpoint(path: str | Path) -> dict:
                               "written by an older version)") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is torn ({MANIFEST} unreadable: {e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}/{MANIFEST} is not a {FORMAT} manifest")
-    files = manifest["files"]
     missing = [f for f in REQUIRED if f not in files]
     if missing:
         raise CheckpointError(f"{path} is incomplete (its manifest lacks {', '.join(missing)})")
@@ -276,6 +276,7 @@ def prepare_output(out: str | Path, resume: str | Path | None = None,
     return ckpt, json.loads((ckpt / "run.json").read_text())
 
 
-__all__ = ["prepare_output", "CheckpointError", "OutputDirError", "atomic_write_bytes", "atomic_write_text", "atomic_dir",
+__all__ = ["prepare_output", "CheckpointError", "OutputDirError", "atomic_write_bytes", "atomic_write_text",
+           "atomic_dir",
            "check_output_dir", "check_writable_dir", "write_manifest", "validate_checkpoint", "complete_checkpoints",
            "resolve_resume", "check_identity", "remove_stale_temporaries"]

@@ -228,7 +228,8 @@ def run_identity(cfg: WriteSAETrainingConfig, provider, **schedule) -> dict:
 
 def _check_free_space(out: Path, sae: TrainingWriteSAE, provider, n_checkpoints: int) -> None:
     weights = sum(p.numel() * p.element_size() for p in sae.parameters())
-    buffer = getattr(provider, "capacity", 0) * sae.cfg.d_in * 4
+    row = sae.cfg.d_k + sae.cfg.d_v if sae.cfg.input_layout == "factors" else sae.cfg.d_in
+    buffer = getattr(provider, "capacity", 0) * row * 4  # the saved shuffle buffer (fp32)
     need = n_checkpoints * (4 * weights + buffer) + weights  # checkpoints (inference + training + Adam) + final
     free = shutil.disk_usage(out).free
     if free < need:
