@@ -442,19 +442,26 @@ class Mamba2Hooks(nn.Module):
         A = a["A"][:, 0, 0].float()
         key = B.float().repeat_interleave(rep, dim=1)[:, None]
         value = (dtp[..., None] * x.float())[:, None]
-        f_key = self._fire(self.hook_write_key, key, lambda: B.float().repeat_interleave(rep, dim=1)[:, None])
-        f_val = self._fire(self.hook_write_value, value, lambda: (dtp[..., None] * x.float())[:, None])
-        f_g = self._fire(self.hook_log_decay, (dtp * A)[:, None], lambda: (dtp * A)[:, None])
-        q = C.float().repeat_interleave(rep, dim=1)
-        f_q = self._fire(self.hook_query, q[:, None], lambda: C.float().repeat_interleave(rep, dim=1)[:, None])
-        g_eff, q_eff = f_g.value[:, 0], f_q.value[:, 0]  # [b, H], [b, H, N]
+        f_key = self._fire(self.hook_write_key, _alias(key), lambda: B.float().repeat_interleave(rep, dim=1)[:, None])
+        f_val = self._fire(self.hook_write_value, _alias(value), lambda: (dtp[..., None] * x.float())[:, None])
+        g_c = (dtp * A)[:, None]
+        f_g = self._fire(self.hook_log_decay, _alias(g_c), lambda: (dtp * A)[:, None])
+        q_c = C.float().repeat_interleave(rep, dim=1)[:, None]
+        f_q = self._fire(self.hook_query, _alias(q_c), lambda: C.float().repeat_interleave(rep, dim=1)[:, None])
+        g_eff = (f_g.value if f_g.edited else g_c)[:, 0]  # [b, H]
+        q_eff = (f_q.value if f_q.edited else q_c)[:, 0]  # [b, H, N]
         canonical = f_g.edited or f_q.edited  # the step kernel cannot express these: update the state here
         key = f_key.original if f_key.edited else key
         value = f_val.original if f_val.edited else value
         z = a["z"]  # Falcon-H1 gates inside the state update: keep the read before the gate
         D = a["D"]
         skip = (D.float() * x.float()) if D is not None else 0.0  # D arrives expanded [H, P]
-        S_prev = state.float().transpose(-1, -2).clone() if canonical else None
+        # unedited hooks: the zero-valued first-order path of the step (as in prefill); it needs the state before
+        deltas = {"q": None if f_q.edited else f_q.raw.float() - q_c, "g": None if f_g.edited else f_g.raw.float() - g_c,
+                  "k": None if f_key.edited else f_key.raw.float() - key,
+                  "v": None if f_val.edited else f_val.raw.float() - value}
+        deltas = {n_: d for n_, d in deltas.items() if carries_derivative(d)}
+        S_prev = state.float().transpose(-1, -2).clone() if canonical or deltas else None
         out = pure[kn.step](**dict(a, **{kn.x_arg: x}, dt=dt, B=B, C=C, z=None, **extra))
         if canonical:
             S_new = g_eff.exp()[..., None, None] * S_prev + key[:, 0, :, :, None] * value[:, 0, :, None, :]
@@ -465,6 +472,11 @@ class Mamba2Hooks(nn.Module):
         entries, dense_D = self._write_entries(owner, f_key, f_val, key, value, b, 1)
         self._functional(owner, entries, pos, b, 1, key, value, dense_D)
         read = out.float() - skip
+        if dense_D is not None:  # the factors reach the read through the dense write hooks
+            deltas.pop("k", None), deltas.pop("v", None)
+        if deltas:
+            read = read + _derivative_path(deltas, q_eff[:, None], g_eff[:, None], _output(f_key), _output(f_val),
+                                           S_prev, 1, read[:, None])[:, 0]
         dS = torch.zeros(b, H, self.d_k, self.d_v)
         for (bi, _, h), d in entries.items():
             dS[bi, h] += d.float()
@@ -486,10 +498,12 @@ class Mamba2Hooks(nn.Module):
             read = read + d_read
             # the cache holds the edited state from here on (values only: gradients stop at the cache)
             state.add_(dS.detach().transpose(-1, -2).to(state.dtype))
-        f_read = self._fire(self.hook_read, read[:, None], (lambda: (out.float() - skip)[:, None])
-                            if d_read is None else None)
-        if d_read is None and not f_read.edited:
-            return out if gate is None else out * gate
+        value_changed = canonical or (d_read is not None and bool((d_read != 0).any()))
+        f_read = self._fire(self.hook_read, read[:, None], None if value_changed else
+                            (lambda: (out.float() - skip)[:, None]))
+        if not value_changed and not f_read.edited:  # the step kernel's bits; derivatives through the hooks
+            y = straight_through(f_read.raw[:, 0] + skip, out)
+            return y if gate is None else y * gate
         y = (f_read.value[:, 0] + skip).to(out.dtype)
         return y if gate is None else y * gate
 

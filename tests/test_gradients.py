@@ -4,7 +4,8 @@ For every hook of both families (Gated DeltaNet on a tiny Qwen3.5, Mamba-2 on a 
 nnsight's ``.grad`` inside ``with metric.backward():`` works and equals the gradient TransformerLens backward
 hooks give; for the canonical hooks both equal finite differences of an exact edit on one element; the
 capture-only logits stay bit-identical to plain HF with autograd on, and the model's parameter gradients
-are HF's. Forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) through a hook edit gives the
+are HF's (a single-token decode step has no backward in plain HF either: the cache is updated in place).
+Forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) through a hook edit gives the
 finite-difference directional derivative.
 """
 
@@ -236,3 +237,4 @@ def test_delta_rule_scan_equals_the_kernel_and_a_per_token_reference():
     o2, S2 = ops.delta_rule_scan(q * dk ** -0.5, k, beta[..., None] * v, k, beta, decay, S0)
     torch.testing.assert_close(o2, ko, rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(S2, kS, rtol=1e-5, atol=2e-5)
+
