@@ -1,8 +1,12 @@
-"""The ``writesae`` command."""
+"""The ``writesae`` command: self-check, argument checks before any heavy import, one-line errors."""
+
+import json
+import subprocess
+import sys
 
 import pytest
 
-from writesae_plugin.cli import main
+from writesae_plugin.cli import MAMBA2_MODEL_TYPES, UsageError, main
 
 
 def test_hooks_selfcheck_runs_and_passes(capsys):
@@ -13,7 +17,135 @@ def test_hooks_selfcheck_runs_and_passes(capsys):
     assert "FAIL" not in out
 
 
-def test_bad_arguments():
-    assert main(["hooks", "--length", "1"]) == 2
-    with pytest.raises(SystemExit):
-        main(["no-such-command"])
+def _one_line_error(err: str, cmd: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"writesae {cmd}: " if cmd else "writesae: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_import_and_parsing_import_nothing_heavy():
+    """`writesae --help` stays fast: the CLI module, its parser and its checks import no torch/SAELens."""
+    code = ("import sys; import writesae_plugin.cli as c; p = c.build_parser()\n"
+            "for argv in (['hooks'], ['circuit', '--out', 'o'], ['demo'], ['substitute', '--sae', 'writesae-demo:"
+            "L4.H0.write', '--dataset', 'd', '--out', 'o'], ['train', '--layer', '0', '--dataset', 'd', '--out', 'o']):\n"
+            "    a = p.parse_args(argv); c.VALIDATORS[a.command](a)\n"
+            "heavy = [m for m in ('torch', 'sae_lens', 'transformers', 'datasets', 'transformer_lens') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["hooks", "--batch", "0"], ["hooks", "--length", "1"], ["path-patch", "--head", "x", "--out", "o"],
+    ["install", "--strata", "abc", "--layer", "0", "--head", "0", "--dataset", "d", "--out", "o"],
+    ["install", "--strata", "50-10", "--layer", "0", "--head", "0", "--dataset", "d", "--out", "o"],
+    ["make-demo-model", "--steps", "0", "--out", "o"], ["patch", "--n", "0", "--out", "o"],
+    ["circuit", "--node-threshold", "-1", "--out", "o"], ["closed-form", "--sae", "s", "--dataset", "d",
+                                                          "--out", "o", "--fit-fraction", "1"],
+    ["substitute", "--sae", "s", "--dataset", "d", "--out", "o", "--contexts", "0"],
+    ["edit-atoms", "--atoms", "-3", "--out", "o"], ["no-such-command"]])
+def test_bad_arguments_are_one_line_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    _one_line_error(capsys.readouterr().err, argv[0] if argv[0] != "no-such-command" else "")
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["circuit", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "(default: 16)" in out and "(default: 0.02)" in out and "--debug" in out
+
+
+def test_paths_datasets_and_saes_are_checked_before_loading(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "ok.txt").write_text("def f(x):\n    return x\n")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+    mamba = tmp_path / "mamba"
+    mamba.mkdir()
+    (mamba / "config.json").write_text(json.dumps({"model_type": "mamba2"}))
+    out = str(tmp_path / "out")
+    sae = "writesae-demo:L4.H0.write"
+    cases = [
+        (["demo", "--out", str(tmp_path / "afile" / "sub")], "demo", "not a directory"),
+        (["hooks", "--model", str(tmp_path / "no-such-model")], "hooks", "no such model directory"),
+        (["hooks", "--model", str(tmp_path)], "hooks", "no config.json"),
+        (["substitute", "--sae", sae, "--dataset", str(tmp_path / "empty.txt"), "--out", out], "substitute", "empty"),
+        (["substitute", "--sae", sae, "--dataset", str(tmp_path / "latin1.txt"), "--out", out], "substitute",
+         "not UTF-8"),
+        (["attribute", "--sae", sae, "--dataset", str(tmp_path / "rows.jsonl"), "--out", out], "attribute",
+         "--text-column"),
+        (["attribute", "--sae", sae, "--dataset", str(tmp_path / "nope.txt"), "--out", out], "attribute",
+         "no such file"),
+        (["closed-form", "--sae", "writesae-demo:L9.H9.write", "--dataset", str(tmp_path / "ok.txt"), "--out", out],
+         "closed-form", "has no SAE 'L9.H9.write'"),
+        (["closed-form", "--sae", str(tmp_path), "--dataset", str(tmp_path / "ok.txt"), "--out", out],
+         "closed-form", "no cfg.json"),
+        (["closed-form", "--sae", sae, "--dataset", str(tmp_path / "ok.txt"), "--out", out, "--atoms", "512"],
+         "closed-form", "out of range"),
+        (["closed-form", "--sae", sae, "--dataset", str(tmp_path / "ok.txt"), "--out", out, "--t0", "200"],
+         "closed-form", "--t0"),
+        (["patch", "--out", out, "--task", "copy", "--length", "12", "--source-pos", "11"], "patch", "--source-pos"),
+        (["path-patch", "--layer", "2", "--out", out], "path-patch", "go together"),
+        (["train", "--model", str(mamba), "--layer", "0", "--write-mode", "delta", "--dataset",
+          str(tmp_path / "ok.txt"), "--out", out], "train", "--write-mode raw"),
+        (["train", "--layer", "0", "--k", "64", "--d-sae", "32", "--dataset", str(tmp_path / "ok.txt"),
+          "--out", out], "train", "--k"),
+    ]
+    for argv, cmd, needle in cases:
+        assert main(argv) == 2, argv
+        line = _one_line_error(capsys.readouterr().err, cmd)
+        assert needle in line, (argv, line)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UsageError):  # --debug: the exception itself, with its traceback
+        main(["--debug", "hooks", "--model", str(tmp_path / "no-such-model")])
+    assert "torch" in sys.modules  # (the test process imported it elsewhere; the subprocess test checks the CLI)
+
+
+def test_sae_of_another_model_is_refused_after_loading_before_running(tmp_path, capsys):
+    """A Mamba-2 SAE on the GDN demo model: a clear mismatch, not a KeyError deep in the experiment."""
+    from writesae_plugin.demo.run import demo_model_dir
+
+    (tmp_path / "ok.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    sae = "writesae-demo-mamba2:L3.H1.write"
+    assert main(["closed-form", "--model", str(demo_model_dir()), "--sae", sae, "--dataset",
+                 str(tmp_path / "ok.txt"), "--out", str(tmp_path / "cf"), "--contexts", "2"]) == 2
+    line = _one_line_error(capsys.readouterr().err, "closed-form")
+    assert "does not fit this model" in line and "family mamba2" in line and "layer 3" in line
+    assert main(["patch", "--sae", sae, "--n", "2", "--length", "12", "--out", str(tmp_path / "p")]) == 2
+    assert "does not fit" in _one_line_error(capsys.readouterr().err, "patch")
+    assert main(["path-patch", "--layer", "2", "--head", "99", "--n", "2", "--out", str(tmp_path / "pp")]) == 2
+    assert "--head 99" in _one_line_error(capsys.readouterr().err, "path-patch")
+    assert not (tmp_path / "cf").exists() and not (tmp_path / "p").exists()
+
+
+def test_cli_mamba2_model_types_match_the_adapters():
+    from writesae_plugin.adapters import MAMBA2_MODEL_TYPES as ADAPTER_TYPES
+
+    assert set(MAMBA2_MODEL_TYPES) == set(ADAPTER_TYPES)
+
+
+def test_errors_while_running_are_one_line(tmp_path, capsys, monkeypatch):
+    import writesae_plugin.cli as cli
+
+    def boom(args):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_demo", boom)
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with(parser(), "demo", boom))
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 1
+    line = _one_line_error(capsys.readouterr().err, "demo")
+    assert "RuntimeError: kernel exploded second line" in line and "--debug" in line
+
+
+def _with(parser, name, func):
+    sub = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
+    sub.choices[name].set_defaults(func=func)
+    return parser

@@ -1,10 +1,335 @@
-"""The ``writesae`` command."""
+"""The ``writesae`` command.
+
+Arguments are parsed and checked (ranges, paths, datasets, SAE directories and releases) before anything
+heavy is imported: torch, transformers and SAELens load inside a command, after its checks. A user error is
+one line, ``writesae <command>: <message>``, on stderr with exit status 2 (1 for an error while running);
+``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import tempfile
+from pathlib import Path
+
+#: HF model types whose writes are Mamba-2's (no separate delta write); mirrors adapters.MAMBA2_MODEL_TYPES
+#: (a test keeps them equal; the CLI reads config.json without importing the adapters, which need torch)
+MAMBA2_MODEL_TYPES = ("mamba2", "bamba", "nemotron_h", "falcon_h1", "zamba2", "granitemoehybrid")
+DATASET_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+
+class UsageError(Exception):
+    """A user mistake found by a check: printed as one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------ argument types
+def _int_at_least(lo: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+positive_int = _int_at_least(1, "a positive integer")
+nonneg_int = _int_at_least(0, "a non-negative integer")
+length_int = _int_at_least(2, "at least 2 tokens")
+
+
+def _float_in(lo: float | None, hi: float | None, what: str, lo_open: bool = False, hi_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        bad = value != value or (lo is not None and (value <= lo if lo_open else value < lo)) or \
+            (hi is not None and (value >= hi if hi_open else value > hi))
+        if bad:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    parse.__name__ = "float"
+    return parse
+
+
+positive_float = _float_in(0.0, float("inf"), "a positive finite number", lo_open=True, hi_open=True)
+nonneg_float = _float_in(0.0, float("inf"), "a non-negative finite number", hi_open=True)
+open_fraction = _float_in(0.0, 1.0, "strictly between 0 and 1", lo_open=True, hi_open=True)
+
+
+def rank_range(text: str) -> tuple[int, int]:
+    """``LO-HI`` with integers ``0 <= LO < HI`` (an initial-rank stratum of ``install``)."""
+    lo, sep, hi = text.partition("-")
+    if not sep or not lo.isdigit() or not hi.isdigit() or int(lo) >= int(hi):
+        raise argparse.ArgumentTypeError(f"expected a rank range LO-HI with integers 0 <= LO < HI, got {text!r}")
+    return int(lo), int(hi)
+
+
+# ------------------------------------------------------------------------------------------ path checks
+def _looks_local(spec: str) -> bool:
+    """A string meant as a local path rather than a hub id (``org/name``)."""
+    return (spec.startswith((".", "/", "~")) or os.sep != "/" and os.sep in spec or spec.count("/") > 1
+            or spec.endswith("/") or Path(spec).suffix in DATASET_SUFFIXES)
+
+
+def check_model_arg(spec: str | None, flag: str = "--model") -> dict | None:
+    """A local model directory must exist and hold config.json (returned, parsed); a hub id passes unchecked."""
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if _looks_local(spec):
+            raise UsageError(f"{flag} {spec}: no such model directory")
+        return None
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise UsageError(f"{flag} {spec}: not a model directory (no config.json; expected what "
+                         "save_pretrained writes)")
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{flag} {spec}: config.json is not readable JSON ({e})") from None
+
+
+def check_out_dir(spec: str, flag: str = "--out") -> None:
+    """``spec`` is a writable directory or can be created (its first existing ancestor is a writable dir)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{flag} {spec}: exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"{flag} {spec}: directory is not writable")
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {spec}: cannot be created, {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {spec}: cannot be created, {parent} is not writable")
+
+
+def check_dir_arg(spec: str | None, flag: str) -> None:
+    if spec is not None and not Path(spec).expanduser().is_dir():
+        raise UsageError(f"{flag} {spec}: no such directory")
+
+
+def _check_text_file(path: Path, text_column: str, shown: str) -> None:
+    import codecs
+
+    if path.stat().st_size == 0:
+        raise UsageError(f"--dataset {shown}: {path.name} is empty")
+    if path.suffix == ".parquet":
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    seen = 0
+    first_line = ""
+    has_text = False
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise UsageError(f"--dataset {shown}: {path.name} is not UTF-8 text (byte {seen + e.start})") from None
+            seen += len(chunk)
+            has_text = has_text or bool(text.strip())
+            if not first_line and text.strip():
+                first_line = text.lstrip().split("\n", 1)[0]
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UsageError(f"--dataset {shown}: {path.name} is not UTF-8 text (truncated at the end)") from None
+    if not has_text:
+        raise UsageError(f"--dataset {shown}: {path.name} holds no text (only whitespace)")
+    if path.suffix == ".jsonl":
+        try:
+            row = json.loads(first_line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--dataset {shown}: {path.name} is not JSON lines (first line: {e})") from None
+        if not isinstance(row, dict) or text_column not in row:
+            cols = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise UsageError(f"--dataset {shown}: {path.name} rows have no {text_column!r} field (found {cols}); "
+                             "choose it with --text-column")
+
+
+def check_dataset_arg(spec: str | None, text_column: str = "text") -> None:
+    """A local dataset file or directory must exist, hold .txt/.jsonl/.json/.parquet files of one kind, and
+    each file must be non-empty UTF-8 text (JSON lines: with the text column); a hub name passes."""
+    if spec is None:
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if _looks_local(spec):
+            raise UsageError(f"--dataset {spec}: no such file or directory")
+        return
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) if path.is_dir() \
+        else [path]
+    if not files:
+        raise UsageError(f"--dataset {spec}: the directory holds no file")
+    kinds = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    exts = sorted({p.suffix for p in files})
+    if not set(exts) <= set(kinds) or len({kinds[e] for e in exts}) != 1:
+        raise UsageError(f"--dataset {spec}: expected .txt, .jsonl/.json or .parquet files of one kind, found "
+                         f"{exts}")
+    for p in files:
+        _check_text_file(p, text_column, spec)
+
+
+def sae_cfg(spec: str, flag: str = "--sae") -> dict | None:
+    """The ``cfg.json`` of an SAE given as a directory or as ``RELEASE:SAE_ID`` of a shipped/local release,
+    read without loading it (None for another SAELens release: checked when it loads)."""
+    from .registry import packaged_release_dirs
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        cfg_file = path / "cfg.json"
+        if not cfg_file.is_file():
+            raise UsageError(f"{flag} {spec}: not an SAE directory (no cfg.json)")
+    elif ":" in spec and not path.exists():
+        release, sae_id = spec.split(":", 1)
+        rel_dir = packaged_release_dirs().get(release)
+        if rel_dir is None:
+            return None
+        meta_file = rel_dir / "release.json"
+        saes = json.loads(meta_file.read_text()).get("saes", {}) if meta_file.is_file() else {}
+        saes = saes or {p.name: p.name for p in rel_dir.iterdir() if (p / "cfg.json").is_file()}
+        if sae_id not in saes:
+            raise UsageError(f"{flag} {spec}: release {release!r} has no SAE {sae_id!r}; it has {sorted(saes)}")
+        cfg_file = rel_dir / saes[sae_id] / "cfg.json"
+    elif path.exists():
+        raise UsageError(f"{flag} {spec}: not a directory (give an SAE directory or RELEASE:SAE_ID)")
+    else:
+        raise UsageError(f"{flag} {spec}: no such SAE directory (give an SAE directory or RELEASE:SAE_ID)")
+    try:
+        return json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{flag} {spec}: cfg.json is not readable JSON ({e})") from None
+
+
+def check_atoms(atoms, cfg: dict | None, spec: str, flag: str = "--atoms") -> None:
+    if atoms and cfg is not None and cfg.get("d_sae") is not None:
+        bad = [a for a in atoms if not 0 <= a < cfg["d_sae"]]
+        if bad:
+            raise UsageError(f"{flag} {bad}: out of range for {spec} (atoms 0..{cfg['d_sae'] - 1})")
+
+
+def check_sae_fit(model, sae, spec: str, per_head: bool = False) -> None:
+    """The SAE was made for this model: family, d_k, d_v, heads, a recurrent layer (after the model loads,
+    before any experiment runs)."""
+    from .host import _family_key
+
+    cfg, m = sae.cfg, model.cfg
+    family = getattr(cfg, "family", None)
+    if family is None:  # not a WriteSAE: SAELens' own SAEs have no write-site geometry to check here
+        raise UsageError(f"--sae {spec}: not a WriteSAE (architecture {getattr(cfg, 'architecture', '?')!r})")
+    problems = []
+    if family and _family_key(family) != _family_key(m.family):
+        problems.append(f"family {family} (model: {m.family})")
+    if (cfg.d_k, cfg.d_v) != (m.d_k, m.d_v):
+        problems.append(f"d_k x d_v = {cfg.d_k} x {cfg.d_v} (model: {m.d_k} x {m.d_v})")
+    if cfg.n_heads != m.n_heads:
+        problems.append(f"{cfg.n_heads} value heads (model: {m.n_heads})")
+    if cfg.layer is not None and cfg.layer not in m.recurrent_layers:
+        problems.append(f"layer {cfg.layer} (model's recurrent layers: {list(m.recurrent_layers)})")
+    if cfg.head is not None and not 0 <= cfg.head < m.n_heads:
+        problems.append(f"head {cfg.head}")
+    if problems:
+        raise UsageError(f"--sae {spec} does not fit this model: " + "; ".join(problems))
+    if per_head and cfg.head is None:
+        raise UsageError(f"--sae {spec}: this command needs a per-head WriteSAE (cfg.head set)")
+
+
+def check_layer_head(model, layer: int | None, head: int | None) -> None:
+    m = model.cfg
+    if layer is not None and layer not in m.recurrent_layers:
+        raise UsageError(f"--layer {layer}: not a recurrent layer; choose from {list(m.recurrent_layers)}")
+    if head is not None and not 0 <= head < m.n_heads:
+        raise UsageError(f"--head {head}: out of range (value heads 0..{m.n_heads - 1})")
+
+
+def _model_config(spec: str | None) -> dict | None:
+    try:
+        return check_model_arg(spec)
+    except UsageError:
+        return None
+
+
+def validate_train(args) -> None:
+    """Checks of ``writesae train``'s arguments before the model loads (shared with the train command)."""
+    for flag, value, lo in (("--layer", args.layer, 0), ("--d-sae", args.d_sae, 1), ("--k", args.k, 1),
+                            ("--decoder-rank", args.decoder_rank, 0), ("--context-length", args.context_length, 2),
+                            ("--total-samples", args.total_samples, 1), ("--batch-size", args.batch_size, 1),
+                            ("--aux-k", args.aux_k, 0), ("--resample-every", args.resample_every, 0),
+                            ("--val-contexts", args.val_contexts, 1), ("--val-every", args.val_every, 1)):
+        if value < lo:
+            raise UsageError(f"{flag} {value}: must be at least {lo}")
+    if args.head is not None and args.head < 0:
+        raise UsageError(f"--head {args.head}: must be a value-head index >= 0 or 'all'")
+    if args.k > args.d_sae:
+        raise UsageError(f"--k {args.k}: more active atoms than atoms (--d-sae {args.d_sae})")
+    if not args.lr > 0 or args.lr == float("inf"):
+        raise UsageError(f"--lr {args.lr}: must be a positive finite number")
+    config = check_model_arg(args.model)
+    if args.write_mode == "delta" and config is not None and (
+            config.get("model_type") in MAMBA2_MODEL_TYPES or "ssm_cfg" in config):
+        raise UsageError("--write-mode delta: Mamba-2 writes have one mode (the transition never erases, so the "
+                         "raw and delta writes coincide); use --write-mode raw")
+    check_dataset_arg(args.dataset, args.text_column)
+    check_out_dir(args.out)
+
+
+def _validate_data(args) -> None:
+    check_model_arg(args.model)
+    check_dataset_arg(args.dataset, args.text_column)
+    check_out_dir(args.out)
+
+
+def _validate_sae_experiment(args) -> None:
+    _validate_data(args)
+    cfg = sae_cfg(args.sae)
+    check_atoms(args.atoms, cfg, args.sae)
+    if getattr(args, "t0", None) is not None and not 0 <= args.t0 < args.context_length - 1:
+        raise UsageError(f"--t0 {args.t0}: the perturbed position must be in 0..{args.context_length - 2} "
+                         f"(--context-length {args.context_length})")
+
+
+def _validate_pairs(args) -> None:
+    check_model_arg(args.model)
+    check_dataset_arg(args.dataset, args.text_column)
+    check_out_dir(args.out)
+    for spec in args.sae or []:
+        cfg = sae_cfg(spec)
+        check_atoms(getattr(args, "atoms", None), cfg, spec)
+    if args.task == "copy" and not 1 <= args.source_pos < args.length - 2:
+        raise UsageError(f"--source-pos {args.source_pos}: the copy task needs 1 <= source-pos < length - 2 "
+                         f"= {args.length - 2}")
+    if args.command == "path-patch" and (args.layer is None) != (args.head is None):
+        raise UsageError("--layer and --head go together (or give neither: the write with the largest effect)")
+
+
+def _validate_make_demo_model(args) -> None:
+    check_out_dir(args.out)
+    check_dir_arg(args.tokenizer, "--tokenizer")
+
+
+def _validate_make_demo_release(args) -> None:
+    check_model_arg(args.model)
+    check_out_dir(args.out)
+
+
+VALIDATORS = {"hooks": lambda a: check_model_arg(a.model), "train": validate_train,
+              "substitute": _validate_sae_experiment, "closed-form": _validate_sae_experiment,
+              "attribute": _validate_sae_experiment, "install": _validate_data,
+              "make-demo-model": _validate_make_demo_model, "make-demo-release": _validate_make_demo_release,
+              "patch": _validate_pairs, "attribution-patch": _validate_pairs, "path-patch": _validate_pairs,
+              "circuit": _validate_pairs, "edit-atoms": _validate_pairs,
+              "demo": lambda a: check_out_dir(a.out)}
 
 
 def _load(model_path: str | None):
@@ -16,6 +341,9 @@ def _load(model_path: str | None):
     if model_path is None:
         tmp = tempfile.mkdtemp(prefix="writesae-tiny-")
         return hook_model(build_tiny_qwen35(tmp)), "tiny random-init Qwen3.5 (built and reloaded from " + tmp + ")"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # errors stay one line; the CLI prints its own progress
     hf = AutoModelForCausalLM.from_pretrained(model_path)
     try:
         tok = AutoTokenizer.from_pretrained(model_path)
@@ -149,19 +477,18 @@ def cmd_train(args) -> int:
 
 
 def _load_sae(spec: str):
-    """``DIR`` (SAE.load_from_disk) or ``RELEASE:SAE_ID`` (SAE.from_pretrained, offline releases)."""
-    from pathlib import Path
-
+    """``DIR`` (SAE.load_from_disk) or ``RELEASE:SAE_ID`` (SAE.from_pretrained, offline releases); the spec
+    was checked by :func:`sae_cfg` before."""
     from sae_lens import SAE
 
     from .registry import load_release_sae
 
-    if Path(spec).is_dir():
-        return SAE.load_from_disk(spec)
+    if Path(spec).expanduser().is_dir():
+        return SAE.load_from_disk(str(Path(spec).expanduser()))
     if ":" in spec:
         release, sae_id = spec.split(":", 1)
         return load_release_sae(release, sae_id)
-    raise SystemExit(f"writesae: --sae must be an SAE directory or RELEASE:SAE_ID, got {spec!r}")
+    raise UsageError(f"--sae must be an SAE directory or RELEASE:SAE_ID, got {spec!r}")
 
 
 def _contexts(model, args):
@@ -172,19 +499,24 @@ def _contexts(model, args):
     from .data import load_text_dataset, token_contexts
 
     if model.tokenizer is None:
-        raise SystemExit("writesae: the model has no tokenizer; a text dataset needs one")
+        raise UsageError("the model has no tokenizer; a text dataset needs one")
     ds = load_text_dataset(args.dataset, text_column=args.text_column)
     ctx = list(itertools.islice(token_contexts((r[args.text_column] for r in ds), model.tokenizer,
                                                args.context_length), args.contexts))
     if not ctx:
-        raise SystemExit("writesae: the dataset yields no context of the requested length")
+        raise UsageError(f"--dataset {args.dataset}: yields no context of {args.context_length} tokens "
+                         "(lower --context-length or give more text)")
     return torch.stack(ctx)
 
 
 def _experiment_inputs(args, with_sae: bool = True):
-    """(hooked model, its description, the SAE or None, token contexts) from the common arguments."""
+    """(hooked model, its description, the SAE or None, token contexts) from the common arguments; the SAE is
+    checked against the model before the contexts are made."""
     model, desc = _load(args.model)
-    sae = _load_sae(args.sae) if with_sae else None
+    sae = None
+    if with_sae:
+        sae = _load_sae(args.sae)
+        check_sae_fit(model, sae, args.sae, per_head=True)
     return model, desc, sae, _contexts(model, args)
 
 
@@ -229,8 +561,10 @@ def cmd_install(args) -> int:
     from .experiments.install import InstallConfig, run_install, save_install
     from .report import fmt_rate
 
-    model, desc, _, tokens = _experiment_inputs(args, with_sae=False)
-    strata = tuple(tuple(int(x) for x in s.split("-")) for s in args.strata)
+    model, desc = _load(args.model)
+    check_layer_head(model, args.layer, args.head)
+    tokens = _contexts(model, args)
+    strata = tuple(args.strata)
     cfg = InstallConfig(layer=args.layer, head=args.head, strata=strata, targets_per_stratum=args.targets,
                         multipliers=tuple(args.m), n_positions=args.n_positions, mode=args.mode,
                         max_new_tokens=args.new_tokens, seed=args.seed)
@@ -330,9 +664,12 @@ def _pairs_inputs(args, n_saes: int = 1):
 
     model, _ = _load(args.model or str(demo_model_dir()))
     if model.tokenizer is None:
-        raise SystemExit("writesae: the model has no tokenizer; the copy task needs one")
+        raise UsageError("the model has no tokenizer; the prompt tasks need one")
     specs = args.sae or list(DEFAULT_SAES[:n_saes])
     saes = [_load_sae(s) for s in specs]
+    for spec, sae in zip(specs, saes):
+        check_sae_fit(model, sae, spec, per_head=True)
+    check_layer_head(model, getattr(args, "layer", None), getattr(args, "head", None))
     if args.dataset:
         from .data import load_text_dataset
 
@@ -391,7 +728,8 @@ def cmd_circuit(args) -> int:
     from .circuits.run import run_circuit
 
     model, saes, pairs = _pairs_inputs(args, n_saes=2)
-    res = run_circuit(model, saes, pairs, args.out, args.node_threshold, args.edge_threshold, args.acdc_threshold)
+    res = run_circuit(model, saes, pairs, args.out, args.node_threshold, args.edge_threshold, args.acdc_threshold,
+                      max_nodes_per_sae=args.max_nodes)
     print(f"attribution circuit: {res['attribution']['n_nodes']} nodes, {res['attribution']['n_edges']} edges; "
           f"ACDC: {res['acdc']['n_nodes']} nodes, faithfulness {res['acdc']['metric']['faithfulness']:.3f}")
     print(f"graphs: {args.out}/circuit.json, {args.out}/circuit_acdc.json; report: {args.out}/index.html")
@@ -415,31 +753,32 @@ def _add_pairs_args(p, sae_help: str):
     p.add_argument("--model", default=None, help="HF model directory (default: the shipped demo model)")
     p.add_argument("--sae", action="append", default=None, help=sae_help)
     p.add_argument("--dataset", default=None, help="text file/dir for the prompts (default: held-out stdlib)")
-    p.add_argument("--text-column", default="text")
+    p.add_argument("--text-column", default="text", help="the dataset's text column")
     p.add_argument("--task", choices=["quote", "copy"], default="quote",
-                   help="quote: ' vs \" opening a string, metric logit(') - logit(\") (default); copy: induction")
-    p.add_argument("--n", type=int, default=16, help="number of clean/corrupted prompt pairs")
-    p.add_argument("--length", type=int, default=24, help="prompt length in tokens")
-    p.add_argument("--source-pos", type=int, default=8, help="copy task: the corrupted position")
-    p.add_argument("--seed", type=int, default=0)
+                   help="quote: ' vs \" opening a string, metric logit(') - logit(\"); copy: induction")
+    p.add_argument("--n", type=positive_int, default=16, help="number of clean/corrupted prompt pairs")
+    p.add_argument("--length", type=length_int, default=24, help="prompt length in tokens")
+    p.add_argument("--source-pos", type=nonneg_int, default=8, help="copy task: the corrupted position")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", required=True, help="results directory")
 
 
 def _add_data_args(p):
     p.add_argument("--dataset", required=True, help="hub dataset name, or a local .txt/.jsonl/.parquet file or dir")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--contexts", type=int, default=32, help="number of token contexts")
-    p.add_argument("--context-length", type=int, default=128)
+    p.add_argument("--text-column", default="text", help="the dataset's text column")
+    p.add_argument("--contexts", type=positive_int, default=32, help="number of token contexts")
+    p.add_argument("--context-length", type=length_int, default=128, help="tokens per context")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="writesae", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="writesae", description=__doc__)
+    parser.set_defaults(debug=False)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("hooks", help="hook a model, print its write hook inventory and run the exactness self-check")
     p.add_argument("--model", default=None, help="local HF model dir or hub id (default: a tiny built-in Qwen3.5)")
-    p.add_argument("--length", type=int, default=150, help="tokens per sequence (default 150, not a multiple of 64)")
-    p.add_argument("--batch", type=int, default=2, help="sequences (default 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--length", type=length_int, default=150, help="tokens per sequence (not a multiple of 64)")
+    p.add_argument("--batch", type=positive_int, default=2, help="sequences")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=cmd_hooks)
 
     t = sub.add_parser("train", help="train a WriteSAE on a layer/head's write or state site")
@@ -479,65 +818,66 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sae", required=True, help="SAE directory or RELEASE:SAE_ID (a per-head WriteSAE)")
     _add_data_args(s)
     s.add_argument("--out", required=True, help="results directory")
-    s.add_argument("--atoms", type=int, nargs="*", default=None, help="atom pool (default: all)")
-    s.add_argument("--max-per-atom", type=int, default=50)
-    s.add_argument("--max-per-context", type=int, default=4)
-    s.add_argument("--max-firings", type=int, default=500)
+    s.add_argument("--atoms", type=nonneg_int, nargs="*", default=None, help="atom pool (default: all)")
+    s.add_argument("--max-per-atom", type=positive_int, default=50, help="firings per atom at most")
+    s.add_argument("--max-per-context", type=positive_int, default=4, help="firings per context at most")
+    s.add_argument("--max-firings", type=positive_int, default=500, help="firings in all at most")
     s.add_argument("--write-mode", choices=["raw", "delta"], default=None, help="default: the SAE's")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="random seed")
     s.set_defaults(func=cmd_substitute)
 
     c = sub.add_parser("closed-form", help="closed-form logit shift: JVP, direct path and fitted-G predictors")
-    c.add_argument("--model", default=None)
-    c.add_argument("--sae", required=True)
+    c.add_argument("--model", default=None, help="local HF model dir or hub id (default: a tiny built-in Qwen3.5)")
+    c.add_argument("--sae", required=True, help="SAE directory or RELEASE:SAE_ID (a per-head WriteSAE)")
     _add_data_args(c)
-    c.add_argument("--out", required=True)
-    c.add_argument("--atoms", type=int, nargs="+", default=[0])
-    c.add_argument("--t0", type=int, default=None, help="perturbed position (default T // 4)")
-    c.add_argument("--eps", type=float, nargs="+", default=[0.05, 0.25, 1.0], help="x native write norm")
-    c.add_argument("--n-tokens", type=int, default=5)
-    c.add_argument("--fit-fraction", type=float, default=0.5)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True, help="results directory")
+    c.add_argument("--atoms", type=nonneg_int, nargs="+", default=[0], help="atoms to perturb along")
+    c.add_argument("--t0", type=nonneg_int, default=None, help="perturbed position (default T // 4)")
+    c.add_argument("--eps", type=positive_float, nargs="+", default=[0.05, 0.25, 1.0], help="x native write norm")
+    c.add_argument("--n-tokens", type=positive_int, default=5, help="target tokens per atom")
+    c.add_argument("--fit-fraction", type=open_fraction, default=0.5, help="share of records that fit G")
+    c.add_argument("--seed", type=int, default=0, help="random seed")
     c.set_defaults(func=cmd_closed_form)
 
     i = sub.add_parser("install", help="behavioural install: steer greedy continuations towards target tokens")
-    i.add_argument("--model", default=None)
+    i.add_argument("--model", default=None, help="local HF model dir or hub id (default: a tiny built-in Qwen3.5)")
     _add_data_args(i)
-    i.add_argument("--out", required=True)
-    i.add_argument("--layer", type=int, required=True)
-    i.add_argument("--head", type=int, required=True)
-    i.add_argument("--strata", nargs="+", default=["10-50", "50-200"], help="initial-rank ranges LO-HI")
-    i.add_argument("--targets", type=int, default=2, help="targets per stratum and prompt")
-    i.add_argument("--m", type=float, nargs="+", default=[3.0], help="install size(s) x native write norm")
-    i.add_argument("--n-positions", type=int, default=3)
-    i.add_argument("--mode", choices=["replace", "add"], default="replace")
-    i.add_argument("--new-tokens", type=int, default=20)
-    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--out", required=True, help="results directory")
+    i.add_argument("--layer", type=nonneg_int, required=True, help="a recurrent layer index")
+    i.add_argument("--head", type=nonneg_int, required=True, help="a value head index")
+    i.add_argument("--strata", type=rank_range, nargs="+", default=[(10, 50), (50, 200)],
+                   help="initial-rank ranges LO-HI")
+    i.add_argument("--targets", type=positive_int, default=2, help="targets per stratum and prompt")
+    i.add_argument("--m", type=positive_float, nargs="+", default=[3.0], help="install size(s) x native write norm")
+    i.add_argument("--n-positions", type=positive_int, default=3, help="install positions per prompt")
+    i.add_argument("--mode", choices=["replace", "add"], default="replace", help="replace or add to the write")
+    i.add_argument("--new-tokens", type=positive_int, default=20, help="greedy continuation length")
+    i.add_argument("--seed", type=int, default=0, help="random seed")
     i.set_defaults(func=cmd_install)
 
     a = sub.add_parser("attribute", help="write attribution (effective attention) and atom erasure")
-    a.add_argument("--model", default=None)
-    a.add_argument("--sae", required=True)
+    a.add_argument("--model", default=None, help="local HF model dir or hub id (default: a tiny built-in Qwen3.5)")
+    a.add_argument("--sae", required=True, help="SAE directory or RELEASE:SAE_ID (a per-head WriteSAE)")
     _add_data_args(a)
-    a.add_argument("--out", required=True)
-    a.add_argument("--atoms", type=int, nargs="+", default=[0])
-    a.add_argument("--max-per-atom", type=int, default=20)
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--out", required=True, help="results directory")
+    a.add_argument("--atoms", type=nonneg_int, nargs="+", default=[0], help="atoms to erase")
+    a.add_argument("--max-per-atom", type=positive_int, default=20, help="firings per atom at most")
+    a.add_argument("--seed", type=int, default=0, help="random seed")
     a.set_defaults(func=cmd_attribute)
 
     mk = sub.add_parser("make-demo-model", help="train the shipped demo model on the Python stdlib (reproducible)")
-    mk.add_argument("--out", required=True)
+    mk.add_argument("--out", required=True, help="model directory to write")
     mk.add_argument("--arch", choices=["qwen3_5", "mamba2"], default="qwen3_5",
                     help="qwen3_5: the Gated DeltaNet demo; mamba2: the Mamba-2 demo")
     mk.add_argument("--tokenizer", default=None,
                     help="reuse this tokenizer directory (default for mamba2: the shipped GDN demo's tokenizer)")
-    mk.add_argument("--steps", type=int, default=900)
-    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--steps", type=positive_int, default=900, help="training steps")
+    mk.add_argument("--seed", type=int, default=0, help="random seed")
     mk.set_defaults(func=cmd_make_demo_model)
 
     mr = sub.add_parser("make-demo-release", help="train the shipped WriteSAE release for the demo model")
     mr.add_argument("--model", required=True, help="the demo model directory")
-    mr.add_argument("--out", required=True)
+    mr.add_argument("--out", required=True, help="release directory to write")
     mr.set_defaults(func=cmd_make_demo_release)
 
     pp = sub.add_parser("patch", help="activation patching of every write and of WriteSAE atoms")
@@ -548,19 +888,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.set_defaults(func=cmd_attribution_patch)
     pa = sub.add_parser("path-patch", help="path patching of one write through chosen reads / later layers")
     _add_pairs_args(pa, "unused")
-    pa.add_argument("--layer", type=int, default=None, help="sender layer (default: largest patching effect)")
-    pa.add_argument("--head", type=int, default=None)
+    pa.add_argument("--layer", type=nonneg_int, default=None, help="sender layer (default: largest patching effect)")
+    pa.add_argument("--head", type=nonneg_int, default=None, help="sender head (with --layer)")
     pa.set_defaults(func=cmd_path_patch)
     ci = sub.add_parser("circuit", help="sparse feature circuit over write atoms + ACDC pruning (JSON, figures)")
     _add_pairs_args(ci, "repeatable; in upstream-to-downstream order (default: the demo write and state SAEs)")
-    ci.add_argument("--node-threshold", type=float, default=0.02)
-    ci.add_argument("--edge-threshold", type=float, default=0.01)
-    ci.add_argument("--acdc-threshold", type=float, default=0.02)
+    ci.add_argument("--node-threshold", type=nonneg_float, default=0.02, help="x |clean - corrupted| metric")
+    ci.add_argument("--edge-threshold", type=nonneg_float, default=0.01, help="x |clean - corrupted| metric")
+    ci.add_argument("--acdc-threshold", type=nonneg_float, default=0.02, help="x |clean - corrupted| metric")
+    ci.add_argument("--max-nodes", type=positive_int, default=10, help="atoms kept per SAE at most (by |effect|)")
     ci.set_defaults(func=cmd_circuit)
     ea = sub.add_parser("edit-atoms", help="SHIFT-style ablation of atoms vs random-atom controls")
     _add_pairs_args(ea, "DIR or RELEASE:SAE_ID (default writesae-demo:L4.H0.write)")
-    ea.add_argument("--atoms", type=int, nargs="+", default=None, help="default: the top-3 by attribution")
-    ea.add_argument("--controls", type=int, default=20)
+    ea.add_argument("--atoms", type=nonneg_int, nargs="+", default=None, help="default: the top-3 by attribution")
+    ea.add_argument("--controls", type=nonneg_int, default=20, help="random atom sets to compare with")
     ea.set_defaults(func=cmd_edit_atoms)
 
     d = sub.add_parser("demo", help="the shipped model and SAEs through the substitution, closed-form and install "
@@ -573,12 +914,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default in --help, except the None of an option whose help says what its absence means."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """One-line usage errors (``writesae <command>: <message>``, exit status 2); ``--debug`` everywhere."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show tracebacks instead of one-line errors")
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip()) or "failed"
+
+
+#: errors whose message is the explanation (user-facing library errors); others also name their type
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, NotImplementedError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "length", 2) < 2:
-        print("writesae: --length must be at least 2", file=sys.stderr)
+    prog = f"writesae {args.command}"
+    debug = getattr(args, "debug", False)
+    try:
+        validator = VALIDATORS.get(args.command)
+        if validator is not None:
+            validator(args)
+        return args.func(args)
+    except UsageError as e:
+        if debug:
+            raise
+        print(f"{prog}: {_one_line(e)}", file=sys.stderr)
         return 2
-    return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:
+        if debug or not isinstance(e.code, str):
+            raise
+        print(f"{prog}: {_one_line(e.code).removeprefix('writesae: ')}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a one-line error; --debug shows the traceback
+        if debug:
+            raise
+        kind = "" if isinstance(e, _USER_ERRORS) or type(e).__name__.endswith(("Error", "Exception")) and \
+            type(e).__module__.startswith("writesae_plugin") else f"{type(e).__name__}: "
+        print(f"{prog}: {kind}{_one_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
