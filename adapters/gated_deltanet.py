@@ -268,6 +268,15 @@ class GatedDeltaNetHooks(nn.Module):
                 W_old = torch.outer(kn[bi, t, h], write_value[bi, t, h])
                 entries[(bi, t, h)] = (W_new - W_old, mode == "delta")
         self._functional_edits(owner, entries, offset, b, T, kn, raw_value, v32, beta32, g, init, chunk, dense_D)
+        if entries or (dense_D is not None and bool((dense_D != 0).any())):
+            # edits change this layer's states: decay and query derivatives are taken through the edited layer
+            # (the canonical kernel on the hook outputs), not at the clean layer
+            if not f_g.edited and ops.carries_derivative(f_g.raw):
+                f_g = _Fired(f_g.raw.float(), True, f_g.value, raw=f_g.raw)
+                g_tr = f_g.value
+            if not f_query.edited and ops.carries_derivative(f_query.raw):
+                f_query = _Fired(f_query.raw.float(), True, f_query.value, raw=f_query.raw)
+                query_scaled, q_kernel = f_query.value, f_query.value / scale
 
         # main call: exactly what HF would run unless the read or the transitions were edited
         if not (f_query.edited or f_g.edited):

@@ -213,10 +213,23 @@ class Mamba2Hooks(nn.Module):
         value = f_val.original if f_val.edited else value
         g_eff = f_g.value if f_g.edited else g_c
         q_eff = f_q.value if f_q.edited else q_c
-        canonical = f_g.edited or f_q.edited  # HF's scan cannot express these: run the canonical scan
         init = a["initial_states"]
         init_c = None if init is None else init.float().transpose(-1, -2)  # HF [P, N] -> canonical [N, P]
         skip = _skip(a["D"], x)
+        entries, dense_D = self._write_entries(owner, f_key, f_val, key, value, b, T)
+        write_dense = dense_D
+        offset = cache_offset(self, owner, init is not None, T)
+        self._functional(owner, entries, offset, b, T, key, value, dense_D)
+        if entries or (dense_D is not None and bool((dense_D != 0).any())):
+            # edits change this layer's states: decay and query derivatives are taken through the edited layer
+            # (the canonical scan on the hook outputs), not at the clean layer
+            if not f_g.edited and carries_derivative(f_g.raw):
+                f_g = type(f_g)(f_g.raw.float(), True, f_g.value, raw=f_g.raw)
+                g_eff = f_g.value
+            if not f_q.edited and carries_derivative(f_q.raw):
+                f_q = type(f_q)(f_q.raw.float(), True, f_q.value, raw=f_q.raw)
+                q_eff = f_q.value
+        canonical = f_g.edited or f_q.edited  # HF's scan cannot express these: run the canonical scan
         if canonical:
             read_c, S_c = scalar_decay_scan(key, value, g_eff, q_eff, init_c, a["chunk_size"])
             y = (read_c + skip).to(x.dtype)
@@ -225,10 +238,6 @@ class Mamba2Hooks(nn.Module):
         else:
             out = pure[kn.chunk](**dict(a, **{kn.x_arg: x}, dt=dt, B=B, C=C, **extra))
             y, S = out if a["return_final_states"] else (out, None)
-        entries, dense_D = self._write_entries(owner, f_key, f_val, key, value, b, T)
-        write_dense = dense_D
-        offset = cache_offset(self, owner, init is not None, T)
-        self._functional(owner, entries, offset, b, T, key, value, dense_D)
         if owner.state_capture is not None:
             state_D = self._states(owner, entries, key, value, g_eff, init, b, T, dense_D)
             if state_D is not None:

@@ -238,3 +238,35 @@ def test_delta_rule_scan_equals_the_kernel_and_a_per_token_reference():
     torch.testing.assert_close(o2, ko, rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(S2, kS, rtol=1e-5, atol=2e-5)
 
+
+
+@pytest.mark.parametrize("fam", ["gdn", "mamba2"])
+def test_hook_gradients_with_a_write_edit_in_the_same_forward(models, toks, fam):
+    """With a WriteEdit changing the layer's states, the hooks' gradients are those of the edited layer."""
+    from writesae_plugin.adapters import WriteEdit
+
+    _, model, layer, prefix = _setup(models, fam)
+    gen = torch.Generator().manual_seed(5)
+    edit = WriteEdit(layer=layer, pos=6, head=1, op="add", key=3 * torch.randn(model.cfg.d_k, generator=gen),
+                     value=3 * torch.randn(model.cfg.d_v, generator=gen))
+    for hook in ("hook_log_decay", "hook_query", "hook_write_value"):
+        with model.edits([edit]):
+            tl = _tl_grad(model, toks, prefix + hook)
+            nn = _nnsight_grad(model, toks, model.family.block_attr, layer, hook)
+        torch.testing.assert_close(nn, tl, rtol=1e-5, atol=1e-8, msg=hook)
+        g = tl[:, 7:].abs()  # positions after the edit, where the edited states are read
+        index = tuple(int(i) for i in torch.nonzero(g == g.max())[0])
+        index = (index[0], index[1] + 7, *index[2:])
+        eps = min(max(1e-3 / float(g.max()), 1e-5), 0.1)
+
+        def run(e, index=index, name=prefix + hook):
+            def bump(x, hook):
+                x = x.clone()
+                x[index] = x[index] + e
+                return x
+
+            with torch.no_grad(), model.edits([edit]):
+                return float(metric(model.run_with_hooks(toks, fwd_hooks=[(name, bump)])))
+
+        fd = (run(eps) - run(-eps)) / (2 * eps)
+        assert fd == pytest.approx(float(tl[index]), rel=3e-2, abs=1e-6), (hook, fd, float(tl[index]))
