@@ -335,12 +335,11 @@ class GatedDeltaNetHooks(nn.Module):
         # the hooks not edited get their derivatives by a path that is zero in value (reverse mode: computed in
         # the backward by ops.delta_rule_scan; forward mode: its difference), so the model's own kernel output
         # stays bit for bit and every hook output is on the autograd path of the logits
-        deltas = {"q": None if f_query.edited else f_query.raw.float() - qs,
-                  "g": None if f_g.edited else f_g.raw.float() - g32}
+        pairs = {"q": (f_query, qs), "g": (f_g, g32)}
         if dense_D is None:  # otherwise the factors reach the logits through the dense write hooks
-            deltas["k"] = None if f_key.edited else f_key.raw.float() - kn
-            deltas["v"] = None if f_val.edited else f_val.raw.float() - write_value
-        deltas = {n_: d for n_, d in deltas.items() if ops.carries_derivative(d)}
+            pairs.update(k=(f_key, kn), v=(f_val, write_value))
+        deltas = {n_: ops.derivative_delta(f.raw, c) for n_, (f, c) in pairs.items() if not f.edited}
+        deltas = {n_: d for n_, d in deltas.items() if d is not None}
         o32 = o.float()
         src = o32 if delta_read is None else o32 + delta_read
         if deltas:

@@ -273,6 +273,14 @@ def carries_derivative(t: Tensor | None) -> bool:
     return (torch.is_grad_enabled() and t.requires_grad) or in_functorch_or_forward_ad(t)
 
 
+def derivative_delta(raw: Tensor, clean: Tensor) -> Tensor | None:
+    """``raw - clean`` (a hook's output minus the clean tensor it was given, zero in value) when either carries
+    a derivative, else None (nothing to route; no work on the no-grad path)."""
+    if not (carries_derivative(raw) or carries_derivative(clean)):
+        return None
+    return raw.float() - clean
+
+
 class _Linearised(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, like, n, *tensors):
