@@ -582,17 +582,13 @@ def cmd_attribute(args) -> int:
     import numpy as np
     import torch
 
-    from .experiments.write_attribution import ErasureConfig, effective_attention, run_erasure
+    from .experiments.write_attribution import ErasureConfig, layer_effective_attention, run_erasure
     from .report import plt, write_report
 
     model, desc, sae, tokens = _experiment_inputs(args)
     er = run_erasure(model, sae, tokens, ErasureConfig(atoms=args.atoms, max_per_atom=args.max_per_atom,
                                                          seed=args.seed))
-    p = model.hook_prefix(sae.cfg.layer)
-    with torch.no_grad():
-        _, c = model.run_with_cache(tokens[:1], names_filter=lambda n: n.startswith(p))
-    A = effective_attention(c[p + "hook_query"], c[p + "hook_write_key"], c[p + "hook_log_decay"],
-                            c[p + "hook_beta"])[0, sae.cfg.head]
+    A = layer_effective_attention(model, tokens[:1], sae.cfg.layer)[0][0, sae.cfg.head]  # per write family
 
     def heatmap():
         fig, ax = plt.subplots(figsize=(5, 4.5))
