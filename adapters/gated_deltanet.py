@@ -7,6 +7,15 @@ module globals for a dispatcher and puts a forward-pre-hook on each mixer, so th
 layer is calling; calls from unhooked models pass straight through. With no edit the layer runs the very
 call HF would have made, so logits stay bit-identical. Edits are propagated exactly with the same kernel
 (``ops.propagate``, the zero-value suffix trick).
+
+Derivatives: every hook output is on the autograd path of the logits, so TransformerLens backward hooks,
+nnsight ``.grad`` and forward-mode AD (``torch.func.jvp``, ``forward_ad``) through a hook edit all see the
+same derivative. The model's kernel still runs on the native tensors (capture-only logits bit-identical);
+the canonical hooks that were not edited reach the read through a path that is exactly zero in value and
+carries their first-order effect (``ops.linearised`` over ``ops.delta_rule_scan``, computed in the backward),
+and ``ops.straight_through`` returns the kernel's bits with the read hook's derivatives. A factor's gradient
+holds the transitions fixed (its edit semantics); with edits in the same forward, decay and query gradients
+are taken through the edited layer. Nothing of size ``T x d_k x d_v`` is formed unless a dense hook is on.
 """
 
 from __future__ import annotations

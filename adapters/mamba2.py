@@ -12,6 +12,8 @@ Canonical key-first frame (docs/method.md 2.2): per head, ``S_t = exp(dt'_t A_h)
 Mechanism as for Gated DeltaNet: the module-level ``mamba2_chunk_scan`` / ``mamba2_selective_state_update``
 are swapped for a dispatcher; edits are propagated exactly with ``mamba2_chunk_scan`` itself (zero ``x`` on
 the suffix, ``initial_states`` = the state change). The fused training path is disabled while hooked.
+Derivatives as for Gated DeltaNet (every hook output on the autograd path; the unedited canonical hooks through
+a zero-valued first-order path over ``scalar_decay_scan``; the scan's output kept bit for bit).
 """
 
 from __future__ import annotations
