@@ -274,3 +274,36 @@ def test_write_to_state_edges_on_gdn(qwen, tokens):
     circ = feature_circuit(model, saes[::-1], clean, corrupted, METRIC, node_threshold=0.0, edge_threshold=0.0,
                            max_nodes_per_sae=3, progress=False)
     assert any(e["src"].startswith("L1.H2.write") and e["dst"].startswith("L1.H2.state") for e in circ.edges)
+
+
+def test_streamed_feature_circuit_equals_the_batched_one(qwen, tokens):
+    """Streaming the gradient passes prompt by prompt (bounded memory, the `writesae circuit` default) gives
+    the batched circuit's nodes, per-prompt effects and edges up to rounding; per-row answers in the metric."""
+    model = hook_model(qwen)
+    clean = torch.cat([tokens[:, :10], tokens[:1, 20:30]])  # 3 prompts
+    corrupted = clean.clone()
+    corrupted[:, 3] = (clean[:, 3] + 5) % SAFE_VOCAB
+    saes = []
+    for site, seed in (("write", 0), ("state", 1)):
+        torch.manual_seed(seed)
+        s = WriteSAE(WriteSAEConfig(d_in=256, d_sae=16, d_k=16, d_v=16, k=4, n_heads=4, head=2, site=site,
+                                    family="qwen3_5_text", layer=1))
+        with torch.no_grad():
+            s.enc_key.mul_(10.0)
+        s.cfg.metadata.hook_name = f"blocks.1.linear_attn.hook_{site}"
+        saes.append(s)
+    metric = logit_diff(torch.tensor([7, 5, 9]), torch.tensor([3, 2, 1]))
+    kw = dict(node_threshold=0.0, edge_threshold=0.0, max_nodes_per_sae=3, progress=False)
+    full = feature_circuit(model, saes, clean, corrupted, metric, batch_size=None, **kw)
+    for bs in (2,):  # chunks of 2 and 1: reference rows after and before the live ones
+        part = feature_circuit(model, saes, clean, corrupted, metric, batch_size=bs, **kw)
+        assert part.node_ids() == full.node_ids() and part.metric == full.metric
+        for a, b in zip(part.nodes, full.nodes):
+            assert a["effect"] == pytest.approx(b["effect"], rel=1e-4, abs=1e-6)
+            assert a["by_prompt"]["mean"] == pytest.approx(b["by_prompt"]["mean"], rel=1e-4, abs=1e-6)
+        assert [(e["src"], e["dst"]) for e in part.edges] == [(e["src"], e["dst"]) for e in full.edges]
+        for a, b in zip(part.edges, full.edges):
+            assert a["effect"] == pytest.approx(b["effect"], rel=1e-4, abs=1e-6)
+    assert full.edges
+    with pytest.raises(ValueError, match="batch_size"):
+        feature_circuit(model, saes, clean, corrupted, metric, batch_size=0, **kw)

@@ -111,9 +111,15 @@ def _check_saes(model, saes) -> list:
     return saes
 
 
-def _perturbed_run(model, saes, tokens, metric):
+def _perturbed_run(model, saes, tokens, metric, rows: tuple[int, int] | None = None,
+                   reference_logits: Tensor | None = None):
     """Corrupted-run forward with every SAE spliced (error term) and zero perturbations on each SAE's acts
-    and error; returns (metric value, {sae index: (acts, err, z_acts, z_err)})."""
+    and error; returns (metric value, {sae index: (acts, err, z_acts, z_err)}).
+
+    ``rows=(s, e)``: run only rows ``s:e`` of ``tokens``; the metric then sees ``reference_logits`` (the
+    same run without grad) in the other rows, so its value is the whole batch's and its gradient with
+    respect to these rows is exactly the batched one (rows of a forward are independent); ``metric=None``:
+    the forward only (value None)."""
     store: dict[int, dict] = {}
 
     def perturb(i, kind):  # kind: "acts" or "err"; keeps the input and its zero perturbation
@@ -127,17 +133,41 @@ def _perturbed_run(model, saes, tokens, metric):
     for i, s in enumerate(saes):
         fwd += [(s.cfg.metadata.hook_name + ".hook_sae_acts_post", perturb(i, "acts")),
                 (s.cfg.metadata.hook_name + ".hook_sae_error", perturb(i, "err"))]
-    logits = model.run_with_hooks(tokens, fwd_hooks=fwd)
+    if rows is None:
+        return scalar(metric(model.run_with_hooks(tokens, fwd_hooks=fwd))), store
+    s, e = rows
+    logits = model.run_with_hooks(tokens[s:e], fwd_hooks=fwd)
+    if metric is None:
+        return None, store
+    if reference_logits is not None and (s > 0 or e < tokens.shape[0]):
+        ref = reference_logits.to(logits.dtype)
+        logits = torch.cat([ref[:s], logits, ref[e:]])
     return scalar(metric(logits)), store
+
+
+def _row_chunks(n: int, batch_size: int | None) -> list[tuple[int, int]]:
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of prompts (or None: all at once), got {batch_size}")
+    step = n if batch_size is None else batch_size
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
 
 
 def feature_circuit(model, saes: Sequence, clean: Tensor, corrupted: Tensor, metric: Metric,
                     node_threshold: float = 0.05, edge_threshold: float = 0.02, max_nodes_per_sae: int = 10,
-                    progress: bool = True) -> Circuit:
+                    progress: bool = True, batch_size: int | None = 1) -> Circuit:
     """Attribution-patching feature circuit (clean -> corrupted) over the atoms and error nodes of ``saes``
-    (per-head WriteSAEs at distinct layers; write or state site). See the module docstring."""
+    (per-head WriteSAEs at distinct layers; write or state site). See the module docstring.
+
+    At most ``max_nodes_per_sae`` atoms per SAE (by |effect|) are kept, plus its error node. The gradient
+    passes stream ``batch_size`` prompts at a time (default 1; None: the whole batch in one graph): the
+    metric is evaluated on the whole batch (other rows from a no-grad run), so the numbers equal the batched
+    ones up to floating-point rounding, while memory and time grow linearly in the number of prompts. Two
+    streamed passes: node effects (one backward per chunk), then edges (one backward per kept downstream
+    node and chunk, from the same forward)."""
     _check_pair(clean, corrupted)
     saes = _check_saes(model, saes)
+    n = clean.shape[0]
+    chunks = _row_chunks(n, batch_size)
     with torch.no_grad():
         m_clean, m_corr = float(scalar(metric(model(clean)))), float(scalar(metric(model(corrupted))))
     total = abs(m_clean - m_corr)
@@ -149,13 +179,25 @@ def feature_circuit(model, saes: Sequence, clean: Tensor, corrupted: Tensor, met
             (a_c, e_c), (a_x, e_x) = site_codes(model, s, clean), site_codes(model, s, corrupted)
             deltas.append((a_c - a_x, e_c - e_x))
     opts = sae_options(*saes)
+    K = len(saes)
     nodes, kept = [], []  # kept: (sae index, kind, atom)
-    with torch.enable_grad(), model.options(**opts), model.saes(list(saes), use_error_term=True):
-        value, store = _perturbed_run(model, saes, corrupted, metric)
-        zs = [store[i]["z_acts"] for i in range(len(saes))] + [store[i]["z_err"] for i in range(len(saes))]
-        grads = torch.autograd.grad(value, zs, retain_graph=True)
+    with model.options(**opts), model.saes(list(saes), use_error_term=True):
+        ref = None
+        if len(chunks) > 1:
+            with torch.no_grad():
+                ref = model(corrupted)
+        # pass 1: node effects; the gradients (per row) are kept for the edges
+        grads: list[list[Tensor]] = [[] for _ in range(2 * K)]
+        for rows in tqdm(chunks, desc="circuit nodes", disable=not progress):
+            with torch.enable_grad():
+                value, store = _perturbed_run(model, saes, corrupted, metric, rows, ref)
+                zs = [store[i]["z_acts"] for i in range(K)] + [store[i]["z_err"] for i in range(K)]
+                for slot, g in zip(grads, torch.autograd.grad(value, zs)):
+                    slot.append(g.detach())
+            del value, store, zs
+        grads = [torch.cat(g) for g in grads]
         for i, s in enumerate(saes):
-            g_acts, g_err = grads[i], head_slice(s, grads[len(saes) + i])
+            g_acts, g_err = grads[i], head_slice(s, grads[K + i])
             d_acts, d_err = deltas[i]
             B = d_acts.shape[0]
             by_prompt = (d_acts * g_acts).sum(1) * B  # [b, d_sae]: per-prompt effects of a batch-mean metric
@@ -172,28 +214,36 @@ def feature_circuit(model, saes: Sequence, clean: Tensor, corrupted: Tensor, met
                 nodes.append({"id": _node_id(s, "error", None), "layer": s.cfg.layer, "head": s.cfg.head,
                               "kind": "error", "atom": None, "effect": ie_err, "by_prompt": mean_ci(err_by_prompt)})
                 kept.append((i, "error", None))
-        edges = []
-        downstream = [k for k in kept if k[0] > 0]
-        for i, kind, j in tqdm(downstream, desc="circuit edges", disable=not progress):
-            s = saes[i]
-            g = grads[i] if kind == "atom" else grads[len(saes) + i]
-            if kind == "atom":
-                y = (g[..., j].detach() * store[i]["acts"][..., j]).sum()
-            else:
-                y = (g.detach() * store[i]["err"]).sum()
-            ups = [k for k in kept if k[0] < i]
-            if not ups or not y.requires_grad:
-                continue
-            up_z = [store[u]["z_acts"] if uk == "atom" else store[u]["z_err"] for u, uk, _ in ups]
-            up_g = torch.autograd.grad(y, up_z, retain_graph=True, allow_unused=True)
-            for (u, uk, uj), gz in zip(ups, up_g):
-                if gz is None:
-                    continue
-                d_acts, d_err = deltas[u]
-                w = float((d_acts[..., uj] * gz[..., uj]).sum()) if uk == "atom" else float(
-                    (d_err * head_slice(saes[u], gz)).sum())
-                if abs(w) >= edge_threshold * total:
-                    edges.append({"src": _node_id(saes[u], uk, uj), "dst": _node_id(s, kind, j), "effect": w})
+        # pass 2: edges u -> d, one backward per kept downstream node d (with upstream nodes) and chunk
+        downstream = [k for k in kept if k[0] > 0 and any(u[0] < k[0] for u in kept)]
+        weights: dict[tuple, float] = {}
+        bar = tqdm(total=len(chunks) * len(downstream), desc="circuit edges", disable=not progress or not downstream)
+        for s_, e_ in chunks if downstream else []:
+            with torch.enable_grad():
+                _, store = _perturbed_run(model, saes, corrupted, None, (s_, e_))
+                for i, kind, j in downstream:
+                    if kind == "atom":
+                        y = (grads[i][s_:e_, ..., j] * store[i]["acts"][..., j]).sum()
+                    else:
+                        y = (grads[K + i][s_:e_] * store[i]["err"]).sum()
+                    bar.update(1)
+                    if not y.requires_grad:
+                        continue
+                    ups = [k for k in kept if k[0] < i]
+                    up_z = [store[u]["z_acts"] if uk == "atom" else store[u]["z_err"] for u, uk, _ in ups]
+                    up_g = torch.autograd.grad(y, up_z, retain_graph=True, allow_unused=True)
+                    for (u, uk, uj), gz in zip(ups, up_g):
+                        if gz is None:
+                            continue
+                        d_acts, d_err = deltas[u]
+                        w = float((d_acts[s_:e_, ..., uj] * gz[..., uj]).sum()) if uk == "atom" else float(
+                            (d_err[s_:e_] * head_slice(saes[u], gz)).sum())
+                        key = ((u, uk, uj), (i, kind, j))
+                        weights[key] = weights.get(key, 0.0) + w
+            del store
+        bar.close()
+        edges = [{"src": _node_id(saes[u], uk, uj), "dst": _node_id(saes[i], kind, j), "effect": w}
+                 for ((u, uk, uj), (i, kind, j)), w in weights.items() if abs(w) >= edge_threshold * total]
     return Circuit(nodes, edges, {"clean": m_clean, "corrupted": m_corr}, "attribution")
 
 

@@ -163,15 +163,18 @@ def run_path_patch(model, pairs: PromptPairs, out: str | Path, layer: int | None
 
 
 def run_circuit(model, saes: Sequence, pairs: PromptPairs, out: str | Path, node_threshold: float = 0.02,
-                edge_threshold: float = 0.01, acdc_threshold: float = 0.02, progress: bool = True) -> dict:
-    """Attribution feature circuit over ``saes`` + node-level ACDC, exported as JSON and figures."""
+                edge_threshold: float = 0.01, acdc_threshold: float = 0.02, progress: bool = True,
+                max_nodes_per_sae: int = 10, batch_size: int | None = 1) -> dict:
+    """Attribution feature circuit over ``saes`` + node-level ACDC, exported as JSON and figures. At most
+    ``max_nodes_per_sae`` atoms per SAE; the gradient passes stream ``batch_size`` prompts at a time
+    (bounded memory; the numbers equal the batched ones up to rounding)."""
     from ..report import write_report
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metric = pairs.metric()
     circ = feature_circuit(model, saes, pairs.clean, pairs.corrupted, metric, node_threshold, edge_threshold,
-                           progress=progress)
+                           max_nodes_per_sae=max_nodes_per_sae, progress=progress, batch_size=batch_size)
     pruned = acdc_prune(model, saes, pairs.clean, pairs.corrupted, metric, acdc_threshold, circuit=circ,
                         progress=progress)
     circ.to_json(out / "circuit.json")
