@@ -3,6 +3,9 @@ per patch (``run_with_edits``), and attribution patching (one forward + backward
 run on the shipped demo model (copy-task pairs from held-out text). Agreement is checked, not assumed.
 
 Usage: python benchmarks/bench_patching.py [--n 4] [--length 32] [--layer 2] [--repeats 3]
+       python benchmarks/bench_patching.py --circuit [--n 16] [--length 24] [--batch-size 1]
+           (``writesae circuit``'s defaults: the demo write + state SAEs at layer 4, quote task; time and peak
+           RSS of each stage, one run)
 """
 
 from __future__ import annotations
@@ -43,14 +46,48 @@ def timed(fn, repeats):
     return statistics.median(times), res
 
 
+def circuit(args):
+    """Time and peak RSS of each stage of ``run_circuit``'s work (feature circuit, ACDC) at the CLI defaults."""
+    import resource
+
+    from writesae_plugin.circuits.feature_circuits import acdc_prune, feature_circuit
+    from writesae_plugin.circuits.run import DEFAULT_SAES
+    from writesae_plugin.circuits.tasks import quote_task
+    from writesae_plugin.registry import load_release_sae
+
+    def rss_gb():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+    model = load_demo_model()
+    saes = [load_release_sae(*s.split(":")) for s in DEFAULT_SAES]
+    pairs = quote_task(model.tokenizer, corpus.texts("test"), args.n, args.length, seed=0)
+    metric = pairs.metric()
+    print(f"demo GDN model, {', '.join(DEFAULT_SAES)}, quote task {args.n} pairs x {args.length} tokens, "
+          f"batch_size {args.batch_size}; peak RSS before: {rss_gb():.2f} GB")
+    t = time.perf_counter()
+    circ = feature_circuit(model, saes, pairs.clean, pairs.corrupted, metric, 0.02, 0.01,
+                           batch_size=args.batch_size)
+    print(f"feature circuit: {time.perf_counter() - t:.1f} s, {len(circ.nodes)} nodes, {len(circ.edges)} edges; "
+          f"peak RSS {rss_gb():.2f} GB", flush=True)
+    t = time.perf_counter()
+    pruned = acdc_prune(model, saes, pairs.clean, pairs.corrupted, metric, 0.02, circuit=circ)
+    print(f"ACDC: {time.perf_counter() - t:.1f} s, {len(pruned.nodes)} nodes, faithfulness "
+          f"{pruned.metric['faithfulness']:.3f}; peak RSS {rss_gb():.2f} GB")
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--circuit", action="store_true", help="measure the circuit command's stages instead")
+    ap.add_argument("--batch-size", type=int, default=1, help="--circuit: prompts per gradient pass (0: all)")
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--length", type=int, default=32)
     ap.add_argument("--layer", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.circuit:
+        args.batch_size = args.batch_size or None
+        return circuit(args)
     model = load_demo_model()
     pairs = copy_task(model.tokenizer, corpus.texts("test"), args.n, args.length, source_pos=8)
     metric = pairs.metric()
