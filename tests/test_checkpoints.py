@@ -323,7 +323,9 @@ def test_cli_checkpoint_errors_are_one_line_and_come_before_loading_the_model(un
     out = tmp_path / "torn"
     shutil.copytree(uninterrupted[0], out)
     src, n = _torn_copies(out)
-    base = ["train", "--layer", "1", "--head", "2", "--site", "write", "--dataset", "unused.txt", "--out", str(out)]
+    data = tmp_path / "data.txt"  # the dataset is checked first (non-empty UTF-8); it is never read here
+    data.write_text("some text\n", encoding="utf-8")
+    base = ["train", "--layer", "1", "--head", "2", "--site", "write", "--dataset", str(data), "--out", str(out)]
     cases = [
         (["--resume", str(out / "checkpoints" / str(n + 2))], "incomplete .*trainer_state.pt"),
         (["--resume", "latest", "--out", str(tmp_path / "none")], "no complete checkpoint"),
