@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import (AdapterConfig, HookedRecurrentModel, HookNameError, StateCapture, UnsupportedModelError,
-                   WriteEdit, lm_cross_entropy)
+                   WriteEdit, existing_wrapper, lm_cross_entropy, reuse_wrapper)
 from .gated_deltanet import GDN_MODEL_TYPES, GatedDeltaNetFamily, available_model_types
 from .mamba2 import MAMBA2_MODEL_TYPES, Mamba2Family
 from .mamba_ssm import InferenceCache, MambaSSMCausalLM, hook_mamba_ssm, is_mamba_ssm_model
@@ -31,10 +31,16 @@ def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
     """Wrap a loaded HF recurrent/hybrid LM, or a mamba-ssm ``MambaLMHeadModel`` with Mamba2 layers, into a
     :class:`HookedRecurrentModel` (same weights, same outputs).
 
+    A model that is already hooked gets its existing wrapper back (``wrapper.unhook()`` removes the hooks).
     Raises :class:`UnsupportedModelError` naming the supported families for any other model.
     """
+    if isinstance(hf_model, HookedRecurrentModel):
+        return reuse_wrapper(hf_model, tokenizer)
     if not isinstance(hf_model, nn.Module):
         raise TypeError(f"hook_model expects a loaded transformers model, got {type(hf_model).__name__}")
+    existing = existing_wrapper(hf_model)
+    if existing is not None:
+        return reuse_wrapper(existing, tokenizer)
     if is_mamba_ssm_model(hf_model):
         return hook_mamba_ssm(hf_model, tokenizer=tokenizer)
     model_type = getattr(getattr(hf_model, "config", None), "model_type", None)

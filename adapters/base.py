@@ -32,10 +32,13 @@ forward and compose exactly (linearity of the state in the writes).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
-import logging
 import inspect
+import logging
+import numbers
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Sequence
 
@@ -43,6 +46,7 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
+from transformer_lens.hook_points import HookPoint
 
 from ..host import SAEHostMixin
 
@@ -193,7 +197,12 @@ class WriteActivationCache(ActivationCache):
         return key
 
     def __getitem__(self, key):
-        return super().__getitem__(self._resolve(key))
+        key = self._resolve(key)
+        if isinstance(key, str) and key not in self.cache_dict and key.rsplit(".", 1)[-1] in OPT_IN_HOOKS:
+            raise KeyError(f"{key} is not in this cache: the dense write and state hooks fire only when asked for. "
+                           "Name it in run_with_cache(..., names_filter=[...]), or run inside "
+                           "model.options(materialize_writes=True) / model.options(capture_states=...)")
+        return super().__getitem__(key)
 
     def __contains__(self, key) -> bool:
         return self._resolve(key) in self.cache_dict
@@ -217,12 +226,83 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         self._pending_edits: list[WriteEdit] | None = None
         self._applied_edits: set[int] = set()
         self._init_sae_host()
+        key = _wrapper_key(hf_model)
+        if key in _LIVE_WRAPPERS:
+            raise RuntimeError(f"this {type(hf_model).__name__} is already hooked; use the existing wrapper "
+                               "(hook_model returns it) or call its unhook() first")
+        self._hf_handles: list = []  # every hook this wrapper put on the HF model (removed by unhook)
+        self._unhooked = False
         self._call_offset: int | None = None  # tokens already in the cache at the start of this HF forward
-        hf_model.register_forward_pre_hook(self._note_offset, with_kwargs=True)
-        hf_model.register_forward_hook(self._clear_offset, always_call=True)
+        self.track(hf_model.register_forward_pre_hook(self._note_offset, with_kwargs=True))
+        self.track(hf_model.register_forward_hook(self._clear_offset, always_call=True))
         self.blocks = family.build_blocks(self)
         self.cfg = family.make_config(self)
         self.setup()
+        _LIVE_WRAPPERS[key] = self
+
+    # ------------------------------------------------------------------ lifetime
+    def track(self, handle):
+        """Record a hook ``handle`` this wrapper registered on an HF module (removed by :meth:`unhook`, left
+        out of copies); returns it."""
+        self._hf_handles.append(handle)
+        return handle
+
+    def unhook(self) -> nn.Module:
+        """Remove every hook this wrapper put on the HF model and return the plain HF model (same outputs as
+        before it was hooked). The wrapper cannot run afterwards; ``hook_model`` can hook the model again."""
+        if self._pending_edits is not None:
+            raise RuntimeError("unhook() inside an edits() block; leave the block first")
+        for handle in self._hf_handles:
+            handle.remove()
+        self._hf_handles.clear()
+        self._unhooked = True
+        key = _wrapper_key(self.hf_model)
+        if _LIVE_WRAPPERS.get(key) is self:
+            del _LIVE_WRAPPERS[key]
+        return self.hf_model
+
+    def _check_hooked(self) -> None:
+        if self._unhooked:
+            raise RuntimeError("this hooked model was unhooked (unhook()); call hook_model(model.hf_model) again")
+
+    def __deepcopy__(self, memo):
+        """An independent hooked copy: the HF model is deep-copied without this wrapper's hooks, hooked anew,
+        and given this wrapper's settings and copies of its attached SAEs. Refused inside an ``edits()`` block
+        and while TransformerLens hooks are attached (``reset_hooks()`` first; they are not copied)."""
+        self._check_hooked()
+        if self._pending_edits is not None:
+            raise RuntimeError("cannot copy a hooked model inside an edits() block")
+        hooked = [n for n, hp in self.hook_dict.items() if hp._forward_hooks or hp._backward_hooks]
+        if hooked:
+            raise RuntimeError(f"cannot copy a hooked model while TransformerLens hooks are attached (at {hooked[:3]}); "
+                               "call reset_hooks(including_permanent=True) first and add them to the copy")
+        ours = {h.id for h in self._hf_handles}
+        for module in self.hf_model.modules():  # our hook functions are shared, not copied, then dropped
+            for d in _hook_dicts(module):
+                for hid, fn in d.items():
+                    if hid in ours:
+                        memo[id(fn)] = fn
+        hf_copy = copy.deepcopy(self.hf_model, memo)
+        for module in hf_copy.modules():
+            for d in _hook_dicts(module):
+                for hid in [h for h in d if h in ours]:
+                    del d[hid]
+        from . import hook_model
+
+        new = hook_model(hf_copy, tokenizer=self.tokenizer)
+        new.write_mode, new.materialize_writes = self.write_mode, self.materialize_writes
+        new.state_capture = copy.deepcopy(self.state_capture, memo)
+        for name, wrapper in self._acts_to_saes.items():
+            new._install(name, copy.deepcopy(wrapper, memo))
+        return new
+
+    def __copy__(self):
+        raise TypeError("a hooked model cannot be shallow-copied (the copy would share hooks with the original); "
+                        "use copy.deepcopy(model)")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a hooked model cannot be pickled: save model.hf_model (save_pretrained) and the SAEs, and "
+                        "call hook_model on the reloaded model")
 
     def _note_offset(self, module, args, kwargs):
         cache = cache_from_kwargs(kwargs)
@@ -272,6 +352,19 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
             yield self
         finally:
             self.write_mode, self.materialize_writes, self.state_capture = saved
+
+    def writes_materialized(self, hooks: nn.Module) -> bool:
+        """Whether a layer's dense ``hook_write`` / ``hook_write_flat`` fire in this call: ``materialize_writes``
+        is on, or an SAE is spliced into one of them, or a TransformerLens hook is attached to one (a
+        ``run_with_cache`` / ``run_with_hooks`` that names it). ``hooks``: the layer's hook module."""
+        return self.materialize_writes or _live(hooks.hook_write) or _live(hooks.hook_write_flat)
+
+    def capture_for(self, hooks: nn.Module) -> StateCapture | None:
+        """The states a layer's ``hook_state`` exposes in this call: ``state_capture`` if set, else every
+        position and head while an SAE or a TransformerLens hook is attached to it, else None (not fired)."""
+        if self.state_capture is not None:
+            return self.state_capture
+        return StateCapture(positions="all") if _live(hooks.hook_state) else None
 
     # ------------------------------------------------------------------ functional edits
     @contextlib.contextmanager
@@ -356,6 +449,7 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         ``past_key_values``) or None. ``stop_at_layer=L`` stops before decoder layer L and returns the
         residual stream ``[b,p,d_model]`` entering it (hooks of earlier layers fire).
         """
+        self._check_hooked()
         with self._token_masks(input, {"prepend_bos": prepend_bos, "padding_side": padding_side}):
             return self._forward(input, return_type, loss_per_token, prepend_bos, stop_at_layer, attention_mask,
                                  past_key_values, use_cache, padding_side, **hf_kwargs)
@@ -441,6 +535,7 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         if they differ (a decoder loop this resume cannot reproduce) the state falls back to the full forward
         (``state.full``, reason in ``state.fallback_reason``; logged), so results stay exact, only slower.
         """
+        self._check_hooked()
         if isinstance(tokens, Tensor) and tokens.dim() == 1:
             tokens = tokens[None]
         if not isinstance(tokens, Tensor) or tokens.dim() != 2:
@@ -490,6 +585,7 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         ``>= state.layer`` apply; edits of earlier layers cannot (they would change the replayed output).
         With ``past_key_values`` the call continues a cached sequence (``state`` then holds the new positions
         only: ``state.select(rows, start)``); only the caches of layers ``>= state.layer`` are advanced."""
+        self._check_hooked()
         if not isinstance(state, ResumeState):
             raise TypeError(f"run_from_layer takes a ResumeState from model.resume_state(tokens, layer), got "
                             f"{type(state).__name__}")
@@ -591,6 +687,7 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
 
     def generate(self, input, max_new_tokens: int = 20, do_sample: bool = False, **kwargs) -> Tensor:
         """Greedy (default) generation through the HF ``generate`` with every hook and edit active."""
+        self._check_hooked()
         tokens = self.to_tokens(input) if isinstance(input, (str, list)) else input
         return self.hf_model.generate(input_ids=tokens.to(self.cfg.device), max_new_tokens=max_new_tokens,
                                       do_sample=do_sample, **kwargs)
@@ -642,6 +739,8 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         """TransformerLens ``run_with_cache``: ``(output, ActivationCache)`` (a dict with
         ``return_cache_object=False``). Exact-name filters are validated; ``pos_slice`` slices the position
         axis, which is axis 1 of every hook here (``[b, p, ...]``), not the axis TransformerLens guesses."""
+        if names_filter is None:  # everything, except the opt-in dense / state hooks unless switched on
+            names_filter = self._default_cache_filter
         names_filter = self._names_filter_list(names_filter)
         out, cache = super().run_with_cache(*model_args, names_filter=names_filter,
                                             remove_batch_dim=remove_batch_dim, **kwargs)
@@ -650,6 +749,14 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         if return_cache_object:
             cache = WriteActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache
+
+    def _default_cache_filter(self, name: str) -> bool:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("hook_write", "hook_write_flat"):
+            return self.materialize_writes
+        if leaf == "hook_state":
+            return self.state_capture is not None
+        return True
 
     def run_with_hooks(self, *model_args, fwd_hooks=(), bwd_hooks=(), **kwargs):
         self.check_hook_names([n for n, _ in fwd_hooks if isinstance(n, str)])
@@ -679,8 +786,53 @@ def find_final_norm(hf_model: nn.Module, layers: nn.ModuleList) -> nn.Module:
     raise RuntimeError("could not find the final norm")
 
 
+OPT_IN_HOOKS = ("hook_write", "hook_write_flat", "hook_state")
+
+
+def _live(point: nn.Module) -> bool:
+    """A hook point that something reads: an SAE (or other module) spliced in its place, or a HookPoint with
+    TransformerLens hooks attached."""
+    if not isinstance(point, HookPoint):
+        return True
+    return bool(point._forward_hooks or point._forward_pre_hooks or point._backward_hooks)
+
+
 class _StopForward(Exception):
     pass
+
+
+_LIVE_WRAPPERS: "weakref.WeakValueDictionary[int, HookedRecurrentModel]" = weakref.WeakValueDictionary()
+
+
+def _wrapper_key(hf_model: nn.Module) -> int:
+    """Identity of the model a wrapper hooks (a mamba-ssm adapter's inner ``MambaLMHeadModel``)."""
+    inner = getattr(hf_model, "model", None)
+    return id(inner if type(hf_model).__name__ == "MambaSSMCausalLM" else hf_model)
+
+
+def existing_wrapper(hf_model: nn.Module) -> "HookedRecurrentModel | None":
+    """The live wrapper that hooks ``hf_model`` (or the mamba-ssm model inside it), if any."""
+    w = _LIVE_WRAPPERS.get(_wrapper_key(hf_model))
+    return w if w is not None and not w._unhooked else None
+
+
+def reuse_wrapper(wrapper: "HookedRecurrentModel", tokenizer=None) -> "HookedRecurrentModel":
+    """``hook_model`` on an already hooked model: the existing wrapper (given the tokenizer if it had none)."""
+    wrapper._check_hooked()
+    if tokenizer is not None and wrapper.tokenizer is not None and tokenizer is not wrapper.tokenizer:
+        raise ValueError("this model is already hooked with another tokenizer; set wrapper.tokenizer, or call "
+                         "wrapper.unhook() and hook it again")
+    if tokenizer is not None:
+        wrapper.tokenizer = tokenizer
+    _log.info("hook_model: the model is already hooked; returning its existing wrapper")
+    return wrapper
+
+
+def _hook_dicts(module: nn.Module) -> list[dict]:
+    """The non-empty hook dictionaries of a module (hooks and their with-kwargs / always-call flags)."""
+    names = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks",
+             "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+    return [d for d in (getattr(module, n, None) for n in names) if d]
 
 
 _MISSING = object()

@@ -248,9 +248,9 @@ class GatedDeltaNetHooks(nn.Module):
         dense_new = None
         dense_grad = torch.is_grad_enabled() and ((f_key.edited and new_key.requires_grad)
                                                   or (f_val.edited and new_val.requires_grad))
-        if dense_grad and not owner.materialize_writes:  # factor hooks replaced under autograd: dense path
+        if dense_grad and not owner.writes_materialized(self):  # factor hooks replaced under autograd: dense path
             dense_new = torch.einsum("bthk,bthv->bthkv", new_key, new_val)
-        if owner.materialize_writes:
+        if owner.writes_materialized(self):
             W = torch.einsum("bthk,bthv->bthkv", new_key, new_val)
             f_W = self._fire(self.hook_write, W, lambda: torch.einsum("bthk,bthv->bthkv", new_key, new_val))
             W_in = _output(f_W)
@@ -318,7 +318,7 @@ class GatedDeltaNetHooks(nn.Module):
             delta_read = d_read if delta_read is None else delta_read + d_read
             delta_final = d_final if delta_final is None else delta_final + d_final
             rows = dense_changed.any(-1).nonzero()
-            states_need_grad = owner.state_capture is not None and dense_D.requires_grad and torch.is_grad_enabled()
+            states_need_grad = owner.capture_for(self) is not None and dense_D.requires_grad and torch.is_grad_enabled()
             if states_need_grad:  # the captured states must carry the dense change's gradient: every row
                 rows = torch.ones(b, T, dtype=torch.bool, device=dense_D.device).nonzero()
             if rows.numel():
@@ -329,8 +329,8 @@ class GatedDeltaNetHooks(nn.Module):
                     torch.cat([pert.delta_state, dense_pert.delta_state]))
 
         # opt-in states
-        if owner.state_capture is not None:
-            extra_pert = self._states(owner.state_capture, chunk, kn, v32, g_tr, beta32, init, pert,
+        if owner.capture_for(self) is not None:
+            extra_pert = self._states(owner.capture_for(self), chunk, kn, v32, g_tr, beta32, init, pert,
                                       beta_tr, b, T)
             if isinstance(extra_pert, Tensor):  # differentiable state edit: dense D over all positions
                 d_read, d_final = _dense_path(extra_pert, chunk, q_kernel, query_scaled, kn, g_tr, beta_tr)
@@ -556,9 +556,9 @@ class GatedDeltaNetFamily:
                 mixer = self.mixers[i]
                 hooks = GatedDeltaNetHooks(owner, mixer, i)
                 block.linear_attn = hooks
-                mixer.register_forward_pre_hook(_enter(hooks), with_kwargs=True)
-                mixer.register_forward_hook(_leave(hooks))
-                mixer.register_forward_hook(_clear, always_call=True)
+                owner.track(mixer.register_forward_pre_hook(_enter(hooks), with_kwargs=True))
+                owner.track(mixer.register_forward_hook(_leave(hooks)))
+                owner.track(mixer.register_forward_hook(_clear, always_call=True))
             blocks.append(block)
         return blocks
 

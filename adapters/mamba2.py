@@ -240,7 +240,7 @@ class Mamba2Hooks(nn.Module):
         else:
             out = pure[kn.chunk](**dict(a, **{kn.x_arg: x}, dt=dt, B=B, C=C, **extra))
             y, S = out if a["return_final_states"] else (out, None)
-        if owner.state_capture is not None:
+        if owner.capture_for(self) is not None:
             state_D = self._states(owner, entries, key, value, g_eff, init, b, T, dense_D)
             if state_D is not None:
                 dense_D = state_D if dense_D is None else dense_D + state_D
@@ -314,7 +314,7 @@ class Mamba2Hooks(nn.Module):
         per-token scan (opt-in; exact: the transitions never depend on the writes)."""
         from .gated_deltanet import resolve_capture
 
-        positions, heads = resolve_capture(owner.state_capture, T, self.n_heads)
+        positions, heads = resolve_capture(owner.capture_for(self), T, self.n_heads)
         S = torch.zeros(b, self.n_heads, self.d_k, self.d_v) if init is None else init.float().transpose(-1, -2)
         wanted = {p: i for i, p in enumerate(positions)}
         out = torch.zeros(b, len(positions), self.n_heads, self.d_k, self.d_v)
@@ -353,7 +353,7 @@ class Mamba2Hooks(nn.Module):
         if f_key.edited or f_val.edited:
             changed = (new_key != key).any(-1) | (new_val != value).any(-1)
         dense = None
-        if owner.materialize_writes:
+        if owner.writes_materialized(self):
             H, N, P = self.n_heads, self.d_k, self.d_v
             W = torch.einsum("bthn,bthp->bthnp", new_key, new_val)
             f_W = self._fire(self.hook_write, W, lambda: torch.einsum("bthn,bthp->bthnp", new_key, new_val))
@@ -492,10 +492,10 @@ class Mamba2Hooks(nn.Module):
             dS[bi, h] += d.float()
         if dense_D is not None:
             dS = dS + dense_D[:, 0]
-        if owner.state_capture is not None:  # the state after this step (with the write edits), [b,1,Hs,N,P]
+        if owner.capture_for(self) is not None:  # the state after this step (with the write edits), [b,1,Hs,N,P]
             from .gated_deltanet import resolve_capture
 
-            _, heads = resolve_capture(owner.state_capture, 1, H)
+            _, heads = resolve_capture(owner.capture_for(self), 1, H)
             shown = (state.float().transpose(-1, -2) + dS.detach())[:, heads][:, None].clone()
             f = self._fire(self.hook_state, shown.clone(), lambda: shown)
             if f.replaced_differentiably(shown):
@@ -584,9 +584,9 @@ class Mamba2Family(Mamba2FamilyBase):
             if i in self.mixers:
                 hooks = Mamba2Hooks(owner, self.mixers[i], i, HF_KERNELS, self.dims(self.mixers[i]))
                 block.mixer = hooks
-                self.mixers[i].register_forward_pre_hook(_enter(hooks), with_kwargs=True)
-                self.mixers[i].register_forward_hook(_leave(hooks))
-                self.mixers[i].register_forward_hook(_clear, always_call=True)
+                owner.track(self.mixers[i].register_forward_pre_hook(_enter(hooks), with_kwargs=True))
+                owner.track(self.mixers[i].register_forward_hook(_leave(hooks)))
+                owner.track(self.mixers[i].register_forward_hook(_clear, always_call=True))
             blocks.append(block)
         return blocks
 

@@ -278,11 +278,11 @@ class MambaSSMFamily(Mamba2FamilyBase):
                 m = self.mixers[i]
                 hooks = Mamba2Hooks(owner, m, i, MAMBA_SSM_KERNELS, self.dims(m))
                 block.mixer = hooks
-                m.register_forward_pre_hook(_enter(hooks), with_kwargs=True)
-                m.register_forward_pre_hook(_unfused)
-                m.register_forward_hook(_leave(hooks))
-                m.register_forward_hook(_restore_fused, always_call=True)
-                m.register_forward_hook(_clear, always_call=True)
+                owner.track(m.register_forward_pre_hook(_enter(hooks), with_kwargs=True))
+                owner.track(m.register_forward_pre_hook(_unfused))
+                owner.track(m.register_forward_hook(_leave(hooks)))
+                owner.track(m.register_forward_hook(_restore_fused, always_call=True))
+                owner.track(m.register_forward_hook(_clear, always_call=True))
             blocks.append(block)
         return blocks
 
@@ -312,5 +312,10 @@ def _restore_fused(module, args, output):
 
 def hook_mamba_ssm(model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
     """Wrap a mamba-ssm ``MambaLMHeadModel`` (or a :class:`MambaSSMCausalLM`) into a hooked model."""
+    from .base import existing_wrapper, reuse_wrapper
+
+    existing = existing_wrapper(model)
+    if existing is not None:
+        return reuse_wrapper(existing, tokenizer)
     wrapper = model if isinstance(model, MambaSSMCausalLM) else MambaSSMCausalLM(model)
     return HookedRecurrentModel(wrapper, MambaSSMFamily(wrapper), tokenizer=tokenizer)
