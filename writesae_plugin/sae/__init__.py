@@ -1,5 +1,6 @@
 """The WriteSAE as a SAELens architecture (``"write_sae"``): configs, inference and training classes."""
 
+from . import kernels
 from .config import ARCHITECTURE, WriteSAEConfig, WriteSAETrainingConfig, variant_name
 from .training import TrainingWriteSAE
 from .write_sae import WriteSAE, describe

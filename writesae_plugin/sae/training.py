@@ -8,6 +8,11 @@
 * Optional resampling of dead atoms every ``resample_every`` steps (the paper's recipe): a dead atom is
   re-initialised to the leading singular pair of a badly reconstructed input's residual.
 * BatchTopK keeps an EMA threshold and is exported as a threshold (``jumprelu``) WriteSAE, as SAELens does.
+* Dense layout, fast kernels (``kernels="fast"``, the default, and no hooks attached to the SAE): one no-grad GEMM
+  against the materialised encoder atoms gives every pre-activation; the codes (TopK / BatchTopK / JumpReLU
+  support and band) and the aux-k atoms are chosen from it, and values and gradients are then computed at the
+  selected (row, atom) pairs only (``kernels.py``). Codes denser than ``d_sae / 8`` per row fall back to the
+  materialised-atom GEMMs. ``kernels="reference"`` runs the readable einsum step (tests hold the two equal).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopK
 from torch import Tensor, nn
 
-from . import atoms
+from . import atoms, kernels
 from .config import WriteSAETrainingConfig
 from .write_sae import WriteSAEMixin
 
@@ -102,7 +107,14 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
             out.metrics["resampled_atoms"] = self.resample_dead_atoms(x, step_input.dead_neuron_mask)
         return out
 
+    def _hooks_attached(self) -> bool:
+        return any(len(hp._forward_hooks) or len(hp._backward_hooks) for hp in self.hook_dict.values())
+
     def _dense_step(self, step_input: TrainStepInput) -> TrainStepOutput:
+        if self.kernels == "fast" and not self._hooks_attached():
+            out = self._selected_atoms_step(step_input)
+            if out is not None:
+                return out
         sae_in = step_input.sae_in
         acts, pre = self.encode_with_hidden_pre(sae_in)
         recon = self.decode(acts)
@@ -111,6 +123,85 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
         losses.update(self._aux_losses(step_input, pre, acts, residual=(sae_in - recon).detach()))
         return TrainStepOutput(sae_in=sae_in, sae_out=recon, feature_acts=acts, hidden_pre=pre,
                                loss=sum(losses.values()), losses=losses)
+
+    def _selected_atoms_step(self, step_input: TrainStepInput) -> TrainStepOutput | None:
+        """The dense-layout step on the selected (row, atom) pairs; None when the codes are too dense for it.
+
+        Same losses, codes and gradients as ``_dense_step``'s reference path (fp32 rounding aside).
+        """
+        cfg = self.cfg
+        sae_in = step_input.sae_in
+        X, layout = self._select(sae_in)
+        if layout.passthrough is not None:
+            return None  # a per-head SAE on a multi-head input: the reference path keeps the other heads
+        lead = X.shape[:-2]
+        Xf = X.reshape(-1, cfg.d_in).to(self.b_enc.dtype)
+        N, n = Xf.shape[0], cfg.d_sae
+        b_dec = self.b_dec if cfg.apply_b_dec_to_input else None
+        with torch.no_grad():
+            Xc = Xf - self.b_dec if b_dec is not None else Xf
+            E = None if cfg.encoder == "dense" else kernels.atom_matrix(self.enc_key, self.enc_value)
+            pre0 = Xc @ self.W_enc if E is None else Xc @ E.T
+            pre = pre0 + self.b_enc
+            keep = None
+            if cfg.activation == "topk":
+                idx = pre.topk(cfg.k, dim=-1, sorted=False).indices
+            elif cfg.activation == "batchtopk":
+                chosen = pre.relu().flatten().topk(int(cfg.k * N)).indices
+                support = torch.zeros(N * n, dtype=torch.bool, device=pre.device)
+                support[chosen] = True
+                idx, keep = kernels.select_support(support.view(N, n))
+            else:  # JumpReLU: values on the support, threshold gradients on the rectangle band around it
+                t = self.log_threshold.exp()
+                z = (pre - t) / cfg.jumprelu_bandwidth
+                idx, _ = kernels.select_support((pre > t) | ((z > -0.5) & (z < 0.5)))
+            m = idx.shape[1]
+            if m * 8 > n:
+                return None
+            mask = step_input.dead_neuron_mask
+            n_dead = int(mask.sum()) if mask is not None else 0
+            use_aux = n_dead > 0 and cfg.aux_loss_coefficient != 0
+            if use_aux:
+                aux_idx = torch.where(mask[None], pre, -torch.inf).topk(min(cfg.aux_k, n_dead), dim=-1).indices
+                all_idx = torch.cat([idx, aux_idx], 1)
+            else:
+                all_idx = idx
+            vals0 = pre0.gather(1, all_idx)
+        if E is None:
+            sel = kernels.dense_pre_at(vals0, Xc, all_idx, self.W_enc, b_dec)
+        else:
+            sel = kernels.bilinear_pre_at(vals0, Xc.view(N, cfg.d_k, cfg.d_v), all_idx, self.enc_key,
+                                          self.enc_value, b_dec, E)
+        sel = sel + self.b_enc[all_idx]
+        if cfg.activation == "jumprelu":
+            thr = self.log_threshold.exp()
+            values = kernels.JumpReLUAt.apply(sel[:, :m], thr[idx], cfg.jumprelu_bandwidth)
+        else:
+            values = sel[:, :m].relu()
+            if keep is not None:
+                values = values * keep
+        recon = self._decode_selected(values, idx) + self.b_dec
+        mse = (recon - Xf).pow(2).sum() / sae_in.shape[0]
+        losses = {"mse_loss": mse}
+        if cfg.activation == "jumprelu":
+            l0 = Step.apply(pre, self.log_threshold.exp(), cfg.jumprelu_bandwidth, False).sum(-1).mean()
+            losses["l0_loss"] = step_input.coefficients.get("l0", cfg.l0_coefficient) * l0
+        if use_aux:
+            residual = (Xf - recon).detach()
+            aux_recon = self._decode_selected(sel[:, m:].relu(), aux_idx)
+            aux = (aux_recon - residual).pow(2).sum(-1).mean()
+            scale = min(n_dead / cfg.aux_k, 1.0)
+            losses["auxiliary_reconstruction_loss"] = cfg.aux_loss_coefficient * scale * aux
+        acts = torch.zeros_like(pre).scatter(1, idx, values).reshape(*lead, n)
+        sae_out = self._restore(recon.reshape(*lead, cfg.d_k, cfg.d_v), layout)
+        return TrainStepOutput(sae_in=sae_in, sae_out=sae_out, feature_acts=acts, hidden_pre=pre.reshape(*lead, n),
+                               loss=sum(losses.values()), losses=losses)
+
+    def _decode_selected(self, values: Tensor, idx: Tensor) -> Tensor:
+        """``sum_a values_Na A_{idx_Na}`` ``[N, d_in]`` (no bias) from the selected atoms only."""
+        if self.cfg.decoder_rank is None:
+            return kernels.dense_decode_sparse(values, idx, self.dec_dense)
+        return kernels.rank_decode_sparse(values, idx, self.dec_key, self.dec_value).reshape(idx.shape[0], -1)
 
     def _split(self, sae_in: Tensor) -> tuple[Tensor, Tensor]:
         dk, dv = self.cfg.d_k, self.cfg.d_v

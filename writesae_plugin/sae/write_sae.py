@@ -24,7 +24,7 @@ from sae_lens.saes.sae import SAE
 from sae_lens.saes.topk_sae import TopK
 from torch import Tensor, nn
 
-from . import atoms
+from . import atoms, kernels
 from .config import WriteSAEConfig
 
 
@@ -48,9 +48,16 @@ class JumpReLU(nn.Module):
 
 
 class WriteSAEMixin:
-    """Parameters, encode and decode shared by the inference and training WriteSAE."""
+    """Parameters, encode and decode shared by the inference and training WriteSAE.
+
+    ``kernels`` (an instance attribute, not saved) picks the implementation: ``"fast"`` (default) encodes with one
+    GEMM against the materialised encoder atoms, decodes gradient-free sparse codes from their selected atoms
+    only, and trains TopK / BatchTopK / JumpReLU steps on the selected (row, atom) pairs (``kernels.py``);
+    ``"reference"`` runs the readable einsum forms the fast ones are tested against.
+    """
 
     cfg: Any
+    kernels: str = "fast"
 
     # ------------------------------------------------------------------ parameters
     def initialize_weights(self) -> None:
@@ -156,9 +163,11 @@ class WriteSAEMixin:
         if cfg.apply_b_dec_to_input:
             Xf = Xf - self.b_dec.view(cfg.d_k, cfg.d_v)
         if cfg.encoder == "dense":
-            pre = Xf.reshape(-1, cfg.d_in) @ self.W_enc
+            pre = kernels.dense_encoder_reference(Xf, self.W_enc)
+        elif self.kernels == "reference":
+            pre = kernels.bilinear_encoder_reference(Xf, self.enc_key, self.enc_value)
         else:
-            pre = atoms.bilinear_pre(Xf, self.enc_key, self.enc_value)
+            pre = kernels.bilinear_encoder_gemm(Xf, self.enc_key, self.enc_value)
         return (pre + self.b_enc).reshape(*lead, cfg.d_sae)
 
     def pre_from_factors(self, k: Tensor, v: Tensor) -> Tensor:
@@ -196,10 +205,25 @@ class WriteSAEMixin:
         cfg = self.cfg
         lead = acts.shape[:-1]
         a = acts.reshape(-1, cfg.d_sae).to(self.b_dec.dtype)
-        if cfg.decoder_rank is None:
+        sparse = None
+        if self.kernels != "reference" and not a.requires_grad and a.shape[0]:
+            # codes that need no gradient of their own (all of an inference encode): decode from each row's
+            # nonzero atoms only when that is much less work than the dense product
+            idx, _ = kernels.select_support(a != 0)
+            if idx.shape[1] * 8 <= cfg.d_sae:
+                sparse = idx, a.gather(1, idx)
+        if sparse is not None:
+            idx, vals = sparse
+            if cfg.decoder_rank is None:
+                out = kernels.dense_decode_sparse(vals, idx, self.dec_dense)
+            else:
+                out = kernels.rank_decode_sparse(vals, idx, self.dec_key, self.dec_value).reshape(-1, cfg.d_in)
+        elif cfg.decoder_rank is None:
             out = a @ self.dec_dense
+        elif self.kernels == "reference":
+            out = kernels.rank_decoder_reference(a, self.dec_key, self.dec_value).reshape(-1, cfg.d_in)
         else:
-            out = atoms.decode(a, self.dec_key, self.dec_value).reshape(-1, cfg.d_in)
+            out = kernels.rank_decoder_gemm(a, self.dec_key, self.dec_value).reshape(-1, cfg.d_in)
         return (out + self.b_dec).reshape(*lead, cfg.d_k, cfg.d_v)
 
     def decode(self, feature_acts: Tensor) -> Tensor:
