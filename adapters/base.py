@@ -38,6 +38,7 @@ import functools
 import inspect
 import logging
 import numbers
+import operator
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Sequence
@@ -89,6 +90,18 @@ class WriteEdit:
     mode: WriteMode = "raw"
 
     def __post_init__(self):
+        for name in ("layer", "pos", "head", "batch"):
+            value = getattr(self, name)
+            if value is None and name == "batch":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (numbers.Integral, Tensor)):
+                raise TypeError(f"WriteEdit.{name} must be an integer, got {value!r}")
+            try:
+                object.__setattr__(self, name, operator.index(value))
+            except TypeError:
+                raise TypeError(f"WriteEdit.{name} must be an integer, got {value!r}") from None
+        if self.batch is not None and self.batch < 0:
+            raise ValueError(f"WriteEdit.batch must be a non-negative row index or None, got {self.batch}")
         if self.op not in EDIT_OPS:
             raise ValueError(f"WriteEdit.op must be one of {EDIT_OPS}, got {self.op!r}")
         if self.mode not in WRITE_MODES:
@@ -305,16 +318,46 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
                         "call hook_model on the reloaded model")
 
     def _note_offset(self, module, args, kwargs):
+        """Pre-hook of the HF forward (every path: forward, generate, resume, run_from_layer): validate the
+        token ids and the pending edits against this call, and note the cache offset."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, Tensor):
+            self._check_token_ids(ids)
         cache = cache_from_kwargs(kwargs)
-        try:
-            if cache is None:
-                self._call_offset = 0
-            elif hasattr(cache, "get_seq_length"):
-                self._call_offset = int(cache.get_seq_length())
-            else:  # mamba-ssm InferenceParams
-                self._call_offset = int(cache.seqlen_offset)
-        except (ValueError, AttributeError, TypeError):
-            self._call_offset = None  # unknown: the layers fall back to their own token counters
+        mask = kwargs.get("attention_mask")
+        self._call_offset = _cached_length(cache, ids, mask)
+        if self._pending_edits and isinstance(ids, Tensor) and self._call_offset is not None:
+            self._check_edits_in_call(ids.shape[0], ids.shape[1], self._call_offset, mask)
+
+    def _check_token_ids(self, ids: Tensor) -> None:
+        """Raise ``ValueError`` unless ``ids`` is an integer ``[batch >= 1, pos >= 1]`` tensor of ids in
+        ``[0, vocab)`` (the embedding's rows)."""
+        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"token ids must be an integer tensor [batch, pos], got {ids.dtype} {list(ids.shape)}")
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise ValueError(f"token ids must have at least one row and one position, got shape {list(ids.shape)}")
+        vocab = self.hf_model.get_input_embeddings().weight.shape[0]
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}) (the model's vocabulary), got ids in [{lo}, {hi}]")
+
+    def _check_edits_in_call(self, b: int, T: int, offset: int, mask: Tensor | None) -> None:
+        """Refuse pending edits of this call (positions ``[offset, offset + T)``) whose row does not exist or
+        whose position is padding (``attention_mask`` 0): an edit there would silently move real tokens."""
+        for e in self._pending_edits:
+            if not offset <= e.pos < offset + T:
+                continue
+            if e.batch is not None and e.batch >= b:
+                raise ValueError(f"{e} edits row {e.batch}, but the input has {b} rows")
+            if mask is None or mask.dim() != 2 or mask.shape[1] < T:
+                continue
+            col = mask.shape[1] - T + (e.pos - offset)  # the mask covers the cached tokens and this call's
+            rows = range(b) if e.batch is None else [e.batch]
+            padded = [r for r in rows if not bool(mask[r, col])]
+            if padded:
+                raise ValueError(f"{e} is at a padding position (attention_mask 0) of row(s) {padded}; edit real "
+                                 "tokens only (with left padding a row's first token is at its number of pads; "
+                                 "give batch= to edit one row)")
 
     def _clear_offset(self, module, args, output):
         self._call_offset = None
@@ -411,25 +454,52 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
     def to_tokens(self, input: str | list[str], prepend_bos: bool | None = None,
                   padding_side: str | None = None, move_to_device: bool = True,
                   truncate: bool = True) -> Tensor:
-        """Tokenize like ``HookedTransformer.to_tokens``: ``[batch, pos]`` long, padded with the pad token."""
+        """Tokenize like ``HookedTransformer.to_tokens``: ``[batch, pos]`` long, padded with the pad token (on the
+        tokenizer's padding side unless ``padding_side`` is given). The padding mask is
+        :meth:`to_tokens_and_mask`'s; every entry point that takes strings uses it."""
+        return self.to_tokens_and_mask(input, prepend_bos, padding_side, move_to_device, truncate)[0]
+
+    def to_tokens_and_mask(self, input: str | list[str], prepend_bos: bool | None = None,
+                           padding_side: str | None = None, move_to_device: bool = True,
+                           truncate: bool = True) -> tuple[Tensor, Tensor | None]:
+        """``(tokens [batch, pos], attention_mask [batch, pos] or None)``: the tokenizer's own mask (1 = real
+        token), None when no row is padded. Never inferred from the pad id (it often equals eos, which occurs
+        in real text)."""
         if self.tokenizer is None:
             raise ValueError("this hooked model has no tokenizer: pass tokenizer= to hook_model, or give tokens")
         texts = [input] if isinstance(input, str) else list(input)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("input must be a string or a non-empty list of strings")
         prepend = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
         if prepend and not self.cfg.tokenizer_prepends_bos:
             if self.tokenizer.bos_token is None:
                 raise ValueError("prepend_bos=True but the tokenizer has no bos_token")
             texts = [self.tokenizer.bos_token + t for t in texts]
+        if padding_side not in (None, "left", "right"):
+            raise ValueError(f"padding_side must be 'left', 'right' or None, got {padding_side!r}")
+        if len(texts) > 1 and self.tokenizer.pad_token is None:
+            raise ValueError("the tokenizer has no pad token, so a list of strings cannot be batched: set "
+                             "tokenizer.pad_token (e.g. to its eos token) or pass one string at a time")
         saved = self.tokenizer.padding_side
         if padding_side is not None:
             self.tokenizer.padding_side = padding_side
         try:
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=truncate,
+            enc = self.tokenizer(texts, return_tensors="pt", padding=len(texts) > 1, truncation=truncate,
                                  max_length=self.cfg.n_ctx if truncate else None)
         finally:
             self.tokenizer.padding_side = saved
         tokens = enc["input_ids"]
-        return tokens.to(self.cfg.device) if move_to_device else tokens
+        if tokens.shape[1] == 0:
+            raise ValueError("the input tokenizes to zero tokens; give non-empty text")
+        mask = enc.get("attention_mask")
+        if mask is not None and bool(mask.all()):
+            mask = None
+        if mask is not None and not bool(mask.any(1).all()):
+            raise ValueError("an input string tokenizes to zero tokens; give non-empty text in every row")
+        if move_to_device:
+            tokens = tokens.to(self.cfg.device)
+            mask = None if mask is None else mask.to(self.cfg.device)
+        return tokens, mask
 
     def to_string(self, tokens: Tensor | Sequence[int]) -> str | list[str]:
         if self.tokenizer is None:
@@ -460,18 +530,11 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         if return_type not in ("logits", "loss", "both", "hf", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both', 'hf' or None, got {return_type!r}")
         if isinstance(input, (str, list)):
-            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
-            if attention_mask is None and self.tokenizer.pad_token_id is not None and isinstance(input, list):
-                attention_mask = (tokens != self.tokenizer.pad_token_id).long()
-        elif isinstance(input, Tensor):
-            tokens = input
-            if tokens.dim() == 1:
-                tokens = tokens[None]
-            if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int, torch.int32):
-                raise ValueError(f"tokens must be an integer tensor [batch, pos], got {tokens.dtype} "
-                                 f"{list(tokens.shape)}")
+            tokens, mask = self.to_tokens_and_mask(input, prepend_bos=prepend_bos, padding_side=padding_side)
+            if attention_mask is None:
+                attention_mask = mask
         else:
-            raise TypeError(f"input must be a string, a list of strings or a token tensor, got {type(input)}")
+            tokens = self._as_tokens(input)
         tokens = tokens.to(self.cfg.device)
         if use_cache is None:
             use_cache = past_key_values is not None or return_type == "hf"
@@ -490,6 +553,15 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
             return logits
         loss = lm_cross_entropy(logits, tokens, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    def _as_tokens(self, input) -> Tensor:
+        """A token tensor ``[batch, pos]`` (``[pos]`` gets a batch axis), validated (see ``_check_token_ids``)."""
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a string, a list of strings or a token tensor [batch, pos], got "
+                            f"{type(input).__name__}")
+        tokens = input[None] if input.dim() == 1 else input
+        self._check_token_ids(tokens)
+        return tokens
 
     def _run_until(self, tokens, stop_at_layer, attention_mask, hf_kwargs):
         layers = self.family.decoder_layers(self.hf_model)
@@ -686,9 +758,21 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
                                f"{state.fallback_reason}")
 
     def generate(self, input, max_new_tokens: int = 20, do_sample: bool = False, **kwargs) -> Tensor:
-        """Greedy (default) generation through the HF ``generate`` with every hook and edit active."""
+        """Greedy (default) generation through the HF ``generate`` with every hook and edit active.
+
+        ``input``: a string, a list of strings (tokenized with left padding and the tokenizer's mask, so each
+        row continues as it would alone) or tokens ``[batch, pos]`` (with ``attention_mask=`` if padded).
+        Returns ``[batch, pos + new]`` token ids (the left-padded prompts, then the continuations)."""
         self._check_hooked()
-        tokens = self.to_tokens(input) if isinstance(input, (str, list)) else input
+        if isinstance(input, (str, list)):
+            tokens, mask = self.to_tokens_and_mask(input, padding_side="left")
+            if mask is not None and kwargs.get("attention_mask") is None:
+                kwargs["attention_mask"] = mask
+        else:
+            tokens = self._as_tokens(input)
+        if kwargs.get("pad_token_id") is None and self.tokenizer is not None \
+                and self.tokenizer.pad_token_id is not None:
+            kwargs["pad_token_id"] = self.tokenizer.pad_token_id
         return self.hf_model.generate(input_ids=tokens.to(self.cfg.device), max_new_tokens=max_new_tokens,
                                       do_sample=do_sample, **kwargs)
 
@@ -738,9 +822,15 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
                        remove_batch_dim: bool = False, **kwargs):
         """TransformerLens ``run_with_cache``: ``(output, ActivationCache)`` (a dict with
         ``return_cache_object=False``). Exact-name filters are validated; ``pos_slice`` slices the position
-        axis, which is axis 1 of every hook here (``[b, p, ...]``), not the axis TransformerLens guesses."""
+        axis, which is axis 1 of every hook here (``[b, p, ...]``), not the axis TransformerLens guesses.
+        The opt-in hooks (``hook_write``, ``hook_write_flat``, ``hook_state``) are cached when named in a
+        list / string filter (they then fire for this run) or while switched on (``options``); a callable or
+        no filter leaves them out otherwise, so a plain cache never materialises ``[b,p,H,d_k,d_v]`` tensors."""
         if names_filter is None:  # everything, except the opt-in dense / state hooks unless switched on
             names_filter = self._default_cache_filter
+        elif callable(names_filter):  # a pattern selects the opt-in hooks only while they are switched on;
+            user_filter = names_filter  # name them explicitly to turn them on for this run
+            names_filter = lambda name: bool(user_filter(name)) and self._default_cache_filter(name)  # noqa: E731
         names_filter = self._names_filter_list(names_filter)
         out, cache = super().run_with_cache(*model_args, names_filter=names_filter,
                                             remove_batch_dim=remove_batch_dim, **kwargs)
@@ -784,6 +874,31 @@ def find_final_norm(hf_model: nn.Module, layers: nn.ModuleList) -> nn.Module:
                 if isinstance(getattr(m, attr, None), nn.Module):
                     return getattr(m, attr)
     raise RuntimeError("could not find the final norm")
+
+
+def _cached_length(cache, ids, mask) -> int | None:
+    """How many tokens ``cache`` holds before this call: its record from this hooked model, its own length, 0
+    for a cache none of whose layers is filled yet, else the attention mask's length minus the call's (HF
+    masks cover cached + new tokens); None when nothing tells it."""
+    if cache is None:
+        return 0
+    seen = getattr(cache, "_writesae_seen", None)
+    if seen:
+        return max(seen.values())
+    if not hasattr(cache, "get_seq_length"):  # mamba-ssm InferenceParams
+        return int(cache.seqlen_offset)
+    try:
+        return int(cache.get_seq_length())
+    except (ValueError, AttributeError, TypeError):  # e.g. a cache of linear-attention layers only
+        pass
+    layers = getattr(cache, "layers", None)
+    flags = ("is_recurrent_states_initialized", "is_conv_states_initialized")
+    if layers is not None and all(isinstance(getattr(layer, f, None), dict) for layer in layers for f in flags) \
+            and not any(any(getattr(layer, f).values()) for layer in layers for f in flags):
+        return 0  # nothing cached yet (e.g. the first call of generate)
+    if isinstance(ids, Tensor) and isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[1] > ids.shape[1]:
+        return mask.shape[1] - ids.shape[1]
+    return None
 
 
 OPT_IN_HOOKS = ("hook_write", "hook_write_flat", "hook_state")

@@ -151,7 +151,6 @@ class GatedDeltaNetHooks(nn.Module):
         for name in ("hook_q", "hook_k", "hook_v", "hook_beta", "hook_write_key", "hook_write_value",
                      "hook_write", "hook_write_flat", "hook_log_decay", "hook_query", "hook_state", "hook_read"):
             setattr(self, name, HookPoint())
-        self._seen = 0
         self._kernel_called = False
 
     # ---- hook firing with edit detection (no copies on the capture path)
@@ -421,7 +420,7 @@ class GatedDeltaNetHooks(nn.Module):
         positions when the hook returned a differentiable replacement)."""
         positions, heads = resolve_capture(capture, T, self.n_heads)
         pos_t = torch.tensor(positions, device=kn.device)
-        S = ops.states_at(chunk, kn, v32, g, beta32, init, max(positions) + 1)[:, pos_t]
+        S = ops.states_at(chunk, kn, v32, g, beta32, init, max(positions) + 1, positions=pos_t)
         if pert is not None:
             S = S + ops.propagated_states(chunk, pert, kn, g, beta_tr, pos_t, b)
         S = S[:, :, heads]
@@ -616,22 +615,31 @@ def _enter(hooks):
     return pre
 
 
-def cache_offset(hooks, owner, has_state: bool, T: int) -> int:
-    """Absolute position of this call's first token for the layer, and record the new count.
+def cache_offset(hooks, owner, has_state: bool, T: int) -> int | None:
+    """Absolute position of this call's first token for the layer (tokens already in its cache), and record
+    the new count on the HF cache object (``_writesae_seen``, so copies of a cache carry their own).
 
-    The count is stored on the HF cache object itself (``_writesae_seen``), so copies of a cache (deepcopy,
-    reorder) carry their own; without a cache it falls back to the cache's attention length or the layer's
-    own counter."""
+    Sources, in order: no state -> 0; the cache's own record (made by this hooked model); the offset the
+    model-level pre-hook read off the cache (its length) or the attention mask (cached + new tokens). A cache
+    made elsewhere that cannot report its length (e.g. a pure Mamba-2 cache from an unhooked twin) gives None;
+    an edit of this layer then raises, since its absolute position cannot be placed."""
     cache = getattr(hooks, "_cache", None)
     if not has_state:
         offset = 0
     elif cache is not None and hooks.layer_idx in getattr(cache, "_writesae_seen", {}):
         offset = cache._writesae_seen[hooks.layer_idx]
-    elif owner._call_offset is not None:
-        offset = owner._call_offset
     else:
-        offset = hooks._seen
-    hooks._seen = offset + T
+        offset = owner._call_offset
+    if offset is None:
+        mine = [e for e in owner._pending_edits or () if e.layer == hooks.layer_idx]
+        if mine:
+            raise RuntimeError(
+                f"layer {hooks.layer_idx}: the cache passed in does not record how many tokens it holds (it was "
+                f"made outside this hooked model and its layers cannot report a length), so the edit at absolute "
+                f"position {mine[0].pos} cannot be placed. Build the cache with the hooked model "
+                "(model(prefix, use_cache=True, return_type='hf')), or pass an attention_mask that covers the "
+                "cached and the new tokens")
+        return None
     if cache is not None:
         try:
             cache.__dict__.setdefault("_writesae_seen", {})[hooks.layer_idx] = offset + T

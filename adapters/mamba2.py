@@ -175,7 +175,6 @@ class Mamba2Hooks(nn.Module):
         for n in self.NAMES:
             setattr(self, n, HookPoint())
         self._kernel_called = False
-        self._seen = 0
 
     _fire = GatedDeltaNetHooks._fire  # the same edit detection as for Gated DeltaNet
 

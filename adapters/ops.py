@@ -118,11 +118,65 @@ def previous_reads(kernel, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
 
 
 def states_at(kernel, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None,
-              upto: int) -> Tensor:
+              upto: int, method: str = "auto", positions: Tensor | None = None) -> Tensor:
+    """The states ``S_t`` for ``t < upto`` (or only at local ``positions [P]``, each ``< upto``).
+
+    Returns ``[b, upto, H, d_k, d_v]`` (or ``[b, P, H, d_k, d_v]``) fp32, differentiable. Two exact paths (the
+    readable oracle is :func:`adapters.reference.gated_deltanet_reference` with ``return_states=True``):
+    ``"scan"`` (:func:`states_scan`, what ``"auto"`` takes): the per-token recurrence, vectorised over batch
+    rows and heads; ``"kernel"`` (:func:`states_at_kernel`): one call of the model's kernel with ``d_k``
+    rows per value head (basis-query trick), 3-45x slower on CPU (benchmarks/RESULTS.md).
+    """
+    if method in ("auto", "scan"):
+        return states_scan(k, v, g, beta, initial_state, upto, positions)
+    if method == "kernel":
+        out = states_at_kernel(kernel, k, v, g, beta, initial_state, upto)
+        return out if positions is None else out[:, positions]
+    raise ValueError(f"method must be 'auto', 'scan' or 'kernel', got {method!r}")
+
+
+def states_scan(k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None, upto: int,
+                positions: Tensor | None = None) -> Tensor:
+    """:func:`states_at` by ``S_t = alpha_t (S_{t-1} - beta_t k_t (k_t^T S_{t-1})) + beta_t k_t v_t^T``, one step
+    per token (``O(upto * b * H * d_k * d_v)``); only the wanted states are kept."""
+    b, T, H, d_k = k.shape
+    d_v = v.shape[-1]
+    wanted = list(range(upto)) if positions is None else [int(p) for p in positions.tolist()]
+    if any(not 0 <= p < upto for p in wanted):
+        raise ValueError(f"positions {wanted} out of range for {upto} states")
+    slots: dict[int, list[int]] = {}
+    for i, p in enumerate(wanted):
+        slots.setdefault(p, []).append(i)
+    S = (torch.zeros(b, H, d_k, d_v, dtype=torch.float32, device=k.device) if initial_state is None
+         else initial_state.float())
+    found: list[Tensor | None] = [None] * len(wanted)
+    steps = max(wanted, default=-1) + 1
+    # per step: S <- alpha S + k (beta (v - alpha S^T k))^T (the same update, six small ops)
+    col, row = _key_columns(k, steps)
+    alpha, bt = g[:, :steps].float().exp()[..., None, None], beta[:, :steps].float()[..., None, None]
+    bv, ba = bt * v[:, :steps].float()[:, :, :, None, :], bt * alpha  # [b, t, H, 1, d_v], [b, t, H, 1, 1]
+    for t in range(steps):
+        S = torch.addcmul(alpha[:, t] * S, col[:, t], bv[:, t] - ba[:, t] * (row[:, t] @ S))
+        for i in slots.get(t, ()):
+            found[i] = S
+    if not found:
+        return torch.zeros(b, 0, H, d_k, d_v, dtype=torch.float32, device=k.device)
+    return torch.stack(found, 1)
+
+
+def _key_columns(k: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """The transition keys of the first ``steps`` tokens as columns ``[b, t, H, d_k, 1]`` and rows
+    ``[b, t, H, 1, d_k]`` (fp32), for the per-token scans."""
+    kf = k[:, :steps].float()
+    return kf[..., :, None], kf[..., None, :]
+
+
+def states_at_kernel(kernel, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None,
+                     upto: int) -> Tensor:
     """All states ``S_t`` for ``t < upto`` with one kernel call (basis-query trick).
 
     Each value head is replicated ``d_k`` times with query ``sqrt(d_k) e_j``; the kernel's read is then row
-    j of ``S_t``. Returns ``[b, upto, H, d_k, d_v]`` fp32. Costs ``d_k`` kernel rows: opt-in only.
+    j of ``S_t``. Returns ``[b, upto, H, d_k, d_v]`` fp32. Costs ``d_k`` kernel rows per value head.
     """
     b, T, H, d_k = k.shape
     d_v = v.shape[-1]
@@ -138,36 +192,136 @@ def states_at(kernel, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_sta
 
 
 def propagated_states(kernel, pert: Perturbations, k: Tensor, g: Tensor, beta: Tensor,
-                      positions: Tensor, b: int) -> Tensor:
+                      positions: Tensor, b: int, method: str = "auto") -> Tensor:
     """``Delta S_t`` at the chosen local ``positions`` ``[P]`` caused by ``pert``, summed per batch row.
 
-    Returns ``[b, P, H, d_k, d_v]`` fp32 (zero where ``t < pos``). Uses :func:`states_at` on the
-    suffix-aligned rows, so it costs ``d_k`` kernel rows per perturbation.
+    Returns ``[b, P, H, d_k, d_v]`` fp32 (zero where ``t < pos``); differentiable in ``pert.delta_state`` and
+    the transitions. Two exact paths (the readable oracle is :func:`adapters.reference.propagated_states_reference`,
+    a per-(row, token, head) loop):
+
+    * ``"scan"`` (:func:`propagated_states_scan`): the per-token recurrence
+      ``X_t = alpha_t (I - beta_t k_t k_t^T) X_{t-1} + sum_{r: pos_r = t} D_r``, vectorised over batch rows and
+      heads; its cost does not depend on the number of perturbations (the dense case: every (row, position)
+      perturbed, e.g. a state SAE spliced under autograd);
+    * ``"kernel"`` (:func:`propagated_states_kernel`): the model's kernel on the suffix of every perturbation
+      row with the basis-query trick (``d_k`` kernel rows per perturbation); cheaper for a few perturbations
+      in long sequences.
+
+    ``"auto"`` takes the scan unless there are at most as many perturbations as batch rows and the scan would
+    run more than :data:`SCAN_MAX_STEPS_SPARSE` steps.
     """
+    if method == "auto":
+        R = pert.batch.numel()
+        steps = int(positions.max()) - int(pert.pos.min()) + 1 if R and positions.numel() else 0
+        method = "kernel" if R <= b and steps > SCAN_MAX_STEPS_SPARSE else "scan"
+    if method == "scan":
+        return propagated_states_scan(pert, k, g, beta, positions, b)
+    if method == "kernel":
+        return propagated_states_kernel(kernel, pert, k, g, beta, positions, b)
+    raise ValueError(f"method must be 'auto', 'scan' or 'kernel', got {method!r}")
+
+
+SCAN_MAX_STEPS_SPARSE = 128  # "auto": with at most one perturbation per batch row, longer spans use the kernel
+
+
+def propagated_states_scan(pert: Perturbations, k: Tensor, g: Tensor, beta: Tensor, positions: Tensor,
+                           b: int) -> Tensor:
+    """:func:`propagated_states` by the per-token recurrence over ``min(pos) .. max(positions)``, vectorised
+    over batch rows and heads (``O(steps * b * H * d_k * d_v)``, whatever the number of perturbations)."""
+    _, T, H, d_k = k.shape
+    d_v = pert.delta_state.shape[-1]
+    P = positions.numel()
+    R = pert.batch.numel()
+    if R == 0 or P == 0:
+        return torch.zeros(b, P, H, d_k, d_v, dtype=torch.float32, device=k.device)
+    D = pert.delta_state.float()
+    pos_list = pert.pos.tolist()
+    wanted = positions.tolist()
+    t0, t1 = min(pos_list), max(wanted)
+    # perturbations grouped by position, in their row order (the sum per (batch row, position) is index_add's)
+    by_pos: dict[int, list[int]] = {}
+    for r, s in enumerate(pos_list):
+        by_pos.setdefault(s, []).append(r)
+    # the outputs are the states at the wanted positions (zero before the first perturbation)
+    slots = {}
+    for i, p in enumerate(wanted):
+        slots.setdefault(p, []).append(i)
+    zero = torch.zeros(b, H, d_k, d_v, dtype=torch.float32, device=k.device)
+    found: list[Tensor | None] = [None] * P
+    X = None
+    col, row = _key_columns(k, t1 + 1)
+    alpha = g[:, :t1 + 1].float().exp()[..., None, None]
+    neg_ab = -beta[:, :t1 + 1].float()[..., None, None] * alpha
+    for t in range(t0, t1 + 1):
+        if X is not None:  # the transition at t (never depends on the state): alpha_t (X - beta_t k_t (k_t^T X))
+            X = torch.addcmul(alpha[:, t] * X, col[:, t], neg_ab[:, t] * (row[:, t] @ X))
+        if t in by_pos:
+            r = torch.tensor(by_pos[t], dtype=torch.long, device=k.device)
+            X = (zero if X is None else X).index_add(0, pert.batch[r], D[r])
+        for i in slots.get(t, ()):
+            found[i] = zero if X is None else X
+    return torch.stack([zero if f is None else f for f in found], 1)
+
+
+def propagated_states_kernel(kernel, pert: Perturbations, k: Tensor, g: Tensor, beta: Tensor,
+                             positions: Tensor, b: int) -> Tensor:
+    """:func:`propagated_states` with :func:`states_at_kernel` on the suffix-aligned perturbation rows (``d_k``
+    kernel rows per perturbation), assembled by one gather and one ``index_add`` (bit-identical to
+    accumulating row by row, :func:`_propagated_states_kernel_loop`, in the same order)."""
+    _, T, H, d_k = k.shape
+    d_v = pert.delta_state.shape[-1]
+    P = positions.numel()
+    out = torch.zeros(b * P, H, d_k, d_v, dtype=torch.float32, device=k.device)
+    R = pert.batch.numel()
+    if R == 0 or P == 0:
+        return out.view(b, P, H, d_k, d_v)
+    D = pert.delta_state.float()
+    src = D[:, None]  # src[r, j]: Delta S at pos_r + j (j = 0: the perturbation itself)
+    suffix = _suffix_states(kernel, pert, k, g, beta)
+    if suffix is not None:
+        src = torch.cat([src, suffix], 1)
+    lag = positions[None, :] - pert.pos[:, None]  # [R, P]
+    r, i = (lag >= 0).nonzero(as_tuple=True)  # row-major: r outer, i inner, as the row-by-row loop
+    if r.numel():
+        out = out.index_add(0, pert.batch[r] * P + i, src[r, lag[r, i]])
+    return out.view(b, P, H, d_k, d_v)
+
+
+def _suffix_states(kernel, pert: Perturbations, k: Tensor, g: Tensor, beta: Tensor) -> Tensor | None:
+    """``[R, L, H, d_k, d_v]``: ``Delta S`` at ``pos_r + 1 + j`` of each perturbation alone (None if L = 0)."""
+    _, T, H, d_k = k.shape
+    d_v = pert.delta_state.shape[-1]
+    idx, valid = _suffix_index(pert.pos, T)
+    if idx.shape[1] == 0:
+        return None
+    R = pert.batch.numel()
+    rows = pert.batch[:, None]
+    m = valid.float()
+    k_s = k[rows, idx].float() * m[..., None, None]
+    g_s = g[rows, idx].float() * m[..., None]
+    b_s = beta[rows, idx].float() * m[..., None]
+    v_s = torch.zeros(R, idx.shape[1], H, d_v, dtype=torch.float32, device=k.device)
+    return states_at_kernel(kernel, k_s, v_s, g_s, b_s, pert.delta_state.float(), idx.shape[1])
+
+
+def _propagated_states_kernel_loop(kernel, pert: Perturbations, k: Tensor, g: Tensor, beta: Tensor,
+                                   positions: Tensor, b: int) -> Tensor:
+    """The readable form of :func:`propagated_states_kernel`'s assembly (a Python loop of slice adds; slow
+    under autograd, each add's backward allocating the whole block): kept for its parity test."""
     _, T, H, d_k = k.shape
     d_v = pert.delta_state.shape[-1]
     out = torch.zeros(b, positions.numel(), H, d_k, d_v, dtype=torch.float32, device=k.device)
-    R = pert.batch.numel()
-    if R == 0:
+    if pert.batch.numel() == 0:
         return out
     D = pert.delta_state.float()
-    idx, valid = _suffix_index(pert.pos, T)
-    suffix_states = None
-    if idx.shape[1] > 0:
-        rows = pert.batch[:, None]
-        m = valid.float()
-        k_s = k[rows, idx].float() * m[..., None, None]
-        g_s = g[rows, idx].float() * m[..., None]
-        b_s = beta[rows, idx].float() * m[..., None]
-        v_s = torch.zeros(R, idx.shape[1], H, d_v, dtype=torch.float32, device=k.device)
-        suffix_states = states_at(kernel, k_s, v_s, g_s, b_s, D, idx.shape[1])
-    for r in range(R):
+    suffix = _suffix_states(kernel, pert, k, g, beta)
+    for r in range(pert.batch.numel()):
         s = int(pert.pos[r])
         for i, p in enumerate(positions.tolist()):
             if p == s:
                 out[pert.batch[r], i] += D[r]
             elif p > s:
-                out[pert.batch[r], i] += suffix_states[r, p - s - 1]
+                out[pert.batch[r], i] += suffix[r, p - s - 1]
     return out
 
 

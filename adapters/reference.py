@@ -97,3 +97,23 @@ def gated_deltanet_reference(
                 if states is not None:
                     states[i, t, h] = new
     return ReferenceResult(read=read, final_state=S, delta_value=delta_value, states=states)
+
+
+def propagated_states_reference(batch: Tensor, pos: Tensor, delta_state: Tensor, key: Tensor, log_decay: Tensor,
+                                beta: Tensor, positions: Tensor, b: int) -> Tensor:
+    """``Delta S_t`` at ``positions [P]`` when ``delta_state[r] [H, d_k, d_v]`` is added to the state of batch row
+    ``batch[r]`` right after position ``pos[r]`` (the oracle of ``adapters.ops.propagated_states``).
+
+    Transitions never depend on the state, so the change is the per-token run of the layer from a zero state
+    with every value zero and the perturbations as extra writes. Returns ``[b, P, H, d_k, d_v]`` fp32."""
+    _, T, H, d_k = key.shape
+    d_v = delta_state.shape[-1]
+    extra: dict[tuple[int, int, int], Tensor] = {}
+    for r in range(batch.numel()):
+        for h in range(H):
+            k_ = (int(batch[r]), int(pos[r]), h)
+            extra[k_] = extra.get(k_, 0) + delta_state[r, h].float()
+    zeros = torch.zeros(b, T, H, d_v)
+    states = gated_deltanet_reference(torch.zeros(b, T, H, d_k), key, zeros, log_decay, beta,
+                                      extra_writes=extra, return_states=True).states
+    return states[:, positions.long()]
