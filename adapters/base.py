@@ -281,7 +281,8 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
     def __deepcopy__(self, memo):
         """An independent hooked copy: the HF model is deep-copied without this wrapper's hooks, hooked anew,
         and given this wrapper's settings and copies of its attached SAEs. Refused inside an ``edits()`` block
-        and while TransformerLens hooks are attached (``reset_hooks()`` first; they are not copied)."""
+        and while TransformerLens hooks are attached (``reset_hooks()`` first; they are not copied); nnsight's
+        wrappers are not copied (wrap the copy with ``NNsight`` again)."""
         self._check_hooked()
         if self._pending_edits is not None:
             raise RuntimeError("cannot copy a hooked model inside an edits() block")
@@ -290,16 +291,24 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
             raise RuntimeError(f"cannot copy a hooked model while TransformerLens hooks are attached (at {hooked[:3]}); "
                                "call reset_hooks(including_permanent=True) first and add them to the copy")
         ours = {h.id for h in self._hf_handles}
-        for module in self.hf_model.modules():  # our hook functions are shared, not copied, then dropped
+        wrapped = set()  # nnsight's per-module wrappers (instance attributes): wrap the copy anew
+        for module in self.hf_model.modules():  # our hooks and nnsight's wrappers are shared, then dropped
             for d in _hook_dicts(module):
                 for hid, fn in d.items():
                     if hid in ours:
                         memo[id(fn)] = fn
+            for name, value in module.__dict__.items():
+                if type(value).__module__.split(".")[0] == "nnsight" or name == "__nnsight__":
+                    memo[id(value)] = value
+                    wrapped.add(name)
         hf_copy = copy.deepcopy(self.hf_model, memo)
         for module in hf_copy.modules():
             for d in _hook_dicts(module):
                 for hid in [h for h in d if h in ours]:
                     del d[hid]
+            for name in wrapped & set(module.__dict__):
+                if name == "__nnsight__" or type(module.__dict__[name]).__module__.split(".")[0] == "nnsight":
+                    del module.__dict__[name]
         from . import hook_model
 
         new = hook_model(hf_copy, tokenizer=self.tokenizer)

@@ -153,6 +153,8 @@ def _use_check(ns, work):
     assert torch.equal(nn_logits[:, :30], clean[:, :30]) and not torch.equal(nn_logits[0, 30:], clean[0, 30:])
     assert torch.equal(nn_logits[1], clean[1])
     ns["clean"] = clean
+    assert ns["ids"].shape == (2, model.to_tokens(["def f(x):", "the quick brown fox jumps"]).shape[1] + 8)
+    assert ns["hf_twin"] is not model.hf_model and torch.equal(ns["hf_twin"](tokens).logits, clean)
 
 
 def _sae_check(ns, work):
