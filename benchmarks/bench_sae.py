@@ -1,60 +1,99 @@
-"""WriteSAE benchmarks as ratios measured in one run (not timed tests).
+"""WriteSAE training-step benchmark as ratios measured in one run (not timed tests; issue 13).
 
-1. Bilinear encode of factored writes ``(k, v)`` vs the same encode on materialised ``k v^T`` matrices.
-2. One training step (forward + backward + Adam) of the rank-1 WriteSAE on factors vs SAELens' TopK SAE
-   with the same d_in = d_k * d_v, d_sae and k on dense inputs: samples per second, and peak memory (max
-   RSS of a fresh subprocess per configuration, minus an import-only baseline).
+For each d_k = d_v = d, one training step (``training_forward_pass`` + backward + Adam step + zero_grad) of every
+variant is timed as a ratio to
 
-Usage: python benchmarks/bench_sae.py [--d 64] [--d-sae 2048] [--k 32] [--batch 256] [--repeats 10]
+* the **3-GEMM floor**: ``X @ W``, ``G @ W^T``, ``X^T @ G`` with ``X [B, d_in]``, ``W [d_in, n_f]`` (the forward
+  encoder and its two backward products of a dense SAE: what any SAE on ``d_in``-dimensional input must pay), and
+* **SAELens' TopK SAE** (``TopKTrainingSAE``, its default config, same ``d_in``, ``n_f``, ``k``, dead atoms) on
+  the same flattened input.
+
+The floor is re-measured next to every configuration (floor, config, floor, config, ...; median over rounds) and
+each ratio is a ratio of those adjacent medians, so slow drifts of the machine's load cancel; ratios to SAELens
+are ``(config / floor) / (SAELens / floor)``.
+
+Variants: encoder (bilinear, dense) x decoder (rank-1, rank-2, dense) x activation (TopK, BatchTopK, JumpReLU) on
+the state site (dense ``[B, d_in]`` inputs, random matrices); the write site on factors (``[B, d_k + d_v]``);
+the write site in the dense layout (``k v^T`` flattened; the same kernels as the state site); and the readable
+reference step (``kernels="reference"``) of bilinear+rank-1 for comparison. ``--dead`` of the atoms are marked
+dead so aux-k runs (default 10%, as SAELens would after ``dead_feature_window`` steps). JumpReLU thresholds are
+set to each atom's ``1 - k / n_f`` quantile on the batch so that about ``k`` codes fire per row, as in a trained
+SAE (at its 0.01 initial threshold almost every code fires and the step falls back to the dense GEMMs).
+
+Usage: python benchmarks/bench_sae.py [--d 64 128] [--d-sae 2048] [--k 32] [--batch 256] [--rounds 5]
+       [--threads 2] [--dead 0.1] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
+import gc
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
+ENCODERS_DECODERS = [("bilinear", 1), ("bilinear", 2), ("bilinear", None), ("dense", 1), ("dense", None)]
 
-def timeit(fn, repeats):
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
     fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return time.perf_counter() - t0
 
 
-def make(kind, d, d_sae, k):
-    import writesae_plugin  # noqa: F401
-    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+def floor_fn(d_in, n, batch):
+    X, W, G = torch.randn(batch, d_in), torch.randn(d_in, n), torch.randn(batch, n)
+
+    def run():
+        X @ W
+        G @ W.T
+        X.T @ G
+
+    return run
+
+
+def write_sae_step(d, n, k, batch, dead, encoder="bilinear", decoder_rank=1, activation="topk", site="state",
+                   layout="dense", kernels="fast"):
+    from sae_lens.saes.sae import TrainStepInput
 
     from writesae_plugin.sae import TrainingWriteSAE, WriteSAETrainingConfig
 
-    if kind == "writesae":
-        return TrainingWriteSAE(WriteSAETrainingConfig(d_in=d * d, d_sae=d_sae, d_k=d, d_v=d, k=k, site="write",
-                                                       input_layout="factors"))
-    return TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d * d, d_sae=d_sae, k=k))
+    cfg = WriteSAETrainingConfig(d_in=d * d, d_sae=n, d_k=d, d_v=d, k=k, encoder=encoder, decoder_rank=decoder_rank,
+                                 encoder_rank=2 if decoder_rank == 2 else 1, activation=activation, site=site,
+                                 input_layout=layout)
+    sae = TrainingWriteSAE(cfg)
+    sae.kernels = kernels
+    if layout == "factors":
+        x = torch.randn(batch, 2 * d)
+    elif site == "write":
+        kv = torch.randn(batch, 2 * d)
+        x = (kv[:, :d, None] * kv[:, None, d:]).reshape(batch, -1)
+    else:
+        x = torch.randn(batch, d * d)
+    if activation == "jumprelu":
+        with torch.no_grad():
+            dense_x = x if layout == "dense" else (x[:, :d, None] * x[:, None, d:]).reshape(batch, -1)
+            pre = sae._pre(dense_x.view(batch, d, d))
+            sae.log_threshold.copy_(pre.quantile(1 - k / n, dim=0).clamp(min=1e-4).log())
+    return _step(sae, x, n, dead, TrainStepInput)
 
 
-def train_step_fn(kind, d, d_sae, k, batch):
+def saelens_topk_step(d, n, k, batch, dead):
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
 
-    sae = make(kind, d, d_sae, k)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d * d, d_sae=n, k=k))
+    return _step(sae, torch.randn(batch, d * d), n, dead, TrainStepInput)
+
+
+def _step(sae, x, n, dead, TrainStepInput):
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    kv = torch.randn(batch, 2 * d)
-    x = kv if kind == "writesae" else (kv[:, :d, None] * kv[:, None, d:]).reshape(batch, -1)
-    dead = torch.zeros(d_sae, dtype=torch.bool)
-    dead[: d_sae // 10] = True
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[: int(round(dead * n))] = True
 
     def step():
-        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead,
+        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=mask,
                                                        n_training_steps=1, is_logging_step=False))
         out.loss.backward()
         opt.step()
@@ -63,58 +102,72 @@ def train_step_fn(kind, d, d_sae, k, batch):
     return step
 
 
-def child(kind, d, d_sae, k, batch, steps):
-    """Run in a subprocess: peak RSS of `steps` training steps (or of imports only for 'baseline')."""
-    if kind != "baseline":
-        step = train_step_fn(kind, d, d_sae, k, batch)
-        for _ in range(steps):
-            step()
-    else:
-        import writesae_plugin  # noqa: F401
-    print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+def measure(make, floor, rounds):
+    """Median config time and median of the floor times measured between its rounds (seconds)."""
+    step = make()
+    step()
+    step()  # warm-up: Adam state, allocator
+    fl, st = [], []
+    for _ in range(rounds):
+        fl.append(_timed(floor))
+        st.append(_timed(step))
+    fl.append(_timed(floor))
+    del step
+    gc.collect()
+    return statistics.median(st), statistics.median(fl)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--d", type=int, default=64)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--d-sae", type=int, default=2048)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--child", default=None)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dead", type=float, default=0.1, help="fraction of atoms marked dead (aux-k)")
+    ap.add_argument("--quick", action="store_true", help="only bilinear+rank-1 TopK (state), the floor and SAELens")
     args = ap.parse_args()
-    if args.child:
-        child(args.child, args.d, args.d_sae, args.k, args.batch, 3)
-        return
-    d, n = args.d, args.d_sae
-    # memory first, while this process is still small: a forked child's ru_maxrss starts at the parent's RSS
-    mem = {}
-    for kind in ("baseline", "writesae", "topk"):
-        out = subprocess.run([sys.executable, __file__, "--child", kind, "--d", str(d), "--d-sae", str(n),
-                              "--k", str(args.k), "--batch", str(args.batch)], capture_output=True, text=True,
-                             check=True)
-        mem[kind] = json.loads(out.stdout.strip().splitlines()[-1])["maxrss_mb"]
+    torch.set_num_threads(args.threads)
     import writesae_plugin  # noqa: F401
-    from writesae_plugin.sae import atoms
 
-    torch.manual_seed(0)
-    enc_k, enc_v = torch.randn(n, 1, d), torch.randn(n, 1, d)
-    k, v = torch.randn(args.batch, d), torch.randn(args.batch, d)
-    with torch.no_grad():
-        t_fact = timeit(lambda: atoms.bilinear_pre_factored(k, v, enc_k, enc_v), args.repeats)
-        t_dense = timeit(lambda: atoms.bilinear_pre(k[:, :, None] * v[:, None, :], enc_k, enc_v), args.repeats)
-        err = (atoms.bilinear_pre_factored(k, v, enc_k, enc_v)
-               - atoms.bilinear_pre(k[:, :, None] * v[:, None, :], enc_k, enc_v)).abs().max().item()
-    t_w = timeit(train_step_fn("writesae", d, n, args.k, args.batch), args.repeats)
-    t_t = timeit(train_step_fn("topk", d, n, args.k, args.batch), args.repeats)
-    print(f"d_k = d_v = {d}, d_sae = {n}, k = {args.k}, batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
-    print(f"  bilinear encode: materialised / factored time        {t_dense / t_fact:8.1f}x "
-          f"(max |diff| {err:.1e})")
-    print(f"  train step samples/s: WriteSAE (factors) {args.batch / t_w:9.0f}, SAELens TopK {args.batch / t_t:9.0f}"
-          f"  -> ratio {t_t / t_w:.2f}x")
-    print(f"  peak RSS above import baseline: WriteSAE {mem['writesae'] - mem['baseline']:.0f} MB, "
-          f"SAELens TopK {mem['topk'] - mem['baseline']:.0f} MB")
+    n, k, B, R = args.d_sae, args.k, args.batch, args.rounds
+    print(f"n_f = {n}, k = {k}, batch {B}, {torch.get_num_threads()} threads, fp32, {args.dead:.0%} of atoms dead, "
+          f"median of {R} rounds; ratios to the adjacent 3-GEMM floor")
+    for d in args.d:
+        floor = floor_fn(d * d, n, B)
+        rows = []
+
+        def run(label, make, rounds=R):
+            t, f = measure(make, floor, rounds)
+            rows.append((label, t, f))
+            print(f"  [{label:<46}] {t * 1e3:9.1f} ms (floor {f * 1e3:7.1f} ms) {t / f:6.2f}x", flush=True)
+
+        print(f"\nd_k = d_v = {d} (d_in = {d * d})", flush=True)
+        run("SAELens TopK (dense, flattened)", lambda: saelens_topk_step(d, n, k, B, args.dead))
+        run("state bilinear+rank-1 topk", lambda: write_sae_step(d, n, k, B, args.dead))
+        run("state bilinear+rank-1 topk, no dead atoms", lambda: write_sae_step(d, n, k, B, 0.0))
+        if not args.quick:
+            for act in ("topk", "batchtopk", "jumprelu"):
+                for enc, rank in ENCODERS_DECODERS:
+                    if (enc, rank, act) == ("bilinear", 1, "topk"):
+                        continue
+                    run(f"state {enc}+{'dense' if rank is None else f'rank-{rank}'} {act}",
+                        lambda e=enc, r=rank, a=act: write_sae_step(d, n, k, B, args.dead, e, r, a))
+            for enc, rank in ENCODERS_DECODERS:
+                run(f"write/factors {enc}+{'dense' if rank is None else f'rank-{rank}'} topk",
+                    lambda e=enc, r=rank: write_sae_step(d, n, k, B, args.dead, e, r, "topk", "write", "factors"))
+            run("write/dense k v^T bilinear+rank-1 topk",
+                lambda: write_sae_step(d, n, k, B, args.dead, site="write"))
+            run("state bilinear+rank-1 topk, reference kernels",
+                lambda: write_sae_step(d, n, k, B, args.dead, kernels="reference"), rounds=max(2, R // 2))
+        topk_ratio = rows[0][1] / rows[0][2]
+        print(f"\n  summary d = {d}: step / floor, step / SAELens TopK (lower is faster)")
+        for label, t, f in rows:
+            r = t / f
+            print(f"    {label:<48} {r:6.2f}x floor   {r / topk_ratio:6.2f}x SAELens  "
+                  f"({topk_ratio / r:5.1f}x faster than SAELens)")
 
 
 if __name__ == "__main__":

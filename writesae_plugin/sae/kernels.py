@@ -56,16 +56,21 @@ def dense_decoder_reference(acts: Tensor, dec_dense: Tensor, d_k: int, d_v: int)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def atom_matrix(key: Tensor, value: Tensor) -> Tensor:
+def atom_matrix(key: Tensor, value: Tensor, out: Tensor | None = None) -> Tensor:
     """Factored atoms ``key [n, r, d_k]``, ``value [n, r, d_v]`` -> ``[n, d_k * d_v]`` (``vec(sum_j u_j w_j^T)``).
 
-    Rank 1 is a broadcast product, rank r a batched ``[d_k, r] @ [r, d_v]``; differentiable.
+    Rank 1 is a broadcast product, rank r a batched ``[d_k, r] @ [r, d_v]``; differentiable. ``out`` (no grad
+    only): a contiguous ``[n, d_k * d_v]`` tensor to write into, so a training loop reuses one buffer instead of
+    page-faulting a fresh ``n x d_in`` allocation every step.
     """
     n, r, dk = key.shape
     dv = value.shape[-1]
+    o = None if out is None else out.view(n, dk, dv)
     if r == 1:
-        return (key[:, 0, :, None] * value[:, 0, None, :]).reshape(n, dk * dv)
-    return torch.bmm(key.transpose(1, 2), value).reshape(n, dk * dv)
+        res = torch.mul(key[:, 0, :, None], value[:, 0, None, :], **({} if o is None else {"out": o}))
+    else:
+        res = torch.bmm(key.transpose(1, 2), value, **({} if o is None else {"out": o}))
+    return res.reshape(n, dk * dv)
 
 
 def bilinear_encoder_gemm(X: Tensor, enc_key: Tensor, enc_value: Tensor, max_atom_elems: int = 1 << 26) -> Tensor:
@@ -98,38 +103,39 @@ def _fold_rows(grad_rows: Tensor, idx: Tensor, n: int) -> Tensor:
 class _BilinearAt(torch.autograd.Function):
     """Values: the pre-activations the selecting GEMM already computed. Backward: per selected pair
     ``d/du~_j = g X w~_j``, ``d/dw~_j = g X^T u~_j`` (two batched ``[d_k, d_v]`` products) and, through the
-    centred input ``X - b_dec``, ``d/db_dec = -sum_pairs g A~`` (one matrix-vector product with the atoms)."""
+    centred input ``X - b_dec``, ``d/db_dec = -sum_pairs g u~_j w~_j^T`` (one ``[d_k, pairs] @ [pairs, d_v]``)."""
 
     @staticmethod
-    def forward(ctx, values, X, idx, enc_key, enc_value, b_dec, E):
-        ctx.save_for_backward(X, idx, enc_key, enc_value, E)
+    def forward(ctx, values, X, idx, enc_key, enc_value, b_dec):
+        ctx.save_for_backward(X, idx, enc_key, enc_value)
         ctx.b_dec_grad = b_dec is not None and b_dec.requires_grad
         return values.clone()
 
     @staticmethod
     def backward(ctx, g):
-        X, idx, enc_key, enc_value, E = ctx.saved_tensors
+        X, idx, enc_key, enc_value = ctx.saved_tensors
         N, m = idx.shape
         n, r, dk = enc_key.shape
         dv = enc_value.shape[-1]
         flat = idx.reshape(-1)
+        gr = (g.repeat_interleave(r, 1) if r > 1 else g)[..., None]
+        U = enc_key.index_select(0, flat).reshape(N, m * r, dk)
+        W = enc_value.index_select(0, flat).reshape(N, m * r, dv)
+        Wg = W * gr
         g_key = g_value = g_bias = None
         if ctx.needs_input_grad[3]:
-            W = enc_value.index_select(0, flat).reshape(N, m * r, dv) * g.repeat_interleave(r, 1)[..., None]
-            gU = torch.bmm(W, X.transpose(1, 2))  # [N, m r, d_k] = g X w~
+            gU = torch.bmm(Wg, X.transpose(1, 2))  # [N, m r, d_k] = g X w~
             g_key = _fold_rows(gU.reshape(N * m, r, dk), idx, n)
         if ctx.needs_input_grad[4]:
-            U = enc_key.index_select(0, flat).reshape(N, m * r, dk) * g.repeat_interleave(r, 1)[..., None]
-            gW = torch.bmm(U, X)  # [N, m r, d_v] = g X^T u~
+            gW = torch.bmm(U * gr, X)  # [N, m r, d_v] = g X^T u~
             g_value = _fold_rows(gW.reshape(N * m, r, dv), idx, n)
         if ctx.b_dec_grad:
-            per_atom = g.new_zeros(n).index_add_(0, flat, g.reshape(-1))
-            g_bias = -(per_atom @ E)
-        return None, None, None, g_key, g_value, g_bias, None
+            g_bias = -(U.reshape(-1, dk).T @ Wg.reshape(-1, dv)).reshape(-1)
+        return None, None, None, g_key, g_value, g_bias
 
 
 def bilinear_pre_at(values: Tensor, X: Tensor, idx: Tensor, enc_key: Tensor, enc_value: Tensor,
-                    b_dec: Tensor | None = None, E: Tensor | None = None) -> Tensor:
+                    b_dec: Tensor | None = None) -> Tensor:
     """Differentiable bilinear pre-activations at selected atoms.
 
     Args:
@@ -139,13 +145,10 @@ def bilinear_pre_at(values: Tensor, X: Tensor, idx: Tensor, enc_key: Tensor, enc
         idx: ``[N, m]`` atom indices (int64).
         enc_key, enc_value: ``[n, r, d_k]``, ``[n, r, d_v]`` encoder factors; receive gradients.
         b_dec: ``[d_in]`` the decoder bias subtracted from the input before encoding, or None.
-        E: ``[n, d_in]`` the materialised encoder atoms (``atom_matrix``), needed when ``b_dec`` needs a gradient.
 
     Returns ``[N, m]`` equal to ``bilinear_encoder_reference(X, ...)`` gathered at ``idx``, with its gradients.
     """
-    if b_dec is not None and b_dec.requires_grad and E is None:
-        raise ValueError("bilinear_pre_at needs the materialised encoder atoms E for the b_dec gradient")
-    return _BilinearAt.apply(values, X.detach(), idx, enc_key, enc_value, b_dec, E)
+    return _BilinearAt.apply(values, X.detach(), idx, enc_key, enc_value, b_dec)
 
 
 class _DenseAt(torch.autograd.Function):

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from sae_lens.saes.batchtopk_sae import BatchTopK
 from sae_lens.saes.jumprelu_sae import JumpReLU as JumpReLUFn
 from sae_lens.saes.jumprelu_sae import Step
@@ -138,9 +139,10 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
         Xf = X.reshape(-1, cfg.d_in).to(self.b_enc.dtype)
         N, n = Xf.shape[0], cfg.d_sae
         b_dec = self.b_dec if cfg.apply_b_dec_to_input else None
+        Xc = Xf - b_dec if b_dec is not None else Xf  # centred input; carries b_dec's gradient
         with torch.no_grad():
-            Xc = Xf - self.b_dec if b_dec is not None else Xf
-            E = None if cfg.encoder == "dense" else kernels.atom_matrix(self.enc_key, self.enc_value)
+            E = None if cfg.encoder == "dense" else kernels.atom_matrix(self.enc_key, self.enc_value,
+                                                                      out=self._atoms_buffer(Xf))
             pre0 = Xc @ self.W_enc if E is None else Xc @ E.T
             pre = pre0 + self.b_enc
             keep = None
@@ -161,18 +163,24 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
             mask = step_input.dead_neuron_mask
             n_dead = int(mask.sum()) if mask is not None else 0
             use_aux = n_dead > 0 and cfg.aux_loss_coefficient != 0
-            if use_aux:
-                aux_idx = torch.where(mask[None], pre, -torch.inf).topk(min(cfg.aux_k, n_dead), dim=-1).indices
+            k_aux = min(cfg.aux_k, n_dead)
+            # aux-k codes live on the dead atoms only: while those are few (<= 3 k_aux) the block of dead atoms is
+            # cheaper as small GEMMs than k_aux selected pairs per row
+            aux_block = use_aux and n_dead <= 3 * k_aux
+            all_idx = idx
+            if aux_block:
+                dead_idx = mask.nonzero().flatten()
+                aux_local = pre.index_select(1, dead_idx).topk(k_aux, dim=-1).indices
+            elif use_aux:
+                aux_idx = torch.where(mask[None], pre, -torch.inf).topk(k_aux, dim=-1).indices
                 all_idx = torch.cat([idx, aux_idx], 1)
-            else:
-                all_idx = idx
             vals0 = pre0.gather(1, all_idx)
         if E is None:
             sel = kernels.dense_pre_at(vals0, Xc, all_idx, self.W_enc, b_dec)
         else:
             sel = kernels.bilinear_pre_at(vals0, Xc.view(N, cfg.d_k, cfg.d_v), all_idx, self.enc_key,
-                                          self.enc_value, b_dec, E)
-        sel = sel + self.b_enc[all_idx]
+                                          self.enc_value, b_dec)
+        sel = sel + self.b_enc.index_select(0, all_idx.reshape(-1)).view(all_idx.shape)
         if cfg.activation == "jumprelu":
             thr = self.log_threshold.exp()
             values = kernels.JumpReLUAt.apply(sel[:, :m], thr[idx], cfg.jumprelu_bandwidth)
@@ -180,22 +188,51 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
             values = sel[:, :m].relu()
             if keep is not None:
                 values = values * keep
-        recon = self._decode_selected(values, idx) + self.b_dec
-        mse = (recon - Xf).pow(2).sum() / sae_in.shape[0]
+        dec = self._decode_selected(values, idx)  # reconstruction minus b_dec
+        # ||dec + b_dec - x||^2 = ||dec - Xc||^2 (b_dec's gradient through Xc) with one fused kernel each way
+        mse = F.mse_loss(dec, Xc if b_dec is not None else Xf - self.b_dec, reduction="sum") / sae_in.shape[0]
         losses = {"mse_loss": mse}
         if cfg.activation == "jumprelu":
             l0 = Step.apply(pre, self.log_threshold.exp(), cfg.jumprelu_bandwidth, False).sum(-1).mean()
             losses["l0_loss"] = step_input.coefficients.get("l0", cfg.l0_coefficient) * l0
+        recon = dec.detach() + self.b_dec.detach()
         if use_aux:
-            residual = (Xf - recon).detach()
-            aux_recon = self._decode_selected(sel[:, m:].relu(), aux_idx)
-            aux = (aux_recon - residual).pow(2).sum(-1).mean()
+            residual = Xf - recon
+            if aux_block:
+                aux_recon = self._aux_recon_dead_block(Xc, dead_idx, aux_local)
+            else:
+                aux_recon = self._decode_selected(sel[:, m:].relu(), aux_idx)
+            aux = F.mse_loss(aux_recon, residual, reduction="sum") / N
             scale = min(n_dead / cfg.aux_k, 1.0)
             losses["auxiliary_reconstruction_loss"] = cfg.aux_loss_coefficient * scale * aux
         acts = torch.zeros_like(pre).scatter(1, idx, values).reshape(*lead, n)
         sae_out = self._restore(recon.reshape(*lead, cfg.d_k, cfg.d_v), layout)
         return TrainStepOutput(sae_in=sae_in, sae_out=sae_out, feature_acts=acts, hidden_pre=pre.reshape(*lead, n),
                                loss=sum(losses.values()), losses=losses)
+
+    def _atoms_buffer(self, like: Tensor) -> Tensor:
+        """A reusable ``[d_sae, d_in]`` buffer (not a parameter or saved buffer) for the no-grad encoder atoms."""
+        buf = getattr(self, "_enc_atoms_buf", None)
+        shape = (self.cfg.d_sae, self.cfg.d_in)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+            self._enc_atoms_buf = buf
+        return buf
+
+    def _aux_recon_dead_block(self, Xc: Tensor, dead: Tensor, local: Tensor) -> Tensor:
+        """Aux-k reconstruction ``[N, d_in]`` (no bias) from the dead atoms ``dead [n_dead]`` alone: their encoder and
+        decoder atoms are materialised (``[n_dead, d_in]``) and the codes (the top ``local [N, k_aux]`` of each row's
+        dead pre-activations, ReLU'd) meet them in two small GEMMs; ``Xc [N, d_in]`` is the centred input."""
+        cfg = self.cfg
+        if cfg.encoder == "dense":
+            pre = Xc @ self.W_enc.index_select(1, dead)
+        else:
+            pre = Xc @ kernels.atom_matrix(self.enc_key.index_select(0, dead), self.enc_value.index_select(0, dead)).T
+        pre = pre + self.b_enc.index_select(0, dead)
+        codes = torch.zeros_like(pre).scatter(1, local, pre.gather(1, local).relu())
+        if cfg.decoder_rank is None:
+            return codes @ self.dec_dense.index_select(0, dead)
+        return codes @ kernels.atom_matrix(self.dec_key.index_select(0, dead), self.dec_value.index_select(0, dead))
 
     def _decode_selected(self, values: Tensor, idx: Tensor) -> Tensor:
         """``sum_a values_Na A_{idx_Na}`` ``[N, d_in]`` (no bias) from the selected atoms only."""
