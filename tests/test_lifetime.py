@@ -13,7 +13,7 @@ import writesae_plugin  # noqa: F401  (registers the architecture)
 from conftest import SAFE_VOCAB
 from tiny_mamba_models import make_tiny_mamba
 from writesae_plugin.adapters import StateCapture, WriteEdit, hook_model
-from writesae_plugin.attribution import feature_attribution
+from writesae_plugin.attribution import feature_attribution, feature_attribution_nnsight
 from writesae_plugin.sae import WriteSAE, WriteSAEConfig
 
 
@@ -143,6 +143,8 @@ def test_write_sae_splice_turns_dense_writes_on_for_its_run(hf_and_layer, ids):
     with model.options(materialize_writes=True):
         acts_on, attr_on = feature_attribution(model, ids, sae, metric)
     assert torch.equal(acts, acts_on) and torch.allclose(attr, attr_on)
+    acts_nn, attr_nn = feature_attribution_nnsight(model, ids, sae, metric)  # nnsight sees the splice too
+    assert torch.allclose(acts_nn, acts) and torch.allclose(attr_nn, attr, atol=1e-7)
 
 
 def test_named_dense_hooks_fire_and_tl_patching_needs_no_switch(qwen, ids):
