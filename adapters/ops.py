@@ -56,15 +56,27 @@ def _suffix_index(pos: Tensor, T: int) -> tuple[Tensor, Tensor]:
 
 
 def propagate(kernel, pert: Perturbations, q: Tensor, query_scaled: Tensor, k: Tensor, g: Tensor,
-              beta: Tensor) -> Propagated:
-    """Exact ``Delta o`` and ``Delta S_T`` caused by state perturbations, with one kernel call.
+              beta: Tensor, method: str = "auto") -> Propagated:
+    """Exact ``Delta o`` and ``Delta S_T`` caused by state perturbations.
 
     Args:
         q: ``[b, T, H, d_k]`` normalised unscaled query (what the kernel reads).
         query_scaled: ``[b, T, H, d_k]`` the read's query ``c * q`` (used at the perturbed position itself).
         k, g, beta: ``[b, T, H, d_k]``, ``[b, T, H]``, ``[b, T, H]`` transition inputs. Positions whose
             transition is replaced by ``alpha I`` (delta-mode edits) must already have ``beta = 0``.
+        method: ``"kernel"``: one call of the model's kernel on the suffix of every perturbation row
+            (``R`` rows of up to ``T`` tokens; ``suffix_read`` is filled); ``"scan"``
+            (:func:`propagate_scan`): the per-token recurrence over all rows at once (``b`` rows whatever ``R``:
+            the dense case, e.g. an SAE spliced at every position, is ``O(T)`` instead of ``O(T^2)``);
+            ``"auto"``: the scan when there are more perturbations than batch rows, else the kernel. The
+            readable oracle of both is :func:`adapters.reference.gated_deltanet_reference` (``extra_writes``).
     """
+    if method == "auto":
+        method = "scan" if pert.batch.numel() > k.shape[0] else "kernel"
+    if method == "scan":
+        return propagate_scan(pert, query_scaled, k, g, beta)
+    if method != "kernel":
+        raise ValueError(f"method must be 'auto', 'scan' or 'kernel', got {method!r}")
     b, T, H, d_k = k.shape
     d_v = pert.delta_state.shape[-1]
     R = pert.batch.numel()
@@ -94,6 +106,38 @@ def propagate(kernel, pert: Perturbations, q: Tensor, query_scaled: Tensor, k: T
         delta_read = delta_read.index_add(0, flat, suffix_read[valid])
     delta_final = delta_final.index_add(0, pert.batch, final.float())
     return Propagated(delta_read.view(b, T, H, d_v), delta_final, suffix_read)
+
+
+def propagate_scan(pert: Perturbations, query_scaled: Tensor, k: Tensor, g: Tensor, beta: Tensor) -> Propagated:
+    """:func:`propagate` by the per-token recurrence ``X_t = alpha_t (X_{t-1} - beta_t k_t (k_t^T X_{t-1})) +
+    sum_{r: pos_r = t} D_r``, ``Delta o_t = X_t^T (c q_t)`` from the first perturbed position on (exact zeros
+    before it and in rows with nothing perturbed yet). ``suffix_read`` is None (the rows are summed)."""
+    b, T, H, d_k = k.shape
+    d_v = pert.delta_state.shape[-1]
+    R = pert.batch.numel()
+    delta_read = torch.zeros(b, T, H, d_v, dtype=torch.float32, device=k.device)
+    zero = torch.zeros(b, H, d_k, d_v, dtype=torch.float32, device=k.device)
+    if R == 0:
+        return Propagated(delta_read, zero, None)
+    D = pert.delta_state.float()
+    by_pos: dict[int, list[int]] = {}
+    for r, p in enumerate(pert.pos.tolist()):
+        by_pos.setdefault(p, []).append(r)
+    t0 = min(by_pos)
+    col, row = _key_columns(k, T)
+    alpha = g.float().exp()[..., None, None]
+    neg_ab = -beta.float()[..., None, None] * alpha
+    qs = query_scaled.float()[..., None, :]  # [b, T, H, 1, d_k]
+    X, reads = zero, []
+    for t in range(t0, T):
+        if t > t0:
+            X = torch.addcmul(alpha[:, t] * X, col[:, t], neg_ab[:, t] * (row[:, t] @ X))
+        if t in by_pos:
+            r = torch.tensor(by_pos[t], dtype=torch.long, device=k.device)
+            X = X.index_add(0, pert.batch[r], D[r])
+        reads.append((qs[:, t] @ X)[..., 0, :])
+    delta_read = torch.cat([delta_read[:, :t0], torch.stack(reads, 1)], 1)
+    return Propagated(delta_read, X, None)
 
 
 def previous_reads(kernel, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
