@@ -255,13 +255,8 @@ def test_edit_atoms_covers_every_position_atom_pair_and_write_to_state_edges(pla
     assert any(e["src"].startswith("L0.H1.write") and e["dst"].startswith("L0.H1.state") for e in circ.edges)
 
 
-def test_write_to_state_edges_on_gdn(qwen, tokens):
-    """On Gated DeltaNet too, a state SAE at the write SAE's layer sees the write atoms (states carry the
-    dense write change's gradient)."""
-    model = hook_model(qwen)
-    clean = tokens[:1, :10]
-    corrupted = clean.clone()
-    corrupted[:, 3] = (clean[:, 3] + 5) % SAFE_VOCAB
+def _gdn_write_and_state_saes() -> list:
+    """A write SAE and a state SAE at layer 1, head 2 of the tiny Qwen3.5 (encoders scaled up so atoms fire)."""
     saes = []
     for site, seed in (("write", 0), ("state", 1)):
         torch.manual_seed(seed)
@@ -271,6 +266,17 @@ def test_write_to_state_edges_on_gdn(qwen, tokens):
             s.enc_key.mul_(10.0)
         s.cfg.metadata.hook_name = f"blocks.1.linear_attn.hook_{site}"
         saes.append(s)
+    return saes
+
+
+def test_write_to_state_edges_on_gdn(qwen, tokens):
+    """On Gated DeltaNet too, a state SAE at the write SAE's layer sees the write atoms (states carry the
+    dense write change's gradient)."""
+    model = hook_model(qwen)
+    clean = tokens[:1, :10]
+    corrupted = clean.clone()
+    corrupted[:, 3] = (clean[:, 3] + 5) % SAFE_VOCAB
+    saes = _gdn_write_and_state_saes()
     circ = feature_circuit(model, saes[::-1], clean, corrupted, METRIC, node_threshold=0.0, edge_threshold=0.0,
                            max_nodes_per_sae=3, progress=False)
     assert any(e["src"].startswith("L1.H2.write") and e["dst"].startswith("L1.H2.state") for e in circ.edges)
@@ -283,15 +289,7 @@ def test_streamed_feature_circuit_equals_the_batched_one(qwen, tokens):
     clean = torch.cat([tokens[:, :10], tokens[:1, 20:30]])  # 3 prompts
     corrupted = clean.clone()
     corrupted[:, 3] = (clean[:, 3] + 5) % SAFE_VOCAB
-    saes = []
-    for site, seed in (("write", 0), ("state", 1)):
-        torch.manual_seed(seed)
-        s = WriteSAE(WriteSAEConfig(d_in=256, d_sae=16, d_k=16, d_v=16, k=4, n_heads=4, head=2, site=site,
-                                    family="qwen3_5_text", layer=1))
-        with torch.no_grad():
-            s.enc_key.mul_(10.0)
-        s.cfg.metadata.hook_name = f"blocks.1.linear_attn.hook_{site}"
-        saes.append(s)
+    saes = _gdn_write_and_state_saes()
     metric = logit_diff(torch.tensor([7, 5, 9]), torch.tensor([3, 2, 1]))
     kw = dict(node_threshold=0.0, edge_threshold=0.0, max_nodes_per_sae=3, progress=False)
     full = feature_circuit(model, saes, clean, corrupted, metric, batch_size=None, **kw)
