@@ -280,6 +280,41 @@ def validate_train(args) -> None:
             config.get("model_type") in MAMBA2_MODEL_TYPES or "ssm_cfg" in config):
         raise UsageError("--write-mode delta: Mamba-2 writes have one mode (the transition never erases, so the "
                          "raw and delta writes coincide); use --write-mode raw")
+    if (args.dataset is None) == (args.store is None):
+        raise UsageError("give exactly one data source: --dataset (stream text through the model) or --store "
+                         "(an activation store from `writesae extract`)")
+    if args.store is not None:
+        check_store_arg(args.store)
+    else:
+        check_dataset_arg(args.dataset, args.text_column)
+    check_out_dir(args.out)
+
+
+def check_store_arg(spec: str, flag: str = "--store") -> dict:
+    """A complete activation store (its manifest, parsed); a missing or unfinished one is a usage error."""
+    path = Path(spec).expanduser()
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        raise UsageError(f"{flag} {spec}: not an activation store (no manifest.json); make one with "
+                         "`writesae extract`")
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{flag} {spec}: manifest.json is not readable JSON ({e})") from None
+    if not data.get("complete"):
+        raise UsageError(f"{flag} {spec}: the extraction did not finish; rerun the same `writesae extract` "
+                         "command to complete it")
+    return data
+
+
+def validate_extract(args) -> None:
+    if args.contexts_per_shard % args.forward_batch:
+        raise UsageError(f"--contexts-per-shard {args.contexts_per_shard}: must be a multiple of --forward-batch "
+                         f"{args.forward_batch}")
+    config = check_model_arg(args.model)
+    if args.write_mode == "delta" and config is not None and (
+            config.get("model_type") in MAMBA2_MODEL_TYPES or "ssm_cfg" in config):
+        raise UsageError("--write-mode delta: Mamba-2 writes have one mode; use --write-mode raw")
     check_dataset_arg(args.dataset, args.text_column)
     check_out_dir(args.out)
 
@@ -323,7 +358,7 @@ def _validate_make_demo_release(args) -> None:
     check_out_dir(args.out)
 
 
-VALIDATORS = {"hooks": lambda a: check_model_arg(a.model), "train": validate_train,
+VALIDATORS = {"hooks": lambda a: check_model_arg(a.model), "train": validate_train, "extract": validate_extract,
               "substitute": _validate_sae_experiment, "closed-form": _validate_sae_experiment,
               "attribute": _validate_sae_experiment, "install": _validate_data,
               "make-demo-model": _validate_make_demo_model, "make-demo-release": _validate_make_demo_release,
@@ -420,10 +455,15 @@ def cmd_train(args) -> int:
     import torch
 
     from .data import ActivationProvider, SiteSpec, load_text_dataset, token_contexts
-    from .sae import WriteSAETrainingConfig
-    from .train import train_write_sae
 
     torch.manual_seed(args.seed)
+    if args.store is not None:
+        from .store import StoreError
+
+        try:
+            return _train_from_store(args, layout, ckpt)
+        except StoreError as e:  # a store that does not fit this run: a usage error, found before training
+            raise UsageError(str(e)) from None
     model, desc = _load(args.model)
     if model.tokenizer is None:
         print(f"writesae train: {desc} has no tokenizer; a text dataset needs one", file=sys.stderr)
@@ -446,23 +486,78 @@ def cmd_train(args) -> int:
     heads = None if args.head is None else [args.head]
     spec = SiteSpec(layer=args.layer, site=args.site, heads=heads, positions=args.positions,
                     write_mode=args.write_mode, layout=layout)
+    # context i of the stream is sampled at the same positions however the stream is split (and as a store
+    # extracted with this seed holds it): validation = the first contexts, training = the rest
     provider = ActivationProvider(model, contexts, spec, batch_size=args.batch_size, seed=args.seed,
-                                  normalize=not args.no_normalize)
+                                  normalize=not args.no_normalize, first_context=args.val_contexts)
     val_provider = ActivationProvider(model, iter(val_contexts), spec, batch_size=args.batch_size,
-                                      buffer_batches=2, seed=args.seed + 1)
+                                      buffer_batches=2, seed=args.seed + 1, position_seed=args.seed)
     val_batches = list(val_provider)
-    hook = model.hook_prefix(args.layer) + f"hook_{args.site}"
+    dims = {"d_k": cfg_m.d_k, "d_v": cfg_m.d_v, "n_heads": cfg_m.n_heads, "family": cfg_m.family,
+            "hook": model.hook_prefix(args.layer) + f"hook_{args.site}",
+            "hf_module": model.family.hf_module_name(model.hf_model, args.layer)}
+    return _fit(args, layout, ckpt, provider, val_batches, dims, desc, args.context_length)
+
+
+def _train_from_store(args, layout: str, ckpt) -> int:
+    """``writesae train --store``: the same training, reading the cell from an activation store (no model
+    forward; with --model, the store must come from that model)."""
+    from .data import SiteSpec
+    from .store import ActivationStore, StoreProvider, weights_sha256
+
+    store = ActivationStore(args.store)
+    info = store.model
+    if args.layer not in info["recurrent_layers"]:
+        raise UsageError(f"--layer {args.layer} is not a recurrent layer of the store's model; choose from "
+                         f"{info['recurrent_layers']}")
+    if args.head is not None and not 0 <= args.head < info["n_heads"]:
+        raise UsageError(f"--head {args.head} out of range (0..{info['n_heads'] - 1} or all)")
+    heads = None if args.head is None else [args.head]
+    sha = None
+    if args.model is not None:
+        model, _ = _load(args.model)
+        sha = weights_sha256(model.hf_model)
+        del model
+    store.check_cell(args.layer, heads, args.site, args.write_mode, model_sha256=sha)
+    if store.config["heads"] is not None and heads is None and sorted(store.heads) != list(range(info["n_heads"])):
+        raise UsageError(f"--head all: the store holds heads {store.heads} only")
+    if store.n_contexts <= args.val_contexts:
+        raise UsageError(f"--store {args.store}: {store.n_contexts} contexts, not more than --val-contexts "
+                         f"{args.val_contexts}")
+    positions = store.config["positions"]
+    spec = SiteSpec(layer=args.layer, site=args.site, heads=heads,
+                    positions=tuple(positions) if isinstance(positions, list) else positions,
+                    write_mode=args.write_mode, layout=layout, skip_first=store.config["skip_first"])
+    provider = StoreProvider(store, spec, batch_size=args.batch_size, seed=args.seed,
+                             normalize=not args.no_normalize, first_context=args.val_contexts)
+    val_batches = list(StoreProvider(store, spec, batch_size=args.batch_size, buffer_batches=2, seed=args.seed + 1,
+                                     n_contexts=args.val_contexts))
+    key = str(args.layer)
+    dims = {"d_k": info["d_k"], "d_v": info["d_v"], "n_heads": info["n_heads"], "family": info["family"],
+            "hook": info["hook_prefixes"][key] + f"hook_{args.site}", "hf_module": info["hf_module_names"][key]}
+    return _fit(args, layout, ckpt, provider, val_batches, dims, info["path"],
+                store.config["data"].get("context_length"))
+
+
+def _fit(args, layout, ckpt, provider, val_batches, dims: dict, model_name: str, context_length) -> int:
+    from .checkpoints import CheckpointError, OutputDirError
+    from .sae import WriteSAETrainingConfig
+    from .train import train_write_sae
+
     cfg = WriteSAETrainingConfig(
-        d_in=cfg_m.d_k * cfg_m.d_v, d_sae=args.d_sae, d_k=cfg_m.d_k, d_v=cfg_m.d_v, k=args.k,
+        d_in=dims["d_k"] * dims["d_v"], d_sae=args.d_sae, d_k=dims["d_k"], d_v=dims["d_v"], k=args.k,
         encoder=args.encoder, decoder_rank=None if args.decoder_rank == 0 else args.decoder_rank,
-        activation=args.activation, site=args.site, head=args.head, n_heads=cfg_m.n_heads, family=cfg_m.family,
-        layer=args.layer, hook_name_hf=model.family.hf_module_name(model.hf_model, args.layer),
+        activation=args.activation, site=args.site, head=args.head, n_heads=dims["n_heads"], family=dims["family"],
+        layer=args.layer, hook_name_hf=dims["hf_module"],
         write_mode=args.write_mode, input_layout=layout, aux_k=min(args.aux_k, args.d_sae),
         resample_every=args.resample_every)
-    cfg.metadata.hook_name = hook
-    cfg.metadata.model_name = desc
-    cfg.metadata.context_size = args.context_length
+    cfg.metadata.hook_name = dims["hook"]
+    cfg.metadata.model_name = model_name
+    cfg.metadata.context_size = context_length
     cfg.metadata.prepend_bos = False
+    import torch
+
+    torch.manual_seed(args.seed)  # the SAE's initialisation depends on the seed only (not on how data was loaded)
     try:
         sae, history = train_write_sae(cfg, provider, args.out, total_samples=args.total_samples,
                                        batch_size=args.batch_size, lr=args.lr, val_batches=val_batches,
@@ -473,6 +568,57 @@ def cmd_train(args) -> int:
     last = history[-1] if history else {}
     print(json.dumps({"out": str(args.out), "final_validation": last}, indent=2))
     print(f"load with: SAE.load_from_disk({str(args.out) + '/final'!r})")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers, got {text!r}")
+    return values
+
+
+def _heads_list(text: str) -> list[int] | None:
+    return None if text == "all" else _int_list(text)
+
+
+def cmd_extract(args) -> int:
+    from .data import load_text_dataset, token_contexts
+    from .store import ExtractConfig, StoreError, extract
+
+    model, desc = _load(args.model)
+    if model.tokenizer is None:
+        raise UsageError(f"{desc} has no tokenizer; a text dataset needs one")
+    cfg_m = model.cfg
+    layers = cfg_m.recurrent_layers if args.layers is None else args.layers
+    bad = [layer for layer in layers if layer not in cfg_m.recurrent_layers]
+    if bad:
+        raise UsageError(f"--layers {bad} are not recurrent layers; choose from {list(cfg_m.recurrent_layers)}")
+    if args.heads is not None and any(h >= cfg_m.n_heads for h in args.heads):
+        raise UsageError(f"--heads {args.heads} out of range (0..{cfg_m.n_heads - 1} or all)")
+    ds = load_text_dataset(args.dataset, text_column=args.text_column)
+    contexts = token_contexts((row[args.text_column] for row in ds), model.tokenizer, args.context_length)
+    cfg = ExtractConfig(layers=list(layers), heads=args.heads, site=args.site, write_mode=args.write_mode,
+                        positions=args.positions, seed=args.seed, dtype=args.dtype,
+                        contexts_per_shard=args.contexts_per_shard, forward_batch=args.forward_batch,
+                        data={"dataset": str(args.dataset), "text_column": args.text_column,
+                              "context_length": args.context_length})
+    try:
+        out = extract(model, contexts, args.out, cfg, max_contexts=args.contexts, model_path=desc)
+    except StoreError as e:  # --out holds another model's or another configuration's store
+        raise UsageError(str(e)) from None
+    manifest = json.loads((out / "manifest.json").read_text())
+    n = sum(s["n_samples"] for s in manifest["shards"])
+    size = sum(s["bytes"] for s in manifest["shards"])
+    print(json.dumps({"store": str(out), "contexts": manifest["n_contexts"], "shards": len(manifest["shards"]),
+                      "samples_per_cell": n, "cells": [f"L{layer}.H{h}" for layer in cfg.layers
+                                                      for h in manifest["heads"]], "bytes": size}, indent=2))
+    if manifest["n_contexts"] < args.contexts:
+        print(f"writesae extract: the dataset gave {manifest['n_contexts']} of the {args.contexts} contexts asked for",
+              file=sys.stderr)
     return 0
 
 
@@ -782,7 +928,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layer", type=int, required=True, help="a recurrent (Gated DeltaNet) layer index")
     t.add_argument("--head", type=_head, default=None, help="value head index, or 'all' (one shared dictionary)")
     t.add_argument("--site", choices=["state", "write"], default="state")
-    t.add_argument("--dataset", required=True, help="hub dataset name, or a local .txt/.jsonl/.parquet file or dir")
+    t.add_argument("--dataset", default=None,
+                   help="hub dataset name, or a local .txt/.jsonl/.parquet file or dir (or give --store)")
+    t.add_argument("--store", default=None,
+                   help="train from an activation store (`writesae extract`) instead of streaming --dataset; with "
+                        "--model the store must come from that model")
     t.add_argument("--text-column", default="text")
     t.add_argument("--out", required=True, help="output directory (final/ loads with SAE.load_from_disk)")
     t.add_argument("--d-sae", type=int, default=2048, help="atoms (paper: 2048)")
@@ -808,6 +958,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUT/checkpoints); the run continues its data stream where the checkpoint left it")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
+
+    x = sub.add_parser("extract", help="extract a write or state site of many layers and heads into an activation "
+                                       "store (resumable shards + manifest) for `writesae train --store`")
+    x.add_argument("--model", default=None, help="hub id or local HF model dir (default: tiny built-in Qwen3.5)")
+    x.add_argument("--dataset", required=True, help="hub dataset name, or a local .txt/.jsonl/.parquet file or dir")
+    x.add_argument("--text-column", default="text")
+    x.add_argument("--layers", type=_int_list, default=None, help="recurrent layers, e.g. 1,2,5 (default: all)")
+    x.add_argument("--heads", type=_heads_list, default=None, help="value heads, e.g. 0,3, or all (default: all)")
+    x.add_argument("--site", choices=["write", "state"], default="write",
+                   help="write: the factors (k, v), never k v^T; state: the state at the chosen positions")
+    x.add_argument("--write-mode", choices=["raw", "delta"], default="raw")
+    x.add_argument("--positions", type=_positions, default="all", help="all, last, stride:N or random:N")
+    x.add_argument("--context-length", type=length_int, default=128, help="tokens per context")
+    x.add_argument("--contexts", type=positive_int, default=256, help="token contexts to extract (at most)")
+    x.add_argument("--contexts-per-shard", type=positive_int, default=64, help="contexts per shard file")
+    x.add_argument("--forward-batch", type=positive_int, default=8, help="contexts per model forward")
+    x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="stored dtype")
+    x.add_argument("--seed", type=int, default=0, help="seed of random:N positions")
+    x.add_argument("--out", required=True, help="store directory (rerun the same command to resume)")
+    x.set_defaults(func=cmd_extract)
 
     s = sub.add_parser("substitute", help="substitution test: replace writes by atoms vs deleting them")
     s.add_argument("--model", default=None, help="local HF model dir or hub id")

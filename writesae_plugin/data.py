@@ -95,7 +95,10 @@ class SiteSpec:
             raise ValueError(f"positions must be 'all', 'last', ('stride', s) or ('random', n), got {p!r}")
 
 
-def select_positions(spec: SiteSpec, T: int, generator: torch.Generator) -> list[int]:
+def select_positions(spec: SiteSpec, T: int, context_index: int = 0, seed: int = 0) -> list[int]:
+    """The positions of one context of length ``T`` that ``spec`` samples. ``("random", n)`` draws them from a
+    generator seeded by ``(seed, context_index)``, so a context gets the same positions whether it is streamed,
+    extracted into a store, or read back on another rank."""
     lo = spec.skip_first
     if spec.positions == "all":
         return list(range(lo, T))
@@ -105,45 +108,88 @@ def select_positions(spec: SiteSpec, T: int, generator: torch.Generator) -> list
     if kind == "stride":
         return list(range(lo, T, int(n)))
     n = min(int(n), T - lo)
-    return sorted((torch.randperm(T - lo, generator=generator)[:n] + lo).tolist())
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(context_index)) % (2 ** 63))
+    return sorted((torch.randperm(T - lo, generator=g)[:n] + lo).tolist())
+
+
+def position_index(spec: SiteSpec, b: int, T: int, first_context: int = 0, seed: int = 0) -> Tensor:
+    """``[b, P]`` positions sampled in rows ``first_context .. first_context + b - 1`` of the context stream."""
+    return torch.tensor([select_positions(spec, T, first_context + i, seed) for i in range(b)], dtype=torch.long)
 
 
 @torch.no_grad()
-def site_activations(model: HookedRecurrentModel, tokens: Tensor, spec: SiteSpec,
-                     generator: torch.Generator | None = None) -> Tensor:
-    """Samples of the site for one token batch ``[b, T]``: ``[N, d_k*d_v]`` or ``[N, d_k + d_v]``."""
-    generator = generator or torch.Generator().manual_seed(0)
+def collect_sites(model: HookedRecurrentModel, tokens: Tensor, layers: list[int], heads: list[int], site: str,
+                  pos: Tensor, write_mode: str = "raw") -> dict[int, dict[str, Tensor]]:
+    """One forward of ``tokens`` ``[b, T]`` (stopped after the last layer needed): per layer, the site at the
+    positions ``pos`` ``[b, P]`` and the value heads ``heads``: ``{"key": [b, P, h, d_k], "value": [b, P, h, d_v]}``
+    (write site, the factors) or ``{"state": [b, P, h, d_k, d_v]}``. The same values, bit for bit, whichever
+    other layers are collected in the same forward."""
+    b, P = pos.shape
+    prefixes = {layer: model.hook_prefix(layer) for layer in layers}
+    stop = max(layers) + 1
+    stop = None if stop >= model.cfg.n_layers else stop
+    if site == "state":
+        union = sorted(set(pos.flatten().tolist()))
+        where = {p: i for i, p in enumerate(union)}
+        idx = torch.tensor([[where[p] for p in row] for row in pos.tolist()], dtype=torch.long)
+        with model.options(capture_states=StateCapture(union, heads)):
+            _, cache = model.run_with_cache(tokens, names_filter=[p + "hook_state" for p in prefixes.values()],
+                                            stop_at_layer=stop)
+        out = {}
+        for layer, prefix in prefixes.items():
+            S = cache[prefix + "hook_state"]  # [b, U, h, d_k, d_v]
+            i = idx.to(S.device)[:, :, None, None, None].expand(b, P, *S.shape[2:])
+            out[layer] = {"state": S.gather(1, i)}
+        return out
+    names = [p + n for p in prefixes.values() for n in ("hook_write_key", "hook_write_value")]
+    with model.options(write_mode=write_mode):
+        _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=stop)
+    out = {}
+    hs = torch.tensor(heads, dtype=torch.long)
+    for layer, prefix in prefixes.items():
+        got = {}
+        for key, name in (("key", "hook_write_key"), ("value", "hook_write_value")):
+            x = cache[prefix + name].index_select(2, hs.to(cache[prefix + name].device))  # [b, T, h, d]
+            i = pos.to(x.device)[:, :, None, None].expand(b, P, *x.shape[2:])
+            got[key] = x.gather(1, i)
+        out[layer] = got
+    return out
+
+
+def flatten_site(got: dict[str, Tensor], layout: str) -> Tensor:
+    """``collect_sites`` output of one layer as training samples in ``(row, position, head)`` order:
+    ``[N, d_k*d_v]`` (dense) or ``[N, d_k + d_v]`` (write factors)."""
+    if "state" in got:
+        S = got["state"]
+        return S.reshape(-1, S.shape[-2] * S.shape[-1])
+    k, v = got["key"].reshape(-1, got["key"].shape[-1]), got["value"].reshape(-1, got["value"].shape[-1])
+    if layout == "factors":
+        return torch.cat([k, v], dim=-1)
+    return (k[:, :, None] * v[:, None, :]).reshape(k.shape[0], -1)
+
+
+def check_spec(model: HookedRecurrentModel, spec: SiteSpec) -> tuple[list[int], list[int]]:
+    """``(layers, heads)`` of ``spec``, checked against the model (clear errors for unknown layers / heads)."""
     cfg = model.cfg
     layers = [spec.layer] if isinstance(spec.layer, int) else list(spec.layer)
     bad = [layer for layer in layers if layer not in cfg.recurrent_layers]
     if bad or not layers:
         raise ValueError(f"layers {bad or layers} are not recurrent; recurrent layers: {list(cfg.recurrent_layers)}")
-    if len(layers) > 1:
-        from dataclasses import replace
-
-        return torch.cat([site_activations(model, tokens, replace(spec, layer=layer), generator)
-                          for layer in layers])
     heads = list(range(cfg.n_heads)) if spec.heads is None else list(spec.heads)
-    if any(not 0 <= h < cfg.n_heads for h in heads):
+    if not heads or any(not 0 <= h < cfg.n_heads for h in heads):
         raise ValueError(f"heads {heads} out of range for {cfg.n_heads} value heads")
-    T = tokens.shape[1]
-    pos = select_positions(spec, T, generator)
-    prefix = model.hook_prefix(spec.layer)
-    if spec.site == "state":
-        with model.options(capture_states=StateCapture(pos, heads)):
-            _, cache = model.run_with_cache(tokens, names_filter=[prefix + "hook_state"],
-                                            stop_at_layer=spec.layer + 1)
-        S = cache[prefix + "hook_state"]  # [b, P, Hs, d_k, d_v]
-        return S.reshape(-1, cfg.d_k * cfg.d_v)
-    with model.options(write_mode=spec.write_mode):
-        _, cache = model.run_with_cache(tokens, names_filter=[prefix + "hook_write_key", prefix + "hook_write_value"],
-                                        stop_at_layer=spec.layer + 1)
-    k = cache[prefix + "hook_write_key"][:, pos][:, :, heads]
-    v = cache[prefix + "hook_write_value"][:, pos][:, :, heads]
-    k, v = k.reshape(-1, cfg.d_k), v.reshape(-1, cfg.d_v)
-    if spec.layout == "factors":
-        return torch.cat([k, v], dim=-1)
-    return (k[:, :, None] * v[:, None, :]).reshape(-1, cfg.d_k * cfg.d_v)
+    return layers, heads
+
+
+@torch.no_grad()
+def site_activations(model: HookedRecurrentModel, tokens: Tensor, spec: SiteSpec, first_context: int = 0,
+                     seed: int = 0) -> Tensor:
+    """Samples of the site for one token batch ``[b, T]`` (rows ``first_context ...`` of the context stream, which
+    seeds random positions): ``[N, d_k*d_v]`` or ``[N, d_k + d_v]``, in ``(layer, row, position, head)`` order."""
+    layers, heads = check_spec(model, spec)
+    pos = position_index(spec, tokens.shape[0], tokens.shape[1], first_context, seed)
+    got = collect_sites(model, tokens, layers, heads, spec.site, pos, spec.write_mode)
+    return torch.cat([flatten_site(got[layer], spec.layout) for layer in layers])
 
 
 class ActivationProvider(Iterator[Tensor]):
@@ -156,6 +202,10 @@ class ActivationProvider(Iterator[Tensor]):
     that the mean Frobenius norm is ``sqrt(d_in)``, as SAELens' ``expected_average_only_in``); factors are
     each multiplied by ``sqrt(scale)``. ``train_write_sae`` folds ``scale`` back into the SAE.
 
+    ``("random", n)`` positions are drawn per context from ``(position_seed, index in the stream)``, the index
+    counting from ``first_context`` (so a stream split into validation and training contexts, or read back from
+    an activation store, samples each context at the same positions).
+
     ``state_dict()`` / ``load_state_dict()`` save and restore the stream's position (contexts consumed and a hash
     of them, the shuffle buffer, the RNG, the scale): a fresh provider over the same contexts, loaded with a saved
     state, yields exactly the batches the saved one would have yielded next.
@@ -163,13 +213,17 @@ class ActivationProvider(Iterator[Tensor]):
 
     def __init__(self, model: HookedRecurrentModel, contexts: Iterable[Tensor], spec: SiteSpec,
                  batch_size: int = 256, buffer_batches: int = 16, forward_batch: int = 8, seed: int = 0,
-                 device: str | torch.device = "cpu", normalize: bool = False):
+                 device: str | torch.device = "cpu", normalize: bool = False, first_context: int = 0,
+                 position_seed: int | None = None):
         if batch_size < 1 or buffer_batches < 2 or forward_batch < 1:
             raise ValueError("batch_size, forward_batch >= 1 and buffer_batches >= 2 are required")
         self.model, self.spec, self.batch_size = model, spec, batch_size
         self.contexts = iter(contexts)
         self.capacity = batch_size * buffer_batches
         self.forward_batch = forward_batch
+        self.seed = seed
+        self.first_context = first_context  # index of the first context in the whole stream (seeds positions)
+        self.position_seed = seed if position_seed is None else position_seed
         self.generator = torch.Generator().manual_seed(seed)
         self.device = torch.device(device)
         self.buffer: Tensor | None = None
@@ -195,17 +249,9 @@ class ActivationProvider(Iterator[Tensor]):
         chunks = [] if self.buffer is None else [self.buffer]
         have = 0 if self.buffer is None else self.buffer.shape[0]
         while have < self.capacity and not self.exhausted:
-            batch = []
-            for _ in range(self.forward_batch):
-                try:
-                    batch.append(self._next_context())
-                except StopIteration:
-                    self.exhausted = True
-                    break
-            if not batch:
+            acts = self._next_chunk()
+            if acts is None:
                 break
-            tokens = torch.stack(batch).to(self.model.cfg.device)
-            acts = site_activations(self.model, tokens, self.spec, self.generator).to(self.device)
             if not torch.isfinite(acts).all():
                 raise ValueError("non-finite activations from the model")
             chunks.append(acts)
@@ -225,6 +271,21 @@ class ActivationProvider(Iterator[Tensor]):
                 if len(chunks) > n_old:
                     buf = torch.cat(chunks[:n_old] + [self.apply_scale(torch.cat(chunks[n_old:]))])
             self.buffer = buf[torch.randperm(buf.shape[0], generator=self.generator)]
+
+    def _next_chunk(self) -> Tensor | None:
+        """The samples of the next ``forward_batch`` contexts (one forward), or None when the stream ended."""
+        batch = []
+        for _ in range(self.forward_batch):
+            try:
+                batch.append(self._next_context())
+            except StopIteration:
+                self.exhausted = True
+                break
+        if not batch:
+            return None
+        tokens = torch.stack(batch).to(self.model.cfg.device)
+        first = self.first_context + self.contexts_consumed - len(batch)
+        return site_activations(self.model, tokens, self.spec, first, self.position_seed).to(self.device)
 
     def _next_context(self) -> Tensor:
         ctx = next(self.contexts)

@@ -220,8 +220,12 @@ def run_identity(cfg: WriteSAETrainingConfig, provider, **schedule) -> dict:
     if spec is not None:
         ident.update(positions=spec.positions, layers=spec.layer, heads=spec.heads, skip_first=spec.skip_first)
     hf = getattr(getattr(provider, "model", None), "hf_model", None)
+    store = getattr(provider, "store", None)
     if hf is not None:
         ident["model"] = model_fingerprint(hf)
+    elif store is not None:
+        ident["model"] = store.model["weights_sha256"][:16]
+        ident["store"] = str(store.path)
     ident.update(schedule)
     return json.loads(json.dumps(ident, default=str))
 
