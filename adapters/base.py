@@ -894,8 +894,9 @@ def _cached_length(cache, ids, mask) -> int | None:
     seen = getattr(cache, "_writesae_seen", None)
     if seen:
         return max(seen.values())
-    if not hasattr(cache, "get_seq_length"):  # mamba-ssm InferenceParams
-        return int(cache.seqlen_offset)
+    if not hasattr(cache, "get_seq_length"):  # mamba-ssm InferenceParams (anything else: the model refuses it)
+        offset = getattr(cache, "seqlen_offset", None)
+        return int(offset) if isinstance(offset, numbers.Integral) else None
     try:
         return int(cache.get_seq_length())
     except (ValueError, AttributeError, TypeError):  # e.g. a cache of linear-attention layers only

@@ -240,6 +240,11 @@ COMMANDS = {
     "writesae train --model DIR --layer 1 --head 2 --site write --dataset corpus.txt --out out/":
         ("run", None),  # run by the `work` fixture (its SAE feeds the python blocks)
     "writesae train": ("run", None),
+    "writesae extract --model DIR --layers 1,2 --heads all --site write --dataset corpus.txt --out store/":
+        ("run", ["--contexts", "12", "--context-length", "32", "--contexts-per-shard", "8", "--forward-batch", "4"]),
+    "writesae train --store store/ --layer 1 --head 2 --site write --out out2/":
+        ("run", ["--val-contexts", "2", "--total-samples", "128", "--batch-size", "32", "--d-sae", "32", "--k", "4",
+                 "--aux-k", "8", "--val-every", "2"]),
     "writesae substitute --model M --sae S --dataset D --out R": ("run", SMALL + ["--max-firings", "6"]),
     "writesae closed-form --model M --sae S --dataset D --out R": ("run", SMALL + ["--n-tokens", "2"]),
     "writesae install --model M --dataset D --out R --layer L --head H":
@@ -276,6 +281,9 @@ def test_readme_command_runs(cmd, work, capsys):
     if "--out" not in argv and argv[0] != "hooks":
         argv += ["--out", str(work / ("results-" + argv[0]))]
     with _cwd(work):
+        if "--store" in argv and not (work / "store" / "manifest.json").exists():  # run alone: extract first
+            extract = _readme_command("writesae extract")
+            assert main(_bind(extract, work) + COMMANDS[extract][1]) == 0
         assert main(argv + COMMANDS[cmd][1]) == 0, cmd
     if cmd == "writesae hooks":
         out = capsys.readouterr().out
