@@ -13,13 +13,14 @@ hook                   shape                    semantics of an edit (return a n
 ``hook_write_key``     ``[b,p,H,d_k]``          canonical key factor k^ of the write (fp32, per value head)
 ``hook_write_value``   ``[b,p,H,d_v]``          canonical value factor: ``beta v`` (raw) or ``delta`` (delta
                                                 mode); edits replace the write only, never the transition
-``hook_write``         ``[b,p,H,d_k,d_v]``      dense write ``key (x) value``; fires only while
-                                                ``materialize_writes`` is on; edits propagate exactly
+``hook_write``         ``[b,p,H,d_k,d_v]``      dense write ``key (x) value``; fires while ``materialize_writes``
+                                                is on or an SAE / a named hook is on it; edits propagate exactly
 ``hook_write_flat``    ``[b,p,H*d_k*d_v]``      flat view of ``hook_write`` (for SAELens evals / stores)
 ``hook_log_decay``     ``[b,p,H]``              g (``alpha = exp(g)``); edits change the transitions
 ``hook_query``         ``[b,p,H,d_k]``          the read's query ``d_k^-1/2 l2norm(q)``; edits change the read
-``hook_state``         ``[b,P,H_s,d_k,d_v]``    opt-in (``capture_states``): states after the write at the
-                                                chosen positions/heads; an edit acts as an extra write there
+``hook_state``         ``[b,P,H_s,d_k,d_v]``    opt-in (``capture_states``; every position while an SAE / a named
+                                                hook is on it): states after the write at the chosen positions /
+                                                heads; an edit acts as an extra write there
 ``hook_read``          ``[b,p,H,d_v]``          o_t before the output norm (fp32); edits replace the read
 =====================  =======================  ==============================================================
 
@@ -74,7 +75,9 @@ class WriteEdit:
     """One exact edit of a cache write, for :meth:`HookedRecurrentModel.edits` / ``run_with_edits``.
 
     ``pos`` counts tokens from the start of the sequence held in the cache (for a forward without cache it
-    is the index in the input); positions are absolute and non-negative. ``batch=None`` edits every row. ``op``: ``replace`` the write by the
+    is the index in the input); positions are absolute and non-negative. ``batch=None`` edits every row.
+    ``layer``, ``pos``, ``head`` and ``batch`` are integers (Python or NumPy ints, or 0-d integer tensors; stored as
+    ``int``); an edit at a padding position (``attention_mask`` 0) is refused. ``op``: ``replace`` the write by the
     matrix ``A`` (given as ``key``/``value`` factors ``A = key value^T`` or as ``matrix``), ``add`` ``A`` to
     the write, or ``delete`` the write. ``mode`` chooses the raw or the delta write (docs/method.md section 3).
     """
@@ -288,8 +291,9 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
             raise RuntimeError("cannot copy a hooked model inside an edits() block")
         hooked = [n for n, hp in self.hook_dict.items() if hp._forward_hooks or hp._backward_hooks]
         if hooked:
-            raise RuntimeError(f"cannot copy a hooked model while TransformerLens hooks are attached (at {hooked[:3]}); "
-                               "call reset_hooks(including_permanent=True) first and add them to the copy")
+            raise RuntimeError(f"cannot copy a hooked model while TransformerLens hooks are attached (at "
+                               f"{hooked[:3]}); call reset_hooks(including_permanent=True) first and add them to the "
+                               "copy")
         ours = {h.id for h in self._hf_handles}
         wrapped = set()  # nnsight's per-module wrappers (instance attributes): wrap the copy anew
         for module in self.hf_model.modules():  # our hooks and nnsight's wrappers are shared, then dropped

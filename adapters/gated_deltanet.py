@@ -497,8 +497,9 @@ _HOOK_DOCS = {
     "hook_beta": "[b,p,H] native beta; edits change erase and write",
     "hook_write_key": "[b,p,H,d_k] canonical key factor k^ (fp32); edits replace the write only",
     "hook_write_value": "[b,p,H,d_v] canonical value factor (beta v raw / delta); edits replace the write only",
-    "hook_write": "[b,p,H,d_k,d_v] dense write (only while materialize_writes); edits propagate exactly",
-    "hook_write_flat": "[b,p,H*d_k*d_v] flat dense write (only while materialize_writes)",
+    "hook_write": ("[b,p,H,d_k,d_v] dense write (while materialize_writes, or an SAE / named hook is on it); "
+                   "edits propagate exactly"),
+    "hook_write_flat": "[b,p,H*d_k*d_v] flat dense write (as hook_write)",
     "hook_log_decay": "[b,p,H] g = log alpha; edits change the transitions",
     "hook_query": "[b,p,H,d_k] d_k^-1/2 l2norm(q) as read; edits change the read",
     "hook_state": "[b,P,H_s,d_k,d_v] opt-in states after the write; an edit acts as an extra write",

@@ -609,8 +609,9 @@ _HOOK_DOCS = {
     "hook_dt": "[b,p,H] raw dt (before bias, softplus, clamp); edits change write and decay",
     "hook_write_key": "[b,p,H,N] canonical key factor B (fp32, per head); edits replace the write only",
     "hook_write_value": "[b,p,H,P] canonical value factor dt' x; edits replace the write only",
-    "hook_write": "[b,p,H,N,P] dense write (only while materialize_writes); edits propagate exactly",
-    "hook_write_flat": "[b,p,H*N*P] flat dense write (only while materialize_writes)",
+    "hook_write": ("[b,p,H,N,P] dense write (while materialize_writes, or an SAE / named hook is on it); "
+                   "edits propagate exactly"),
+    "hook_write_flat": "[b,p,H*N*P] flat dense write (as hook_write)",
     "hook_log_decay": "[b,p,H] dt' A (log of the scalar decay); edits change the transitions only (exact, "
                       "canonical scan)",
     "hook_query": "[b,p,H,N] C per head as read; edits change this head's read only (exact, canonical scan)",
