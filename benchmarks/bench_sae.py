@@ -21,7 +21,7 @@ set to each atom's ``1 - k / n_f`` quantile on the batch so that about ``k`` cod
 SAE (at its 0.01 initial threshold almost every code fires and the step falls back to the dense GEMMs).
 
 Usage: python benchmarks/bench_sae.py [--d 64 128] [--d-sae 2048] [--k 32] [--batch 256] [--rounds 5]
-       [--threads 2] [--dead 0.1] [--quick]
+       [--threads 2] [--also-threads 1] [--dead 0.1] [--quick]
 """
 
 from __future__ import annotations
@@ -128,46 +128,55 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dead", type=float, default=0.1, help="fraction of atoms marked dead (aux-k)")
     ap.add_argument("--quick", action="store_true", help="only bilinear+rank-1 TopK (state), the floor and SAELens")
+    ap.add_argument("--also-threads", type=int, nargs="*", default=[1],
+                    help="thread counts at which the quick set is repeated after the main run")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     import writesae_plugin  # noqa: F401
 
     n, k, B, R = args.d_sae, args.k, args.batch, args.rounds
-    print(f"n_f = {n}, k = {k}, batch {B}, {torch.get_num_threads()} threads, fp32, {args.dead:.0%} of atoms dead, "
-          f"median of {R} rounds; ratios to the adjacent 3-GEMM floor")
-    for d in args.d:
-        floor = floor_fn(d * d, n, B)
-        rows = []
+    print(f"n_f = {n}, k = {k}, batch {B}, fp32, {args.dead:.0%} of atoms dead, median of {R} rounds; ratios to "
+          f"the adjacent 3-GEMM floor")
+    for threads, quick in [(args.threads, args.quick)] + [(t, True) for t in args.also_threads]:
+        torch.set_num_threads(threads)
+        for d in args.d:
+            table(d, n, k, B, R, args.dead, quick)
 
-        def run(label, make, rounds=R):
-            t, f = measure(make, floor, rounds)
-            rows.append((label, t, f))
-            print(f"  [{label:<46}] {t * 1e3:9.1f} ms (floor {f * 1e3:7.1f} ms) {t / f:6.2f}x", flush=True)
 
-        print(f"\nd_k = d_v = {d} (d_in = {d * d})", flush=True)
-        run("SAELens TopK (dense, flattened)", lambda: saelens_topk_step(d, n, k, B, args.dead))
-        run("state bilinear+rank-1 topk", lambda: write_sae_step(d, n, k, B, args.dead))
-        run("state bilinear+rank-1 topk, no dead atoms", lambda: write_sae_step(d, n, k, B, 0.0))
-        if not args.quick:
-            for act in ("topk", "batchtopk", "jumprelu"):
-                for enc, rank in ENCODERS_DECODERS:
-                    if (enc, rank, act) == ("bilinear", 1, "topk"):
-                        continue
-                    run(f"state {enc}+{'dense' if rank is None else f'rank-{rank}'} {act}",
-                        lambda e=enc, r=rank, a=act: write_sae_step(d, n, k, B, args.dead, e, r, a))
+def table(d, n, k, B, R, dead, quick):
+    """Time every configuration at d_k = d_v = d and print its ratios."""
+    floor = floor_fn(d * d, n, B)
+    rows = []
+
+    def run(label, make, rounds=R):
+        t, f = measure(make, floor, rounds)
+        rows.append((label, t, f))
+        print(f"  [{label:<46}] {t * 1e3:9.1f} ms (floor {f * 1e3:7.1f} ms) {t / f:6.2f}x", flush=True)
+
+    print(f"\nd_k = d_v = {d} (d_in = {d * d}), {torch.get_num_threads()} threads", flush=True)
+    run("SAELens TopK (dense, flattened)", lambda: saelens_topk_step(d, n, k, B, dead))
+    run("state bilinear+rank-1 topk", lambda: write_sae_step(d, n, k, B, dead))
+    run("state bilinear+rank-1 topk, no dead atoms", lambda: write_sae_step(d, n, k, B, 0.0))
+    if not quick:
+        for act in ("topk", "batchtopk", "jumprelu"):
             for enc, rank in ENCODERS_DECODERS:
-                run(f"write/factors {enc}+{'dense' if rank is None else f'rank-{rank}'} topk",
-                    lambda e=enc, r=rank: write_sae_step(d, n, k, B, args.dead, e, r, "topk", "write", "factors"))
-            run("write/dense k v^T bilinear+rank-1 topk",
-                lambda: write_sae_step(d, n, k, B, args.dead, site="write"))
-            run("state bilinear+rank-1 topk, reference kernels",
-                lambda: write_sae_step(d, n, k, B, args.dead, kernels="reference"), rounds=max(2, R // 2))
-        topk_ratio = rows[0][1] / rows[0][2]
-        print(f"\n  summary d = {d}: step / floor, step / SAELens TopK (lower is faster)")
-        for label, t, f in rows:
-            r = t / f
-            print(f"    {label:<48} {r:6.2f}x floor   {r / topk_ratio:6.2f}x SAELens  "
-                  f"({topk_ratio / r:5.1f}x faster than SAELens)")
+                if (enc, rank, act) == ("bilinear", 1, "topk"):
+                    continue
+                run(f"state {enc}+{'dense' if rank is None else f'rank-{rank}'} {act}",
+                    lambda e=enc, r=rank, a=act: write_sae_step(d, n, k, B, dead, e, r, a))
+        for enc, rank in ENCODERS_DECODERS:
+            run(f"write/factors {enc}+{'dense' if rank is None else f'rank-{rank}'} topk",
+                lambda e=enc, r=rank: write_sae_step(d, n, k, B, dead, e, r, "topk", "write", "factors"))
+        run("write/dense k v^T bilinear+rank-1 topk",
+            lambda: write_sae_step(d, n, k, B, dead, site="write"))
+        run("state bilinear+rank-1 topk, reference kernels",
+            lambda: write_sae_step(d, n, k, B, dead, kernels="reference"), rounds=max(2, R // 2))
+    topk_ratio = rows[0][1] / rows[0][2]
+    print(f"\n  summary d = {d}, {torch.get_num_threads()} threads: step / floor, step / SAELens TopK "
+          "(lower is faster)")
+    for label, t, f in rows:
+        r = t / f
+        print(f"    {label:<48} {r:6.2f}x floor   {r / topk_ratio:6.2f}x SAELens  "
+              f"({topk_ratio / r:5.1f}x faster than SAELens)")
 
 
 if __name__ == "__main__":

@@ -96,8 +96,32 @@ def rank_decoder_gemm(acts: Tensor, dec_key: Tensor, dec_value: Tensor) -> Tenso
 
 
 def _fold_rows(grad_rows: Tensor, idx: Tensor, n: int) -> Tensor:
-    """Sum per-pair gradients ``[N * m, ...]`` into the atoms ``idx [N, m]`` they belong to -> ``[n, ...]``."""
-    return grad_rows.new_zeros((n, *grad_rows.shape[1:])).index_add_(0, idx.reshape(-1), grad_rows)
+    """Sum per-pair gradients ``[N * m, ...]`` into the atoms ``idx [N, m]`` they belong to -> ``[n, ...]``.
+
+    ``index_put_(accumulate=True)`` rather than ``index_add_``: on CPU the latter sorts in several parallel passes,
+    each a thread wake-up that costs a scheduler tick on a busy machine, for a fold this small.
+    """
+    return grad_rows.new_zeros((n, *grad_rows.shape[1:])).index_put_((idx.reshape(-1),), grad_rows, accumulate=True)
+
+
+class _Rows(torch.autograd.Function):
+    """``weight.index_select(0, flat)`` whose backward folds with ``_fold_rows``."""
+
+    @staticmethod
+    def forward(ctx, weight, flat):
+        ctx.save_for_backward(flat)
+        ctx.n = weight.shape[0]
+        return weight.index_select(0, flat)
+
+    @staticmethod
+    def backward(ctx, g):
+        flat, = ctx.saved_tensors
+        return _fold_rows(g, flat, ctx.n), None
+
+
+def gather_rows(weight: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``weight[idx]`` ``[*idx.shape, *weight.shape[1:]]``, differentiable in ``weight``."""
+    return _Rows.apply(weight, idx.reshape(-1)).reshape(*idx.shape, *weight.shape[1:])
 
 
 class _BilinearAt(torch.autograd.Function):
@@ -194,9 +218,8 @@ def rank_decode_sparse(values: Tensor, idx: Tensor, dec_key: Tensor, dec_value: 
     N, m = idx.shape
     n, r, dk = dec_key.shape
     dv = dec_value.shape[-1]
-    flat = idx.reshape(-1)
-    U = dec_key.index_select(0, flat).reshape(N, m * r, dk)
-    W = dec_value.index_select(0, flat).reshape(N, m * r, dv)
+    U = gather_rows(dec_key, idx).reshape(N, m * r, dk)
+    W = gather_rows(dec_value, idx).reshape(N, m * r, dv)
     c = values.repeat_interleave(r, 1) if r > 1 else values
     return torch.bmm((U * c[..., None]).transpose(1, 2), W)
 
@@ -240,6 +263,5 @@ class JumpReLUAt(torch.autograd.Function):
 
 
 __all__ = ["bilinear_encoder_reference", "dense_encoder_reference", "rank_decoder_reference",
-           "dense_decoder_reference", "atom_matrix", "bilinear_encoder_gemm", "rank_decoder_gemm",
-           "bilinear_pre_at", "dense_pre_at", "rank_decode_sparse", "dense_decode_sparse", "select_support",
-           "JumpReLUAt"]
+           "dense_decoder_reference", "atom_matrix", "bilinear_encoder_gemm", "rank_decoder_gemm", "bilinear_pre_at",
+           "dense_pre_at", "gather_rows", "rank_decode_sparse", "dense_decode_sparse", "select_support", "JumpReLUAt"]

@@ -180,7 +180,7 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
         else:
             sel = kernels.bilinear_pre_at(vals0, Xc.view(N, cfg.d_k, cfg.d_v), all_idx, self.enc_key,
                                           self.enc_value, b_dec)
-        sel = sel + self.b_enc.index_select(0, all_idx.reshape(-1)).view(all_idx.shape)
+        sel = sel + kernels.gather_rows(self.b_enc, all_idx)
         if cfg.activation == "jumprelu":
             thr = self.log_threshold.exp()
             values = kernels.JumpReLUAt.apply(sel[:, :m], thr[idx], cfg.jumprelu_bandwidth)
@@ -224,15 +224,16 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
         decoder atoms are materialised (``[n_dead, d_in]``) and the codes (the top ``local [N, k_aux]`` of each row's
         dead pre-activations, ReLU'd) meet them in two small GEMMs; ``Xc [N, d_in]`` is the centred input."""
         cfg = self.cfg
+        rows = kernels.gather_rows
         if cfg.encoder == "dense":
-            pre = Xc @ self.W_enc.index_select(1, dead)
+            pre = Xc @ rows(self.W_enc.T, dead).T
         else:
-            pre = Xc @ kernels.atom_matrix(self.enc_key.index_select(0, dead), self.enc_value.index_select(0, dead)).T
-        pre = pre + self.b_enc.index_select(0, dead)
+            pre = Xc @ kernels.atom_matrix(rows(self.enc_key, dead), rows(self.enc_value, dead)).T
+        pre = pre + rows(self.b_enc, dead)
         codes = torch.zeros_like(pre).scatter(1, local, pre.gather(1, local).relu())
         if cfg.decoder_rank is None:
-            return codes @ self.dec_dense.index_select(0, dead)
-        return codes @ kernels.atom_matrix(self.dec_key.index_select(0, dead), self.dec_value.index_select(0, dead))
+            return codes @ rows(self.dec_dense, dead)
+        return codes @ kernels.atom_matrix(rows(self.dec_key, dead), rows(self.dec_value, dead))
 
     def _decode_selected(self, values: Tensor, idx: Tensor) -> Tensor:
         """``sum_a values_Na A_{idx_Na}`` ``[N, d_in]`` (no bias) from the selected atoms only."""
