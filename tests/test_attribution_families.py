@@ -145,8 +145,8 @@ def test_attribute_cli_on_demo_models(tmp_path, arch, sae_spec, capsys):
 
     words = ["def", "return", "import", "self", "value", "state", "print", "class", "(", ")", ":", "x"]
     g = torch.Generator().manual_seed(0)
-    (tmp_path / "text.txt").write_text("\n".join(" ".join(words[i] for i in torch.randint(0, 12, (80,), generator=g))
-                                                 for _ in range(8)))
+    (tmp_path / "text.txt").write_text("\n\n".join(" ".join(words[i] for i in torch.randint(0, 12, (80,), generator=g))
+                                                   for _ in range(8)))  # 8 documents, one in the test split
     out = tmp_path / "attr"
     rc = main(["attribute", "--model", str(demo_model_dir(arch=arch)), "--sae", sae_spec, "--dataset",
                str(tmp_path / "text.txt"), "--contexts", "2", "--context-length", "24", "--atoms", "0", "1",

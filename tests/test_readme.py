@@ -94,7 +94,8 @@ def work(tmp_path_factory):
     make_tiny_model("qwen3_5", model_dir)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
                             ).save_pretrained(model_dir)
-    (root / "corpus.txt").write_text("\n".join(text * 5))
+    # 500 one-paragraph documents (446 train, 29 validation, 25 test)
+    (root / "corpus.txt").write_text("\n\n".join(f"{t} {i}" for i, t in enumerate(text * 5)))
     cmd = _readme_command("writesae train")
     argv = _bind(cmd, root) + ["--d-sae", "64", "--k", "4", "--total-samples", "1024", "--batch-size", "256",
                                "--context-length", "32", "--val-contexts", "2", "--val-every", "2", "--aux-k", "8"]

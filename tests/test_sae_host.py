@@ -208,9 +208,12 @@ def test_saelens_run_evals_on_flat_write_hook(model, tokens):
     assert head["n_matrices"] == 16 * 32
 
 
-def test_short_training_lowers_fvu_and_cli(tmp_path, tiny_dir, tiny_tokenizer):
+def test_short_training_lowers_fvu_and_cli(tmp_path, tiny_dir, tiny_tokenizer, capsys):
+    """`writesae train` on a .txt of blank-line separated documents: FVU falls, the progress bar shows samples/s,
+    an ETA, FVU, L0 and the dead fraction, and the saved write SAE goes into run_write_evals unedited."""
     from conftest import load_tiny
     from writesae_plugin.cli import main
+    from writesae_plugin.evals import run_write_evals
 
     hf = load_tiny(tiny_dir, "qwen3_5")
     model_dir = tmp_path / "model"
@@ -219,18 +222,28 @@ def test_short_training_lowers_fvu_and_cli(tmp_path, tiny_dir, tiny_tokenizer):
     g = torch.Generator().manual_seed(0)
     words = ["alpha", "beta", "gamma", "delta", "state", "write", "matrix", "token", "print", "return"]
     lines = [" ".join(words[j] for j in torch.randint(0, 10, (40,), generator=g).tolist()) for _ in range(300)]
-    (tmp_path / "data.txt").write_text("\n".join(lines))
+    (tmp_path / "data.txt").write_text("\n\n".join(lines))  # 300 documents: 265 train, 18 validation
     out = tmp_path / "sae"
     args = ["train", "--model", str(model_dir), "--layer", "1", "--head", "2", "--site", "write",
             "--dataset", str(tmp_path / "data.txt"), "--out", str(out), "--d-sae", "64", "--k", "4",
             "--context-length", "32", "--total-samples", str(64 * 60), "--batch-size", "64", "--lr", "3e-3",
             "--positions", "stride:2", "--val-contexts", "8", "--val-every", "30", "--aux-k", "16"]
     assert main(args) == 0
+    bar = [line for line in capsys.readouterr().err.split("\r") if "samples/s" in line][-1]  # as the bar closed
+    assert "100%" in bar and "samples/s" in bar and "<00:00" in bar  # samples/s and the (elapsed<remaining) ETA
+    for key in ("fvu=", "L0=", "dead=", "val_fvu="):
+        assert key in bar, (key, bar)
+    assert float(bar.split("fvu=")[1].split(",")[0]) < 1.5  # the normalised loss, not a summed MSE
     hist = [json.loads(line) for line in (out / "validation.jsonl").read_text().splitlines()]
     assert hist[-1]["fvu"] < hist[0]["fvu"] and hist[-1]["l0"] <= 4
     sae = SAE.load_from_disk(out / "final")
     assert isinstance(sae, WriteSAE)
     assert sae.cfg.site == "write" and sae.cfg.head == 2 and sae.cfg.metadata.hook_name == HOOK
+    toks = torch.randint(0, SAFE_VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
+    ev = run_write_evals(hook_model(hf), sae, toks, batch_size_prompts=4, n_batches=1)
+    assert ev["head"]["n_matrices"] == 8 * 32 and ev["head"]["l0"] <= 4 and ev["head"]["fvu"] < 1
+    assert "ce_loss_score" in ev["saelens"]["model_performance_preservation"]
+    assert sae.cfg.metadata.hook_name == HOOK  # unchanged by the evals
     assert sae.cfg.hook_name_hf == "model.layers.1.linear_attn" and sae.cfg.family == "qwen3_5_text"
     ckpts = sorted((out / "checkpoints").iterdir())
     assert ckpts and (ckpts[0] / "trainer_state.pt").is_file()
@@ -247,12 +260,12 @@ def test_dataset_sources_and_provider(tmp_path, model, tiny_tokenizer):
     from writesae_plugin.data import ActivationProvider, SiteSpec, load_text_dataset, token_contexts
 
     texts = [f"def f{i}(x):\n    return x + {i}" for i in range(40)]
-    (tmp_path / "a.txt").write_text("\n".join(texts))
+    (tmp_path / "a.txt").write_text("\n\n".join(texts))
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
     pd.DataFrame({"text": texts}).to_parquet(tmp_path / "c.parquet")
     for name in ("a.txt", "b.jsonl", "c.parquet"):
         ds = load_text_dataset(tmp_path / name)
-        assert len(ds) >= 40 and "return" in "".join(ds["text"])
+        assert list(ds["text"]) == texts  # one document per paragraph / row, newlines inside kept
     assert len(load_text_dataset(texts)) == 40
     with pytest.raises(ValueError, match="expected .txt"):
         (tmp_path / "d.csv").write_text("x")
@@ -269,3 +282,48 @@ def test_dataset_sources_and_provider(tmp_path, model, tiny_tokenizer):
         SiteSpec(layer=1, site="state", layout="factors")
     with pytest.raises(ValueError, match="not recurrent"):
         next(ActivationProvider(model, iter(ctx), SiteSpec(layer=3), batch_size=4))
+
+
+def test_txt_documents_splits_and_shuffled_contexts(tmp_path, tiny_tokenizer):
+    """.txt documents are blank-line paragraphs (one file) or files (a directory), not lines; train / validation /
+    test splits are by document, disjoint, deterministic and near the asked shares; contexts are shuffled across
+    documents (seeded) and join documents with EOS only between them."""
+    from writesae_plugin.data import (SPLITS, load_text_dataset, split_contexts, split_documents,
+                                      split_of_document)
+
+    code = "def f(x):\n    y = x + 1\n    return y"
+    (tmp_path / "one.txt").write_text(f"{code}\n\n  \n\nclass A:\n    pass\n\n\n\nprint(1)\n")
+    assert list(load_text_dataset(tmp_path / "one.txt")["text"]) == [code, "class A:\n    pass", "print(1)"]
+    assert list(load_text_dataset(tmp_path / "one.txt", documents="line")["text"])[:2] == ["def f(x):", "    y = x + 1"]
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "a.txt").write_text(code + "\n\nmore = 2\n")
+    (tmp_path / "dir" / "b.txt").write_text("print(1)\n")
+    assert list(load_text_dataset(tmp_path / "dir")["text"]) == [code + "\n\nmore = 2", "print(1)"]
+    assert len(load_text_dataset(tmp_path / "dir", documents="paragraph")) == 3
+    # a context of a code file holds its newlines and no EOS inside a document
+    eos = tiny_tokenizer.eos_token_id
+    first = next(split_contexts([code * 4], tiny_tokenizer, 16, "train", fractions=(1, 0, 0), shuffle_contexts=0))
+    assert eos not in first.tolist() and tiny_tokenizer.encode("\n")[0] in first.tolist()
+
+    docs = [f"document {i}: " + "alpha beta " * (i % 5 + 1) for i in range(2000)]
+    parts = {s: split_documents(docs, s) for s in SPLITS}
+    assert sorted(sum(parts.values(), [])) == sorted(docs)  # every document in exactly one split
+    assert all(split_of_document(d) == s for s, ds in parts.items() for d in ds)
+    shares = [len(parts[s]) / len(docs) for s in SPLITS]
+    assert abs(shares[0] - 0.9) < 0.03 and abs(shares[1] - 0.05) < 0.02 and abs(shares[2] - 0.05) < 0.02
+    assert split_documents(list(reversed(docs)), "test", seed=None) == list(reversed(split_documents(docs, "test",
+                                                                                                     seed=None)))
+    assert split_documents(docs, "test", (0.5, 0.25, 0.25)) != parts["test"]
+    with pytest.raises(ValueError, match="summing to 1"):
+        split_documents(docs, "test", (0.5, 0.5, 0.5))
+    # contexts: deterministic per seed, shuffled across documents, EOS only between documents
+    a = [c.tolist() for c in split_contexts(docs, tiny_tokenizer, 16, "validation")]
+    assert a == [c.tolist() for c in split_contexts(docs, tiny_tokenizer, 16, "validation")]
+    b = [c.tolist() for c in split_contexts(docs, tiny_tokenizer, 16, "validation", seed=1)]
+    assert a != b and sorted(map(tuple, a)) != sorted(map(tuple, b))  # another document order too
+    plain = [c.tolist() for c in split_contexts(docs, tiny_tokenizer, 16, "validation", shuffle_contexts=0)]
+    assert a != plain and sorted(map(tuple, a)) == sorted(map(tuple, plain))  # the same contexts, reordered
+    val_text = "".join(parts["validation"])
+    for c in a[:5]:
+        for piece in tiny_tokenizer.decode(c).split("<|endoftext|>"):
+            assert piece in val_text  # no context mixes in text of another split

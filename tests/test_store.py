@@ -30,18 +30,20 @@ class Killed(BaseException):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_tokenizer):
-    """A tiny Qwen3.5 with a tokenizer, a corpus of about 60 contexts of 32 tokens, and its store."""
+    """A tiny Qwen3.5 with a tokenizer, a corpus of 400 one-paragraph documents (about 120 contexts of 32 tokens in
+    its train split), the store of its train split and the store of its validation split."""
     root = tmp_path_factory.mktemp("store")
     hf = load_tiny(root, "qwen3_5")
     hf.save_pretrained(root / "model")
     tiny_tokenizer.save_pretrained(root / "model")
     lines = ["the quick brown fox jumps over the lazy dog", "def f(x):\n    return x + 1", "import torch",
              "hello world, recurrent models write matrices"]
-    (root / "corpus.txt").write_text("\n".join(lines * 40))
+    (root / "corpus.txt").write_text("\n\n".join(f"{line} {i}" for i, line in enumerate(lines * 100)))
     argv = ["extract", "--model", str(root / "model"), "--dataset", str(root / "corpus.txt"), "--layers", "0,1",
             "--heads", "all", "--site", "write", "--context-length", "32", "--contexts", "1000",
-            "--contexts-per-shard", "16", "--forward-batch", "8", "--out", str(root / "store")]
-    assert main(argv) == 0
+            "--contexts-per-shard", "16", "--forward-batch", "8"]
+    assert main(argv + ["--out", str(root / "store")]) == 0
+    assert main(argv + ["--split", "validation", "--out", str(root / "val-store")]) == 0
     return root
 
 
@@ -63,10 +65,13 @@ def test_extract_writes_factors_per_cell_and_a_manifest(workdir):
 
 
 def test_train_from_store_equals_streaming_training(workdir):
+    """Streaming trains on the train split and validates on the validation split; a store of each split
+    (`train --store S --val-store V`) gives the same SAE and the same validation rows."""
     common = ["--model", str(workdir / "model")]
     assert main(["train", *common, "--dataset", str(workdir / "corpus.txt"), *TRAIN,
                  "--out", str(workdir / "streamed")]) == 0
-    assert main(["train", "--store", str(workdir / "store"), *TRAIN, "--out", str(workdir / "stored")]) == 0
+    assert main(["train", "--store", str(workdir / "store"), "--val-store", str(workdir / "val-store"), *TRAIN,
+                 "--out", str(workdir / "stored")]) == 0
     a, b = SAE.load_from_disk(workdir / "streamed" / "final"), SAE.load_from_disk(workdir / "stored" / "final")
     for name, p in a.state_dict().items():
         assert torch.allclose(p, b.state_dict()[name], rtol=1e-5, atol=1e-6), name
@@ -227,3 +232,23 @@ def test_store_of_another_model_and_bad_sources_are_refused(workdir, tmp_path, c
     assert main(["extract", "--model", str(workdir / "model"), "--dataset", str(workdir / "corpus.txt"),
                  "--contexts-per-shard", "10", "--forward-batch", "4", "--out", str(tmp_path / "s")]) == 2
     assert "multiple of --forward-batch" in capsys.readouterr().err
+
+
+def test_store_records_its_split_and_the_validation_store_is_checked(workdir, tmp_path, capsys):
+    """A store knows which document split it holds; `train --store S --val-store V` needs V to be another split
+    of the same data, model and cells."""
+    train_m = json.loads((workdir / "store" / "manifest.json").read_text())
+    val_m = json.loads((workdir / "val-store" / "manifest.json").read_text())
+    assert train_m["config"]["data"]["split"] == "train" and val_m["config"]["data"]["split"] == "validation"
+    assert train_m["config"]["data"]["splits"] == [0.9, 0.05, 0.05] and train_m["config"]["data"]["data_seed"] == 0
+
+    assert ActivationStore(workdir / "val-store").n_contexts < ActivationStore(workdir / "store").n_contexts
+    out = ["--out", str(tmp_path / "o")]
+    assert main(["train", "--store", str(workdir / "store"), "--val-store", str(workdir / "store"), *TRAIN, *out]) == 2
+    assert "holds the train split" in capsys.readouterr().err
+    assert main(["train", "--dataset", str(workdir / "corpus.txt"), "--val-store", str(workdir / "val-store"),
+                 *TRAIN, *out]) == 2
+    assert "--val-store goes with --store" in capsys.readouterr().err
+    assert main(["train", "--store", str(workdir / "store"), "--val-store", str(workdir / "val-store"), *TRAIN,
+                 "--val-contexts", "500", *out]) == 2
+    assert "fewer than --val-contexts 500" in capsys.readouterr().err

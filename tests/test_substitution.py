@@ -200,8 +200,8 @@ def cli_assets(tmp_path, tiny_tokenizer, setup):
     make_sae("write").save_model(tmp_path / "sae")
     words = ["def", "return", "import", "self", "value", "state", "print", "class"]
     g = torch.Generator().manual_seed(0)
-    (tmp_path / "text.txt").write_text("\n".join(" ".join(words[i] for i in torch.randint(0, 8, (60,), generator=g))
-                                                 for _ in range(40)))
+    (tmp_path / "text.txt").write_text("\n\n".join(" ".join(words[i] for i in torch.randint(0, 8, (20,), generator=g))
+                                                   for _ in range(200)))  # 200 documents, 12 in the test split
     return tmp_path
 
 

@@ -19,6 +19,9 @@ from pathlib import Path
 #: (a test keeps them equal; the CLI reads config.json without importing the adapters, which need torch)
 MAMBA2_MODEL_TYPES = ("mamba2", "bamba", "nemotron_h", "falcon_h1", "zamba2", "granitemoehybrid")
 DATASET_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+#: document splits and .txt document rules; mirror writesae_plugin.data (a test keeps them equal)
+SPLITS = ("train", "validation", "test")
+TXT_DOCUMENTS = ("auto", "paragraph", "file", "line")
 
 
 class UsageError(Exception):
@@ -59,9 +62,26 @@ def _float_in(lo: float | None, hi: float | None, what: str, lo_open: bool = Fal
     return parse
 
 
+#: `writesae train --resample-every` default (benchmarks/RESULTS.md, "Dead-atom resampling")
+RESAMPLE_EVERY = 0
+
 positive_float = _float_in(0.0, float("inf"), "a positive finite number", lo_open=True, hi_open=True)
 nonneg_float = _float_in(0.0, float("inf"), "a non-negative finite number", hi_open=True)
 open_fraction = _float_in(0.0, 1.0, "strictly between 0 and 1", lo_open=True, hi_open=True)
+
+
+def split_shares(text: str) -> tuple[float, float, float]:
+    """``TRAIN,VALIDATION,TEST`` shares of the documents: percentages summing to 100 (or fractions to 1)."""
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError:
+        parts = []
+    total = sum(parts)
+    if len(parts) != 3 or any(not (p >= 0) or p == float("inf") for p in parts) or not (
+            abs(total - 100) < 1e-6 or abs(total - 1) < 1e-9):
+        raise argparse.ArgumentTypeError(f"expected three shares TRAIN,VALIDATION,TEST summing to 100 (e.g. 90,5,5), "
+                                         f"got {text!r}")
+    return tuple(p / total for p in parts)  # type: ignore[return-value]
 
 
 def rank_range(text: str) -> tuple[int, int]:
@@ -283,8 +303,12 @@ def validate_train(args) -> None:
     if (args.dataset is None) == (args.store is None):
         raise UsageError("give exactly one data source: --dataset (stream text through the model) or --store "
                          "(an activation store from `writesae extract`)")
+    if args.val_store is not None and args.store is None:
+        raise UsageError("--val-store goes with --store (streaming from --dataset validates on its validation split)")
     if args.store is not None:
         check_store_arg(args.store)
+        if args.val_store is not None:
+            check_store_arg(args.val_store, "--val-store")
     else:
         check_dataset_arg(args.dataset, args.text_column)
     check_out_dir(args.out)
@@ -454,7 +478,7 @@ def cmd_train(args) -> int:
 
     import torch
 
-    from .data import ActivationProvider, SiteSpec, load_text_dataset, token_contexts
+    from .data import ActivationProvider, SiteSpec
 
     torch.manual_seed(args.seed)
     if args.store is not None:
@@ -476,20 +500,21 @@ def cmd_train(args) -> int:
     if args.head is not None and not 0 <= args.head < cfg_m.n_heads:
         print(f"writesae train: --head {args.head} out of range (0..{cfg_m.n_heads - 1} or all)", file=sys.stderr)
         return 2
-    ds = load_text_dataset(args.dataset, text_column=args.text_column)
-    texts = (row[args.text_column] for row in ds)
-    contexts = token_contexts(texts, model.tokenizer, args.context_length)
-    val_contexts = list(itertools.islice(contexts, args.val_contexts))
+    texts = _documents(args)
+    contexts = _split_stream(model, args, "train", texts)
+    val_contexts = list(itertools.islice(_split_stream(model, args, "validation", texts), args.val_contexts))
     if len(val_contexts) < args.val_contexts:
-        print("writesae train: the dataset is too small for the validation split", file=sys.stderr)
-        return 2
+        raise UsageError(f"--dataset {args.dataset}: the validation split gives {len(val_contexts)} contexts of "
+                         f"{args.context_length} tokens, fewer than --val-contexts {args.val_contexts} (give more "
+                         "documents, lower --val-contexts or --context-length, or change --splits)")
     heads = None if args.head is None else [args.head]
     spec = SiteSpec(layer=args.layer, site=args.site, heads=heads, positions=args.positions,
                     write_mode=args.write_mode, layout=layout)
-    # context i of the stream is sampled at the same positions however the stream is split (and as a store
-    # extracted with this seed holds it): validation = the first contexts, training = the rest
+    # training reads the train split, validation the first --val-contexts of the validation split (documents
+    # never shared); context i of a split's stream is sampled at the positions a store extracted from that
+    # split with this seed holds
     provider = ActivationProvider(model, contexts, spec, batch_size=args.batch_size, seed=args.seed,
-                                  normalize=not args.no_normalize, first_context=args.val_contexts)
+                                  normalize=not args.no_normalize)
     val_provider = ActivationProvider(model, iter(val_contexts), spec, batch_size=args.batch_size,
                                       buffer_batches=2, seed=args.seed + 1, position_seed=args.seed)
     val_batches = list(val_provider)
@@ -521,22 +546,47 @@ def _train_from_store(args, layout: str, ckpt) -> int:
     store.check_cell(args.layer, heads, args.site, args.write_mode, model_sha256=sha)
     if store.config["heads"] is not None and heads is None and sorted(store.heads) != list(range(info["n_heads"])):
         raise UsageError(f"--head all: the store holds heads {store.heads} only")
-    if store.n_contexts <= args.val_contexts:
-        raise UsageError(f"--store {args.store}: {store.n_contexts} contexts, not more than --val-contexts "
-                         f"{args.val_contexts}")
+    val_store = None if args.val_store is None else ActivationStore(args.val_store)
+    if val_store is None:  # hold out the store's first contexts
+        if store.n_contexts <= args.val_contexts:
+            raise UsageError(f"--store {args.store}: {store.n_contexts} contexts, not more than --val-contexts "
+                             f"{args.val_contexts}")
+    else:
+        _check_val_store(store, val_store, args)
     positions = store.config["positions"]
     spec = SiteSpec(layer=args.layer, site=args.site, heads=heads,
                     positions=tuple(positions) if isinstance(positions, list) else positions,
                     write_mode=args.write_mode, layout=layout, skip_first=store.config["skip_first"])
-    provider = StoreProvider(store, spec, batch_size=args.batch_size, seed=args.seed,
-                             normalize=not args.no_normalize, first_context=args.val_contexts)
-    val_batches = list(StoreProvider(store, spec, batch_size=args.batch_size, buffer_batches=2, seed=args.seed + 1,
-                                     n_contexts=args.val_contexts))
+    provider = StoreProvider(store, spec, batch_size=args.batch_size, seed=args.seed, normalize=not args.no_normalize,
+                             first_context=0 if val_store is not None else args.val_contexts)
+    val_batches = list(StoreProvider(val_store or store, spec, batch_size=args.batch_size, buffer_batches=2,
+                                     seed=args.seed + 1, n_contexts=args.val_contexts))
     key = str(args.layer)
     dims = {"d_k": info["d_k"], "d_v": info["d_v"], "n_heads": info["n_heads"], "family": info["family"],
             "hook": info["hook_prefixes"][key] + f"hook_{args.site}", "hf_module": info["hf_module_names"][key]}
     return _fit(args, layout, ckpt, provider, val_batches, dims, info["path"],
                 store.config["data"].get("context_length"))
+
+
+def _check_val_store(store, val_store, args) -> None:
+    """``--val-store`` holds the same cells of the same model and another split of the same data as ``--store``."""
+    a, b = store.config, val_store.config
+    if val_store.model["weights_sha256"] != store.model["weights_sha256"]:
+        raise UsageError(f"--val-store {args.val_store}: extracted from another model than --store {args.store}")
+    same = ("site", "write_mode", "positions", "skip_first", "seed")
+    diff = [k for k in same if a.get(k) != b.get(k)]
+    data_a, data_b = a.get("data", {}), b.get("data", {})
+    diff += [f"data.{k}" for k in ("dataset", "text_column", "context_length", "splits", "documents", "data_seed")
+             if data_a.get(k) != data_b.get(k)]
+    if diff:
+        raise UsageError(f"--val-store {args.val_store}: extracted with other settings than --store ({', '.join(diff)})")
+    if data_a.get("split") is not None and data_a.get("split") == data_b.get("split"):
+        raise UsageError(f"--val-store {args.val_store}: holds the {data_b['split']} split, the one --store trains on; "
+                         "extract it with --split validation")
+    val_store.check_cell(args.layer, None if args.head is None else [args.head], args.site, args.write_mode)
+    if val_store.n_contexts < args.val_contexts:
+        raise UsageError(f"--val-store {args.val_store}: {val_store.n_contexts} contexts, fewer than --val-contexts "
+                         f"{args.val_contexts}")
 
 
 def _fit(args, layout, ckpt, provider, val_batches, dims: dict, model_name: str, context_length) -> int:
@@ -586,7 +636,6 @@ def _heads_list(text: str) -> list[int] | None:
 
 
 def cmd_extract(args) -> int:
-    from .data import load_text_dataset, token_contexts
     from .store import ExtractConfig, StoreError, extract
 
     model, desc = _load(args.model)
@@ -599,13 +648,14 @@ def cmd_extract(args) -> int:
         raise UsageError(f"--layers {bad} are not recurrent layers; choose from {list(cfg_m.recurrent_layers)}")
     if args.heads is not None and any(h >= cfg_m.n_heads for h in args.heads):
         raise UsageError(f"--heads {args.heads} out of range (0..{cfg_m.n_heads - 1} or all)")
-    ds = load_text_dataset(args.dataset, text_column=args.text_column)
-    contexts = token_contexts((row[args.text_column] for row in ds), model.tokenizer, args.context_length)
+    contexts = _split_stream(model, args, args.split)
     cfg = ExtractConfig(layers=list(layers), heads=args.heads, site=args.site, write_mode=args.write_mode,
                         positions=args.positions, seed=args.seed, dtype=args.dtype,
                         contexts_per_shard=args.contexts_per_shard, forward_batch=args.forward_batch,
                         data={"dataset": str(args.dataset), "text_column": args.text_column,
-                              "context_length": args.context_length})
+                              "context_length": args.context_length, "split": args.split,
+                              "splits": list(args.splits), "documents": args.documents,
+                              "data_seed": args.data_seed})
     try:
         out = extract(model, contexts, args.out, cfg, max_contexts=args.contexts, model_path=desc)
     except StoreError as e:  # --out holds another model's or another configuration's store
@@ -637,21 +687,36 @@ def _load_sae(spec: str):
     raise UsageError(f"--sae must be an SAE directory or RELEASE:SAE_ID, got {spec!r}")
 
 
+def _documents(args) -> list[str]:
+    """The documents of ``--dataset`` (rows; .txt by ``--documents``)."""
+    from .data import load_text_dataset
+
+    ds = load_text_dataset(args.dataset, text_column=args.text_column, documents=args.documents)
+    return list(ds[args.text_column])
+
+
+def _split_stream(model, args, split: str, texts: list[str] | None = None):
+    """The shuffled token contexts of one document split of ``--dataset`` (``--splits``, ``--data-seed``)."""
+    from .data import split_contexts
+
+    if model.tokenizer is None:
+        raise UsageError("the model has no tokenizer; a text dataset needs one")
+    texts = _documents(args) if texts is None else texts
+    return split_contexts(texts, model.tokenizer, args.context_length, split, fractions=args.splits,
+                          seed=args.data_seed)
+
+
 def _contexts(model, args):
+    """``--contexts`` token contexts of ``--split`` (default: test) after the first ``--offset``."""
     import itertools
 
     import torch
 
-    from .data import load_text_dataset, token_contexts
-
-    if model.tokenizer is None:
-        raise UsageError("the model has no tokenizer; a text dataset needs one")
-    ds = load_text_dataset(args.dataset, text_column=args.text_column)
-    ctx = list(itertools.islice(token_contexts((r[args.text_column] for r in ds), model.tokenizer,
-                                               args.context_length), args.contexts))
+    ctx = list(itertools.islice(_split_stream(model, args, args.split), args.offset, args.offset + args.contexts))
     if not ctx:
-        raise UsageError(f"--dataset {args.dataset}: yields no context of {args.context_length} tokens "
-                         "(lower --context-length or give more text)")
+        raise UsageError(f"--dataset {args.dataset}: the {args.split} split yields no context of {args.context_length} "
+                         f"tokens after --offset {args.offset} (lower --context-length or --offset, give more text, or "
+                         "choose another --split / --splits)")
     return torch.stack(ctx)
 
 
@@ -813,11 +878,11 @@ def _pairs_inputs(args, n_saes: int = 1):
         check_sae_fit(model, sae, spec, per_head=True)
     check_layer_head(model, getattr(args, "layer", None), getattr(args, "head", None))
     if args.dataset:
-        from .data import load_text_dataset
+        from .data import split_documents
 
-        texts = (r[args.text_column] for r in load_text_dataset(args.dataset, text_column=args.text_column))
+        texts = split_documents(_documents(args), args.split, args.splits, args.data_seed)
     else:
-        texts = corpus.texts("test")
+        texts = corpus.texts(args.split)
     if args.task == "quote":
         pairs = quote_task(model.tokenizer, texts, args.n, args.length, seed=args.seed)
     else:
@@ -894,8 +959,11 @@ def cmd_edit_atoms(args) -> int:
 def _add_pairs_args(p, sae_help: str):
     p.add_argument("--model", default=None, help="HF model directory (default: the shipped demo model)")
     p.add_argument("--sae", action="append", default=None, help=sae_help)
-    p.add_argument("--dataset", default=None, help="text file/dir for the prompts (default: held-out stdlib)")
+    p.add_argument("--dataset", default=None, help="text file/dir for the prompts (default: the stdlib corpus)")
     p.add_argument("--text-column", default="text", help="the dataset's text column")
+    p.add_argument("--split", choices=SPLITS, default="test",
+                   help="document split the prompts come from (of --dataset, or of the stdlib corpus)")
+    _add_corpus_args(p)
     p.add_argument("--task", choices=["quote", "copy"], default="quote",
                    help="quote: ' vs \" opening a string, metric logit(') - logit(\"); copy: induction")
     p.add_argument("--n", type=positive_int, default=16, help="number of clean/corrupted prompt pairs")
@@ -905,11 +973,29 @@ def _add_pairs_args(p, sae_help: str):
     p.add_argument("--out", required=True, help="results directory")
 
 
+def _add_corpus_args(p):
+    """How a dataset becomes documents and splits (the same defaults in every command, so splits agree)."""
+    p.add_argument("--splits", type=split_shares, default=(0.9, 0.05, 0.05), metavar="TRAIN,VAL,TEST",
+                   help="shares of the documents in the train, validation and test splits (percent; by a hash of "
+                        "each document's text, so a document is in one split whatever the command)")
+    p.add_argument("--documents", choices=TXT_DOCUMENTS, default="auto",
+                   help=".txt documents: paragraph (blank-line separated), file (one per file) or line; auto: one "
+                        "per file in a directory, paragraphs in a single file (JSON lines / parquet: one per row)")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the document order and of the context shuffle (contexts are shuffled across "
+                        "documents)")
+
+
 def _add_data_args(p):
     p.add_argument("--dataset", required=True, help="hub dataset name, or a local .txt/.jsonl/.parquet file or dir")
     p.add_argument("--text-column", default="text", help="the dataset's text column")
+    p.add_argument("--split", choices=SPLITS, default="test",
+                   help="document split the contexts come from (train on train, validate on validation, report "
+                        "on test)")
+    p.add_argument("--offset", type=nonneg_int, default=0, help="skip this many contexts of the split first")
     p.add_argument("--contexts", type=positive_int, default=32, help="number of token contexts")
     p.add_argument("--context-length", type=length_int, default=128, help="tokens per context")
+    _add_corpus_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -927,48 +1013,62 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default=None, help="hub id or local HF model dir (default: tiny built-in Qwen3.5)")
     t.add_argument("--layer", type=int, required=True, help="a recurrent (Gated DeltaNet) layer index")
     t.add_argument("--head", type=_head, default=None, help="value head index, or 'all' (one shared dictionary)")
-    t.add_argument("--site", choices=["state", "write"], default="state")
+    t.add_argument("--site", choices=["state", "write"], default="state", help="which matrix to train on")
     t.add_argument("--dataset", default=None,
-                   help="hub dataset name, or a local .txt/.jsonl/.parquet file or dir (or give --store)")
+                   help="hub dataset name, or a local .txt/.jsonl/.parquet file or dir (or give --store); trains on "
+                        "its train split and validates on its validation split (--splits)")
     t.add_argument("--store", default=None,
                    help="train from an activation store (`writesae extract`) instead of streaming --dataset; with "
                         "--model the store must come from that model")
-    t.add_argument("--text-column", default="text")
+    t.add_argument("--val-store", default=None,
+                   help="with --store: validate on the first --val-contexts of this store (extracted with --split "
+                        "validation from the same data and model); without it the first --val-contexts of --store "
+                        "are held out for validation")
+    t.add_argument("--text-column", default="text", help="the dataset's text column")
     t.add_argument("--out", required=True, help="output directory (final/ loads with SAE.load_from_disk)")
     t.add_argument("--d-sae", type=int, default=2048, help="atoms (paper: 2048)")
     t.add_argument("--k", type=int, default=32, help="active atoms per sample (paper: 32)")
-    t.add_argument("--encoder", choices=["bilinear", "dense"], default="bilinear")
+    t.add_argument("--encoder", choices=["bilinear", "dense"], default="bilinear",
+                   help="bilinear: a_i = u_i^T S w_i (rank-1 encoder atoms); dense: a full encoder matrix")
     t.add_argument("--decoder-rank", type=int, default=1, help="rank of each atom; 0 = dense decoder (FlatSAE)")
-    t.add_argument("--activation", choices=["topk", "batchtopk", "jumprelu"], default="topk")
-    t.add_argument("--write-mode", choices=["raw", "delta"], default="raw")
+    t.add_argument("--activation", choices=["topk", "batchtopk", "jumprelu"], default="topk",
+                   help="sparsity of the codes")
+    t.add_argument("--write-mode", choices=["raw", "delta"], default="raw",
+                   help="write site: raw (k beta v^T) or delta (the erase folded in; Gated DeltaNet only)")
     t.add_argument("--layout", choices=["auto", "dense", "factors"], default="auto",
                    help="auto: factors for the write site with a bilinear encoder")
     t.add_argument("--positions", type=_positions, default="all", help="all, last, stride:N or random:N")
-    t.add_argument("--context-length", type=int, default=128)
-    t.add_argument("--total-samples", type=int, default=256 * 2000)
-    t.add_argument("--batch-size", type=int, default=256)
-    t.add_argument("--lr", type=float, default=3e-4)
-    t.add_argument("--aux-k", type=int, default=256)
-    t.add_argument("--resample-every", type=int, default=0, help="resample dead atoms every N steps (0: off)")
-    t.add_argument("--val-contexts", type=int, default=16)
-    t.add_argument("--val-every", type=int, default=100)
+    t.add_argument("--context-length", type=int, default=128, help="tokens per context")
+    t.add_argument("--total-samples", type=int, default=256 * 2000, help="training samples (matrices)")
+    t.add_argument("--batch-size", type=int, default=256, help="samples per step")
+    t.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (warm-up, cosine decay to lr/10)")
+    t.add_argument("--aux-k", type=int, default=256, help="dead atoms in the auxiliary TopK loss (0: no aux loss)")
+    t.add_argument("--resample-every", type=int, default=RESAMPLE_EVERY,
+                   help="resample dead atoms every N steps (0: off)")
+    t.add_argument("--val-contexts", type=int, default=16, help="validation contexts (of the validation split)")
+    t.add_argument("--val-every", type=int, default=100, help="validate every N steps")
     t.add_argument("--no-normalize", action="store_true", help="do not rescale inputs to mean norm sqrt(d_in)")
     t.add_argument("--resume", default=None,
                    help="a checkpoint directory to resume from, or 'latest' (the newest complete one under "
                         "OUT/checkpoints); the run continues its data stream where the checkpoint left it")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the SAE's initialisation, the sample shuffle and "
+                                                         "random:N positions")
+    _add_corpus_args(t)
     t.set_defaults(func=cmd_train)
 
     x = sub.add_parser("extract", help="extract a write or state site of many layers and heads into an activation "
                                        "store (resumable shards + manifest) for `writesae train --store`")
     x.add_argument("--model", default=None, help="hub id or local HF model dir (default: tiny built-in Qwen3.5)")
     x.add_argument("--dataset", required=True, help="hub dataset name, or a local .txt/.jsonl/.parquet file or dir")
-    x.add_argument("--text-column", default="text")
+    x.add_argument("--text-column", default="text", help="the dataset's text column")
+    x.add_argument("--split", choices=SPLITS, default="train",
+                   help="document split to extract (validation: a store for `train --val-store`)")
     x.add_argument("--layers", type=_int_list, default=None, help="recurrent layers, e.g. 1,2,5 (default: all)")
     x.add_argument("--heads", type=_heads_list, default=None, help="value heads, e.g. 0,3, or all (default: all)")
     x.add_argument("--site", choices=["write", "state"], default="write",
                    help="write: the factors (k, v), never k v^T; state: the state at the chosen positions")
-    x.add_argument("--write-mode", choices=["raw", "delta"], default="raw")
+    x.add_argument("--write-mode", choices=["raw", "delta"], default="raw",
+                   help="write site: raw (k beta v^T) or delta (Gated DeltaNet only)")
     x.add_argument("--positions", type=_positions, default="all", help="all, last, stride:N or random:N")
     x.add_argument("--context-length", type=length_int, default=128, help="tokens per context")
     x.add_argument("--contexts", type=positive_int, default=256, help="token contexts to extract (at most)")
@@ -977,6 +1077,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="stored dtype")
     x.add_argument("--seed", type=int, default=0, help="seed of random:N positions")
     x.add_argument("--out", required=True, help="store directory (rerun the same command to resume)")
+    _add_corpus_args(x)
     x.set_defaults(func=cmd_extract)
 
     s = sub.add_parser("substitute", help="substitution test: replace writes by atoms vs deleting them")

@@ -1,6 +1,7 @@
 """Activation provider: stream a write or state site from an adapter into SAELens' ``SAETrainer``.
 
-Text -> fixed-length token contexts (``token_contexts``) -> hooked forward -> the chosen site at sampled
+Text -> documents (``load_text_dataset``) -> a train / validation / test split by document, shuffled token
+contexts (``split_contexts``) -> hooked forward -> the chosen site at sampled
 positions and heads -> a shuffling buffer -> batches ``[N, d_k*d_v]`` (dense) or ``[N, d_k + d_v]`` (write
 factors, for ``input_layout="factors"``).
 """
@@ -8,6 +9,8 @@ factors, for ``input_layout="factors"``).
 from __future__ import annotations
 
 import hashlib
+import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
@@ -18,11 +21,45 @@ from torch import Tensor
 from .adapters import HookedRecurrentModel, StateCapture
 
 
-def load_text_dataset(source, split: str = "train", text_column: str = "text"):
-    """An HF ``datasets.Dataset`` from a hub name, a local file (``.txt``, ``.jsonl``/``.json``,
-    ``.parquet``), a directory of such files, or an in-memory Dataset / list of strings."""
+#: the document splits every dataset is cut into (``split_of_document``)
+SPLITS = ("train", "validation", "test")
+#: default shares of train / validation / test documents
+DEFAULT_SPLIT_FRACTIONS = (0.90, 0.05, 0.05)
+#: how the documents of ``.txt`` files are found (``load_text_dataset(documents=...)``)
+TXT_DOCUMENTS = ("auto", "paragraph", "file", "line")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+def _txt_documents(files: list[Path], documents: str, is_dir: bool) -> list[str]:
+    """The documents of ``.txt`` files: ``paragraph`` (blank-line separated), ``file`` (a whole file) or
+    ``line``; ``auto`` is ``file`` for a directory and ``paragraph`` for one file. Whitespace-only pieces are
+    dropped; a document keeps its inner newlines and indentation."""
+    mode = ("file" if is_dir else "paragraph") if documents == "auto" else documents
+    out: list[str] = []
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        if mode == "file":
+            pieces = [text]
+        elif mode == "line":
+            pieces = text.splitlines()
+        else:
+            pieces = _PARAGRAPH_BREAK.split(text)
+        out.extend(p.strip("\r\n") for p in pieces if p.strip())
+    return out
+
+
+def load_text_dataset(source, split: str = "train", text_column: str = "text", documents: str = "auto"):
+    """An HF ``datasets.Dataset`` of documents (one row each) from a hub name (its ``split``), a local file
+    (``.txt``, ``.jsonl``/``.json``, ``.parquet``), a directory of such files, or an in-memory Dataset / list of
+    strings.
+
+    JSON lines / parquet rows and list items are documents. ``.txt``: ``documents="auto"`` (default) makes each
+    blank-line separated paragraph of a single file a document, and each file of a directory one document;
+    ``"paragraph"``, ``"file"`` or ``"line"`` choose one rule for both."""
     import datasets
 
+    if documents not in TXT_DOCUMENTS:
+        raise ValueError(f"documents must be one of {TXT_DOCUMENTS}, got {documents!r}")
     if isinstance(source, datasets.Dataset):
         ds = source
     elif isinstance(source, (list, tuple)) and all(isinstance(s, str) for s in source):
@@ -30,14 +67,18 @@ def load_text_dataset(source, split: str = "train", text_column: str = "text"):
     else:
         path = Path(str(source))
         if path.exists():
-            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) \
+                if path.is_dir() else [path]
             kinds = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
             exts = {p.suffix for p in files}
             if not files or not exts <= set(kinds) or len({kinds[e] for e in exts}) != 1:
                 raise ValueError(f"{source}: expected .txt, .jsonl/.json or .parquet files of one kind, "
                                  f"found {sorted(exts)}")
             builder = kinds[files[0].suffix]
-            ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+            if builder == "text":
+                ds = datasets.Dataset.from_dict({text_column: _txt_documents(files, documents, path.is_dir())})
+            else:
+                ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
         else:
             ds = datasets.load_dataset(str(source), split=split)
     if text_column not in ds.column_names:
@@ -45,10 +86,81 @@ def load_text_dataset(source, split: str = "train", text_column: str = "text"):
     return ds
 
 
+def check_split_fractions(fractions) -> tuple[float, float, float]:
+    """``(train, validation, test)`` shares: three non-negative numbers summing to 1."""
+    fr = tuple(float(f) for f in fractions)
+    if len(fr) != 3 or any(not f >= 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
+        raise ValueError(f"split fractions must be three non-negative shares (train, validation, test) summing to 1, "
+                         f"got {fractions!r}")
+    return fr  # type: ignore[return-value]
+
+
+def split_of_document(text: str, fractions=DEFAULT_SPLIT_FRACTIONS) -> str:
+    """The split of one document: a stable hash of its text (sha256) placed in ``[0, 1)`` against the cumulative
+    ``fractions``. Deterministic across runs, machines and orderings; identical documents share a split (a
+    duplicated document never sits on both sides of a train / test boundary)."""
+    fr = check_split_fractions(fractions)
+    u = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+    edge = 0.0
+    for name, f in zip(SPLITS, fr):
+        edge += f
+        if u < edge:
+            return name
+    return next(name for name, f in zip(reversed(SPLITS), reversed(fr)) if f > 0)
+
+
+def split_documents(texts: Iterable[str], split: str, fractions=DEFAULT_SPLIT_FRACTIONS, seed: int | None = 0
+                    ) -> list[str]:
+    """The non-blank documents of ``texts`` in ``split`` (see :func:`split_of_document`), in an order shuffled
+    with ``seed`` (None: dataset order)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    fr = check_split_fractions(fractions)
+    docs = [t for t in texts if t and t.strip() and split_of_document(t, fr) == split]
+    if seed is not None:
+        g = torch.Generator().manual_seed(int(seed))
+        docs = [docs[i] for i in torch.randperm(len(docs), generator=g).tolist()]
+    return docs
+
+
+def shuffle_buffer(items: Iterable, size: int, seed: int = 0) -> Iterator:
+    """``items`` in a shuffled order from a buffer of ``size`` (seeded, deterministic; ``size <= 1``: unchanged).
+    Each new item replaces a uniformly chosen buffered one, which is yielded; the rest come out shuffled."""
+    if size <= 1:
+        yield from items
+        return
+    g = torch.Generator().manual_seed(int(seed))
+    buf: list = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = int(torch.randint(size, (1,), generator=g))
+        out, buf[j] = buf[j], item
+        yield out
+    for j in torch.randperm(len(buf), generator=g).tolist():
+        yield buf[j]
+
+
+def split_contexts(texts: Iterable[str], tokenizer, context_length: int, split: str,
+                   fractions=DEFAULT_SPLIT_FRACTIONS, seed: int = 0, shuffle_contexts: int = 1024,
+                   max_contexts: int | None = None) -> Iterator[Tensor]:
+    """Token contexts ``[context_length]`` of one document split, as SAE training and the experiments read them.
+
+    The split's documents (:func:`split_documents`, never cut across splits) in a seeded shuffled order, joined
+    with EOS between documents, cut into contexts, and the contexts shuffled across documents through a buffer
+    of ``shuffle_contexts`` (seeded). Deterministic: the same texts, tokenizer, split, fractions and seed give
+    the same stream (so an activation store extracted from it, a resumed run and another rank agree)."""
+    docs = split_documents(texts, split, fractions, seed)
+    stream = token_contexts(docs, tokenizer, context_length)
+    out = shuffle_buffer(stream, shuffle_contexts, seed + 1)
+    return out if max_contexts is None else itertools.islice(out, max_contexts)
+
+
 def token_contexts(texts: Iterable[str], tokenizer, context_length: int, separator_id: int | None = None,
                    max_contexts: int | None = None) -> Iterator[Tensor]:
-    """Concatenate tokenized texts (separated by ``separator_id``, default eos) and cut ``[context_length]``
-    contexts."""
+    """Concatenate tokenized documents (each followed by ``separator_id``, default eos) and cut
+    ``[context_length]`` contexts (in order; :func:`split_contexts` splits and shuffles)."""
     if context_length < 2:
         raise ValueError(f"context_length must be >= 2, got {context_length}")
     sep = tokenizer.eos_token_id if separator_id is None else separator_id
@@ -310,12 +422,7 @@ class ActivationProvider(Iterator[Tensor]):
             raise ValueError(f"the saved stream was {'' if state['normalize'] else 'not '}normalised, this provider "
                              f"is {'' if self.normalize else 'not '}(normalize={self.normalize})")
         n = int(state["contexts_consumed"])
-        for i in range(n):
-            try:
-                self._next_context()
-            except StopIteration:
-                raise ValueError(f"the context stream ended after {i} contexts, but the saved stream had consumed "
-                                 f"{n}; resume with the same dataset, context length and validation split") from None
+        self._skip_contexts(n)
         if self._digest.hexdigest() != state["contexts_sha256"]:
             raise ValueError(f"the first {n} contexts of this stream differ from the ones the saved stream consumed; "
                              "resume with the same dataset, context length and validation split")
@@ -325,6 +432,15 @@ class ActivationProvider(Iterator[Tensor]):
         buf = state.get("buffer")
         self.buffer = None if buf is None else buf.to(self.device)
         self.generator.set_state(state["generator"])
+
+    def _skip_contexts(self, n: int) -> None:
+        """Consume the first ``n`` contexts of the stream (adding them to the digest) without using them."""
+        for i in range(n):
+            try:
+                self._next_context()
+            except StopIteration:
+                raise ValueError(f"the context stream ended after {i} contexts, but the saved stream had consumed "
+                                 f"{n}; resume with the same dataset, context length and validation split") from None
 
     def __next__(self) -> Tensor:
         if self.buffer is None or self.buffer.shape[0] < self.capacity // 2:

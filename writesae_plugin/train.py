@@ -79,6 +79,53 @@ class WriteSAETrainer(SAETrainer):
         self.input_scale = 1.0  # the provider's normalisation while the SAE works in scaled units
         self.identity = identity or {}
         self.stream = self.data_provider if stream is None else stream  # the provider whose position is saved
+        self.progress: dict[str, str] = {}  # the progress bar's postfix (running FVU, L0, dead fraction, ...)
+        self._ema: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ progress
+    @torch.no_grad()
+    def _track(self, batch: torch.Tensor, out) -> None:
+        """Running (EMA) FVU and L0 of the training batches: FVU = squared error / variance of the batch about its
+        mean, as ``validation.jsonl`` reports it (scale-free; SAELens' bar shows the raw summed MSE)."""
+        mse = out.losses.get("mse_loss") if isinstance(out.losses, dict) else None
+        if mse is None:
+            return
+        x = batch.to(torch.float32)
+        n = x.shape[0]
+        if self.layout == "factors":  # variance of the dense k v^T, from the factors
+            dk = self.sae.cfg.d_k
+            k, v = x[:, :dk], x[:, dk:]
+            mean = k.T @ v / n
+            var = ((k * k).sum(1) * (v * v).sum(1)).sum() - n * (mean * mean).sum()
+        else:
+            x = x.reshape(n, -1)
+            var = (x - x.mean(0)).pow(2).sum()
+        err = float(mse.detach()) * n
+        l0 = float((out.feature_acts != 0).sum()) / n
+        a = 0.1 if self._ema else 1.0
+        for key, value in (("err", err), ("var", float(var)), ("l0", l0)):
+            self._ema[key] = (1 - a) * self._ema.get(key, value) + a * value
+
+    def progress_postfix(self) -> dict[str, str]:
+        """What the progress bar shows beside samples/s and the ETA: running training FVU and L0, the dead
+        fraction (atoms that did not fire for ``dead_feature_window`` steps) and the last validation FVU."""
+        post = {}
+        if self._ema:
+            post["fvu"] = f"{self._ema['err'] / max(self._ema['var'], 1e-30):.3f}"
+            post["L0"] = f"{self._ema['l0']:.1f}"
+        post["dead"] = f"{self.dead_neurons.float().mean().item():.1%}"
+        if self.history:
+            post["val_fvu"] = f"{self.history[-1]['fvu']:.3f}"
+        return post
+
+    @torch.no_grad()
+    def _update_pbar(self, step_output, pbar, update_interval: int = 100):
+        """Every step (SAELens' bar moves every 100): samples/s, ETA, FVU, L0, dead fraction."""
+        if pbar.unit != " samples":
+            pbar.unit, pbar.unit_scale, pbar.desc = " samples", True, "train"
+        self.progress = self.progress_postfix()
+        pbar.set_postfix(self.progress, refresh=False)
+        pbar.update(self.cfg.train_batch_size_samples)
 
     @property
     def normalized(self) -> bool:
@@ -100,6 +147,7 @@ class WriteSAETrainer(SAETrainer):
 
     def step(self, batch):
         out = super().step(batch)
+        self._track(batch, out)
         if self.val_every and self.val_batches and (self.n_training_steps + 1) % self.val_every == 0:
             self.validate()
         return out
