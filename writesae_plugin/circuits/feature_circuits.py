@@ -314,10 +314,9 @@ def acdc_prune(model, saes: Sequence, clean: Tensor, corrupted: Tensor, metric: 
             removed.add(nid)
             current = trial
     nodes = []
-    for s, kind, j in candidates:
+    kept = [c for c in candidates if _node_id(c[0], c[1], c[2]) not in removed]
+    for s, kind, j in tqdm(kept, desc="ACDC node effects", disable=not progress or not kept):
         nid = _node_id(s, kind, j)
-        if nid in removed:
-            continue
         alone = _circuit_metric(model, saes, clean, ref, metric, {nid})
         nodes.append({"id": nid, "layer": s.cfg.layer, "head": s.cfg.head, "kind": kind, "atom": j,
                       "effect": m_clean - alone})
