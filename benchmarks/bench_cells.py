@@ -1,0 +1,120 @@
+"""Many cells from one pass vs one run per cell (issue 13), as a ratio measured in one run.
+
+On the shipped demo model (Gated DeltaNet, 4 value heads, d_k = d_v = 32), N write-site cells (every head of the
+chosen layers) are trained two ways on the same contexts and the same SAE settings:
+
+* **one at a time**: N streaming runs (``ActivationProvider`` + ``train_write_sae``), each running the model on
+  every batch for its own cell;
+* **together**: one extraction of all N cells (``store.extract``: one model forward per batch for every cell),
+  then ``cells.train_cells`` from the store.
+
+Reported: wall seconds of each, training samples per second over all cells, and the speed-up
+``one-at-a-time / together`` against the target ``>= 0.7 N``. The order of the two is alternated over rounds
+and the median taken. Sizes are small (a CPU box); the forward share grows with the model, so real models gain
+more than this.
+
+Usage: python benchmarks/bench_cells.py [--layers 2 4] [--contexts 96] [--context-length 128] [--d-sae 256]
+       [--k 16] [--batch 256] [--samples 4096] [--rounds 2] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--contexts", type=int, default=96)
+    p.add_argument("--context-length", type=int, default=128)
+    p.add_argument("--d-sae", type=int, default=256)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--samples", type=int, default=4096, help="training samples per cell")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from writesae_plugin.cells import CellTraining, store_cells, train_cells
+    from writesae_plugin.data import ActivationProvider, SiteSpec, token_contexts
+    from writesae_plugin.demo import corpus
+    from writesae_plugin.demo.run import load_demo_model
+    from writesae_plugin.store import ActivationStore, ExtractConfig, extract
+    from writesae_plugin.train import train_write_sae
+
+    model = load_demo_model()
+    T = args.context_length
+    contexts = list(itertools.islice(token_contexts(corpus.texts("train"), model.tokenizer, T), args.contexts))
+    heads = list(range(model.cfg.n_heads))
+    n_cells = len(args.layers) * len(heads)
+    t = CellTraining(d_sae=args.d_sae, k=args.k, aux_k=2 * args.k, total_samples=args.samples,
+                     batch_size=args.batch, lr=2e-3, val_contexts=2, val_every=10 ** 9, n_checkpoints=0)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-cells-"))
+
+    def together() -> float:
+        shutil.rmtree(tmp / "together", ignore_errors=True)
+        start = time.perf_counter()
+        cfg = ExtractConfig(layers=args.layers, site="write", contexts_per_shard=32, forward_batch=8)
+        store = ActivationStore(extract(model, iter(contexts), tmp / "together" / "store", cfg, progress=False))
+        train_cells(store, store_cells(store, args.layers, None, "write"), tmp / "together" / "out", t,
+                    progress=False)
+        return time.perf_counter() - start
+
+    def one_at_a_time() -> float:
+        shutil.rmtree(tmp / "single", ignore_errors=True)
+        start = time.perf_counter()
+        for layer in args.layers:
+            for head in heads:
+                spec = SiteSpec(layer=layer, site="write", heads=[head], positions="all", layout="factors")
+                provider = ActivationProvider(model, iter(contexts[2:]), spec, batch_size=args.batch,
+                                              normalize=True, first_context=2)
+                val = list(ActivationProvider(model, iter(contexts[:2]), spec, batch_size=args.batch,
+                                              buffer_batches=2, seed=1, position_seed=0))
+                from writesae_plugin.cells import Cell, cell_config
+
+                store_like = _StoreInfo(model)
+                cfg = cell_config(store_like, Cell(layer, head, "write"), t)
+                torch.manual_seed(0)
+                train_write_sae(cfg, provider, tmp / "single" / f"L{layer}.H{head}", total_samples=args.samples,
+                                batch_size=args.batch, lr=t.lr, val_batches=val, val_every=t.val_every,
+                                n_checkpoints=0)
+        return time.perf_counter() - start
+
+    times = {"together": [], "one at a time": []}
+    for r in range(args.rounds):
+        order = [("together", together), ("one at a time", one_at_a_time)]
+        for name, fn in (order if r % 2 == 0 else order[::-1]):
+            times[name].append(fn())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    total = n_cells * args.samples
+    print(f"{n_cells} cells (layers {args.layers} x heads {heads}), {args.samples} samples each, d_sae {args.d_sae}, "
+          f"k {args.k}, batch {args.batch}, {args.contexts} contexts of {T}, {args.threads} threads, "
+          f"{args.rounds} rounds (median)")
+    for name, v in med.items():
+        print(f"  {name:14s} {v:8.1f} s  {total / v:9.0f} samples/s   (rounds: {', '.join(f'{x:.1f}' for x in times[name])})")
+    speedup = med["one at a time"] / med["together"]
+    print(f"  speed-up {speedup:.2f}x = {speedup / n_cells:.2f} N (target >= 0.7 N)")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _StoreInfo:
+    """What ``cell_config`` reads of a store, from a hooked model (for the streaming runs)."""
+
+    def __init__(self, model):
+        from writesae_plugin.store import model_info
+
+        self.model = model_info(model)
+        self.config = {"data": {"context_length": None}}
+
+
+if __name__ == "__main__":
+    main()
