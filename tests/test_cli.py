@@ -149,3 +149,75 @@ def _with(parser, name, func):
     sub = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
     sub.choices[name].set_defaults(func=func)
     return parser
+
+
+def _subparsers():
+    from writesae_plugin.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
+    return sub.choices
+
+
+def test_every_default_is_in_help(capsys):
+    """Every option with a default says it in --help (argparse prints nothing for an option without help text)."""
+    import argparse
+
+    missing = []
+    for name, p in _subparsers().items():
+        fmt = p._get_formatter()
+        for action in p._actions:
+            if action.required or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+                continue
+            if not action.help or "%(default)" not in fmt._get_help_string(action):
+                missing.append(f"{name} {action.option_strings[0]}")
+    assert not missing, missing
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 16)", "(default: 3e-4)" if "3e-4" in out else "(default: 0.0003)", "(default: 512000)",
+                  "(default: topk)", "(default: state)", "(default: (0.9, 0.05, 0.05))", "(default: auto)"):
+        assert shown in out, shown
+
+
+def test_cli_splits_match_the_data_module():
+    from writesae_plugin import cli, data
+
+    assert cli.SPLITS == data.SPLITS and cli.TXT_DOCUMENTS == data.TXT_DOCUMENTS
+    assert _subparsers()["train"].get_default("splits") == data.DEFAULT_SPLIT_FRACTIONS
+
+
+def test_experiments_default_to_the_test_split_with_split_and_offset(tmp_path, tiny_tokenizer):
+    """substitute / closed-form / install / attribute read --contexts of the test split (documents never used
+    for training or validation), after --offset; --split changes it. The prompt commands default to test too."""
+    from types import SimpleNamespace
+
+    from writesae_plugin.cli import _contexts, build_parser
+    from writesae_plugin.data import split_contexts, split_documents
+
+    docs = [f"doc {i}: " + "alpha beta gamma " * (1 + i % 4) for i in range(400)]
+    (tmp_path / "d.txt").write_text("\n\n".join(docs))
+    parser = build_parser()
+    base = ["--dataset", str(tmp_path / "d.txt"), "--out", "o", "--contexts", "3", "--context-length", "16"]
+    for cmd in (["substitute", "--sae", "s"], ["closed-form", "--sae", "s"], ["attribute", "--sae", "s"],
+                ["install", "--layer", "0", "--head", "0"]):
+        args = parser.parse_args(cmd + base)
+        assert (args.split, args.offset, args.splits) == ("test", 0, (0.9, 0.05, 0.05)), cmd
+    for cmd in ("patch", "attribution-patch", "path-patch", "circuit", "edit-atoms"):
+        assert parser.parse_args([cmd, "--out", "o"]).split == "test", cmd
+    model = SimpleNamespace(tokenizer=tiny_tokenizer)
+    args = parser.parse_args(["substitute", "--sae", "s"] + base)
+    got = _contexts(model, args)
+    stream = [c for c in split_contexts(docs, tiny_tokenizer, 16, "test")]
+    assert got.shape == (3, 16) and all((got[i] == stream[i]).all() for i in range(3))
+    test_text = "".join(split_documents(docs, "test"))
+    for row in got:  # only test-split documents (EOS between them)
+        assert all(piece in test_text for piece in tiny_tokenizer.decode(row.tolist()).split("<|endoftext|>"))
+    shifted = _contexts(model, parser.parse_args(["substitute", "--sae", "s", "--offset", "2"] + base))
+    assert (shifted[0] == stream[2]).all()
+    val = _contexts(model, parser.parse_args(["substitute", "--sae", "s", "--split", "validation"] + base))
+    assert (val[0] == next(split_contexts(docs, tiny_tokenizer, 16, "validation"))).all()
+    with pytest.raises(UsageError, match="after --offset 100000"):
+        _contexts(model, parser.parse_args(["substitute", "--sae", "s", "--offset", "100000"] + base))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["substitute", "--sae", "s", "--splits", "90,5"] + base)

@@ -62,7 +62,8 @@ def _float_in(lo: float | None, hi: float | None, what: str, lo_open: bool = Fal
     return parse
 
 
-#: `writesae train --resample-every` default (benchmarks/RESULTS.md, "Dead-atom resampling")
+#: `writesae train --resample-every` default: off, resampling crashes the fast training step today
+#: (benchmarks/RESULTS.md, "Dead-atom resampling on / off")
 RESAMPLE_EVERY = 0
 
 positive_float = _float_in(0.0, float("inf"), "a positive finite number", lo_open=True, hi_open=True)
