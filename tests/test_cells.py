@@ -93,3 +93,57 @@ def test_cells_the_store_lacks_are_refused_before_training(store, tmp_path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(StoreError, match="heads"):
         store_cells(store, [0], [7], "write")
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("cells_cli")
+    load_tiny(root, "qwen3_5").save_pretrained(root / "model")
+    tiny_tokenizer.save_pretrained(root / "model")
+    paragraphs = [f"paragraph {i}: the quick brown fox jumps over the lazy dog; def f(x): return x + {i}"
+                  for i in range(120)]
+    (root / "corpus.txt").write_text("\n\n".join(paragraphs))
+    return root
+
+
+SMALL = ["--site", "write", "--d-sae", "16", "--k", "4", "--aux-k", "8", "--total-samples", "96",
+         "--batch-size", "32", "--val-contexts", "2", "--val-every", "2", "--context-length", "16"]
+
+
+def test_cli_trains_every_cell_of_two_layers_from_one_extraction(model_dir, tmp_path):
+    from writesae_plugin.cli import main
+
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(model_dir / "model"), "--dataset", str(model_dir / "corpus.txt"),
+                 "--layers", "0,1", *SMALL, "--out", str(out)]) == 0
+    index = json.loads((out / "cells" / "release.json").read_text())
+    assert sorted(index["saes"]) == sorted(f"L{layer}.H{h}.write" for layer in (0, 1) for h in range(4))
+    store = ActivationStore(out / "store")
+    assert store.config["data"]["split"] == "train" and ActivationStore(out / "val_store").config["data"][
+        "split"] == "validation"
+    sae = SAE.load_from_disk(out / "cells" / "L1.H2.write")
+    assert sae.cfg.head == 2 and sae.cfg.metadata.hook_name == "blocks.1.linear_attn.hook_write"
+    # from the store, a subset of heads, and one shared dictionary per layer
+    assert main(["train", "--store", str(out / "store"), "--val-store", str(out / "val_store"), "--layers", "1",
+                 "--heads", "2,3", *SMALL, "--out", str(tmp_path / "sub")]) == 0
+    assert sorted(json.loads((tmp_path / "sub" / "cells" / "release.json").read_text())["saes"]) == [
+        "L1.H2.write", "L1.H3.write"]
+    assert main(["train", "--store", str(out / "store"), "--layers", "0", "--shared-heads", *SMALL,
+                 "--out", str(tmp_path / "shared")]) == 0
+    assert SAE.load_from_disk(tmp_path / "shared" / "cells" / "L0.Hall.write").cfg.head is None
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--layer", "1", "--layers", "1"], "--layer L"),
+    ([], "--layer L"),
+    (["--layer", "1", "--heads", "1"], "go with --layers"),
+    (["--layers", "1", "--head", "1"], "--head goes with --layer"),
+    (["--layers", "1", "--heads", "1", "--shared-heads"], "do not also give --heads"),
+    (["--layers", "1", "--resume", "some/dir"], "'latest'"),
+])
+def test_cli_cell_flags_are_checked_before_loading(model_dir, tmp_path, capsys, argv, match):
+    from writesae_plugin.cli import main
+
+    assert main(["train", "--dataset", str(model_dir / "corpus.txt"), *argv, *SMALL, "--out", str(tmp_path)]) == 2
+    assert match in capsys.readouterr().err

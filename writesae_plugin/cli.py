@@ -283,7 +283,19 @@ def _model_config(spec: str | None) -> dict | None:
 
 def validate_train(args) -> None:
     """Checks of ``writesae train``'s arguments before the model loads (shared with the train command)."""
-    for flag, value, lo in (("--layer", args.layer, 0), ("--d-sae", args.d_sae, 1), ("--k", args.k, 1),
+    if (args.layer is None) == (args.layers is None):
+        raise UsageError("give --layer L (one dictionary) or --layers L1,L2,... (one per layer and head)")
+    if args.layers is None and (args.heads is not None or args.shared_heads):
+        raise UsageError("--heads and --shared-heads go with --layers (with --layer, use --head)")
+    if args.layers is not None and args.head is not None:
+        raise UsageError("--head goes with --layer (with --layers, use --heads)")
+    if args.layers is not None and args.shared_heads and args.heads is not None:
+        raise UsageError("--shared-heads trains one dictionary on every head; do not also give --heads")
+    if args.layers is not None and args.resume not in (None, "latest"):
+        raise UsageError("with --layers, --resume takes 'latest' (each unfinished cell continues from its newest "
+                         "checkpoint)")
+    for flag, value, lo in (("--layer", 0 if args.layer is None else args.layer, 0), ("--d-sae", args.d_sae, 1),
+                            ("--k", args.k, 1),
                             ("--decoder-rank", args.decoder_rank, 0), ("--context-length", args.context_length, 2),
                             ("--total-samples", args.total_samples, 1), ("--batch-size", args.batch_size, 1),
                             ("--aux-k", args.aux_k, 0), ("--resample-every", args.resample_every, 0),
@@ -462,6 +474,13 @@ def cmd_train(args) -> int:
     layout = args.layout
     if layout == "auto":
         layout = "factors" if args.site == "write" and args.encoder == "bilinear" else "dense"
+    if args.layers is not None:
+        from .store import StoreError
+
+        try:
+            return _train_cells(args)
+        except StoreError as e:
+            raise UsageError(str(e)) from None
     try:  # output dirs writable, the checkpoint to resume complete and of this run: before loading any model
         ckpt, run = prepare_output(args.out, args.resume)
         if ckpt is not None:
@@ -567,6 +586,67 @@ def _train_from_store(args, layout: str, ckpt) -> int:
             "hook": info["hook_prefixes"][key] + f"hook_{args.site}", "hf_module": info["hf_module_names"][key]}
     return _fit(args, layout, ckpt, provider, val_batches, dims, info["path"],
                 store.config["data"].get("context_length"))
+
+
+def _train_cells(args) -> int:
+    """``writesae train --layers ...``: every (layer, head) cell (or one shared per layer) from one extraction."""
+    import math
+
+    from .cells import CellTraining, store_cells, train_cells
+    from .store import ActivationStore
+
+    t = CellTraining(d_sae=args.d_sae, k=args.k, encoder=args.encoder,
+                     decoder_rank=None if args.decoder_rank == 0 else args.decoder_rank, activation=args.activation,
+                     aux_k=args.aux_k, resample_every=args.resample_every, write_mode=args.write_mode,
+                     layout=args.layout, total_samples=args.total_samples, batch_size=args.batch_size, lr=args.lr,
+                     val_contexts=args.val_contexts, val_every=args.val_every, normalize=not args.no_normalize,
+                     seed=args.seed)
+    out = Path(args.out)
+    if args.store is not None:
+        store = ActivationStore(args.store)
+        val_store = None if args.val_store is None else ActivationStore(args.val_store)
+        if val_store is not None:
+            for layer in args.layers:
+                args.layer, args.head = layer, None
+                _check_val_store(store, val_store, args)
+    else:  # extract the train split (enough contexts for every cell) and the validation split first
+        from .store import ExtractConfig, extract
+
+        model, desc = _load(args.model)
+        cfg_m = model.cfg
+        bad = [layer for layer in args.layers if layer not in cfg_m.recurrent_layers]
+        if bad:
+            raise UsageError(f"--layers {bad} are not recurrent layers; choose from {list(cfg_m.recurrent_layers)}")
+        if args.heads is not None and any(h >= cfg_m.n_heads for h in args.heads):
+            raise UsageError(f"--heads {args.heads} out of range (0..{cfg_m.n_heads - 1} or all)")
+        from .data import SiteSpec, select_positions
+
+        spec = SiteSpec(layer=args.layers[0], positions=args.positions)
+        per_context = len(select_positions(spec, args.context_length)) * (cfg_m.n_heads if args.shared_heads else 1)
+        n_train = math.ceil(args.total_samples / max(per_context, 1)) + 8
+        data = {"dataset": str(args.dataset), "text_column": args.text_column, "context_length": args.context_length,
+                "splits": list(args.splits), "documents": args.documents, "data_seed": args.data_seed}
+        common = dict(layers=list(args.layers), heads=args.heads, site=args.site, write_mode=args.write_mode,
+                      positions=args.positions, seed=args.seed)
+        texts = _documents(args)
+        store = ActivationStore(extract(model, _split_stream(model, args, "train", texts), out / "store",
+                                        ExtractConfig(**common, data={**data, "split": "train"}),
+                                        max_contexts=n_train, model_path=desc))
+        val_store = ActivationStore(extract(model, _split_stream(model, args, "validation", texts),
+                                            out / "val_store", ExtractConfig(**common, data={**data,
+                                                                                             "split": "validation"}),
+                                            max_contexts=args.val_contexts, model_path=desc))
+        if val_store.n_contexts < args.val_contexts:
+            raise UsageError(f"--dataset {args.dataset}: the validation split gives {val_store.n_contexts} contexts, "
+                             f"fewer than --val-contexts {args.val_contexts}")
+        del model
+    cells = store_cells(store, args.layers, args.heads, args.site, shared_heads=args.shared_heads)
+    index = train_cells(store, cells, out, t, val_store=val_store, resume=args.resume == "latest",
+                        release=out.name)
+    print(json.dumps({"out": str(out / "cells"), "cells": index["cells"]}, indent=2))
+    print(f"load one with: SAE.load_from_disk({str(out / 'cells' / cells[0].id)!r}); all as a release: "
+          f"register_local_release(name, {str(out / 'cells')!r})")
+    return 0
 
 
 def _check_val_store(store, val_store, args) -> None:
@@ -1012,8 +1092,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a WriteSAE on a layer/head's write or state site")
     t.add_argument("--model", default=None, help="hub id or local HF model dir (default: tiny built-in Qwen3.5)")
-    t.add_argument("--layer", type=int, required=True, help="a recurrent (Gated DeltaNet) layer index")
+    t.add_argument("--layer", type=int, default=None, help="a recurrent layer index (one dictionary; or --layers)")
     t.add_argument("--head", type=_head, default=None, help="value head index, or 'all' (one shared dictionary)")
+    t.add_argument("--layers", type=_int_list, default=None,
+                   help="many cells: recurrent layers, e.g. 1,2,5; one dictionary per (layer, head), saved as "
+                        "OUT/cells/L{l}.H{h}.{site}/ with a release index OUT/cells/release.json; the model runs "
+                        "once per batch for all cells (with --dataset: extracted into OUT/store first)")
+    t.add_argument("--heads", type=_heads_list, default=None, help="with --layers: value heads, e.g. 0,3, or all "
+                                                                     "(default: all)")
+    t.add_argument("--shared-heads", action="store_true",
+                   help="with --layers: one dictionary per layer shared by the heads, instead of one per head")
     t.add_argument("--site", choices=["state", "write"], default="state", help="which matrix to train on")
     t.add_argument("--dataset", default=None,
                    help="hub dataset name, or a local .txt/.jsonl/.parquet file or dir (or give --store); trains on "
