@@ -96,7 +96,7 @@ def work(tmp_path_factory):
                             ).save_pretrained(model_dir)
     # 500 one-paragraph documents (446 train, 29 validation, 25 test)
     (root / "corpus.txt").write_text("\n\n".join(f"{t} {i}" for i, t in enumerate(text * 5)))
-    cmd = _readme_command("writesae train")
+    cmd = _readme_command("writesae train --model DIR --layer 1")  # the single-dictionary command (out/final)
     argv = _bind(cmd, root) + ["--d-sae", "64", "--k", "4", "--total-samples", "1024", "--batch-size", "256",
                                "--context-length", "32", "--val-contexts", "2", "--val-every", "2", "--aux-k", "8"]
     with _cwd(root):
@@ -246,6 +246,9 @@ COMMANDS = {
     "writesae train --store store/ --layer 1 --head 2 --site write --out out2/":
         ("run", ["--val-contexts", "2", "--total-samples", "128", "--batch-size", "32", "--d-sae", "32", "--k", "4",
                  "--aux-k", "8", "--val-every", "2"]),
+    "writesae train --model DIR --layers 1,2 --heads all --site write --dataset corpus.txt --out cells-out/":
+        ("run", ["--val-contexts", "2", "--total-samples", "96", "--batch-size", "32", "--d-sae", "16", "--k", "4",
+                 "--aux-k", "8", "--val-every", "2", "--context-length", "24"]),
     "writesae substitute --model M --sae S --dataset D --out R": ("run", SMALL + ["--max-firings", "6"]),
     "writesae closed-form --model M --sae S --dataset D --out R": ("run", SMALL + ["--n-tokens", "2"]),
     "writesae install --model M --dataset D --out R --layer L --head H":
