@@ -249,6 +249,27 @@ def test_resampling_revives_dead_atoms():
                                                    n_training_steps=5, is_logging_step=False))
     assert out.metrics["resampled_atoms"] == 6
     assert torch.allclose(sae.atom_norms()[:6], torch.ones(6), atol=1e-5)
+    out.loss.backward()  # the step's graph is valid after resampling (the fast kernels save the weights)
+
+
+@pytest.mark.parametrize("encoder, layout", [("bilinear", "dense"), ("dense", "dense"), ("bilinear", "factors")])
+def test_resampling_inside_training_steps(encoder, layout):
+    torch.manual_seed(0)
+    sae = TrainingWriteSAE(make_cfg(WriteSAETrainingConfig, head=None, resample_every=2, encoder=encoder,
+                                    input_layout=layout, site="write" if layout == "factors" else "state"))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[::4] = True
+    width = DK + DV if layout == "factors" else DK * DV
+    for step in range(1, 5):
+        out = sae.training_forward_pass(TrainStepInput(sae_in=torch.randn(64, width), coefficients={},
+                                                       dead_neuron_mask=dead, n_training_steps=step,
+                                                       is_logging_step=False))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert out.metrics.get("resampled_atoms", 0) == (8 if step % 2 == 0 else 0)
+        assert torch.isfinite(out.loss)
 
 
 def _aux_reference(sae, k, v, pre, acts, dead):

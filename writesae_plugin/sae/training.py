@@ -96,6 +96,12 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         self.normalize_decoder()
         x = step_input.sae_in
+        resampled = None
+        if self.cfg.resample_every and step_input.n_training_steps > 0 and \
+                step_input.n_training_steps % self.cfg.resample_every == 0 and step_input.dead_neuron_mask is not None:
+            # before this step's graph exists: the fast step saves the weights for its backward, so changing them
+            # in place after the forward would invalidate it
+            resampled = self.resample_dead_atoms(x, step_input.dead_neuron_mask)
         if self.cfg.input_layout == "factors":
             out = self._factored_step(step_input)
         else:
@@ -103,9 +109,8 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
         if self.cfg.activation == "batchtopk":
             self._update_threshold(out.feature_acts)
             out.metrics["topk_threshold"] = float(self.topk_threshold)
-        if self.cfg.resample_every and step_input.n_training_steps > 0 and \
-                step_input.n_training_steps % self.cfg.resample_every == 0 and step_input.dead_neuron_mask is not None:
-            out.metrics["resampled_atoms"] = self.resample_dead_atoms(x, step_input.dead_neuron_mask)
+        if resampled is not None:
+            out.metrics["resampled_atoms"] = resampled
         return out
 
     def _hooks_attached(self) -> bool:
