@@ -186,3 +186,20 @@ def test_state_sae_splice_captures_every_position(hf_and_layer, ids):
     assert (spliced - clean).abs().max() > 1e-4 and torch.equal(spliced, reference)
     assert torch.equal(named[hook], states[hook]) and named[hook].shape[1] == ids.shape[1]
     assert model.state_capture is None
+
+
+def test_mamba_ssm_models_hook_once_copy_and_unhook(ids):
+    from fake_mamba_ssm import tiny_mamba_ssm
+
+    mamba = tiny_mamba_ssm()
+    model = hook_model(mamba)
+    tokens = ids[:, :12] % 97
+    assert hook_model(mamba) is model and hook_model(model.hf_model) is model  # the raw model or its wrapper
+    twin = copy.deepcopy(model)
+    edit = WriteEdit(layer=1, pos=4, head=0, op="delete")
+    with torch.no_grad():
+        assert torch.equal(twin.run_with_edits(tokens, [edit]), model.run_with_edits(tokens, [edit]))
+        assert twin.hf_model.model is not mamba
+        model.unhook()
+        again = hook_model(mamba)
+        assert again is not model and torch.equal(again(tokens), twin(tokens))
