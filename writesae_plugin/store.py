@@ -61,7 +61,10 @@ def model_info(model, path: str | None = None) -> dict:
     """What a store records about the model it came from."""
     cfg = model.cfg
     tok = model.tokenizer
-    return {"path": path or cfg.model_name, "family": cfg.family, "weights_sha256": weights_sha256(model.hf_model),
+    path = path or cfg.model_name
+    if path and Path(path).expanduser().exists():  # a local directory: record where it is, not how it was typed
+        path = str(Path(path).expanduser().resolve())
+    return {"path": path, "family": cfg.family, "weights_sha256": weights_sha256(model.hf_model),
             "d_k": cfg.d_k, "d_v": cfg.d_v, "n_heads": cfg.n_heads, "recurrent_layers": list(cfg.recurrent_layers),
             "hook_prefixes": {str(layer): model.hook_prefix(layer) for layer in cfg.recurrent_layers},
             "hf_module_names": {str(layer): model.family.hf_module_name(model.hf_model, layer)
