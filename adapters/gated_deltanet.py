@@ -276,24 +276,33 @@ class GatedDeltaNetHooks(nn.Module):
                 W_old = torch.outer(kn[bi, t, h], write_value[bi, t, h])
                 entries[(bi, t, h)] = (W_new - W_old, mode == "delta")
         self._functional_edits(owner, entries, offset, b, T, kn, raw_value, v32, beta32, g, init, chunk, dense_D)
+        derivative_only = False  # the read / transitions go through the canonical kernel for derivatives only
         if entries or (dense_D is not None and bool((dense_D != 0).any())):
             # edits change this layer's states: decay and query derivatives are taken through the edited layer
             # (the canonical kernel on the hook outputs), not at the clean layer
+            edited_before = f_g.edited or f_query.edited
             if not f_g.edited and ops.carries_derivative(f_g.raw):
                 f_g = _Fired(f_g.raw.float(), True, f_g.value, raw=f_g.raw)
                 g_tr = f_g.value
             if not f_query.edited and ops.carries_derivative(f_query.raw):
                 f_query = _Fired(f_query.raw.float(), True, f_query.value, raw=f_query.raw)
                 query_scaled, q_kernel = f_query.value, f_query.value / scale
+            derivative_only = not edited_before and (f_g.edited or f_query.edited)
 
         # main call: exactly what HF would run unless the read or the transitions were edited
+        rest = {n: v_ for n, v_ in a.items() if n in given and n not in ("query", "key", "value")}
+        rest["beta"] = beta2  # q, k, v by position: HF's torch kernels name them query/key/value, fla's q/k/v
         if not (f_query.edited or f_g.edited):
-            # q, k, v by position: HF's torch kernels name them query/key/value, fla's q/k/v
-            rest = {n: v_ for n, v_ in a.items() if n in given and n not in ("query", "key", "value")}
-            rest["beta"] = beta2
             o, S = kernels.main(name, dev)(q2, k2, v2, **rest, **extra)
         else:
             o, S = ops.kernel_canonical(chunk, q_kernel, kn, v32, g_tr, beta32, init, out_final)
+            if derivative_only:  # values: the model's own kernel, bit for bit; derivatives: the canonical one
+                with torch.no_grad():  # detached inputs: no tangent either (forward-mode AD ignores no_grad)
+                    plain = {n: v_.detach() if isinstance(v_, Tensor) else v_ for n, v_ in rest.items()}
+                    o_hf, S_hf = kernels.main(name, dev)(q2.detach(), k2.detach(), v2.detach(), **plain, **extra)
+                o = o_hf + (o - o.detach()).to(o_hf.dtype)
+                if S is not None and S_hf is not None:
+                    S = S_hf + (S - S.detach()).to(S_hf.dtype)
 
         beta_tr = beta32
         delta_read = delta_final = None

@@ -221,20 +221,32 @@ class Mamba2Hooks(nn.Module):
         write_dense = dense_D
         offset = cache_offset(self, owner, init is not None, T)
         self._functional(owner, entries, offset, b, T, key, value, dense_D)
+        derivative_only = False  # the canonical scan runs for derivatives only; values stay the kernel's
         if entries or (dense_D is not None and bool((dense_D != 0).any())):
             # edits change this layer's states: decay and query derivatives are taken through the edited layer
             # (the canonical scan on the hook outputs), not at the clean layer
+            edited_before = f_g.edited or f_q.edited
             if not f_g.edited and carries_derivative(f_g.raw):
                 f_g = type(f_g)(f_g.raw.float(), True, f_g.value, raw=f_g.raw)
                 g_eff = f_g.value
             if not f_q.edited and carries_derivative(f_q.raw):
                 f_q = type(f_q)(f_q.raw.float(), True, f_q.value, raw=f_q.raw)
                 q_eff = f_q.value
+            derivative_only = not edited_before and (f_g.edited or f_q.edited)
         canonical = f_g.edited or f_q.edited  # HF's scan cannot express these: run the canonical scan
         if canonical:
             read_c, S_c = scalar_decay_scan(key, value, g_eff, q_eff, init_c, a["chunk_size"])
             y = (read_c + skip).to(x.dtype)
             S = S_c.transpose(-1, -2).to(init.dtype if init is not None else x.dtype)
+            if derivative_only:  # values: the model's own scan, bit for bit (detached: no tangent either)
+                with torch.no_grad():
+                    plain = {n: v_.detach() if isinstance(v_, Tensor) else v_ for n, v_ in
+                             dict(a, **{kn.x_arg: x}, dt=dt, B=B, C=C, **extra).items()}
+                    hf_out = pure[kn.chunk](**plain)
+                y_hf, S_hf = hf_out if a["return_final_states"] else (hf_out, None)
+                y = y_hf + (y - y.detach()).to(y_hf.dtype)
+                if S_hf is not None:
+                    S = S_hf + (S - S.detach()).to(S_hf.dtype)
             out = (y, S) if a["return_final_states"] else y
         else:
             out = pure[kn.chunk](**dict(a, **{kn.x_arg: x}, dt=dt, B=B, C=C, **extra))

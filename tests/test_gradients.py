@@ -268,3 +268,22 @@ def test_hook_gradients_with_a_write_edit_in_the_same_forward(models, toks, fam)
 
         fd = (run(eps) - run(-eps)) / (2 * eps)
         assert fd == pytest.approx(float(tl[index]), rel=3e-2, abs=1e-6), (hook, fd, float(tl[index]))
+
+
+@pytest.mark.parametrize("fam", ["gdn", "mamba2", "bamba"])
+def test_edits_under_autograd_keep_the_models_bits_before_the_edit_and_in_other_rows(models, toks, fam):
+    """With autograd on, an edited layer takes its read/decay derivatives through the canonical kernel; its
+    values must still be the model's own kernel's (found by the README check: 1e-5 logit drift before the edit)."""
+    from writesae_plugin.adapters import WriteEdit
+
+    _, model, layer, _ = _setup(models, fam)
+    g = torch.Generator().manual_seed(1)
+    u, w = torch.randn(model.cfg.d_k, generator=g), torch.randn(model.cfg.d_v, generator=g)
+    edit = WriteEdit(layer=layer, pos=12, head=1, key=u, value=w, batch=0)
+    assert torch.is_grad_enabled()
+    clean = model(toks)
+    edited = model.run_with_edits(toks, [edit])
+    assert torch.equal(edited[:, :12], clean[:, :12]) and torch.equal(edited[1], clean[1])
+    assert (edited[0, 12:] - clean[0, 12:]).abs().max() > 1e-4
+    with torch.no_grad():
+        assert torch.equal(model.run_with_edits(toks, [edit]), edited.detach())
