@@ -53,7 +53,7 @@ class CellTraining:
     decoder_rank: int | None = 1
     activation: str = "topk"
     aux_k: int = 256
-    resample_every: int = 0
+    resample_every: int = 100  # as writesae train (benchmarks/RESULTS.md: resampling)
     write_mode: str = "raw"
     layout: str = "auto"
     total_samples: int = 256 * 2000
