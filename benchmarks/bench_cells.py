@@ -44,7 +44,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from writesae_plugin.cells import CellTraining, store_cells, train_cells
+    from writesae_plugin.cells import Cell, CellTraining, cell_config, store_cells, train_cells
     from writesae_plugin.data import ActivationProvider, SiteSpec, token_contexts
     from writesae_plugin.demo import corpus
     from writesae_plugin.demo.run import load_demo_model
@@ -79,8 +79,6 @@ def main() -> None:
                                               normalize=True, first_context=2)
                 val = list(ActivationProvider(model, iter(contexts[:2]), spec, batch_size=args.batch,
                                               buffer_batches=2, seed=1, position_seed=0))
-                from writesae_plugin.cells import Cell, cell_config
-
                 store_like = _StoreInfo(model)
                 cfg = cell_config(store_like, Cell(layer, head, "write"), t)
                 torch.manual_seed(0)

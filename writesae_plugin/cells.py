@@ -100,9 +100,8 @@ def cell_providers(store: ActivationStore, cell: Cell, t: CellTraining, val_stor
     if source.n_contexts < t.val_contexts or (val_store is None and store.n_contexts <= t.val_contexts):
         raise StoreError(f"{source.path}: {source.n_contexts} contexts, too few for {t.val_contexts} validation "
                          "contexts" + ("" if val_store is not None else " and training"))
-    positions = store.config["positions"]
     spec = SiteSpec(layer=cell.layer, site=cell.site, heads=heads,
-                    positions=tuple(positions) if isinstance(positions, list) else positions,
+                    positions=store.positions,
                     write_mode=t.write_mode, layout=t.layout_for(cell.site), skip_first=store.config["skip_first"])
     provider = StoreProvider(store, spec, batch_size=t.batch_size, seed=t.seed, normalize=t.normalize,
                              first_context=0 if val_store is not None else t.val_contexts)

@@ -574,9 +574,8 @@ def _train_from_store(args, layout: str, ckpt) -> int:
                              f"{args.val_contexts}")
     else:
         _check_val_store(store, val_store, args)
-    positions = store.config["positions"]
     spec = SiteSpec(layer=args.layer, site=args.site, heads=heads,
-                    positions=tuple(positions) if isinstance(positions, list) else positions,
+                    positions=store.positions,
                     write_mode=args.write_mode, layout=layout, skip_first=store.config["skip_first"])
     provider = StoreProvider(store, spec, batch_size=args.batch_size, seed=args.seed, normalize=not args.no_normalize,
                              first_context=0 if val_store is not None else args.val_contexts)

@@ -267,6 +267,12 @@ class ActivationStore:
         return self.manifest["model"]
 
     @property
+    def positions(self):
+        """The stored positions as a :class:`SiteSpec` takes them (JSON turned the tuple into a list)."""
+        p = self.config["positions"]
+        return tuple(p) if isinstance(p, list) else p
+
+    @property
     def heads(self) -> list[int]:
         return list(self.manifest["heads"])
 
@@ -354,7 +360,7 @@ class StoreProvider(ActivationProvider):
         if not isinstance(spec.layer, int):
             raise ValueError("a StoreProvider reads one layer; give SiteSpec(layer=L)")
         cfg = store.config
-        if spec.positions != _positions(cfg["positions"]) or spec.skip_first != cfg["skip_first"]:
+        if spec.positions != store.positions or spec.skip_first != cfg["skip_first"]:
             raise StoreError(f"{store.path} holds positions {cfg['positions']} (skip_first {cfg['skip_first']}), "
                              f"not {spec.positions} (skip_first {spec.skip_first})")
         store.check_cell(spec.layer, spec.heads, spec.site, spec.write_mode)
@@ -397,10 +403,6 @@ class StoreProvider(ActivationProvider):
                 for ctx in self.store.shard(i)["tokens"][a - lo:b - lo].to(torch.int64):
                     self._digest.update(ctx.numpy().tobytes())
         self.contexts_consumed = n
-
-
-def _positions(value):
-    return tuple(value) if isinstance(value, list) else value
 
 
 class _NoModel:
