@@ -144,3 +144,22 @@ def test_selfcheck_covers_the_resumed_and_cached_paths_and_catches_a_broken_one(
     broken = run_selfcheck(model, tokens, repeats=1)
     failed = {r.name for r in broken.results if not r.ok}
     assert failed and all("cached prefix" in n for n in failed), broken.table()
+
+
+@pytest.mark.parametrize("kind,family", FAMILIES, ids=[f for _, f in FAMILIES])
+def test_bad_tokens_and_padded_edits_are_refused_on_every_family(kind, family):
+    """Issue 12 item 2 on every claimed family: the checks sit in the HF forward's pre-hook, before any layer."""
+    from writesae_plugin.adapters import WriteEdit
+
+    model = _model(kind, family)
+    vocab = model.hf_model.get_input_embeddings().weight.shape[0]
+    layer = model.cfg.recurrent_layers[0]
+    for bad, match in [(torch.zeros(1, 0, dtype=torch.long), "at least one"),
+                       (torch.full((1, 4), vocab), rf"\[0, {vocab}\)")]:
+        with pytest.raises(ValueError, match=match):
+            model(bad)
+    tokens = torch.randint(0, 200, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    mask[0, :2] = 0
+    with pytest.raises(ValueError, match="padding position"):
+        model.run_with_edits(tokens, [WriteEdit(layer=layer, pos=1, head=0, op="delete")], attention_mask=mask)
