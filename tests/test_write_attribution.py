@@ -90,3 +90,55 @@ def test_mamba2_effective_attention_matches_the_recurrence():
         y[:, t] = torch.einsum("bhnp,bhn->bhp", S, C[:, t])
     A_eff = mamba2_effective_attention(C, B, dt * A)
     assert (write_contributions(A_eff, value).sum(3).transpose(1, 2) - y).abs().max() <= 1e-4
+
+
+def test_preferred_token_is_signed_by_the_read(qwen, tokens):
+    """A planted rank-1 atom whose key side points against the head's queries (q . u < 0 where it is read):
+    its preferred token is the one ``W_U W_O w`` ranks last, as the model's own read change shows."""
+    from writesae_plugin.experiments.write_attribution import (atom_read, direct_token_scores, head_queries,
+                                                               preferred_token)
+
+    model = hook_model(qwen)
+    h = 1
+    sae = WriteSAE(WriteSAEConfig(d_in=256, d_sae=4, d_k=16, d_v=16, k=1, n_heads=4, head=h, site="write",
+                                  layer=L, family="qwen3_5_text"))
+    q = head_queries(model, sae, tokens)  # [2, 70, 16]
+    u = -q.reshape(-1, 16).mean(0)
+    u = u / u.norm()
+    w = torch.randn(16, generator=torch.Generator().manual_seed(3))
+    w = w / w.norm()
+    with torch.no_grad():
+        sae.dec_key[0, 0], sae.dec_value[0, 0] = u, w
+        sae.b_enc.copy_(torch.tensor([100.0, -100.0, -100.0, -100.0]))  # atom 0 fires at every position
+    plain = direct_token_scores(model, sae, w)  # W_U^T W_O w, unsigned
+    assert int(plain.argmax()) != int(plain.argmin())
+    r = atom_read(sae, 0, q, sae.encode_factors(*_factors(model, tokens, h)))
+    assert r["positions"] == "firings" and r["n"] == 2 * 70 and r["sign"] == -1 and r["frac_negative"] > 0.5
+    pref = preferred_token(model, sae, 0, tokens)
+    assert pref == int(plain.argmin())
+    # the model's own read: adding the atom at firings moves the head's read along -w, which scores pref highest
+    P_ = model.hook_prefix(L)
+    with torch.no_grad():
+        _, c = model.run_with_cache(tokens, names_filter=[P_ + "hook_read"])
+        total = torch.zeros(16)
+        for b, t in [(0, 5), (0, 33), (1, 12), (1, 69)]:
+            with model.edits([WriteEdit(layer=L, pos=t, head=h, batch=b, op="add", matrix=torch.outer(u, w))]):
+                _, e = model.run_with_cache(tokens, names_filter=[P_ + "hook_read"])
+            total += (e[P_ + "hook_read"] - c[P_ + "hook_read"])[b, t, h]
+    assert int(direct_token_scores(model, sae, total).argmax()) == pref
+    # the same matrix with both factors negated reads the same; the negated matrix promotes the other end
+    with torch.no_grad():
+        sae.dec_key[0, 0], sae.dec_value[0, 0] = -u, -w
+    assert preferred_token(model, sae, 0, tokens) == pref
+    with torch.no_grad():
+        sae.dec_value[0, 0] = w
+    assert preferred_token(model, sae, 0, tokens) == int(plain.argmax())
+    with pytest.raises(ValueError, match="needs tokens"):
+        preferred_token(model, sae, 0)
+
+
+def _factors(model, tokens, h):
+    P_ = model.hook_prefix(L)
+    with torch.no_grad():
+        _, c = model.run_with_cache(tokens, names_filter=[P_ + "hook_write_key", P_ + "hook_write_value"])
+    return c[P_ + "hook_write_key"][:, :, h], c[P_ + "hook_write_value"][:, :, h]

@@ -10,7 +10,8 @@
   ``G_s = dm/dS_s`` from the reverse recurrence: the first-order change of a metric when the write at s is
   replaced by atom i, for every atom at once (``((U G_s) . W).sum(-1)`` for rank-1 atoms).
 * ``run_erasure``: remove an atom's contribution ``a_i(t) A_i`` at its natural firings vs at matched
-  non-firing positions of the same contexts; change in log-prob of the atom's preferred token.
+  non-firing positions of the same contexts; change in log-prob of the atom's preferred token (the token its
+  value side promotes as the layer reads it: signed by ``q . u_i`` at its firings, ``preferred_token``).
 """
 
 from __future__ import annotations
@@ -164,14 +165,68 @@ class ErasureConfig:
     seed: int = 0
 
 
-def preferred_token(model, sae, atom: int) -> int:
-    """The token the atom's value side writes most directly: ``argmax W_U^T W_O[:, head] w_i``."""
+def head_queries(model, sae, tokens: Tensor) -> Tensor:
+    """The queries that read the SAE's head, ``[N, T, d_k]`` fp32 (``hook_query`` of its layer and head: normalised
+    and scaled exactly as the read uses them, so the head's read is ``o_t = S_t^T q_t``). One forward up to the
+    layer, without gradients."""
+    p = model.hook_prefix(sae.cfg.layer)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[p + "hook_query"], stop_at_layer=sae.cfg.layer + 1)
+    return cache[p + "hook_query"][:, :, sae.cfg.head].float()
+
+
+def atom_read(sae, atom: int, query: Tensor, codes: Tensor) -> dict:
+    """How the layer reads atom ``atom`` on some data: ``q_bar = sum_t a_i(t) q_t`` over the positions where the
+    atom is active (its firings, read at the same position by ``o_t = S_t^T q_t``, where ``S_t`` holds the atom
+    with ``Phi(t, t) = I``), or ``sum_t q_t`` over every position when it never fires there.
+
+    ``query`` ``[N, T, d_k]`` (``head_queries``), ``codes`` ``[N, T, d_sae]`` (the SAE's codes on the same
+    tokens). Returns ``{"q_bar": [d_k], "read": [d_v] = A_i^T q_bar`` (the direction the atom adds to the read,
+    up to the positive factor of how often it fires), ``"positions": "firings" | "all"``, ``"n": positions
+    used``, and for rank-1 atoms ``"sign"`` (``sign(u_i . q_bar)``, +1 / -1 / 0) and ``"frac_negative"`` (the
+    fraction of those positions with ``q_t . u_i < 0``)}."""
+    a = codes[..., atom].float()
+    fire = a != 0
+    if bool(fire.any()):
+        q, weights, where = query[fire], a[fire], "firings"
+    else:
+        q, weights, where = query.reshape(-1, query.shape[-1]), None, "all"
+    q_bar = (weights[:, None] * q).sum(0) if weights is not None else q.sum(0)
+    A = atom_matrix(sae, atom).float()
+    out = {"q_bar": q_bar, "read": A.T @ q_bar, "positions": where, "n": int(q.shape[0])}
+    if sae.cfg.decoder_rank == 1:
+        u = sae.dec_key[atom, 0].detach().float()
+        out["sign"] = int(torch.sign(u @ q_bar))
+        out["frac_negative"] = float(((q @ u) < 0).float().mean()) if q.shape[0] else float("nan")
+    return out
+
+
+def direct_token_scores(model, sae, read: Tensor) -> Tensor:
+    """``W_U^T W_O[:, head] read`` ``[vocab]``: the direct-path logit direction of a change ``read`` ``[d_v]`` of
+    the head's read (the output norms' per-position gains are not included)."""
     dv, h = model.cfg.d_v, sae.cfg.head
     W_O = _out_proj(model.family.mixers[sae.cfg.layer], model.cfg.d_model, model.cfg.n_heads * dv).weight
-    A = atom_matrix(sae, atom)
-    u = torch.linalg.svd(A)[0][:, 0]
-    w = A.T @ u
-    return int((model.W_U.float().T @ (W_O[:, h * dv:(h + 1) * dv].float() @ w)).argmax())
+    return model.W_U.float().T @ (W_O[:, h * dv:(h + 1) * dv].float() @ read.float())
+
+
+def preferred_token(model, sae, atom: int, tokens: Tensor | None = None, *, query: Tensor | None = None,
+                    codes: Tensor | None = None) -> int:
+    """The token atom ``atom`` promotes through the direct path as the layer actually reads it:
+    ``argmax W_U^T W_O[:, head] A_i^T q_bar`` with ``q_bar`` from ``atom_read`` (for a rank-1 atom
+    ``A_i = u_i w_i^T`` this is ``argmax sign(u_i . q_bar) W_U^T W_O w_i``: a value side read with ``q . u < 0``
+    promotes the tokens ``W_U W_O w_i`` ranks last).
+
+    Give ``tokens`` ``[N, T]`` (the queries and codes are then computed) or both ``query`` ``[N, T, d_k]`` and
+    ``codes`` ``[N, T, d_sae]``. Raises ``ValueError`` without either, or for an atom out of range."""
+    if not 0 <= atom < sae.cfg.d_sae:
+        raise ValueError(f"atom {atom} out of range for d_sae={sae.cfg.d_sae}")
+    if query is None or codes is None:
+        if tokens is None:
+            raise ValueError("preferred_token needs tokens (or query and codes): the sign of an atom's read is "
+                             "measured on data")
+        query = head_queries(model, sae, tokens) if query is None else query
+        codes = _site_and_writes(model, sae, tokens, sae.cfg.write_mode)[0] if codes is None else codes
+    return int(direct_token_scores(model, sae, atom_read(sae, atom, query, codes)["read"]).argmax())
 
 
 @torch.no_grad()
@@ -180,11 +235,12 @@ def run_erasure(model, sae, tokens: Tensor, cfg: ErasureConfig) -> dict:
     the same context where atom i is inactive; record the change of the log-prob of the atom's preferred
     token at that position's prediction. Paired Wilcoxon on (firing, control)."""
     codes, _, _ = _site_and_writes(model, sae, tokens, sae.cfg.write_mode)
+    query = head_queries(model, sae, tokens)
     clean = model(tokens).float().log_softmax(-1)
     rng = np.random.default_rng(cfg.seed)
     records = []
     for atom in cfg.atoms:
-        tok = preferred_token(model, sae, atom)
+        tok = preferred_token(model, sae, atom, query=query, codes=codes)
         A = atom_matrix(sae, atom)
         fires = (codes[:, :, atom] > 0).nonzero().tolist()
         rng.shuffle(fires)
