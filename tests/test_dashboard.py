@@ -1,0 +1,151 @@
+"""Atom dashboards: the streaming per-atom statistics against brute force, the pass and the site on tiny models,
+the Neuronpedia export, and the `writesae dashboard` command's checks."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import writesae_plugin  # noqa: F401
+from writesae_plugin.adapters import WriteEdit, hook_model
+from writesae_plugin.dashboard import DashboardConfig, StatsConfig, compute_dashboard, load_atom, write_dashboard
+from writesae_plugin.dashboard.stats import HIST_EDGES, AtomStats
+from writesae_plugin.sae import WriteSAE, WriteSAEConfig
+
+
+def _random_batch(g, B, T, n, V=50, p=0.15):
+    codes = torch.rand(B, T, n, generator=g) * torch.exp(torch.randn(B, T, n, generator=g) * 2)
+    codes = codes * (torch.rand(B, T, n, generator=g) < p)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    key_dot = torch.randn(B, T, n, generator=g)
+    log_decay = -torch.rand(B, T, generator=g) * 0.3
+    return codes, tokens, key_dot, log_decay
+
+
+def test_streaming_stats_equal_brute_force():
+    g = torch.Generator().manual_seed(0)
+    n, T = 6, 23
+    cfg = StatsConfig(top_k=5, reservoir=10_000, before=3, after=2, horizon=4)
+    acc = AtomStats(n, cfg, state_site=True)
+    batches = [_random_batch(g, B, T, n) for B in (3, 1, 4)]
+    for b in batches:
+        acc.update(*b)
+    codes = torch.cat([b[0] for b in batches])
+    tokens = torch.cat([b[1] for b in batches])
+    key_dot = torch.cat([b[2] for b in batches])
+    G = torch.cat([b[3] for b in batches]).double().cumsum(1)
+    N = codes.shape[0]
+    assert acc.positions == N * T and acc.contexts == N
+    for i in range(n):
+        a = codes[..., i]
+        fires = (a != 0).nonzero().tolist()
+        assert int(acc.fires[i]) == len(fires)
+        assert float(acc.act_max[i]) == float(a.max())
+        # top-k: values, places and windows
+        order = sorted(fires, key=lambda ct: -float(a[ct[0], ct[1]]))[:cfg.top_k]
+        top = acc.top(i)
+        assert [(r["ctx"], r["pos"]) for r in top] == [tuple(x) for x in order]
+        for r in top:
+            c, t = r["ctx"], r["pos"]
+            assert r["act"] == float(a[c, t])
+            for j, off in enumerate(range(-cfg.before, cfg.after + 1)):
+                inside = 0 <= t + off < T
+                assert r["tokens"][j] == (int(tokens[c, t + off]) if inside else -1)
+                assert r["acts"][j] == (float(a[c, t + off]) if inside else 0.0)
+        # reservoir larger than the firings: it is every firing, so quantiles are exact
+        vals = sorted(float(a[c, t]) for c, t in fires)
+        assert [r["act"] for r in acc.sample(i)] == vals
+        q = acc.quantiles(i)
+        for k, v in q.items():
+            assert v == pytest.approx(float(np.quantile(vals, float(k))), rel=1e-12)
+        # exact histogram
+        h = acc.histogram(i)
+        brute = np.histogram(np.abs(vals), bins=np.asarray(h["edges"]))[0]
+        assert h["counts"] == brute.tolist() and sum(h["counts"]) == len(vals)
+        # key side extremes
+        kd = key_dot[..., i].flatten()
+        ks = acc.key_side(i)
+        assert [r["value"] for r in ks["top"]] == kd.topk(cfg.top_k).values.tolist()
+        assert [r["value"] for r in ks["bottom"]] == kd.topk(cfg.top_k, largest=False).values.tolist()
+        assert all(r["token"] == int(tokens[r["ctx"], r["pos"]]) for r in ks["top"] + ks["bottom"])
+        # curves: decay over firings, persistence after onsets
+        cur = acc.curves(i)
+        for d in range(cfg.horizon + 1):
+            dec = [float(torch.exp(G[c, t + d] - G[c, t])) for c, t in fires if t + d < T]
+            assert cur["n_decay"][d] == len(dec)
+            assert cur["decay"][d] == pytest.approx(np.mean(dec) if dec else None, rel=1e-5)
+            ons = [(c, t) for c, t in fires if (t == 0 or a[c, t - 1] == 0) and t + d < T]
+            assert cur["n_onsets"][d] == len(ons)
+            if ons:
+                assert cur["persistence"][d] == pytest.approx(np.mean([float(a[c, t + d] / a[c, t]) for c, t in ons]),
+                                                              rel=1e-5)
+                assert cur["alive"][d] == pytest.approx(np.mean([float(a[c, t + d] != 0) for c, t in ons]))
+
+
+def test_reservoir_is_a_sample_of_the_firings():
+    g = torch.Generator().manual_seed(1)
+    n, T = 3, 40
+    acc = AtomStats(n, StatsConfig(reservoir=7, top_k=3), state_site=False)
+    batches = [_random_batch(g, 2, T, n, p=0.5) for _ in range(3)]
+    for b in batches:
+        acc.update(b[0], b[1])
+    codes = torch.cat([b[0] for b in batches])
+    for i in range(n):
+        s = acc.sample(i)
+        assert len(s) == 7
+        assert len({(r["ctx"], r["pos"]) for r in s}) == 7
+        assert all(r["act"] == float(codes[r["ctx"], r["pos"], i]) != 0 for r in s)
+    assert len(HIST_EDGES) == 97
+
+
+def _tiny_sae(site="write", head=1, d_sae=16, seed=0):
+    torch.manual_seed(seed)
+    sae = WriteSAE(WriteSAEConfig(d_in=256, d_sae=d_sae, d_k=16, d_v=16, k=3, n_heads=4, head=head, site=site,
+                                  layer=1, family="qwen3_5_text"))
+    with torch.no_grad():
+        sae.enc_key.mul_(30.0)
+    return sae
+
+
+@pytest.mark.parametrize("site", ["write", "state"])
+def test_dashboard_on_a_tiny_model(qwen, tokens, tmp_path, site):
+    from writesae_plugin.experiments.substitution import _site_and_writes, atom_matrix
+
+    model = hook_model(qwen)
+    sae = _tiny_sae(site)
+    cfg = DashboardConfig(stats=StatsConfig(top_k=4, reservoir=50, before=4, after=2, horizon=6), batch=1,
+                          value_firings=2, effect_firings=2, n_tokens=4)
+    data = compute_dashboard(model, sae, tokens, cfg, progress=False)
+    codes = _site_and_writes(model, sae, tokens, sae.cfg.write_mode)[0]
+    # the pass sees exactly the SAE's codes
+    assert data.stats.fires.tolist() == (codes != 0).sum((0, 1)).tolist()
+    live = [a for a in range(16) if data.stats.fires[a] > 0]
+    assert data.atoms == live and live
+    a = live[0]
+    best = data.stats.top(a)[0]
+    assert best["act"] == pytest.approx(float(codes[..., a].max()), rel=1e-5)
+    # measured effect: the record equals an independent full-context substitution at that firing
+    rec = data.effect[a]["records"][0]
+    c, t = rec["ctx"], rec["pos"]
+    with torch.no_grad():
+        clean = model(tokens[c:c + 1])[0, t].double().log_softmax(-1)
+        e = WriteEdit(layer=1, pos=t, head=1, matrix=rec["act"] * atom_matrix(sae, a), mode=sae.cfg.write_mode)
+        edited = model.run_with_edits(tokens[c:c + 1], [e])[0, t].double().log_softmax(-1)
+    assert rec["kl_atom"] == pytest.approx(float((clean.exp() * (clean - edited)).sum()), rel=1e-4, abs=1e-9)
+    index = write_dashboard(data, tmp_path / "dash", tokenizer=None, progress=False)
+    assert index.is_file()
+    meta = json.loads((tmp_path / "dash" / "data" / "index.json").read_text())
+    assert len(meta["atoms"]) == 16 and meta["n_positions"] == tokens.numel()
+    page = load_atom(tmp_path / "dash", a)
+    assert set(page) >= {"top_contexts", "quantile_samples", "histogram", "key_side", "value_side", "effect",
+                         "curves", "density", "dead", "label"}
+    assert (tmp_path / "dash" / "atoms" / f"{a}.html").is_file()
+    assert (tmp_path / "dash" / "figures" / f"atom_{a}.png").stat().st_size > 1000
+    if site == "state":
+        assert page["curves"]["persistence"][0] == pytest.approx(1.0)
+    with pytest.raises(FileNotFoundError, match="no dashboard data for atom 99"):
+        load_atom(tmp_path / "dash", 99)

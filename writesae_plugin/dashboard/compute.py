@@ -1,0 +1,308 @@
+"""The dashboard's numbers: one streaming pass over the data for every atom, then per-atom effects at the
+atoms' top firings (docs/method.md 6.1-6.2).
+
+``compute_dashboard(model, sae, tokens, cfg)`` returns a :class:`DashboardData`:
+
+1. **The pass** (``batch`` contexts per forward, a tqdm bar): one forward up to the SAE's layer per batch
+   captures the head's write factors (and states for a state SAE), its ``hook_log_decay``; the SAE encodes
+   them and :class:`~writesae_plugin.dashboard.stats.AtomStats` updates every atom's counts, top-k, reservoir,
+   histogram, key-side extremes (``u_i . k_t``) and decay / persistence curves. No forward per atom.
+2. **Value side** (``value_firings`` top firings per atom, all atoms' firings batched per context): the
+   direct-path logit direction of the atom as its head reads it there, through the model's norms
+   linearised as in the closed-form module: ``W_U J_final(x_t) W_O J_gated(o_t, z_t) [A_i^T q_t]`` per unit
+   activation (``jvp`` of the model's own norm modules); averaged over the firings. The static
+   ``W_U^T W_O[:, head] A_i^T q_bar`` of :func:`~writesae_plugin.experiments.write_attribution.preferred_token`
+   (no norm gains) is kept beside it.
+3. **Measured effect** (``effect_firings`` top firings per atom): the write at the firing is replaced by the
+   atom at its activation (``a_i(t) A_i``, the substitution test's ``atom_act``) and, separately, deleted;
+   the context up to the firing is run (causal: the logits at t are those of the full context) and the
+   next-token change ``Delta logit_t`` (atom - clean), ``KL(clean || atom)`` and ``KL(clean || delete)`` at t
+   are recorded; a win is ``KL_atom < KL_delete`` (Wilson 95% interval over the atom's firings).
+
+Units: activations are SAE codes; logits in nats; KL in nats. Raises ``ValueError`` for a head-shared SAE
+(``cfg.head`` None), an SAE whose layer is not recurrent, atoms out of range or empty tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..adapters import StateCapture, WriteEdit
+from ..experiments import stats as xstats
+from ..experiments.closed_form import _norm_module, _out_proj
+from ..experiments.substitution import atom_matrix
+from ..experiments.write_attribution import direct_token_scores
+from .stats import AtomStats, StatsConfig
+
+
+@dataclass
+class DashboardConfig:
+    """``batch``: contexts per forward of the pass; ``atoms``: atoms that get pages, value sides and effects
+    (None: every atom that fired); ``value_firings`` / ``effect_firings``: top firings per atom used for the
+    value side and the measured effect; ``n_tokens``: tokens listed per top/bottom list."""
+
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    batch: int = 8
+    atoms: list[int] | None = None
+    value_firings: int = 4
+    effect_firings: int = 3
+    n_tokens: int = 10
+
+    def __post_init__(self):
+        if isinstance(self.stats, dict):
+            self.stats = StatsConfig(**self.stats)
+        for name in ("batch", "n_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("value_firings", "effect_firings"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+
+
+@dataclass
+class DashboardData:
+    """Everything a dashboard shows. ``stats``: the accumulator; ``tokens``: the contexts ``[N, T]``;
+    ``atoms``: atoms with pages; ``value`` / ``effect``: per atom (dicts keyed by atom); ``timings`` seconds."""
+
+    config: dict
+    sae_info: dict
+    stats: AtomStats
+    tokens: Tensor
+    atoms: list[int]
+    value: dict = field(default_factory=dict)
+    effect: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+
+def atom_factors(sae) -> tuple[Tensor, Tensor]:
+    """Key and value sides ``U [n, d_k]``, ``W [n, d_v]`` with ``A_i ~= u_i w_i^T``: the decoder's factors for a
+    rank-1 WriteSAE (exact), else the leading singular pair of each atom matrix (``u`` scaled by the singular
+    value). fp32, detached."""
+    if sae.cfg.decoder_rank == 1:
+        return sae.dec_key[:, 0].detach().float(), sae.dec_value[:, 0].detach().float()
+    M = torch.stack([atom_matrix(sae, i).float() for i in range(sae.cfg.d_sae)])
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U[:, :, 0] * S[:, :1], Vh[:, 0, :]
+
+
+def _check(model, sae, tokens: Tensor, atoms):
+    if getattr(sae.cfg, "head", None) is None:
+        raise ValueError("atom dashboards need a per-head WriteSAE (cfg.head set)")
+    if sae.cfg.layer not in model.cfg.recurrent_layers:
+        raise ValueError(f"the SAE's layer {sae.cfg.layer} is not a recurrent layer of this model "
+                         f"({list(model.cfg.recurrent_layers)})")
+    model.check_sae_fits(sae, model.hook_prefix(sae.cfg.layer) + f"hook_{sae.cfg.site}")
+    if tokens.dim() != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"tokens must be [N, T] with N, T > 0, got {tuple(tokens.shape)}")
+    if atoms is not None:
+        bad = [a for a in atoms if not 0 <= a < sae.cfg.d_sae]
+        if bad:
+            raise ValueError(f"atoms {bad} out of range for d_sae={sae.cfg.d_sae}")
+
+
+@torch.no_grad()
+def encode_batch(model, sae, tokens: Tensor, U: Tensor) -> dict[str, Tensor]:
+    """One forward up to the SAE's layer: ``codes`` ``[B, T, n]``, ``key_dot`` ``[B, T, n]`` (``u_i . k_t``),
+    ``log_decay`` ``[B, T]`` and ``query`` ``[B, T, d_k]`` of the SAE's head."""
+    cfg = sae.cfg
+    L, h = cfg.layer, cfg.head
+    p = model.hook_prefix(L)
+    names = [p + "hook_write_key", p + "hook_write_value", p + "hook_log_decay", p + "hook_query"]
+    capture = StateCapture("all", heads=[h]) if cfg.site == "state" else None
+    if capture is not None:
+        names.append(p + "hook_state")
+    with model.options(write_mode=cfg.write_mode, capture_states=capture):
+        _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=L + 1)
+    key, value = cache[p + "hook_write_key"][:, :, h], cache[p + "hook_write_value"][:, :, h]
+    codes = sae.encode(cache[p + "hook_state"][:, :, 0]) if capture is not None else sae.encode_factors(key, value)
+    return {"codes": codes.float(), "key_dot": key.float() @ U.T, "log_decay": cache[p + "hook_log_decay"][:, :, h],
+            "query": cache[p + "hook_query"][:, :, h].float()}
+
+
+@torch.no_grad()
+def streaming_pass(model, sae, tokens: Tensor, cfg: DashboardConfig, progress: bool = True) -> AtomStats:
+    """Step 1 of the module docstring: every atom's statistics from one forward per batch."""
+    U, _ = atom_factors(sae)
+    acc = AtomStats(sae.cfg.d_sae, cfg.stats, state_site=sae.cfg.site == "state")
+    bar = tqdm(total=int(tokens.numel()), desc="dashboard pass", unit="tok", disable=not progress)
+    for s in range(0, tokens.shape[0], cfg.batch):
+        chunk = tokens[s:s + cfg.batch]
+        out = encode_batch(model, sae, chunk, U)
+        acc.update(out["codes"], chunk, out["key_dot"], out["log_decay"], context_offset=s)
+        bar.update(int(chunk.numel()))
+    bar.close()
+    return acc
+
+
+def _firings(acc: AtomStats, atoms: list[int], per_atom: int) -> dict[int, list[dict]]:
+    return {a: acc.top(a)[:per_atom] for a in atoms} if per_atom else {a: [] for a in atoms}
+
+
+@torch.no_grad()
+def value_sides(model, sae, tokens: Tensor, acc: AtomStats, atoms: list[int], cfg: DashboardConfig) -> dict:
+    """Step 2: per atom ``{"tokens_norms": [[id, score], ...] top, "bottom_norms": ..., "tokens_static": ...,
+    "bottom_static": ..., "n_firings": F}`` (scores in logits per unit activation)."""
+    L, h = sae.cfg.layer, sae.cfg.head
+    H, dv = model.cfg.n_heads, model.cfg.d_v
+    p = model.hook_prefix(L)
+    mixer = model.family.mixers[L]
+    norm = _norm_module(mixer)
+    out_proj = _out_proj(mixer, model.cfg.d_model, H * dv)
+    final_norm = model.family.final_norm(model.hf_model)
+    W_U = model.W_U.float()
+    fir = _firings(acc, atoms, cfg.value_firings)
+    by_ctx: dict[int, list[tuple[int, int]]] = {}
+    for a, fs in fir.items():
+        for f in fs:
+            by_ctx.setdefault(f["ctx"], []).append((a, f["pos"]))
+    sums = {a: torch.zeros(model.cfg.d_model) for a in atoms}
+    mats = {a: atom_matrix(sae, a).float() for a in atoms}
+    for c, pairs in by_ctx.items():
+        ctx = tokens[c:c + 1]
+        captured = {}
+        h1 = norm.register_forward_pre_hook(lambda m, a: captured.setdefault("norm_in", (a[0].clone(), a[1].clone())))
+        h2 = final_norm.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].clone()))
+        try:
+            with model.options(write_mode=sae.cfg.write_mode):
+                _, cache = model.run_with_cache(ctx, names_filter=[p + "hook_query"])
+        finally:
+            h1.remove()
+            h2.remove()
+        T = ctx.shape[1]
+        o_all, z_all = captured["norm_in"]
+        x = captured["x"][0]  # [T, d_model]
+        q = cache[p + "hook_query"][0, :, h].float()  # [T, d_k]
+        for a, t in pairs:
+            tangent = torch.zeros(T, H, dv)
+            tangent[t, h] = mats[a].T @ q[t]  # the exact change of the head's read per unit activation
+            _, d_n = torch.func.jvp(lambda o: norm(o, z_all), (o_all,), (tangent.reshape(o_all.shape).to(o_all.dtype),))
+            d_x = d_n.float().reshape(T, H * dv)[t] @ out_proj.weight.float().T  # [d_model]
+            _, d_xn = torch.func.jvp(final_norm, (x[t:t + 1],), (d_x[None].to(x.dtype),))
+            sums[a] += d_xn[0].float()
+    out = {}
+    k = cfg.n_tokens
+    for a in atoms:
+        n = len(fir[a])
+        entry = {"n_firings": n}
+        if n:
+            scores = W_U.T @ (sums[a] / n)
+            entry["top_norms"] = _ranked(scores, k, True)
+            entry["bottom_norms"] = _ranked(scores, k, False)
+        out[a] = entry
+    return out
+
+
+def _ranked(scores: Tensor, k: int, largest: bool) -> list[list]:
+    v, i = scores.topk(min(k, scores.numel()), largest=largest)
+    return [[int(j), float(s)] for j, s in zip(i.tolist(), v.tolist())]
+
+
+def static_value_sides(model, sae, acc_query_bar: dict[int, Tensor], atoms: list[int], k: int) -> dict:
+    """``W_U^T W_O[:, head] A_i^T q_bar`` (the read-signed static direction; no norm gains) per atom."""
+    out = {}
+    for a in atoms:
+        qb = acc_query_bar.get(a)
+        if qb is None:
+            continue
+        s = direct_token_scores(model, sae, atom_matrix(sae, a).float().T @ qb)
+        out[a] = {"top_static": _ranked(s, k, True), "bottom_static": _ranked(s, k, False)}
+    return out
+
+
+@torch.no_grad()
+def measured_effects(model, sae, tokens: Tensor, acc: AtomStats, atoms: list[int], cfg: DashboardConfig,
+                     progress: bool = True) -> dict:
+    """Step 3: per atom ``{"records": [{"ctx", "pos", "act", "kl_atom", "kl_delete", "win", "top": [[id, dlogit]]
+    ...}], "mean_dlogit_top" / "mean_dlogit_bottom": [[id, mean Delta logit]], "win": Wilson dict, "n"}``."""
+    L, h, mode = sae.cfg.layer, sae.cfg.head, sae.cfg.write_mode
+    fir = _firings(acc, atoms, cfg.effect_firings)
+    jobs = [(a, f) for a in atoms for f in fir[a]]
+    clean_cache: dict[int, Tensor] = {}
+    bar = tqdm(total=len(jobs), desc="atom effects", unit="firing", disable=not progress or not jobs)
+    res: dict[int, dict] = {a: {"records": [], "dsum": None} for a in atoms}
+    for a, f in jobs:
+        c, t = f["ctx"], f["pos"]
+        if c not in clean_cache:
+            clean_cache[c] = model(tokens[c:c + 1])[0].float()
+        clean = clean_cache[c][t]
+        A = f["act"] * atom_matrix(sae, a).float()
+        edits = [WriteEdit(layer=L, pos=t, head=h, batch=0, matrix=A, mode=mode),
+                 WriteEdit(layer=L, pos=t, head=h, batch=1, op="delete", mode=mode)]
+        with model.options(write_mode=mode):
+            logits = model.run_with_edits(tokens[c:c + 1, :t + 1].expand(2, -1), edits)[:, t].float()
+        lp = clean.double().log_softmax(-1)
+        kls = [float((lp.exp() * (lp - logits[r].double().log_softmax(-1))).sum()) for r in range(2)]
+        d = logits[0] - clean
+        r = res[a]
+        r["dsum"] = d.clone() if r["dsum"] is None else r["dsum"] + d
+        r["records"].append({"ctx": c, "pos": t, "act": f["act"], "kl_atom": kls[0], "kl_delete": kls[1],
+                             "win": kls[0] < kls[1], "top": _ranked(d, cfg.n_tokens, True),
+                             "bottom": _ranked(d, cfg.n_tokens, False)})
+        bar.update(1)
+    bar.close()
+    out = {}
+    for a in atoms:
+        r = res[a]
+        n = len(r["records"])
+        entry = {"records": r["records"], "n": n, "win": xstats.wilson(sum(x["win"] for x in r["records"]), n)}
+        if n:
+            mean = r["dsum"] / n
+            entry["mean_dlogit_top"] = _ranked(mean, cfg.n_tokens, True)
+            entry["mean_dlogit_bottom"] = _ranked(mean, cfg.n_tokens, False)
+        out[a] = entry
+    return out
+
+
+def _query_bars(model, sae, tokens: Tensor, acc: AtomStats, atoms: list[int], cfg: DashboardConfig) -> dict:
+    """``q_bar`` per atom over its kept top firings (``sum a_t q_t``), the read that signs its static value side."""
+    out = {}
+    U, _ = atom_factors(sae)
+    need: dict[int, list[tuple[int, int, float]]] = {}
+    for a in atoms:
+        for f in acc.top(a):
+            need.setdefault(f["ctx"], []).append((a, f["pos"], f["act"]))
+    for c, items in need.items():
+        q = encode_batch(model, sae, tokens[c:c + 1], U)["query"][0]
+        for a, t, act in items:
+            out[a] = out.get(a, torch.zeros(q.shape[-1])) + act * q[t]
+    return out
+
+
+def compute_dashboard(model, sae, tokens: Tensor, cfg: DashboardConfig | None = None,
+                      progress: bool = True) -> DashboardData:
+    """All dashboard numbers for ``sae`` on contexts ``tokens`` ``[N, T]`` (module docstring)."""
+    cfg = cfg or DashboardConfig()
+    _check(model, sae, tokens, cfg.atoms)
+    timings = {}
+    t0 = time.time()
+    acc = streaming_pass(model, sae, tokens, cfg, progress)
+    timings["pass_s"] = time.time() - t0
+    fired = (acc.fires > 0).nonzero().flatten().tolist()
+    atoms = sorted(cfg.atoms) if cfg.atoms is not None else fired
+    live = [a for a in atoms if acc.fires[a] > 0]
+    t1 = time.time()
+    with torch.no_grad():
+        qbars = _query_bars(model, sae, tokens, acc, live, cfg)
+        static = static_value_sides(model, sae, qbars, live, cfg.n_tokens)
+    value = value_sides(model, sae, tokens, acc, live, cfg)
+    for a in live:
+        value[a].update(static.get(a, {}))
+    timings["value_side_s"] = time.time() - t1
+    t2 = time.time()
+    effect = measured_effects(model, sae, tokens, acc, live, cfg, progress)
+    timings["effect_s"] = time.time() - t2
+    info = {"layer": sae.cfg.layer, "head": sae.cfg.head, "site": sae.cfg.site, "d_sae": sae.cfg.d_sae,
+            "decoder_rank": sae.cfg.decoder_rank, "write_mode": sae.cfg.write_mode,
+            "family": getattr(sae.cfg, "family", None), "d_k": sae.cfg.d_k, "d_v": sae.cfg.d_v}
+    conf = asdict(cfg)
+    return DashboardData(config=conf, sae_info=info, stats=acc, tokens=tokens, atoms=atoms, value=value,
+                         effect=effect, timings=timings)
+
+
+__all__ = ["DashboardConfig", "DashboardData", "atom_factors", "compute_dashboard", "encode_batch",
+           "streaming_pass", "value_sides", "measured_effects"]
