@@ -14,3 +14,13 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
 fi
 .venv/bin/pip install -q -e ".[dev]" 2>&1 | grep -vE "is ignored|^\s*$" || true
 .venv/bin/python -c "import writesae_plugin.adapters, sae_lens, nnsight" || { echo "project install failed" >&2; exit 1; }
+# headless Chromium for the dashboard's browser test (tests/test_dashboard_browser.py): Debian's chromium and
+# chromium-driver, installed only when missing and apt-get can run (root); otherwise that test says why it skips
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium chromium-driver; } >/dev/null 2>&1 || echo "chromium install failed: the browser test will skip" >&2
+  else
+    echo "no chromium/chromedriver (and no root apt-get): the dashboard browser test will skip" >&2
+  fi
+fi
