@@ -12,8 +12,10 @@ exactness as ``writesae train --store``). Output directory::
 Rerunning the same call skips finished cells and (with ``resume="latest"``) continues an interrupted one from its
 last checkpoint. ``head=None`` is one dictionary shared by every stored head of the layer (``H{all}``).
 
-Not done here (issue 13): the SAE steps of different cells are separate GEMMs run one cell after another, not
-batched along a cell axis; the model forward, which dominates on real models, is shared.
+Cells whose settings stack (``sae.stacked.stackable``: bilinear encoder, rank-r decoder, TopK / BatchTopK) train
+together, their dictionaries batched along a cell axis (:func:`train_cells_stacked`): one step of every cell is a
+few batched GEMMs, and each cell ends as the run it would be alone (same batches, initialisation, per-cell gradient
+clipping, dead counters, resampling and validation; tested). Other settings train one cell after another.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class CellTraining:
     n_checkpoints: int = 2
     normalize: bool = True
     seed: int = 0
+    dead_feature_window: int = 100  # steps without firing before an atom counts as dead (aux-k, resampling)
 
     def layout_for(self, site: str) -> str:
         if self.layout != "auto":
@@ -121,7 +124,261 @@ def train_cell(store: ActivationStore, cell: Cell, out: str | Path, t: CellTrain
     torch.manual_seed(t.seed)
     return train_write_sae(cfg, provider, out, total_samples=t.total_samples, batch_size=t.batch_size, lr=t.lr,
                            val_batches=val, val_every=t.val_every, n_checkpoints=t.n_checkpoints,
-                           resume_from=resume_from)
+                           dead_feature_window=t.dead_feature_window, resume_from=resume_from)
+
+
+class _StackedBatches:
+    """Row ``i`` of every cell's provider, ``[N, C, d]``: the providers read the same contexts with the same seed
+    and batch size, so they run in lockstep and each cell sees exactly the batches it would see alone."""
+
+    def __init__(self, providers):
+        self.providers = list(providers)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return torch.stack([next(p) for p in self.providers], 1)
+
+    @property
+    def normalize(self) -> bool:
+        return bool(self.providers[0].normalize)
+
+
+def _stacked_trainer_class():
+    from sae_lens.saes.sae import TrainStepInput
+    from safetensors.torch import load_file, save_file
+
+    from .checkpoints import CheckpointError, OutputDirError, write_manifest
+    from .train import WriteSAETrainer, evaluate_sae
+
+    class StackedTrainer(WriteSAETrainer):
+        """``WriteSAETrainer`` over a ``StackedTrainingWriteSAE``: SAELens' step with gradients clipped per cell
+        (``clip_grad_norm_(cell, 1.0)``, as each cell's own trainer), per-cell input scales, validation, progress,
+        and checkpoints holding every cell's stream position."""
+
+        def __init__(self, *args, cell_ids: list[str], cell_vals: list[list[torch.Tensor]], run_dirs: list[Path],
+                     **kwargs):
+            super().__init__(*args, **kwargs)
+            self.cell_ids, self.cell_vals, self.run_dirs = cell_ids, cell_vals, run_dirs
+            self.scales = [1.0] * len(cell_ids)
+            self.histories: list[list[dict]] = [[] for _ in cell_ids]
+
+        def _train_step(self, sae, sae_in):
+            sae.train()
+            out = sae.training_forward_pass(step_input=TrainStepInput(
+                sae_in=sae_in, dead_neuron_mask=self.dead_neurons, coefficients=self.get_coefficients(),
+                n_training_steps=self.n_training_steps, is_logging_step=False))
+            with torch.no_grad():
+                firing = out.feature_acts.bool().float()
+                self.n_forward_passes_since_fired += 1
+                self.n_forward_passes_since_fired[firing.sum(-2).bool()] = 0
+                self.act_freq_scores += firing.sum(0)
+                self.n_frac_active_samples += self.cfg.train_batch_size_samples
+            out.loss.backward()
+            self._clip_per_cell(sae, 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            self.lr_scheduler.step()
+            for scheduler in self.coefficient_schedulers.values():
+                scheduler.step()
+            return out
+
+        @torch.no_grad()
+        def _clip_per_cell(self, sae, max_norm: float) -> None:
+            """``torch.nn.utils.clip_grad_norm_`` of each cell's parameters on their own (every parameter's leading
+            axis is the cells' atoms or the cells)."""
+            C = sae.n_cells
+            grads = [p.grad.view(C, -1) for p in sae.parameters() if p.grad is not None]
+            norms = torch.stack([g.norm(dim=1) for g in grads]).norm(dim=0)
+            coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(coef[:, None].to(g.dtype))
+
+        @torch.no_grad()
+        def _track(self, batch, out) -> None:
+            mse = out.metrics.get("mse_per_cell")
+            if mse is None:
+                return
+            x = batch.to(torch.float32)  # [N, C, d]
+            n, C = x.shape[:2]
+            if self.layout == "factors":
+                dk = self.sae.cfg.d_k
+                k, v = x[..., :dk], x[..., dk:]
+                mean = torch.einsum("Nck,Ncv->ckv", k, v) / n
+                var = ((k * k).sum(-1) * (v * v).sum(-1)).sum(0) - n * (mean * mean).sum((1, 2))
+            else:
+                var = (x - x.mean(0)).pow(2).sum((0, 2))
+            fvu = (mse.float() * n / var.clamp(min=1e-30)).mean().item()
+            l0 = float((out.feature_acts != 0).sum()) / (n * C)
+            a = 0.1 if self._ema else 1.0
+            for key, value in (("fvu", fvu), ("l0", l0)):
+                self._ema[key] = (1 - a) * self._ema.get(key, value) + a * value
+
+        def progress_postfix(self) -> dict[str, str]:
+            post = {}
+            if self._ema:
+                post["fvu"] = f"{self._ema['fvu']:.3f}"
+                post["L0"] = f"{self._ema['l0']:.1f}"
+            post["dead"] = f"{self.dead_neurons.float().mean().item():.1%}"
+            if self.histories[0]:
+                post["val_fvu"] = f"{sum(h[-1]['fvu'] for h in self.histories) / len(self.histories):.3f}"
+            post["cells"] = str(len(self.cell_ids))
+            return post
+
+        def validate(self) -> dict:
+            for c in range(len(self.cell_ids)):
+                sae = self.sae.cell(c).eval()
+                m = evaluate_sae(sae, self.cell_vals[c], self.layout, self.scales[c])
+                self.histories[c].append({"step": self.n_training_steps, "samples": self.n_training_samples,
+                                          **asdict(m)})
+            self._write_log()
+            return {}
+
+        def _write_log(self) -> None:
+            for run_dir, rows in zip(self.run_dirs, self.histories):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(run_dir / "validation.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+        def export_cell(self, c: int):
+            """Cell ``c`` as it would be saved now: unit-norm atoms, its input scale folded."""
+            sae = self.sae.cell(c)
+            sae.normalize_decoder()
+            if self.normalized:
+                sae.fold_activation_norm_scaling_factor(self.scales[c])
+                sae.cfg.metadata.input_scale_folded = self.scales[c]
+            return sae
+
+        @torch.no_grad()
+        def save_checkpoint(self, checkpoint_name: str, base_path=None, wandb_aliases=None,
+                            completed_steps: int | None = None) -> None:
+            base = Path(base_path if base_path is not None else self.cfg.checkpoint_path)
+            final = base / checkpoint_name
+            try:
+                with atomic_dir(final) as tmp:
+                    save_file({k: v.contiguous().clone() for k, v in self.sae.state_dict().items()},
+                              tmp / "stacked_sae.safetensors")
+                    save_file({"sparsity": self.log_feature_sparsity.contiguous()}, tmp / "sparsity.safetensors")
+                    self.save_trainer_state(tmp)
+                    streams = []
+                    for c, provider in enumerate(self.stream.providers):
+                        state = dict(provider.state_dict())
+                        tensors = {k: state.pop(k) for k in ("buffer", "generator")}
+                        save_file({k: v.contiguous().clone() for k, v in tensors.items() if v is not None},
+                                  tmp / f"data_state_{c}.safetensors")
+                        streams.append(state)
+                    (tmp / "run.json").write_text(json.dumps({
+                        "identity": self.identity, "n_training_samples": self.n_training_samples,
+                        "completed_steps": self.n_training_steps if completed_steps is None else completed_steps,
+                        "checkpoint_thresholds": list(self.checkpoint_thresholds), "validation": self.histories,
+                        "scales": self.scales, "streams": streams}, indent=1, default=str))
+                    for c, cell_id in enumerate(self.cell_ids):  # each cell as it would be saved now (loadable)
+                        self.export_cell(c).save_inference_model(tmp / "cells" / cell_id)
+                    write_manifest(tmp, kind="stacked", n_training_samples=self.n_training_samples)
+            except OSError as e:
+                raise OutputDirError(f"writing checkpoint {final} failed ({e.strerror or e}); nothing torn was "
+                                     "left, resume from the last complete checkpoint") from e
+
+        def resume(self, ckpt: Path, run: dict) -> None:
+            ckpt = Path(ckpt)
+            state = load_file(ckpt / "stacked_sae.safetensors")
+            with torch.no_grad():
+                for name, tensor in self.sae.state_dict().items():
+                    tensor.copy_(state[name])
+            self.load_trainer_state(ckpt)
+            self.n_training_steps = int(run["completed_steps"])
+            self.checkpoint_thresholds = list(run["checkpoint_thresholds"])
+            for c, (provider, saved) in enumerate(zip(self.stream.providers, run["streams"])):
+                tensors = load_file(ckpt / f"data_state_{c}.safetensors")
+                try:
+                    provider.load_state_dict({**saved, "buffer": tensors.get("buffer"),
+                                              "generator": tensors["generator"]})
+                except ValueError as e:
+                    raise CheckpointError(f"cannot continue the data stream of {ckpt}: {e}") from None
+            self.scales = [float(x) for x in run["scales"]]
+            self.histories = [[dict(r) for r in rows] for rows in run["validation"]]
+            self._write_log()
+
+    return StackedTrainer
+
+
+def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Path, t: CellTraining,
+                        val_store: ActivationStore | None = None, resume: bool = False, progress: bool = True,
+                        warmup_steps: int = 50) -> dict[str, list[dict]]:
+    """Train ``cells`` together, their dictionaries stacked along a cell axis; each ends in
+    ``out/runs/<id>/final`` (+ ``validation.jsonl``), exactly as :func:`train_cell` would leave it. Checkpoints
+    (``out/runs/stacked/checkpoints``) hold every cell; ``resume`` continues the latest. Returns each cell's
+    validation history. Raises ``ValueError`` when the settings do not stack (``sae.stacked.stackable``)."""
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+
+    from .checkpoints import check_identity, prepare_output
+    from .sae import TrainingWriteSAE
+    from .sae.stacked import StackedTrainingWriteSAE, stackable
+    from .train import _Prepend, evaluate_sae, run_identity
+
+    out = Path(out)
+    cfgs = [cell_config(store, cell, t) for cell in cells]
+    why = stackable(cfgs[0])
+    if why is not None:
+        raise ValueError(f"cells with {why} do not stack; train them one after another")
+    if t.total_samples < t.batch_size:
+        raise ValueError(f"total_samples ({t.total_samples}) must be at least one batch ({t.batch_size})")
+    run_root = out / "runs" / "stacked"
+    has_ckpt = (run_root / "checkpoints").is_dir() and any((run_root / "checkpoints").iterdir())
+    ckpt, run = prepare_output(run_root, "latest" if resume and has_ckpt else None, checkpoints=t.n_checkpoints > 0)
+    providers, vals = zip(*(cell_providers(store, cell, t, val_store) for cell in cells))
+    modules = []
+    for cfg in cfgs:
+        torch.manual_seed(t.seed)  # each cell initialised as its own run would be
+        modules.append(TrainingWriteSAE(cfg))
+    sae = StackedTrainingWriteSAE(modules)
+    stream = _StackedBatches(providers)
+    steps = t.total_samples // t.batch_size
+    lr_end, dead_feature_window = t.lr / 10, t.dead_feature_window
+    identity = run_identity(cfgs[0], providers[0], total_samples=t.total_samples, batch_size=t.batch_size, lr=t.lr,
+                            lr_end=lr_end, warmup_steps=warmup_steps, dead_feature_window=dead_feature_window)
+    identity["cells"] = [cell.id for cell in cells]
+    identity = json.loads(json.dumps(identity, default=str))
+    if ckpt is not None:
+        check_identity(ckpt, identity, run)
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=t.total_samples, train_batch_size_samples=t.batch_size, device="cpu", lr=t.lr,
+        lr_end=lr_end, lr_scheduler_name="cosineannealing", lr_warm_up_steps=min(warmup_steps, max(steps - 1, 0)),
+        lr_decay_steps=max(steps - min(warmup_steps, steps - 1) - 1, 1), dead_feature_window=dead_feature_window,
+        feature_sampling_window=max(steps, 1), n_checkpoints=t.n_checkpoints,
+        checkpoint_path=str(run_root / "checkpoints"), save_final_checkpoint=False,
+        logger=LoggingConfig(log_to_wandb=False), autocast=False, adam_beta1=0.9, adam_beta2=0.999,
+        n_restart_cycles=1)
+    trainer = _stacked_trainer_class()(
+        cfg=trainer_cfg, sae=sae, data_provider=stream, val_every=t.val_every, layout=cfgs[0].input_layout,
+        identity=identity, stream=stream, val_batches=list(vals[0]), cell_ids=[c.id for c in cells],
+        cell_vals=[list(v) for v in vals], run_dirs=[out / "runs" / c.id for c in cells])
+    if ckpt is not None:
+        trainer.resume(ckpt, run)
+    if ckpt is None:
+        if stream.normalize:
+            first = next(stream)  # each provider estimates its scale; the batch is the first step's
+            trainer.data_provider = _Prepend(first, stream)
+            trainer.scales = [float(p.scale) for p in providers]
+        trainer.validate()
+    if not progress:
+        trainer._update_pbar = lambda *a, **k: None
+    try:
+        trainer.fit()
+    except StopIteration:
+        raise RuntimeError(f"the store ran out after {trainer.n_training_samples} samples per cell, before "
+                           f"total_samples={t.total_samples}") from None
+    sae.normalize_decoder()
+    for c, cell in enumerate(cells):
+        final = trainer.export_cell(c)
+        trainer.scales[c] = 1.0
+        m = evaluate_sae(final.eval(), trainer.cell_vals[c], final.cfg.input_layout, 1.0)
+        trainer.histories[c].append({"step": trainer.n_training_steps, "samples": trainer.n_training_samples,
+                                     **asdict(m)})
+        with atomic_dir(out / "runs" / cell.id / "final") as tmp:
+            final.save_inference_model(tmp)
+    trainer._write_log()
+    return dict(zip([c.id for c in cells], trainer.histories))
 
 
 def store_cells(store: ActivationStore, layers: list[int] | None, heads: list[int] | None, site: str,
@@ -142,10 +399,12 @@ def store_cells(store: ActivationStore, layers: list[int] | None, heads: list[in
 
 def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str | Path, t: CellTraining,
                 val_store: ActivationStore | str | Path | None = None, resume: bool = False,
-                release: str | None = None, progress: bool = True) -> dict:
+                release: str | None = None, progress: bool = True, stack: bool = True) -> dict:
     """Train every cell (see the module docstring); returns the release index written to
-    ``out/cells/release.json``. Finished cells are skipped; with ``resume`` an interrupted cell continues from
-    its last complete checkpoint, without it a cell with checkpoints but no result is refused."""
+    ``out/cells/release.json``. Finished cells are skipped; with ``resume`` an interrupted run continues from
+    its last complete checkpoint, without it a run with checkpoints but no result is refused. ``stack``: train
+    the unfinished cells together along a cell axis when their settings allow it (``sae.stacked.stackable``),
+    else one after another."""
     from tqdm.auto import tqdm
 
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
@@ -163,15 +422,27 @@ def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str
                   "training": asdict(t)})
     for key in ("saes", "expected_var_explained", "expected_l0", "cells"):
         index.setdefault(key, {})
-    bar = tqdm(cells, desc="cells", unit="cell", disable=not progress, dynamic_ncols=True)
+    from .sae.stacked import stackable
+
+    def done(cell):
+        return cell.id in index["cells"] and (out / "cells" / cell.id / "cfg.json").is_file()
+
+    pending = [cell for cell in cells if not done(cell)]
+    stacked: dict[str, list[dict]] = {}
+    if stack and len(pending) > 1 and stackable(cell_config(store, pending[0], t)) is None:
+        stacked = train_cells_stacked(store, pending, out, t, val_store, resume=resume, progress=progress)
+    bar = tqdm(cells, desc="cells", unit="cell", disable=not progress or bool(stacked), dynamic_ncols=True)
     for cell in bar:
         bar.set_postfix_str(cell.id)
-        if cell.id in index["cells"] and (out / "cells" / cell.id / "cfg.json").is_file():
+        if done(cell):
             continue  # finished in an earlier run
         run_dir = out / "runs" / cell.id
-        has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-        _, history = train_cell(store, cell, run_dir, t, val_store, resume_from="latest" if resume and has_ckpt
-                                else None)
+        if cell.id in stacked:
+            history = stacked[cell.id]
+        else:
+            has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+            _, history = train_cell(store, cell, run_dir, t, val_store,
+                                    resume_from="latest" if resume and has_ckpt else None)
         with atomic_dir(out / "cells" / cell.id) as tmp:
             for f in (run_dir / "final").iterdir():
                 shutil.copy2(f, tmp / f.name)
@@ -185,4 +456,4 @@ def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str
     return index
 
 
-__all__ = ["Cell", "CellTraining", "train_cell", "train_cells", "store_cells", "cell_config", "cell_providers"]
+__all__ = ["Cell", "CellTraining", "train_cell", "train_cells", "train_cells_stacked", "store_cells", "cell_config", "cell_providers"]

@@ -31,6 +31,8 @@ MANIFEST = "manifest.json"
 FORMAT = "writesae-checkpoint/1"
 REQUIRED = ("cfg.json", "sae_weights.safetensors", "training_sae/cfg.json", "training_sae/sae_weights.safetensors",
             "trainer_state.pt", "activation_scaler.json", "data_state.json", "run.json")
+# a stacked run's checkpoint (cells.train_cells_stacked): every cell in one module, each cell's stream state
+REQUIRED_STACKED = ("stacked_sae.safetensors", "trainer_state.pt", "run.json")
 JSON_FILES = ("cfg.json", "training_sae/cfg.json", "activation_scaler.json", "data_state.json", "run.json")
 
 
@@ -181,7 +183,8 @@ def validate_checkpoint(path: str | Path) -> dict:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}/{MANIFEST} is not a {FORMAT} manifest")
-    missing = [f for f in REQUIRED if f not in files]
+    required = REQUIRED_STACKED if manifest.get("kind") == "stacked" else REQUIRED
+    missing = [f for f in required if f not in files]
     if missing:
         raise CheckpointError(f"{path} is incomplete (its manifest lacks {', '.join(missing)})")
     for name, meta in files.items():
@@ -190,7 +193,7 @@ def validate_checkpoint(path: str | Path) -> dict:
             raise CheckpointError(f"{path} is incomplete (missing {name})")
         if p.stat().st_size != meta.get("bytes") or _sha256(p) != meta.get("sha256"):
             raise CheckpointError(f"{path} is torn ({name} does not match its manifest: truncated or modified)")
-    for name in JSON_FILES:
+    for name in (n for n in JSON_FILES if n in files):
         try:
             json.loads((path / name).read_text())
         except ValueError as e:

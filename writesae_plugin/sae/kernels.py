@@ -133,6 +133,7 @@ class _BilinearAt(torch.autograd.Function):
     def forward(ctx, values, X, idx, enc_key, enc_value, b_dec):
         ctx.save_for_backward(X, idx, enc_key, enc_value)
         ctx.b_dec_grad = b_dec is not None and b_dec.requires_grad
+        ctx.groups = b_dec.shape[0] if b_dec is not None and b_dec.dim() == 2 else 0
         return values.clone()
 
     @staticmethod
@@ -154,7 +155,11 @@ class _BilinearAt(torch.autograd.Function):
             gW = torch.bmm(U * gr, X)  # [N, m r, d_v] = g X^T u~
             g_value = _fold_rows(gW.reshape(N * m, r, dv), idx, n)
         if ctx.b_dec_grad:
-            g_bias = -(U.reshape(-1, dk).T @ Wg.reshape(-1, dv)).reshape(-1)
+            if ctx.groups:  # one bias per group of consecutive rows (stacked cells): [G, d_k, d_v]
+                G = ctx.groups
+                g_bias = -torch.bmm(U.reshape(G, -1, dk).transpose(1, 2), Wg.reshape(G, -1, dv)).reshape(G, -1)
+            else:
+                g_bias = -(U.reshape(-1, dk).T @ Wg.reshape(-1, dv)).reshape(-1)
         return None, None, None, g_key, g_value, g_bias
 
 
@@ -168,7 +173,8 @@ def bilinear_pre_at(values: Tensor, X: Tensor, idx: Tensor, enc_key: Tensor, enc
         X: ``[N, d_k, d_v]`` the encoder's input (centred by ``b_dec`` when ``b_dec`` is given), no grad.
         idx: ``[N, m]`` atom indices (int64).
         enc_key, enc_value: ``[n, r, d_k]``, ``[n, r, d_v]`` encoder factors; receive gradients.
-        b_dec: ``[d_in]`` the decoder bias subtracted from the input before encoding, or None.
+        b_dec: ``[d_in]`` the decoder bias subtracted from the input before encoding, or None; ``[G, d_in]``:
+            one bias per group of ``N / G`` consecutive rows (cells stacked along the rows, ``sae/stacked.py``).
 
     Returns ``[N, m]`` equal to ``bilinear_encoder_reference(X, ...)`` gathered at ``idx``, with its gradients.
     """
