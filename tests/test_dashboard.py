@@ -149,3 +149,70 @@ def test_dashboard_on_a_tiny_model(qwen, tokens, tmp_path, site):
         assert page["curves"]["persistence"][0] == pytest.approx(1.0)
     with pytest.raises(FileNotFoundError, match="no dashboard data for atom 99"):
         load_atom(tmp_path / "dash", 99)
+
+
+def _corpus(tmp_path):
+    text = "\n\n".join(f"def g{i}(a, b):\n    '''doc {i}'''\n    return a * {i} + b" for i in range(60))
+    path = tmp_path / "corpus.txt"
+    path.write_text(text)
+    return path
+
+
+def test_cli_dashboard_with_neuronpedia_export(tmp_path):
+    from writesae_plugin.cli import main
+    from writesae_plugin.dashboard.neuronpedia import ACTIVATION_REQUIRED, FEATURE_REQUIRED
+    from writesae_plugin.demo.run import demo_model_dir
+
+    out, npd = tmp_path / "site", tmp_path / "np"
+    rc = main(["dashboard", "--model", str(demo_model_dir()), "--sae", "writesae-demo:L4.H0.write", "--dataset",
+               str(_corpus(tmp_path)), "--split", "train", "--context-length", "64", "--tokens", "192",
+               "--atoms", "61", "492", "--effect-firings", "1", "--value-firings", "1", "--out", str(out),
+               "--neuronpedia", str(npd), "--np-model-id", "writesae-demo"])
+    assert rc == 0
+    meta = json.loads((out / "data" / "index.json").read_text())
+    assert meta["n_contexts"] == 3 and meta["context_length"] == 64 and len(meta["atoms"]) == 512
+    src = npd / "writesae-demo" / "4-writesae-write-h0-512"
+
+    def rows(name):
+        with gzip.open(src / name, "rt") as f:
+            return [json.loads(line) for line in f]
+
+    for name in ("release.jsonl.gz", "model.jsonl.gz", "sourceset.jsonl.gz", "source.jsonl.gz"):
+        assert len(rows(name)) == 1
+    assert rows("source.jsonl.gz")[0]["id"] == "4-writesae-write-h0-512"
+    feats = rows("features/batch-0.jsonl.gz")
+    paged = [r["atom"] for r in meta["atoms"] if r["page"]]
+    assert sorted(int(f["index"]) for f in feats) == sorted(paged) and paged
+    for f in feats:
+        assert all(f[k] not in (None, "") for k in FEATURE_REQUIRED)
+        assert f["layer"] == "4-writesae-write-h0-512" and f["hookName"] == "blocks.4.linear_attn.hook_write"
+        assert len(f["pos_str"]) == len(f["pos_values"]) > 0 and 0 < f["frac_nonzero"] <= 1
+        assert sum(f["freq_hist_data_bar_heights"]) == load_atom(out, int(f["index"]))["fires"]
+    acts = rows("activations/batch-0.jsonl.gz")
+    assert acts and len({a["id"] for a in acts}) == len(acts)
+    for a in acts:
+        assert all(k in a and a[k] is not None for k in ACTIVATION_REQUIRED)
+        assert len(a["tokens"]) == len(a["values"]) and a["maxValue"] == max(a["values"])
+        assert a["values"][a["maxValueTokenIndex"]] == a["maxValue"] and a["minValue"] == min(a["values"])
+
+
+def test_cli_dashboard_refuses_bad_input_before_loading(tmp_path, capsys):
+    import sys
+
+    from writesae_plugin.cli import main
+    from writesae_plugin.demo.run import demo_model_dir
+
+    base = ["dashboard", "--model", str(demo_model_dir()), "--dataset", str(_corpus(tmp_path)), "--out",
+            str(tmp_path / "o")]
+    had_torch = "torch" in sys.modules
+    assert main(base + ["--sae", "writesae-demo:L4.H0.write", "--atoms", "512"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert main(base + ["--sae", "writesae-demo:L9.H9.write"]) == 2
+    assert "has no SAE" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(base + ["--sae", "writesae-demo:L4.H0.write", "--neuronpedia", str(tmp_path / "file")]) == 2
+    assert "--neuronpedia" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's own exit, one line
+        main(base + ["--sae", "writesae-demo:L4.H0.write", "--tokens", "0"])
+    assert e.value.code == 2 and "--tokens: must be a positive integer" in capsys.readouterr().err
+    assert had_torch or "torch" not in sys.modules

@@ -402,7 +402,7 @@ VALIDATORS = {"hooks": lambda a: check_model_arg(a.model), "train": validate_tra
               "make-demo-model": _validate_make_demo_model, "make-demo-release": _validate_make_demo_release,
               "patch": _validate_pairs, "attribution-patch": _validate_pairs, "path-patch": _validate_pairs,
               "circuit": _validate_pairs, "edit-atoms": _validate_pairs,
-              "demo": lambda a: check_out_dir(a.out)}
+              "demo": lambda a: check_out_dir(a.out), "dashboard": lambda a: _validate_dashboard(a)}
 
 
 def _load(model_path: str | None):
@@ -905,6 +905,50 @@ def cmd_attribute(args) -> int:
     return 0
 
 
+def _validate_dashboard(args) -> None:
+    _validate_data(args)
+    cfg = sae_cfg(args.sae)
+    check_atoms(args.atoms, cfg, args.sae)
+    if cfg is not None and "head" in cfg and cfg["head"] is None:
+        raise UsageError(f"--sae {args.sae}: dashboards need a per-head WriteSAE (cfg.head set)")
+    if args.neuronpedia is not None:
+        check_out_dir(args.neuronpedia, "--neuronpedia")
+        if args.np_model_id is not None and ("/" in args.np_model_id or not args.np_model_id.strip()):
+            raise UsageError(f"--np-model-id {args.np_model_id!r}: a Neuronpedia model id is a name without '/'")
+
+
+def cmd_dashboard(args) -> int:
+    import math
+    import re
+
+    from .dashboard import DashboardConfig, StatsConfig, compute_dashboard, write_dashboard
+
+    if args.tokens is not None:
+        args.contexts = math.ceil(args.tokens / args.context_length)
+    model, desc, sae, tokens = _experiment_inputs(args)
+    cfg = DashboardConfig(stats=StatsConfig(top_k=args.top_k, reservoir=args.reservoir, horizon=args.horizon,
+                                            seed=args.seed),
+                          batch=args.batch, atoms=args.atoms, value_firings=args.value_firings,
+                          effect_firings=args.effect_firings)
+    data = compute_dashboard(model, sae, tokens, cfg)
+    np_kw = None
+    if args.neuronpedia is not None:
+        model_id = args.np_model_id or re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(desc)).name).strip("-") or "model"
+        np_kw = {"out_dir": args.neuronpedia, "model_id": model_id, "dataset": str(args.dataset),
+                 "hook_name": model.hook_prefix(sae.cfg.layer) + f"hook_{sae.cfg.site}",
+                 "model_layers": len(model.family.decoder_layers(model.hf_model))}
+    index = write_dashboard(data, args.out, model.tokenizer, title=f"{args.sae}", neuronpedia=np_kw)
+    fires = data.stats.fires
+    print(f"dashboard: {int((fires > 0).sum())} of {len(fires)} atoms fired on {tokens.shape[0]} contexts of "
+          f"{tokens.shape[1]} tokens ({int((fires == 0).sum())} dead); pages for {len(data.atoms)} atoms; "
+          f"pass {data.timings['pass_s']:.1f} s, value sides {data.timings['value_side_s']:.1f} s, effects "
+          f"{data.timings['effect_s']:.1f} s")
+    if np_kw is not None:
+        print(f"neuronpedia export: {args.neuronpedia}")
+    print(f"dashboard: {index}")
+    return 0
+
+
 def cmd_make_demo_model(args) -> int:
     from .demo.build import ARCHS, make_demo_model
     from .demo.run import demo_model_dir
@@ -1220,6 +1264,29 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-per-atom", type=positive_int, default=20, help="firings per atom at most")
     a.add_argument("--seed", type=int, default=0, help="random seed")
     a.set_defaults(func=cmd_attribute)
+
+    db = sub.add_parser("dashboard", help="atom dashboards: a static site (index + one page per atom) from one "
+                                          "streaming pass; optional Neuronpedia export")
+    db.add_argument("--model", default=None, help="local HF model dir or hub id (default: a tiny built-in Qwen3.5)")
+    db.add_argument("--sae", required=True, help="SAE directory or RELEASE:SAE_ID (a per-head WriteSAE)")
+    _add_data_args(db)
+    db.add_argument("--out", required=True, help="site directory (index.html, atoms/, figures/, data/)")
+    db.add_argument("--tokens", type=positive_int, default=None,
+                    help="tokens of data to scan (sets --contexts to ceil(N / --context-length))")
+    db.add_argument("--atoms", type=nonneg_int, nargs="+", default=None,
+                    help="atoms that get pages, value sides and measured effects (default: every atom that fires)")
+    db.add_argument("--batch", type=positive_int, default=8, help="contexts per forward of the pass")
+    db.add_argument("--top-k", type=positive_int, default=20, help="top activations kept per atom")
+    db.add_argument("--reservoir", type=positive_int, default=200,
+                    help="firings sampled uniformly per atom (quantile samples and quantiles)")
+    db.add_argument("--horizon", type=nonneg_int, default=32, help="positions of the decay / persistence curves")
+    db.add_argument("--value-firings", type=nonneg_int, default=4, help="top firings per atom for the value side")
+    db.add_argument("--effect-firings", type=nonneg_int, default=3,
+                    help="top firings per atom where the atom is substituted (measured effect, win rate)")
+    db.add_argument("--neuronpedia", default=None, help="also write Neuronpedia's upload format here")
+    db.add_argument("--np-model-id", default=None, help="Neuronpedia model id (default: the model's directory name)")
+    db.add_argument("--seed", type=int, default=0, help="seed of the reservoir samples")
+    db.set_defaults(func=cmd_dashboard)
 
     mk = sub.add_parser("make-demo-model", help="train the shipped demo model on the Python stdlib (reproducible)")
     mk.add_argument("--out", required=True, help="model directory to write")

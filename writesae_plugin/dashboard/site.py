@@ -292,10 +292,12 @@ def index_page(rows: list[dict], title: str, meta: dict) -> str:
 
 
 def write_dashboard(data, out_dir: str | Path, tokenizer=None, title: str = "WriteSAE atoms",
-                    progress: bool = True) -> Path:
+                    progress: bool = True, neuronpedia: dict | None = None) -> Path:
     """Write the site for ``data`` (:class:`~writesae_plugin.dashboard.compute.DashboardData`) under
     ``out_dir``; returns the path of ``index.html``. Every atom gets a JSON record and a row; atoms in
-    ``data.atoms`` that fired get a page and a figure."""
+    ``data.atoms`` that fired get a page and a figure. ``neuronpedia``: keyword arguments of
+    :func:`~writesae_plugin.dashboard.neuronpedia.write_neuronpedia` (with ``out_dir``) to also write
+    Neuronpedia's upload format for the atoms with pages."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
@@ -303,10 +305,12 @@ def write_dashboard(data, out_dir: str | Path, tokenizer=None, title: str = "Wri
         (out / sub).mkdir(parents=True, exist_ok=True)
     vocab = _Vocab(tokenizer)
     pages = set(data.atoms)
-    rows, fig_cache = [], {}
+    rows, fig_cache, exported = [], {}, []
     for a in tqdm(range(data.stats.n), desc="dashboard pages", disable=not progress):
         rec = atom_record(data, a, vocab)
         has_page = a in pages and not rec["dead"]
+        if has_page and neuronpedia is not None:
+            exported.append(_clean(rec))
         _dump(out / "data" / "atoms" / f"{a}.json", rec)
         if has_page:
             atom_figure(rec, out / "figures" / f"atom_{a}.png", fig_cache)
@@ -322,6 +326,11 @@ def write_dashboard(data, out_dir: str | Path, tokenizer=None, title: str = "Wri
     _dump(out / "data" / "index.json", {"title": title, "sae": data.sae_info, "config": data.config,
                                         "timings": data.timings, **meta, "schema": ATOM_SCHEMA, "atoms": rows})
     atomic_write_text(out / "index.html", index_page(rows, title, meta))
+    if neuronpedia is not None:
+        from .neuronpedia import write_neuronpedia
+
+        kw = dict(neuronpedia)
+        write_neuronpedia(exported, kw.pop("out_dir"), n_prompts=N, n_tokens_in_prompt=T, **kw)
     return out / "index.html"
 
 
