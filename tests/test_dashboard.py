@@ -216,3 +216,27 @@ def test_cli_dashboard_refuses_bad_input_before_loading(tmp_path, capsys):
         main(base + ["--sae", "writesae-demo:L4.H0.write", "--tokens", "0"])
     assert e.value.code == 2 and "--tokens: must be a positive integer" in capsys.readouterr().err
     assert had_torch or "torch" not in sys.modules
+
+
+def test_reports_are_readable(tmp_path):
+    """Every results.json-producing command writes index.html through write_report: a headline table of the
+    numbers with n and intervals, figures, the configuration collapsed, links to raw files and sub-reports."""
+    from writesae_plugin.experiments.stats import wilson
+    from writesae_plugin.report import plt, write_report
+
+    def fig():
+        f, ax = plt.subplots()
+        ax.plot([0, 1])
+        return f
+
+    results = {"config": {"seed": 3}, "summary": {"win": wilson(7, 10), "fit": {"r2": 0.5, "n": 40},
+                                                  "diff": {"difference": 0.2, "lo": 0.1, "hi": 0.3, "n_a": 5, "n_b": 6}}}
+    index = write_report(tmp_path, "t", results, [{"a": 1}], {"plot": fig}, ["a note"], links=[("sub", "sub/index.html")],
+                         headline=[("seven of ten", results["summary"]["win"])])
+    page = index.read_text()
+    assert "<table id='headline'>" in page and "<td>seven of ten</td><td>70.0%</td>" in page
+    assert "[39.7, 89.2]" in page and "R² = 0.5" in page and "[0.1, 0.3]" in page
+    assert "<details><summary>Configuration</summary>" in page and '&quot;seed&quot;: 3' in page
+    for href in ("results.json", "records.jsonl", "plot.png", "sub/index.html"):
+        assert f'href="{href}"' in page
+    assert (tmp_path / "plot.png").stat().st_size > 0 and not list(tmp_path.glob(".*tmp*"))

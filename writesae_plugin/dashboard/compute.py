@@ -120,7 +120,10 @@ def encode_batch(model, sae, tokens: Tensor, U: Tensor) -> dict[str, Tensor]:
         _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=L + 1)
     key, value = cache[p + "hook_write_key"][:, :, h], cache[p + "hook_write_value"][:, :, h]
     codes = sae.encode(cache[p + "hook_state"][:, :, 0]) if capture is not None else sae.encode_factors(key, value)
-    return {"codes": codes.float(), "key_dot": key.float() @ U.T, "log_decay": cache[p + "hook_log_decay"][:, :, h],
+    log_decay = cache[p + "hook_log_decay"][:, :, h]  # [B, T] (scalar decay per head)
+    if log_decay.dim() != 2:  # a per-channel decay (Kimi Delta Attention) has no single decay curve
+        log_decay = None
+    return {"codes": codes.float(), "key_dot": key.float() @ U.T, "log_decay": log_decay,
             "query": cache[p + "hook_query"][:, :, h].float()}
 
 

@@ -390,6 +390,10 @@ def save_substitution(result: SubstitutionResult, out_dir, extra: dict | None = 
     head = result.summary.get("headline", {})
     notes = [f"Headline ({head.get('test', '')}): {fmt_rate(head)}; paper: 92.4% of n = 4,851 firings "
              "(Qwen3.5-0.8B L9 H4). Numbers here are as measured on this model and data."]
+    by = result.summary.get("by_metric", {}).get("kl_final", {})
+    headline = [(f"{cond} beats delete (KL at the final position)", v["win"]) for cond, v in by.items()
+                if isinstance(v, dict) and "win" in v]
     return write_report(out_dir, "WriteSAE substitution test",
                         {"experiment": "substitution", "config": result.config, "summary": result.summary,
-                         "firings": result.firings, **(extra or {})}, result.records, figures(result), notes)
+                         "firings": result.firings, **(extra or {})}, result.records, figures(result), notes,
+                        headline=headline)

@@ -30,35 +30,125 @@ def _clean(x):
     return x
 
 
+def _num(x) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        return "n/a" if math.isnan(x) else f"{x:.4g}"
+    return str(x)
+
+
+def headline_rows(results: dict, limit: int = 400) -> list[tuple[str, str, str, str]]:
+    """``(quantity, value, interval, n)`` rows for every number in ``results`` that carries its interval or n:
+    rates (``rate, lo, hi, n``: Wilson / bootstrap), differences (``difference, lo, hi``), R^2 blocks
+    (``r2, n``), means with ``ci``/``lo``/``hi``. The configuration is skipped. At most ``limit`` rows, those
+    under a ``headline`` key first, then by depth."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(x, path):
+        if len(rows) >= limit:
+            return
+        if isinstance(x, dict):
+            n = x.get("n", x.get("n_a", ""))
+            if "rate" in x and "lo" in x and "hi" in x:
+                ok = x.get("rate") is not None and not (isinstance(x["rate"], float) and math.isnan(x["rate"]))
+                rows.append((path, f"{100 * x['rate']:.1f}%" if ok else "n/a",
+                             f"[{100 * x['lo']:.1f}, {100 * x['hi']:.1f}]" if ok and x["lo"] is not None else "",
+                             _num(n)))
+                return
+            if "difference" in x and "lo" in x:
+                rows.append((path, _num(x["difference"]), f"[{_num(x['lo'])}, {_num(x['hi'])}]",
+                             f"{_num(x.get('n_a'))} / {_num(x.get('n_b'))}"))
+                return
+            if "r2" in x:
+                extra = f"sign agreement {_num(x['sign_agreement'])}" if "sign_agreement" in x else ""
+                rows.append((path, f"R² = {_num(x['r2'])}", extra, _num(n)))
+                return
+            if "mean" in x and ("ci" in x or "lo" in x):
+                ci = x.get("ci") or [x.get("lo"), x.get("hi")]
+                rows.append((path, _num(x["mean"]), f"[{_num(ci[0])}, {_num(ci[1])}]" if ci[0] is not None else "",
+                             _num(n if n != "" else x.get("n_clusters", ""))))
+                return
+            for k, v in x.items():
+                if k in ("config", "size", "paper", "timings", "records"):
+                    continue
+                walk(v, f"{path} / {k}" if path else str(k))
+
+    walk(results, "")
+    return sorted(rows, key=lambda r: (0 if "headline" in r[0] else 1, r[0].count(" / ")))
+
+
 def write_report(out_dir: str | Path, title: str, results: dict, records: list[dict] | None = None,
-                 figures: dict[str, Callable[[], "plt.Figure"]] | None = None, notes: list[str] | None = None) -> Path:
-    """Write a results directory; returns the path of ``index.html``. NaN becomes JSON null."""
+                 figures: dict[str, Callable[[], "plt.Figure"]] | None = None, notes: list[str] | None = None,
+                 links: list[tuple[str, str]] | None = None, headline: list[tuple[str, dict]] | None = None) -> Path:
+    """Write a results directory; returns the path of ``index.html``. NaN becomes JSON null.
+
+    ``index.html`` is readable on its own: the notes, a headline table of every number that carries its
+    interval or n (:func:`headline_rows`; ``headline``: ``(label, stats dict)`` pairs shown first, under their
+    own labels), the figures, ``links`` (``(label, relative href)``: sub-reports,
+    dashboards), the configuration in a collapsed block, and links to the raw files. Every file is written
+    atomically (temporary file + rename)."""
+    from ..checkpoints import atomic_write_text
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(_clean(results), indent=2, default=str))
+    clean = _clean(results)
+    atomic_write_text(out / "results.json", json.dumps(clean, indent=2, default=str))
     if records is not None:
-        with open(out / "records.jsonl", "w") as f:
-            for r in records:
-                f.write(json.dumps(_clean(r), default=str) + "\n")
+        atomic_write_text(out / "records.jsonl", "".join(json.dumps(_clean(r), default=str) + "\n" for r in records))
     images = []
     for name, make in (figures or {}).items():
         fig = make()
         path = out / f"{name}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        tmp = out / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
         plt.close(fig)
+        tmp.replace(path)
         images.append(path.name)
-    body = [f"<h1>{html.escape(title)}</h1>"]
+    esc = html.escape
+    body = [f"<h1>{esc(title)}</h1>"]
     for note in notes or []:
-        body.append(f"<p>{html.escape(note)}</p>")
+        body.append(f"<p>{esc(note)}</p>")
+    if links:
+        body.append("<h2>See also</h2><ul>" + "".join(f'<li><a href="{esc(href)}">{esc(label)}</a></li>'
+                                                      for label, href in links) + "</ul>")
+    rows = headline_rows(clean)
+    if headline:
+        chosen = [(label, *r[1:]) for label, d in headline for r in headline_rows({"x": _clean(d)})[:1]]
+        rows = chosen + rows
+
+    def table(rs, ident):
+        return (f"<table id='{ident}'><thead><tr><th>quantity</th><th>value</th><th>95% interval / detail</th>"
+                "<th>n</th></tr></thead><tbody>"
+                + "".join(f"<tr><td>{esc(q)}</td><td>{esc(v)}</td><td>{esc(i)}</td><td>{esc(n)}</td></tr>"
+                          for q, v, i, n in rs) + "</tbody></table>")
+
+    if rows:
+        body.append("<h2>Headline numbers</h2>" + table(rows[:12], "headline"))
+        if len(rows) > 12:
+            body.append(f"<details><summary>All {len(rows)} numbers with intervals</summary>"
+                        + table(rows, "all-numbers") + "</details>")
     for img in images:
         body.append(f'<figure><img src="{img}" style="max-width:900px"><figcaption>{img}</figcaption></figure>')
-    body.append("<h2>results.json</h2><pre>" + html.escape(json.dumps(_clean(results), indent=2, default=str)[:200000])
-                + "</pre>")
+    config = clean.get("config") if isinstance(clean, dict) else None
+    if config is not None:
+        body.append("<details><summary>Configuration</summary><pre>" + esc(json.dumps(config, indent=2, default=str))
+                    + "</pre></details>")
+    raw = ['<a href="results.json">results.json</a> (every number, its n and interval, the configuration)']
     if records is not None:
-        body.append(f'<p>{len(records)} raw records in <a href="records.jsonl">records.jsonl</a></p>')
-    (out / "index.html").write_text("<!doctype html><html><head><meta charset='utf-8'><title>"
-                                    + html.escape(title) + "</title></head><body style='font-family:sans-serif'>"
-                                    + "\n".join(body) + "</body></html>")
+        raw.append(f'<a href="records.jsonl">records.jsonl</a> ({len(records)} raw records)')
+    raw += [f'<a href="{img}">{img}</a>' for img in images]
+    body.append("<h2>Raw files</h2><ul>" + "".join(f"<li>{r}</li>" for r in raw) + "</ul>")
+    body.append("<details><summary>results.json</summary><pre>"
+                + esc(json.dumps(clean, indent=2, default=str)[:200000]) + "</pre></details>")
+    style = ("body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1100px}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}")
+    atomic_write_text(out / "index.html", "<!doctype html><html><head><meta charset='utf-8'><title>" + esc(title)
+                      + f"</title><style>{style}</style></head><body>" + "\n".join(body) + "</body></html>")
     return out / "index.html"
 
 
@@ -69,4 +159,4 @@ def fmt_rate(d: dict) -> str:
     return f"{100 * d['rate']:.1f}% [{100 * d['lo']:.1f}, {100 * d['hi']:.1f}] (n={d['n']})"
 
 
-__all__ = ["write_report", "fmt_rate", "plt"]
+__all__ = ["write_report", "headline_rows", "fmt_rate", "plt"]
