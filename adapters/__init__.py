@@ -15,6 +15,7 @@ from torch import nn
 from .base import (AdapterConfig, HookedRecurrentModel, HookNameError, StateCapture, UnsupportedModelError,
                    WriteEdit, existing_wrapper, lm_cross_entropy, reuse_wrapper)
 from .gated_deltanet import GDN_MODEL_TYPES, GatedDeltaNetFamily, available_model_types
+from .kimi_linear import KIMI_MODEL_TYPES, KimiLinearFamily
 from .mamba2 import MAMBA2_MODEL_TYPES, Mamba2Family
 from .mamba_ssm import InferenceCache, MambaSSMCausalLM, hook_mamba_ssm, is_mamba_ssm_model
 
@@ -23,7 +24,8 @@ def supported_families() -> list[str]:
     """Model types this install can hook (``mamba_ssm``: mamba-ssm's ``MambaLMHeadModel``, where importable)."""
     import importlib.util
 
-    found = available_model_types() + [t for t, m in MAMBA2_MODEL_TYPES.items() if importlib.util.find_spec(m)]
+    found = available_model_types() + [t for t, m in {**KIMI_MODEL_TYPES, **MAMBA2_MODEL_TYPES}.items()
+                                       if importlib.util.find_spec(m)]
     return found + (["mamba_ssm"] if importlib.util.find_spec("mamba_ssm") else [])
 
 
@@ -50,6 +52,8 @@ def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
         if importlib.util.find_spec(MAMBA2_MODEL_TYPES[model_type]) is None:
             raise UnsupportedModelError(f"{model_type} is not in the installed transformers")
         family = Mamba2Family(hf_model, model_type)
+    elif model_type in KIMI_MODEL_TYPES:
+        family = KimiLinearFamily(hf_model)
     else:
         family = GatedDeltaNetFamily(hf_model)
     return HookedRecurrentModel(hf_model, family, tokenizer=tokenizer)

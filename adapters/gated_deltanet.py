@@ -62,11 +62,13 @@ def available_model_types() -> list[str]:
 
 # ---------------------------------------------------------------------------------------- kernel swap
 class _Kernels:
-    """The kernels of one modeling module: what HF bound (maybe fla) and the pure-torch functions."""
+    """The kernels of one modeling module: what HF bound (maybe fla) and the pure-torch functions.
+    ``names``: the module-level (prefill chunk kernel, single-token recurrent kernel) names."""
 
-    def __init__(self, module):
+    def __init__(self, module, names: tuple[str, str] = (CHUNK, RECURRENT)):
         self.module = module
-        self.original = {n: getattr(module, n) for n in (CHUNK, RECURRENT)}
+        self.chunk_name = names[0]
+        self.original = {n: getattr(module, n) for n in names}
         self.pure = {n: inspect.unwrap(f) for n, f in self.original.items()}
         self.signature = {n: inspect.signature(f) for n, f in self.pure.items()}
 
@@ -75,7 +77,7 @@ class _Kernels:
         return self.pure[name] if device.type == "cpu" else self.original[name]
 
     def chunk(self, device: torch.device):
-        return self.main(CHUNK, device)
+        return self.main(self.chunk_name, device)
 
 
 _INSTALLED: dict[str, _Kernels] = {}
@@ -89,11 +91,12 @@ def on_device_of(args, kwargs):
     return contextlib.nullcontext() if dev is None or dev.type == "cpu" else torch.device(dev)
 
 
-def _install(module_name: str) -> _Kernels:
+def _install(module_name: str, names: tuple[str, str] = (CHUNK, RECURRENT)) -> _Kernels:
+    """Swap the module-level kernels ``names`` of ``module_name`` for dispatchers (once per module)."""
     if module_name in _INSTALLED:
         return _INSTALLED[module_name]
     module = sys.modules[module_name]
-    kernels = _Kernels(module)
+    kernels = _Kernels(module, names)
 
     def make(name):
         original = kernels.original[name]
@@ -109,7 +112,7 @@ def _install(module_name: str) -> _Kernels:
         dispatch.__name__ = name
         return dispatch
 
-    for n in (CHUNK, RECURRENT):
+    for n in names:
         setattr(module, n, make(n))
     _INSTALLED[module_name] = kernels
     return kernels
@@ -137,17 +140,28 @@ class _Fired:
 
 
 class GatedDeltaNetHooks(nn.Module):
-    """Hook points of one GDN layer (``blocks.{l}.linear_attn``) and the exact edit logic."""
+    """Hook points of one GDN layer (``blocks.{l}.linear_attn``) and the exact edit logic.
+
+    Subclasses for other delta-rule families override :meth:`dims` and :meth:`l2norm` (the kernel's own
+    in-kernel norm, so the canonical key has the kernel's bits); the log decay may be per head ``[b,T,H]`` or
+    per key channel ``[b,T,H,d_k]`` (``ops`` takes either)."""
+
+    @staticmethod
+    def dims(mixer: nn.Module) -> tuple[int, int, int, int]:
+        """``(value heads, key heads, d_k, d_v)`` of a mixer."""
+        return mixer.num_v_heads, mixer.num_k_heads, mixer.head_k_dim, mixer.head_v_dim
+
+    @staticmethod
+    def l2norm(x: Tensor) -> Tensor:
+        """The in-kernel L2 norm (fp32)."""
+        return l2_normalize(x)
 
     def __init__(self, owner: HookedRecurrentModel, mixer: nn.Module, layer_idx: int):
         super().__init__()
         self._owner = weakref.ref(owner)
         self._mixer = weakref.ref(mixer)
         self.layer_idx = layer_idx
-        self.n_heads = mixer.num_v_heads
-        self.n_key_heads = mixer.num_k_heads
-        self.d_k = mixer.head_k_dim
-        self.d_v = mixer.head_v_dim
+        self.n_heads, self.n_key_heads, self.d_k, self.d_v = self.dims(mixer)
         for name in ("hook_q", "hook_k", "hook_v", "hook_beta", "hook_write_key", "hook_write_value",
                      "hook_write", "hook_write_flat", "hook_log_decay", "hook_query", "hook_state", "hook_read"):
             setattr(self, name, HookPoint())
@@ -212,7 +226,7 @@ class GatedDeltaNetHooks(nn.Module):
 
         # canonical frame, fp32, per value head
         rep = H // Hk
-        norm = l2_normalize if l2 else (lambda x: x.float())
+        norm = self.l2norm if l2 else (lambda x: x.float())
         qn = norm(q2).repeat_interleave(rep, dim=2)
         kn = norm(k2).repeat_interleave(rep, dim=2)
         v32, beta32 = v2.float(), beta2.float()
@@ -521,6 +535,9 @@ class GatedDeltaNetFamily:
 
     name = "gated_deltanet"
     block_attr = "linear_attn"
+    hooks_class = GatedDeltaNetHooks
+    layer_label = "Gated DeltaNet"  # in error messages
+    kernel_label = "gated delta rule"
 
     def __init__(self, hf_model: nn.Module):
         model_type = _model_type(hf_model)
@@ -535,9 +552,15 @@ class GatedDeltaNetFamily:
                 self.mixers[int(m.layer_idx)] = m
         if not self.mixers:
             raise UnsupportedModelError(f"{type(hf_model).__name__} ({model_type}) has no Gated DeltaNet layer")
+        self.check_forwards(hf_model)
+        self.kernels = _install(self.module_name)
+        self._module = module
+
+    def check_forwards(self, hf_model: nn.Module) -> None:
+        """Refuse models whose mixer forwards HF may replace or has replaced (hub kernels, other wrappers)."""
         if getattr(hf_model, "use_kernels", False):
             raise UnsupportedModelError(
-                "the model was loaded with use_kernels=True: HF may replace the whole Gated DeltaNet layer "
+                f"the model was loaded with use_kernels=True: HF may replace the whole {self.layer_label} layer "
                 "forward, and no write hook would fire. Load it without use_kernels.")
         for m in self.mixers.values():
             fwd = type(m).forward
@@ -546,8 +569,6 @@ class GatedDeltaNetFamily:
                     f"the forward of {type(m).__name__} (layer {m.layer_idx}) was replaced (hub kernels or "
                     "another wrapper); the write hooks need the transformers forward. Load the model without "
                     "use_kernels, and wrap with nnsight after hook_model, not before.")
-        self.kernels = _install(self.module_name)
-        self._module = module
 
     # ---- structure
     def decoder_layers(self, hf_model) -> nn.ModuleList:
@@ -563,10 +584,10 @@ class GatedDeltaNetFamily:
             block = nn.Module()
             if i in self.mixers:
                 mixer = self.mixers[i]
-                hooks = GatedDeltaNetHooks(owner, mixer, i)
-                block.linear_attn = hooks
+                hooks = self.hooks_class(owner, mixer, i)
+                setattr(block, self.block_attr, hooks)
                 owner.track(mixer.register_forward_pre_hook(_enter(hooks), with_kwargs=True))
-                owner.track(mixer.register_forward_hook(_leave(hooks)))
+                owner.track(mixer.register_forward_hook(_leave(hooks, self.layer_label, self.kernel_label)))
                 owner.track(mixer.register_forward_hook(_clear, always_call=True))
             blocks.append(block)
         return blocks
@@ -576,6 +597,7 @@ class GatedDeltaNetFamily:
         cfg = hf.config
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         m = next(iter(self.mixers.values()))
+        dims = self.hooks_class.dims(m)
         param = next(hf.parameters())
         tok = owner.tokenizer
         bos_prepended = False
@@ -592,20 +614,19 @@ class GatedDeltaNetFamily:
             device=torch.device(param.device),
             dtype=param.dtype,
             recurrent_layers=tuple(sorted(self.mixers)),
-            d_k=m.head_k_dim, d_v=m.head_v_dim, n_heads=m.num_v_heads, n_key_heads=m.num_k_heads,
+            d_k=dims[2], d_v=dims[3], n_heads=dims[0], n_key_heads=dims[1],
             tokenizer_prepends_bos=bos_prepended,
             act_fn=getattr(text, "hidden_act", None),
         )
 
     def validate_edit(self, owner, e: WriteEdit) -> None:
         if e.layer not in self.mixers:
-            raise ValueError(f"WriteEdit.layer={e.layer} is not a Gated DeltaNet layer; recurrent layers are "
+            raise ValueError(f"WriteEdit.layer={e.layer} is not a {self.layer_label} layer; recurrent layers are "
                              f"{sorted(self.mixers)}")
-        H = self.mixers[e.layer].num_v_heads
+        H, _, d_k, d_v = self.hooks_class.dims(self.mixers[e.layer])
         if not 0 <= e.head < H:
             raise ValueError(f"WriteEdit.head={e.head} out of range: layer {e.layer} has {H} value heads")
-        m = self.mixers[e.layer]
-        e.atom(m.head_k_dim, m.head_v_dim)  # shape / finiteness check
+        e.atom(d_k, d_v)  # shape / finiteness check
 
     def hf_module_name(self, hf_model, layer: int) -> str:
         """The HF module path of layer ``layer``'s mixer (e.g. ``model.layers.1.linear_attn``)."""
@@ -658,11 +679,11 @@ def cache_offset(hooks, owner, has_state: bool, T: int) -> int | None:
     return offset
 
 
-def _leave(hooks: GatedDeltaNetHooks):
+def _leave(hooks: GatedDeltaNetHooks, layer_label: str = "Gated DeltaNet", kernel_label: str = "gated delta rule"):
     def post(module, args, output):
         if not hooks._kernel_called:
             raise RuntimeError(
-                f"layer {hooks.layer_idx}: the Gated DeltaNet forward ran without calling the gated delta rule "
+                f"layer {hooks.layer_idx}: the {layer_label} forward ran without calling the {kernel_label} "
                 "kernel by name, so no write hook fired. Its forward was replaced (hub kernels?); load the "
                 "model without use_kernels.")
 
@@ -683,5 +704,5 @@ def _model_type(hf_model) -> str:
         return text.model_type
     raise UnsupportedModelError(
         f"unsupported model {type(hf_model).__name__} (model_type={model_type!r}); supported families: Gated "
-        f"DeltaNet {available_model_types()} and Mamba-2 (mamba2, bamba, nemotron_h, falcon_h1, zamba2, "
-        "granitemoehybrid)")
+        f"DeltaNet {available_model_types()}, Kimi Delta Attention (kimi_linear) and Mamba-2 (mamba2, bamba, "
+        "nemotron_h, falcon_h1, zamba2, granitemoehybrid)")

@@ -10,6 +10,11 @@ propagates as ``Phi(t, s) D`` because transitions never depend on the state. Run
 suffix ``s+1..T-1`` with ``initial_state = D``, every value zeroed and the original keys, gates and betas
 gives exactly ``Delta o_t`` and ``Delta S_T``. Many (row, position) perturbations are batched as rows of one
 kernel call.
+
+Decays: ``g`` is ``[b, T, H]`` (one log decay per head and token: Gated DeltaNet, ``S_t = alpha_t (I - beta_t
+k_t k_t^T) S_{t-1} + ...``) or ``[b, T, H, d_k]`` (one per key channel: Kimi Delta Attention, ``S_t = (I - beta_t
+k_t k_t^T) Diag(alpha_t) S_{t-1} + ...``, the decay first, then the erase). Every function takes either; the
+per-head code path is unchanged by the per-channel one (:func:`per_channel`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,24 @@ class Propagated:
     delta_read: Tensor  # [b, T, H, d_v] fp32
     delta_final: Tensor  # [b, H, d_k, d_v] fp32
     suffix_read: Tensor | None  # [R, L, H, d_v]: per-row Delta o at positions pos+1.. (row-aligned)
+
+
+def per_channel(g: Tensor, k: Tensor) -> bool:
+    """Whether the log decay ``g`` has one entry per key channel (``[b, T, H, d_k]``, as ``k``) rather than one per
+    head (``[b, T, H]``)."""
+    return g.dim() == k.dim()
+
+
+def _mask(m: Tensor, x: Tensor) -> Tensor:
+    """``m [R, L]`` shaped to broadcast over ``x [R, L, ...]``."""
+    return m.reshape(*m.shape, *([1] * (x.dim() - 2)))
+
+
+def _decay_step(X: Tensor, alpha_t: Tensor, col_t: Tensor, row_t: Tensor, beta_t: Tensor) -> Tensor:
+    """One per-channel transition ``(I - beta k k^T) Diag(alpha) X`` on ``X [b, H, d_k, d_v]`` (``alpha_t``
+    ``[b, H, d_k, 1]``, ``col_t`` ``[b, H, d_k, 1]``, ``row_t`` ``[b, H, 1, d_k]``, ``beta_t`` ``[b, H, 1, 1]``)."""
+    Y = alpha_t * X
+    return torch.addcmul(Y, col_t, -beta_t * (row_t @ Y))
 
 
 def kernel_canonical(kernel, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
@@ -97,7 +120,8 @@ def propagate(kernel, pert: Perturbations, q: Tensor, query_scaled: Tensor, k: T
         m = valid.float()
         q_s = q[rows, idx].float() * m[..., None, None]
         k_s = k[rows, idx].float() * m[..., None, None]
-        g_s = g[rows, idx].float() * m[..., None]
+        g_s = g[rows, idx].float()
+        g_s = g_s * _mask(m, g_s)
         b_s = beta[rows, idx].float() * m[..., None]
         v_s = torch.zeros(R, idx.shape[1], H, d_v, dtype=torch.float32, device=k.device)
         suffix_read, final = kernel_canonical(kernel, q_s, k_s, v_s, g_s, b_s, D, True)
@@ -125,12 +149,16 @@ def propagate_scan(pert: Perturbations, query_scaled: Tensor, k: Tensor, g: Tens
         by_pos.setdefault(p, []).append(r)
     t0 = min(by_pos)
     col, row = _key_columns(k, T)
-    alpha = g.float().exp()[..., None, None]
-    neg_ab = -beta.float()[..., None, None] * alpha
+    vec = per_channel(g, k)
+    alpha = g.float().exp()[..., None] if vec else g.float().exp()[..., None, None]
+    bt = beta.float()[..., None, None]
+    neg_ab = -bt * alpha
     qs = query_scaled.float()[..., None, :]  # [b, T, H, 1, d_k]
     X, reads = zero, []
     for t in range(t0, T):
-        if t > t0:
+        if t > t0 and vec:
+            X = _decay_step(X, alpha[:, t], col[:, t], row[:, t], bt[:, t])
+        elif t > t0:
             X = torch.addcmul(alpha[:, t] * X, col[:, t], neg_ab[:, t] * (row[:, t] @ X))
         if t in by_pos:
             r = torch.tensor(by_pos[t], dtype=torch.long, device=k.device)
@@ -142,19 +170,24 @@ def propagate_scan(pert: Perturbations, query_scaled: Tensor, k: Tensor, g: Tens
 
 def previous_reads(kernel, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
                    initial_state: Tensor | None) -> Tensor:
-    """``alpha_t S_{t-1}^T k_t`` for every t, with one kernel call (shifted-query trick).
+    """``alpha_t S_{t-1}^T k_t`` for every t, with one kernel call (shifted-query trick); for per-channel decays
+    ``(Diag(alpha_t) S_{t-1})^T k_t = S_{t-1}^T (alpha_t * k_t)``.
 
     The kernel's read at t with query ``alpha_{t+1} k_{t+1}`` is ``alpha_{t+1} S_t^T k_{t+1}``; position 0
     reads the initial state directly. Returns ``[b, T, H, d_v]`` fp32.
     """
     b, T, H, d_k = k.shape
+    vec = per_channel(g, k)
     alpha = g.float().exp()
     out = torch.zeros(b, T, H, v.shape[-1], dtype=torch.float32, device=k.device)
-    if initial_state is not None:
+    if initial_state is not None and vec:
+        out[:, 0] = torch.einsum("bhkv,bhk->bhv", initial_state.float(), alpha[:, 0] * k[:, 0].float())
+    elif initial_state is not None:
         out[:, 0] = alpha[:, 0, :, None] * torch.einsum("bhkv,bhk->bhv", initial_state.float(), k[:, 0].float())
     if T > 1:
         q_shift = torch.zeros_like(k, dtype=torch.float32)
-        q_shift[:, :-1] = (alpha[:, 1:, :, None] * k[:, 1:].float()) * (d_k ** 0.5)
+        a_next = alpha[:, 1:] if vec else alpha[:, 1:, :, None]
+        q_shift[:, :-1] = (a_next * k[:, 1:].float()) * (d_k ** 0.5)
         o, _ = kernel_canonical(kernel, q_shift, k.float(), v.float(), g.float(), beta.float(),
                                 None if initial_state is None else initial_state.float(), False)
         out[:, 1:] = o[:, :-1].float()
@@ -197,10 +230,17 @@ def states_scan(k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Te
     steps = max(wanted, default=-1) + 1
     # per step: S <- alpha S + k (beta (v - alpha S^T k))^T (the same update, six small ops)
     col, row = _key_columns(k, steps)
+    vec = per_channel(g, k)
     alpha, bt = g[:, :steps].float().exp()[..., None, None], beta[:, :steps].float()[..., None, None]
+    if vec:
+        alpha = g[:, :steps].float().exp()[..., None]  # [b, t, H, d_k, 1]
     bv, ba = bt * v[:, :steps].float()[:, :, :, None, :], bt * alpha  # [b, t, H, 1, d_v], [b, t, H, 1, 1]
     for t in range(steps):
-        S = torch.addcmul(alpha[:, t] * S, col[:, t], bv[:, t] - ba[:, t] * (row[:, t] @ S))
+        if vec:  # A = Diag(alpha) S; S <- A + k (beta (v - A^T k))^T
+            A = alpha[:, t] * S
+            S = torch.addcmul(A, col[:, t], bv[:, t] - bt[:, t] * (row[:, t] @ A))
+        else:
+            S = torch.addcmul(alpha[:, t] * S, col[:, t], bv[:, t] - ba[:, t] * (row[:, t] @ S))
         for i in slots.get(t, ()):
             found[i] = S
     if not found:
@@ -294,10 +334,14 @@ def propagated_states_scan(pert: Perturbations, k: Tensor, g: Tensor, beta: Tens
     found: list[Tensor | None] = [None] * P
     X = None
     col, row = _key_columns(k, t1 + 1)
-    alpha = g[:, :t1 + 1].float().exp()[..., None, None]
-    neg_ab = -beta[:, :t1 + 1].float()[..., None, None] * alpha
+    vec = per_channel(g, k)
+    alpha = g[:, :t1 + 1].float().exp()[..., None] if vec else g[:, :t1 + 1].float().exp()[..., None, None]
+    bt = beta[:, :t1 + 1].float()[..., None, None]
+    neg_ab = -bt * alpha
     for t in range(t0, t1 + 1):
-        if X is not None:  # the transition at t (never depends on the state): alpha_t (X - beta_t k_t (k_t^T X))
+        if X is not None and vec:
+            X = _decay_step(X, alpha[:, t], col[:, t], row[:, t], bt[:, t])
+        elif X is not None:  # the transition at t (never depends on the state): alpha_t (X - beta_t k_t (k_t^T X))
             X = torch.addcmul(alpha[:, t] * X, col[:, t], neg_ab[:, t] * (row[:, t] @ X))
         if t in by_pos:
             r = torch.tensor(by_pos[t], dtype=torch.long, device=k.device)
@@ -342,7 +386,8 @@ def _suffix_states(kernel, pert: Perturbations, k: Tensor, g: Tensor, beta: Tens
     rows = pert.batch[:, None]
     m = valid.float()
     k_s = k[rows, idx].float() * m[..., None, None]
-    g_s = g[rows, idx].float() * m[..., None]
+    g_s = g[rows, idx].float()
+    g_s = g_s * _mask(m, g_s)
     b_s = beta[rows, idx].float() * m[..., None]
     v_s = torch.zeros(R, idx.shape[1], H, d_v, dtype=torch.float32, device=k.device)
     return states_at_kernel(kernel, k_s, v_s, g_s, b_s, pert.delta_state.float(), idx.shape[1])
@@ -371,20 +416,21 @@ def _propagated_states_kernel_loop(kernel, pert: Perturbations, k: Tensor, g: Te
 
 def write_adjoint(query_scaled: Tensor, k: Tensor, g: Tensor, beta: Tensor, grad_read: Tensor) -> Tensor:
     """``G_s = dL/dS_s`` for every s from ``grad_read = dL/do`` (docs/method.md 6.4), by the reverse recurrence
-    ``G_s = T_{s+1}^T G_{s+1} + (c q_s) (dL/do_s)^T`` (``T`` is symmetric for the delta rule).
+    ``G_s = T_{s+1}^T G_{s+1} + (c q_s) (dL/do_s)^T`` (``T`` is symmetric for the delta rule with a per-head
+    decay; with a per-channel decay ``T^T = Diag(alpha) (I - beta k k^T)``).
 
     Returns ``[b, T, H, d_k, d_v]`` fp32: the gradient of a state change (or extra write) at each position.
     A per-token loop (only in backward passes through differentiable dense edits).
     """
     b, T, H, d_k = k.shape
-    alpha = g.float().exp()
+    alpha = g.float().exp()[..., None] if per_channel(g, k) else g.float().exp()[..., None, None]
     G = torch.zeros(b, H, d_k, grad_read.shape[-1], dtype=torch.float32, device=k.device)
     out = torch.empty(b, T, H, d_k, grad_read.shape[-1], dtype=torch.float32, device=k.device)
     for s in range(T - 1, -1, -1):
         if s < T - 1:
             kk, bt = k[:, s + 1].float(), beta[:, s + 1].float()
             proj = torch.einsum("bhk,bhkv->bhv", kk, G)
-            G = alpha[:, s + 1, :, None, None] * (G - bt[:, :, None, None] * kk[..., None] * proj[:, :, None, :])
+            G = alpha[:, s + 1] * (G - bt[:, :, None, None] * kk[..., None] * proj[:, :, None, :])
         G = G + query_scaled[:, s].float()[..., None] * grad_read[:, s].float()[:, :, None, :]
         out[:, s] = G
     return out
@@ -424,11 +470,15 @@ def delta_rule_scan(query: Tensor, write_key: Tensor, write_value: Tensor, key: 
     ``beta [b,T,H]``, ``log_decay [b,T,H]``. Returns ``(read [b,T,H,d_v], final [b,H,d_k,d_v])`` in fp32;
     nothing of size ``T x d_k x d_v`` is formed. With ``write_key = key``, ``write_value = beta v`` it is the
     model's kernel. Per chunk, with ``d_s = exp(g_s) S_{s-1}^T k_s`` the recurrence is a scalar-decay one with
-    the writes ``kw wv^T - beta k d^T``, and ``d`` solves a unit lower-triangular system (docs/method.md 6.4)."""
+    the writes ``kw wv^T - beta k d^T``, and ``d`` solves a unit lower-triangular system (docs/method.md 6.4).
+    A per-channel ``log_decay [b,T,H,d_k]`` (``S_t = (I - beta_t k_t k_t^T) Diag(exp g_t) S_{t-1} + ...``) runs
+    the per-token form, :func:`delta_rule_scan_tokens`."""
     from .scalar_decay import _decay_matrix
 
     if write_key.dim() == 4:
         write_key, write_value = write_key[..., None, :], write_value[..., None, :]
+    if per_channel(log_decay, key):
+        return delta_rule_scan_tokens(query, write_key, write_value, key, beta, log_decay, initial_state)
     b, T, H, d_k = key.shape
     d_v = write_value.shape[-1]
     S = (torch.zeros(b, H, d_k, d_v, device=key.device) if initial_state is None else initial_state.float())
@@ -453,6 +503,30 @@ def delta_rule_scan(query: Tensor, write_key: Tensor, write_value: Tensor, key: 
              - torch.einsum("bhjd,bhjv,bhj->bhdv", kt, bd, tail))
         reads.append(o.transpose(1, 2))
     return torch.cat(reads, 1), S
+
+
+def delta_rule_scan_tokens(query: Tensor, write_key: Tensor, write_value: Tensor, key: Tensor, beta: Tensor,
+                           log_decay: Tensor, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`delta_rule_scan` one token at a time (pure torch, differentiable in every input), for per-head
+    ``log_decay [b,T,H]`` or per-channel ``[b,T,H,d_k]``: ``A = Diag(exp g_t) S_{t-1}``, ``S_t = A - beta_t k_t
+    (k_t^T A) + sum_r kw_{t,r} wv_{t,r}^T``, ``o_t = S_t^T q_t``. ``write_key [b,T,H,r,d_k]``, ``write_value``
+    ``[b,T,H,r,d_v]``; returns ``(read [b,T,H,d_v], final [b,H,d_k,d_v])`` fp32."""
+    if write_key.dim() == 4:
+        write_key, write_value = write_key[..., None, :], write_value[..., None, :]
+    b, T, H, d_k = key.shape
+    d_v = write_value.shape[-1]
+    S = (torch.zeros(b, H, d_k, d_v, device=key.device) if initial_state is None else initial_state.float())
+    alpha = log_decay.float().exp()
+    alpha = alpha[..., None] if per_channel(log_decay, key) else alpha[..., None, None]
+    col, row = _key_columns(key, T)
+    bt = beta.float()[..., None, None]
+    q = query.float()[..., None, :]
+    reads = []
+    for t in range(T):
+        S = _decay_step(S, alpha[:, t], col[:, t], row[:, t], bt[:, t])
+        S = S + torch.einsum("bhrk,bhrv->bhkv", write_key[:, t].float(), write_value[:, t].float())
+        reads.append((q[:, t] @ S)[..., 0, :])
+    return torch.stack(reads, 1), S
 
 
 def in_functorch_or_forward_ad(*tensors) -> bool:

@@ -15,6 +15,12 @@ Edits (docs/method.md sections 3-4):
   replaced, ``S_t = alpha_t S_{t-1} + W_new``.
 * ``extra_writes[(b, t, h)] = D [d_k, d_v]``: ``S_t += D`` after the (possibly edited) write at t.
 
+Kimi Delta Attention (transformers ``kimi_linear``) is the same rule with a per-key-channel decay applied before
+the erase: ``S_t = (I - beta_t k_t k_t^T) Diag(alpha_t) S_{t-1} + beta_t k_t v_t^T`` with ``alpha_t = exp(g_t)``
+``[d_k]``; its delta value is ``delta_t = beta_t (v_t - (Diag(alpha_t) S_{t-1})^T k_t)``, and the edits read as
+above with ``alpha_t S_{t-1}`` replaced by ``Diag(alpha_t) S_{t-1}``. :func:`gated_deltanet_reference` takes
+either decay (``log_decay`` ``[b, T, H]`` or ``[b, T, H, d_k]``).
+
 This file is deliberately a Python loop over tokens; it is slow and obviously correct.
 """
 
@@ -59,7 +65,8 @@ def gated_deltanet_reference(
         query: ``[b, T, H, d_k]`` normalised and scaled query.
         key: ``[b, T, H, d_k]`` normalised key (one per value head).
         value: ``[b, T, H, d_v]`` the native value ``v`` (beta is applied here).
-        log_decay: ``[b, T, H]`` g, with ``alpha = exp(g)``.
+        log_decay: ``[b, T, H]`` g, with ``alpha = exp(g)``; or ``[b, T, H, d_k]`` (Kimi Delta Attention: one
+            decay per key channel, applied as ``Diag(alpha)`` before the erase).
         beta: ``[b, T, H]``.
         initial_state: ``[b, H, d_k, d_v]`` or None for zeros.
     """
@@ -78,6 +85,8 @@ def gated_deltanet_reference(
                 k, v, q = key[i, t, h], value[i, t, h], query[i, t, h]
                 alpha, bt = log_decay[i, t, h].exp(), beta[i, t, h]
                 prev = S[i, h]
+                if alpha.dim() == 1:  # per-channel decay: decay the rows first, then the delta rule without decay
+                    prev, alpha = alpha[:, None] * prev, torch.ones(())
                 delta = bt * (v - alpha * (prev.T @ k))
                 new = alpha * prev + torch.outer(k, delta)
                 if (i, t, h) in write_edits:

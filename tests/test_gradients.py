@@ -1,6 +1,7 @@
 """Gradients everywhere (issue 12 item 5): every hook point's output is on the autograd path of the logits.
 
-For every hook of both families (Gated DeltaNet on a tiny Qwen3.5, Mamba-2 on a tiny Mamba2 and a hybrid):
+For every hook of every family (Gated DeltaNet on a tiny Qwen3.5, Kimi Delta Attention on a tiny Kimi Linear,
+Mamba-2 on a tiny Mamba2 and a hybrid):
 nnsight's ``.grad`` inside ``with metric.backward():`` works and equals the gradient TransformerLens backward
 hooks give; for the canonical hooks both equal finite differences of an exact edit on one element; the
 capture-only logits stay bit-identical to plain HF with autograd on, and the model's parameter gradients
@@ -35,10 +36,11 @@ def metric(logits):
 def models(tmp_path_factory):
     from tiny_mamba_models import make_tiny_mamba
     from tiny_models import make_tiny_model
+    from tiny_recurrent_models import make_tiny_kimi
 
     root = tmp_path_factory.mktemp("grad_models")
     return {"gdn": make_tiny_model("qwen3_5", root / "qwen"), "mamba2": make_tiny_mamba("mamba2", root / "m2"),
-            "bamba": make_tiny_mamba("bamba", root / "bamba")}
+            "bamba": make_tiny_mamba("bamba", root / "bamba"), "kimi": make_tiny_kimi(root / "kimi")}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def _fd(model, toks, name, index, eps=1e-3, **opts):
     return (run(eps) - run(-eps)) / (2 * eps)
 
 
-@pytest.mark.parametrize("fam", ["gdn", "mamba2", "bamba"])
+@pytest.mark.parametrize("fam", ["gdn", "kimi", "mamba2", "bamba"])
 def test_capture_logits_bit_identical_with_autograd_and_parameter_gradients_are_hf(models, toks, fam):
     hf, model, _, _ = _setup(models, fam)
     assert torch.equal(model(toks), hf(toks).logits)  # autograd on: the derivative paths are zero in value
@@ -107,10 +109,10 @@ def test_capture_logits_bit_identical_with_autograd_and_parameter_gradients_are_
     hf.zero_grad()
 
 
-@pytest.mark.parametrize("fam", ["gdn", "mamba2", "bamba"])
+@pytest.mark.parametrize("fam", ["gdn", "kimi", "mamba2", "bamba"])
 def test_nnsight_grad_equals_transformer_lens_backward_hooks_on_every_hook(models, toks, fam):
     _, model, layer, prefix = _setup(models, fam)
-    hooks = GDN_HOOKS if fam == "gdn" else MAMBA_HOOKS
+    hooks = GDN_HOOKS if fam in ("gdn", "kimi") else MAMBA_HOOKS
     for hook in [*hooks, *DENSE]:
         opts = DENSE.get(hook, {})
         tl = _tl_grad(model, toks, prefix + hook, **opts)
@@ -119,7 +121,7 @@ def test_nnsight_grad_equals_transformer_lens_backward_hooks_on_every_hook(model
         torch.testing.assert_close(nn, tl, rtol=1e-5, atol=1e-8, msg=hook)
 
 
-@pytest.mark.parametrize("fam", ["gdn", "mamba2"])
+@pytest.mark.parametrize("fam", ["gdn", "kimi", "mamba2"])
 def test_canonical_hook_gradients_equal_finite_differences(models, toks, fam):
     _, model, layer, prefix = _setup(models, fam)
     for hook in sorted(CANONICAL):
@@ -132,7 +134,7 @@ def test_canonical_hook_gradients_equal_finite_differences(models, toks, fam):
         assert fd == pytest.approx(float(grad[index]), rel=3e-2, abs=1e-6), (hook, fd, float(grad[index]))
 
 
-@pytest.mark.parametrize("fam", ["gdn", "mamba2"])
+@pytest.mark.parametrize("fam", ["gdn", "kimi", "mamba2"])
 @pytest.mark.parametrize("hook", ["hook_write_value", "hook_write_key", "hook_log_decay", "hook_query"])
 def test_forward_mode_ad_through_a_hook_edit(models, toks, fam, hook):
     """``torch.func.jvp`` and ``forward_ad`` through an edit that replaces the hook by ``x + eps * direction``."""
@@ -169,7 +171,7 @@ def test_forward_mode_ad_through_a_hook_edit(models, toks, fam, hook):
     assert float(t_fwd) == pytest.approx(fd, rel=2e-2, abs=1e-6)
 
 
-@pytest.mark.parametrize("fam", ["gdn", "mamba2"])
+@pytest.mark.parametrize("fam", ["gdn", "kimi", "mamba2"])
 def test_forward_mode_ad_through_dense_write_and_state_edits(models, toks, fam):
     _, model, layer, prefix = _setup(models, fam)
     for hook in ("hook_write", "hook_state"):
@@ -193,8 +195,9 @@ def test_forward_mode_ad_through_dense_write_and_state_edits(models, toks, fam):
         assert float(tangent) == pytest.approx(fd, rel=2e-2, abs=1e-5), hook
 
 
-def test_delta_mode_write_gradients_equal_finite_differences(models, toks):
-    _, model, layer, prefix = _setup(models, "gdn")
+@pytest.mark.parametrize("fam", ["gdn", "kimi"])
+def test_delta_mode_write_gradients_equal_finite_differences(models, toks, fam):
+    _, model, layer, prefix = _setup(models, fam)
     with model.options(write_mode="delta"):
         for hook in ("hook_write_value", "hook_write_key"):
             tl = _tl_grad(model, toks, prefix + hook)
@@ -237,8 +240,39 @@ def test_delta_rule_scan_equals_the_kernel_and_a_per_token_reference():
     torch.testing.assert_close(S2, kS, rtol=1e-5, atol=2e-5)
 
 
+def test_delta_rule_scan_with_per_channel_decay_equals_the_kda_kernel_and_a_per_token_reference():
+    import inspect
 
-@pytest.mark.parametrize("fam", ["gdn", "mamba2"])
+    import transformers.models.kimi_linear.modeling_kimi_linear as mk
+
+    from writesae_plugin.adapters import ops
+
+    g = torch.Generator().manual_seed(0)
+    b, T, H, dk, dv = 2, 37, 3, 8, 5
+    q = torch.randn(b, T, H, dk, generator=g)
+    k = torch.nn.functional.normalize(torch.randn(b, T, H, dk, generator=g), dim=-1)
+    kw, wv = torch.randn(b, T, H, 2, dk, generator=g), torch.randn(b, T, H, 2, dv, generator=g)
+    beta, decay = torch.rand(b, T, H, generator=g), -torch.rand(b, T, H, dk, generator=g)
+    S0 = torch.randn(b, H, dk, dv, generator=g)
+    S, reads = S0.clone(), []
+    for t in range(T):  # (I - beta k k^T) Diag(alpha) S + writes
+        kt, A = k[:, t], decay[:, t].exp()[..., None] * S
+        S = A - beta[:, t, :, None, None] * kt[..., None] * torch.einsum("bhk,bhkv->bhv", kt, A)[:, :, None, :]
+        S = S + torch.einsum("bhrk,bhrv->bhkv", kw[:, t], wv[:, t])
+        reads.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
+    o, S_T = ops.delta_rule_scan(q, kw, wv, k, beta, decay, S0, chunk=16)
+    torch.testing.assert_close(o, torch.stack(reads, 1), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(S_T, S, rtol=1e-5, atol=2e-5)
+    v = torch.randn(b, T, H, dv, generator=g)
+    kernel = inspect.unwrap(mk.chunk_kimi_delta_attention)
+    ko, kS = kernel(q, k, v, g=decay, beta=beta, initial_state=S0, output_final_state=True,
+                    use_qk_l2norm_in_kernel=False)
+    o2, S2 = ops.delta_rule_scan(q * dk ** -0.5, k, beta[..., None] * v, k, beta, decay, S0)
+    torch.testing.assert_close(o2, ko, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(S2, kS, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("fam", ["gdn", "kimi", "mamba2"])
 def test_hook_gradients_with_a_write_edit_in_the_same_forward(models, toks, fam):
     """With a WriteEdit changing the layer's states, the hooks' gradients are those of the edited layer."""
     from writesae_plugin.adapters import WriteEdit
@@ -270,7 +304,7 @@ def test_hook_gradients_with_a_write_edit_in_the_same_forward(models, toks, fam)
         assert fd == pytest.approx(float(tl[index]), rel=3e-2, abs=1e-6), (hook, fd, float(tl[index]))
 
 
-@pytest.mark.parametrize("fam", ["gdn", "mamba2", "bamba"])
+@pytest.mark.parametrize("fam", ["gdn", "kimi", "mamba2", "bamba"])
 def test_edits_under_autograd_keep_the_models_bits_before_the_edit_and_in_other_rows(models, toks, fam):
     """With autograd on, an edited layer takes its read/decay derivatives through the canonical kernel; its
     values must still be the model's own kernel's (found by the README check: 1e-5 logit drift before the edit)."""

@@ -18,12 +18,16 @@ LONG = "hello world, recurrent models write matrices and the lazy dog"
 EOS = "<|endoftext|>"
 
 
-@pytest.fixture(params=["qwen3_5", "mamba2"])
+@pytest.fixture(params=["qwen3_5", "kimi_linear", "mamba2"])
 def model(request, qwen, tmp_path, tiny_tokenizer):
-    """A hooked tiny Qwen3.5 or Mamba-2 with a right-padding tokenizer whose pad token is its eos."""
+    """A hooked tiny Qwen3.5, Kimi Linear or Mamba-2 with a right-padding tokenizer whose pad token is its eos."""
     assert tiny_tokenizer.padding_side == "right" and tiny_tokenizer.pad_token == EOS
     if request.param == "qwen3_5":
         return hook_model(qwen, tokenizer=tiny_tokenizer)
+    if request.param == "kimi_linear":
+        from tiny_recurrent_models import make_tiny_kimi
+
+        return hook_model(make_tiny_kimi(tmp_path / "kimi"), tokenizer=tiny_tokenizer)
     torch.manual_seed(0)
     return hook_model(make_tiny_mamba("mamba2", tmp_path / "m2"), tokenizer=tiny_tokenizer)
 

@@ -17,11 +17,15 @@ from writesae_plugin.attribution import feature_attribution, feature_attribution
 from writesae_plugin.sae import WriteSAE, WriteSAEConfig
 
 
-@pytest.fixture(params=["qwen3_5", "mamba2"])
+@pytest.fixture(params=["qwen3_5", "kimi_linear", "mamba2"])
 def hf_and_layer(request, qwen, tmp_path):
-    """(plain HF model, a recurrent layer, its family name) for one GDN and one Mamba-2 model."""
+    """(plain HF model, a recurrent layer, its family name) for one GDN, one KDA and one Mamba-2 model."""
     if request.param == "qwen3_5":
         return qwen, 1, "qwen3_5_text"
+    if request.param == "kimi_linear":
+        from tiny_recurrent_models import make_tiny_kimi
+
+        return make_tiny_kimi(tmp_path / "kimi"), 1, "kimi_linear"
     torch.manual_seed(0)
     return make_tiny_mamba("mamba2", tmp_path / "m2"), 1, "mamba2"
 

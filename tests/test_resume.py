@@ -12,14 +12,17 @@ import torch
 
 from tiny_mamba_models import MAMBA_FAMILIES, build_tiny_mamba
 from tiny_models import GDN_FAMILIES, build_tiny_model
+from tiny_recurrent_models import build_tiny_kimi
 from writesae_plugin.adapters import WriteEdit, hook_model
 from writesae_plugin.circuits import logit_diff, patch_writes
 
 FAMILIES = ([("gdn", f) for f, layout in GDN_FAMILIES if layout == "causal_lm"]
-            + [("mamba2", f) for f in MAMBA_FAMILIES])
+            + [("kimi", "kimi_linear")] + [("mamba2", f) for f in MAMBA_FAMILIES])
 
 
 def _model(kind, family):
+    if kind == "kimi":
+        return hook_model(build_tiny_kimi())
     return hook_model(build_tiny_model(family) if kind == "gdn" else build_tiny_mamba(family))
 
 
@@ -60,11 +63,12 @@ def test_resume_equals_full_forward_with_edits_on_every_family(kind, family):
             assert cont.shape[1] == T - pos
 
 
-@pytest.mark.parametrize("family", ["granitemoehybrid", "zamba2", "bamba", "falcon_h1", "nemotron_h"])
-def test_patch_writes_equals_brute_force_full_forwards_on_hybrids(family):
+@pytest.mark.parametrize("kind,family", [("mamba2", f) for f in ["granitemoehybrid", "zamba2", "bamba", "falcon_h1",
+                                                                   "nemotron_h"]] + [("kimi", "kimi_linear")])
+def test_patch_writes_equals_brute_force_full_forwards_on_hybrids(kind, family):
     """The issue's example: patching effects on Granite and Zamba2 were silently off; Bamba, Falcon-H1 and
-    Nemotron-H crashed past the first Mamba layer."""
-    model = _model("mamba2", family)
+    Nemotron-H crashed past the first Mamba layer. Kimi Linear: KDA layers with an MLA attention layer."""
+    model = _model(kind, family)
     g = torch.Generator().manual_seed(3)
     clean = torch.randint(0, 200, (2, 9), generator=g)
     corrupted = clean.clone()

@@ -414,7 +414,23 @@ def build_tiny_model(
         build_kw["attn_implementation"] = attn_implementation
     torch.manual_seed(seed)
     model = model_cls._from_config(config, **build_kw)
+    _moderate_decays(model, seed)
     return model.eval()
+
+
+@torch.no_grad()
+def _moderate_decays(model, seed: int) -> None:
+    """Give every GDN layer per-token decays ``exp(g)`` of about 0.7-0.97 (trained models' range).
+
+    HF's init draws ``A = exp(A_log)`` from U(0, 16), so ``g = -A softplus(a + dt_bias)`` is about -7 to -21 and
+    ``exp(g) < 1e-3``: the state would forget everything each token, equal the last write, and a test of the
+    state recurrence could not see an error in the decay. ``A`` from U(0.02, 0.3) keeps the memory.
+    """
+    g = torch.Generator().manual_seed(seed + 1)
+    for module in model.modules():
+        A_log = getattr(module, "A_log", None)
+        if isinstance(A_log, torch.nn.Parameter) and "DeltaNet" in type(module).__name__:
+            A_log.copy_(torch.empty(A_log.shape).uniform_(0.02, 0.3, generator=g).log().to(A_log.dtype))
 
 
 def make_tiny_model(

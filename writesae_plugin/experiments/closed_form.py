@@ -62,17 +62,26 @@ class ClosedFormResult:
 
 @contextlib.contextmanager
 def eager_attention(model):
-    """Temporarily switch the HF model to eager attention (``torch.func.jvp`` fails through CPU SDPA)."""
+    """Temporarily switch the HF model to eager attention (``torch.func.jvp`` fails through CPU SDPA) and eager
+    MoE experts (``torch._grouped_mm``, transformers' default experts kernel, has no forward-mode derivative)."""
     hf = model.hf_model
     before = getattr(hf.config, "_attn_implementation", None)
-    if before in (None, "eager"):
-        yield
-        return
-    hf.set_attn_implementation("eager")
+    experts = getattr(hf.config, "_experts_implementation", None)
+    switch_experts = experts not in (None, "eager") and hasattr(hf, "set_experts_implementation")
+    if switch_experts:
+        hf.set_experts_implementation("eager")
     try:
-        yield
+        if before in (None, "eager"):
+            yield
+            return
+        hf.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            hf.set_attn_implementation(before)
     finally:
-        hf.set_attn_implementation(before)
+        if switch_experts:
+            hf.set_experts_implementation(experts)
 
 
 def _norm_module(mixer):
@@ -83,6 +92,10 @@ def _norm_module(mixer):
 
 
 def _out_proj(mixer, d_model: int, width: int):
+    for name in ("out_proj", "o_proj"):  # by name first: a q/k/v projection can have the same shape
+        m = getattr(mixer, name, None)
+        if isinstance(m, torch.nn.Linear) and m.in_features == width and m.out_features == d_model:
+            return m
     for m in mixer.children():
         if isinstance(m, torch.nn.Linear) and m.in_features == width and m.out_features == d_model:
             return m
@@ -144,7 +157,12 @@ def _context_pass(model, sae, ctx: Tensor, atom: int, cfg: ClosedFormConfig, t0:
     w = A.T @ u / (u @ u)
     g = cache[p + "hook_log_decay"][0, :, h]
     gate = torch.exp(torch.cumsum(g, 0) - torch.cumsum(g, 0)[t0])  # prod_{s=t0+1..t} alpha_s
-    qmatch = cache[p + "hook_query"][0, :, h] @ u
+    if g.dim() == 2:  # per-channel decay [T, d_k] (Kimi Delta Attention): forget gate and query match do not
+        # factor; the query match takes the per-channel decay, q_t^T Diag(prod alpha) u, and the gate is 1
+        qmatch = (cache[p + "hook_query"][0, :, h] * gate) @ u
+        gate = torch.ones(T)
+    else:
+        qmatch = cache[p + "hook_query"][0, :, h] @ u
     emb = model.W_U.float().T @ (W_O.float() @ w)  # [V]
     return {"jvp": jvp, "measured": measured, "direct": direct, "gate": gate, "qmatch": qmatch, "emb": emb,
             "scale": scale}

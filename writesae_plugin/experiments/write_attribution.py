@@ -4,8 +4,8 @@
   ``A_eff[t, s] = beta_s c q^_t^T Phi(t, s) k^_s``, in parallel:
   ``A_eff = tril(Q K^T . Gamma) L^{-1} diag(beta)``, ``L = I + strict_tril(diag(beta) K K^T . Gamma)``,
   ``Gamma[t, s] = exp(G_t - G_s)``, ``G = cumsum(g)``; then ``o_t = sum_s A_eff[t, s] v_s`` exactly.
-* ``layer_effective_attention``: the same per family, from a model and tokens: Gated DeltaNet (the delta-rule
-  form above) or Mamba-2 and its hybrids (scalar decay: ``A_eff = Gamma . (C B^T)``, value ``dt' x``).
+* ``layer_effective_attention``: the same per family, from a model and tokens: Gated DeltaNet and Kimi Delta
+  Attention (the delta-rule form above; per-channel decays inside the inner products) or Mamba-2 and its hybrids (scalar decay: ``A_eff = Gamma . (C B^T)``, value ``dt' x``).
 * ``dictionary_scores``: the adjoint score of a whole dictionary, ``<A_i - W_s, G_s>_F`` with
   ``G_s = dm/dS_s`` from the reverse recurrence: the first-order change of a metric when the write at s is
   replaced by atom i, for every atom at once (``((U G_s) . W).sum(-1)`` for rank-1 atoms).
@@ -30,17 +30,30 @@ from .substitution import _site_and_writes, atom_matrix
 
 def effective_attention(query_scaled: Tensor, key: Tensor, log_decay: Tensor, beta: Tensor) -> Tensor:
     """``A_eff`` ``[b, H, T, T]`` from the canonical hooks of one layer (``hook_query``, ``hook_write_key``,
-    ``hook_log_decay``, ``hook_beta`` repeated per value head)."""
+    ``hook_log_decay``, ``hook_beta`` repeated per value head).
+
+    With a per-channel ``log_decay`` ``[b, T, H, d_k]`` (Kimi Delta Attention) the same formula is exact with the
+    decayed inner products ``(Q K^T . Gamma)[t, s] = q_t^T Diag(exp(G_t - G_s)) k_s`` (and likewise ``K K^T``):
+    there ``S_t = Diag(alpha_t) S_{t-1} + k_t d_t^T`` with ``d = L^{-1} diag(beta) V``. This forms a
+    ``[b, H, T, T, d_k]`` tensor (short contexts)."""
     q, k = query_scaled.float().transpose(1, 2), key.float().transpose(1, 2)  # [b, H, T, d_k]
-    G = log_decay.float().transpose(1, 2).cumsum(-1)  # [b, H, T]
     bt = beta.float().transpose(1, 2)
     T = q.shape[2]
-    diff = G[..., :, None] - G[..., None, :]
     lower = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    Gamma = torch.where(lower, diff, torch.full_like(diff, -torch.inf)).exp()
+    if log_decay.dim() == key.dim():  # per key channel
+        G = log_decay.float().transpose(1, 2).cumsum(2)  # [b, H, T, d_k]
+        diff = G[:, :, :, None, :] - G[:, :, None, :, :]  # [b, H, t, s, d_k]
+        Gamma = torch.where(lower[..., None], diff, torch.full_like(diff, -torch.inf)).exp()
+        KK = torch.einsum("bhtc,bhtsc,bhsc->bhts", k, Gamma, k)
+        QKG = torch.einsum("bhtc,bhtsc,bhsc->bhts", q, Gamma, k)
+    else:
+        G = log_decay.float().transpose(1, 2).cumsum(-1)  # [b, H, T]
+        diff = G[..., :, None] - G[..., None, :]
+        Gamma = torch.where(lower, diff, torch.full_like(diff, -torch.inf)).exp()
+        KK, QKG = (k @ k.transpose(-1, -2)) * Gamma, q @ k.transpose(-1, -2) * Gamma
     eye = torch.eye(T, device=q.device)
-    Lmat = eye + (bt[..., :, None] * (k @ k.transpose(-1, -2)) * Gamma).tril(-1)
-    QK = (q @ k.transpose(-1, -2) * Gamma).tril()
+    Lmat = eye + (bt[..., :, None] * KK).tril(-1)
+    QK = QKG.tril()
     # A_eff = QK L^{-1} diag(beta): solve X L = QK for X (L lower unitriangular)
     X = torch.linalg.solve_triangular(Lmat, QK, upper=False, left=False, unitriangular=True)
     return X * bt[..., None, :]
