@@ -19,11 +19,11 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
 
-from ..checkpoints import atomic_write_text
 
 #: what ``data/atoms/{i}.json`` holds (also the notebook's reference)
 ATOM_SCHEMA = {
@@ -82,10 +82,10 @@ def atom_record(data, atom: int, vocab) -> dict:
         return [{**{k: r[k] for k in ("act", "ctx", "pos", "center")}, "token_ids": r["tokens"],
                  "tokens": [vocab(i) for i in r["tokens"]], "acts": r["acts"]} for r in rows]
 
-    rec["quantiles"] = acc.quantiles(atom) if fires else {}
+    sample = acc.sample(atom) if fires else []
+    rec["quantiles"] = acc.quantiles(atom, sample=sample) if fires else {}
     rec["histogram"] = acc.histogram(atom)
     rec["top_contexts"] = ctx_rows(acc.top(atom))
-    sample = acc.sample(atom)
     qs = []
     if sample:
         for q in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0):
@@ -102,7 +102,7 @@ def atom_record(data, atom: int, vocab) -> dict:
                          "static": {"top": _fmt_tokens(v.get("top_static", []), vocab),
                                     "bottom": _fmt_tokens(v.get("bottom_static", []), vocab)}}
     e = data.effect.get(atom, {"n": 0, "records": [], "win": {}})
-    rec["effect"] = {"n": e["n"], "win": e["win"],
+    rec["effect"] = {"n": e["n"], "win": e["win"] if e["n"] else {},
                      "mean_dlogit_top": _fmt_tokens(e.get("mean_dlogit_top", []), vocab),
                      "mean_dlogit_bottom": _fmt_tokens(e.get("mean_dlogit_bottom", []), vocab),
                      "records": [{**r, "top": _fmt_tokens(r["top"], vocab), "bottom": _fmt_tokens(r["bottom"], vocab),
@@ -110,6 +110,9 @@ def atom_record(data, atom: int, vocab) -> dict:
     rec["curves"] = acc.curves(atom)
     promo = rec["effect"]["mean_dlogit_top"] or rec["value_side"]["norms"]["top"]
     rec["label"] = " ".join(repr(t) for t, _ in promo[:3])
+    for key in ("max_act", "mean_act"):  # never NaN in the JSON
+        if rec[key] is not None and not math.isfinite(rec[key]):
+            rec[key] = None
     return rec
 
 
@@ -125,8 +128,20 @@ def _clean(x):
     return x
 
 
-def _dump(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(_clean(obj), indent=1, allow_nan=False))
+def _write(path: Path, text: str) -> None:
+    """Atomic for readers and for a killed writer (temporary file beside it + rename); not fsynced, since a site
+    has hundreds of small files (fsync was most of the writing time) and is rebuilt by rerunning the command."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _dump(path: Path, obj, indent: int | None = None) -> None:
+    try:
+        text = json.dumps(obj, indent=indent, allow_nan=False)
+    except (TypeError, ValueError):  # NaN or tensors somewhere: the slow, cleaning path
+        text = json.dumps(_clean(obj), indent=indent, allow_nan=False)
+    _write(path, text)
 
 
 # ------------------------------------------------------------------------------------------ figures
@@ -314,7 +329,7 @@ def write_dashboard(data, out_dir: str | Path, tokenizer=None, title: str = "Wri
         _dump(out / "data" / "atoms" / f"{a}.json", rec)
         if has_page:
             atom_figure(rec, out / "figures" / f"atom_{a}.png", fig_cache)
-            atomic_write_text(out / "atoms" / f"{a}.html", atom_page(rec, title))
+            _write(out / "atoms" / f"{a}.html", atom_page(rec, title))
         rows.append(index_row(rec, has_page))
     if "fig" in fig_cache:
         from ..report import plt
@@ -324,8 +339,8 @@ def write_dashboard(data, out_dir: str | Path, tokenizer=None, title: str = "Wri
     meta = {"n_atoms": data.stats.n, "n_dead": sum(r["dead"] for r in rows), "n_contexts": N, "context_length": T,
             "n_positions": data.stats.positions}
     _dump(out / "data" / "index.json", {"title": title, "sae": data.sae_info, "config": data.config,
-                                        "timings": data.timings, **meta, "schema": ATOM_SCHEMA, "atoms": rows})
-    atomic_write_text(out / "index.html", index_page(rows, title, meta))
+                                        "timings": data.timings, **meta, "schema": ATOM_SCHEMA, "atoms": rows}, indent=1)
+    _write(out / "index.html", index_page(rows, title, meta))
     if neuronpedia is not None:
         from .neuronpedia import write_neuronpedia
 

@@ -223,12 +223,12 @@ class AtomStats:
                  "acts": self.res_meta["win_act"][atom, j].tolist(), "center": self.cfg.before} for j in keep.tolist()]
         return sorted(rows, key=lambda r: (r["act"], r["ctx"], r["pos"]))
 
-    def quantiles(self, atom: int, qs=(0.1, 0.25, 0.5, 0.75, 0.9)) -> dict[str, float]:
+    def quantiles(self, atom: int, qs=(0.1, 0.25, 0.5, 0.75, 0.9), sample: list | None = None) -> dict[str, float]:
         """Quantiles of the atom's activation over its firings, from the reservoir (exact when the atom fired
-        at most ``reservoir`` times; numpy's linear interpolation)."""
+        at most ``reservoir`` times; numpy's linear interpolation). ``sample``: ``self.sample(atom)`` if known."""
         import numpy as np
 
-        vals = [r["act"] for r in self.sample(atom)]
+        vals = [r["act"] for r in (self.sample(atom) if sample is None else sample)]
         if not vals:
             return {}
         return {f"{q:g}": float(np.quantile(np.asarray(vals), q)) for q in qs}
