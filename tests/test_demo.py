@@ -86,6 +86,18 @@ def test_demo_command_end_to_end(tmp_path):
                   "closed_form/closed_form_scatter.png", "closed_form/closed_form_horizon.png",
                   "install/index.html", "install/install_curve.png", "install/records.jsonl"):
             assert (out / arch / f).is_file(), f"{arch}/{f}"
+    # the dashboards of every shipped SAE, precomputed and linked from the demo's pages
+    top = (out / "index.html").read_text()
+    for arch in ARCHS:
+        info = demo_release_info(arch=arch)
+        page = (out / arch / "index.html").read_text()
+        assert 'href="substitution/index.html"' in page and 'href="install/index.html"' in page
+        for sid in info["saes"]:
+            href = f"dashboards/{sid}/index.html"
+            assert (out / arch / href).is_file() and f'href="{href}"' in page and f'href="{arch}/{href}"' in top
+            meta = json.loads((out / arch / "dashboards" / sid / "data" / "index.json").read_text())
+            assert len(meta["atoms"]) == info["recipe"].get("d_sae", len(meta["atoms"]))
+            assert 0 < sum(r["page"] is not None for r in meta["atoms"]) <= 2
     res = json.loads((out / "results.json").read_text())
     for arch in ARCHS:
         r = res["by_arch"][arch]

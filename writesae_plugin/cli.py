@@ -929,7 +929,7 @@ def cmd_dashboard(args) -> int:
     cfg = DashboardConfig(stats=StatsConfig(top_k=args.top_k, reservoir=args.reservoir, horizon=args.horizon,
                                             seed=args.seed),
                           batch=args.batch, atoms=args.atoms, value_firings=args.value_firings,
-                          effect_firings=args.effect_firings)
+                          effect_firings=args.effect_firings, max_pages=args.max_pages)
     data = compute_dashboard(model, sae, tokens, cfg)
     np_kw = None
     if args.neuronpedia is not None:
@@ -1274,7 +1274,10 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--tokens", type=positive_int, default=None,
                     help="tokens of data to scan (sets --contexts to ceil(N / --context-length))")
     db.add_argument("--atoms", type=nonneg_int, nargs="+", default=None,
-                    help="atoms that get pages, value sides and measured effects (default: every atom that fires)")
+                    help="atoms that get pages, value sides and measured effects (default: every atom that fires, "
+                         "or the --max-pages most frequent)")
+    db.add_argument("--max-pages", type=positive_int, default=None,
+                    help="pages for this many of the most frequently firing atoms (plus any --atoms)")
     db.add_argument("--batch", type=positive_int, default=8, help="contexts per forward of the pass")
     db.add_argument("--top-k", type=positive_int, default=20, help="top activations kept per atom")
     db.add_argument("--reservoir", type=positive_int, default=200,

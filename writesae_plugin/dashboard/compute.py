@@ -43,8 +43,9 @@ from .stats import AtomStats, StatsConfig
 @dataclass
 class DashboardConfig:
     """``batch``: contexts per forward of the pass; ``atoms``: atoms that get pages, value sides and effects
-    (None: every atom that fired); ``value_firings`` / ``effect_firings``: top firings per atom used for the
-    value side and the measured effect; ``n_tokens``: tokens listed per top/bottom list."""
+    (None: every atom that fired; with ``max_pages``: those that fired most often, plus ``atoms``); ``value_firings`` /
+    ``effect_firings``: top firings per atom used for the value side and the measured effect; ``n_tokens``:
+    tokens listed per top/bottom list."""
 
     stats: StatsConfig = field(default_factory=StatsConfig)
     batch: int = 8
@@ -52,6 +53,7 @@ class DashboardConfig:
     value_firings: int = 4
     effect_firings: int = 3
     n_tokens: int = 10
+    max_pages: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stats, dict):
@@ -219,38 +221,54 @@ def static_value_sides(model, sae, acc_query_bar: dict[int, Tensor], atoms: list
 
 @torch.no_grad()
 def measured_effects(model, sae, tokens: Tensor, acc: AtomStats, atoms: list[int], cfg: DashboardConfig,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, rows_per_forward: int = 32) -> dict:
     """Step 3: per atom ``{"records": [{"ctx", "pos", "act", "kl_atom", "kl_delete", "win", "top": [[id, dlogit]]
-    ...}], "mean_dlogit_top" / "mean_dlogit_bottom": [[id, mean Delta logit]], "win": Wilson dict, "n"}``."""
+    ...}], "mean_dlogit_top" / "mean_dlogit_bottom": [[id, mean Delta logit]], "win": Wilson dict, "n"}``.
+
+    The firings of one context run together: two rows per firing (atom, delete), each row with its one edit
+    (edits are exact per row, so rows do not interact), at most ``rows_per_forward`` rows per forward."""
     L, h, mode = sae.cfg.layer, sae.cfg.head, sae.cfg.write_mode
     fir = _firings(acc, atoms, cfg.effect_firings)
-    jobs = [(a, f) for a in atoms for f in fir[a]]
-    clean_cache: dict[int, Tensor] = {}
-    bar = tqdm(total=len(jobs), desc="atom effects", unit="firing", disable=not progress or not jobs)
+    by_ctx: dict[int, list[tuple[int, dict]]] = {}
+    for a in atoms:
+        for f in fir[a]:
+            by_ctx.setdefault(f["ctx"], []).append((a, f))
+    n_jobs = sum(len(v) for v in by_ctx.values())
+    bar = tqdm(total=n_jobs, desc="atom effects", unit="firing", disable=not progress or not n_jobs)
     res: dict[int, dict] = {a: {"records": [], "dsum": None} for a in atoms}
-    for a, f in jobs:
-        c, t = f["ctx"], f["pos"]
-        if c not in clean_cache:
-            clean_cache[c] = model(tokens[c:c + 1])[0].float()
-        clean = clean_cache[c][t]
-        A = f["act"] * atom_matrix(sae, a).float()
-        edits = [WriteEdit(layer=L, pos=t, head=h, batch=0, matrix=A, mode=mode),
-                 WriteEdit(layer=L, pos=t, head=h, batch=1, op="delete", mode=mode)]
-        with model.options(write_mode=mode):
-            logits = model.run_with_edits(tokens[c:c + 1, :t + 1].expand(2, -1), edits)[:, t].float()
-        lp = clean.double().log_softmax(-1)
-        kls = [float((lp.exp() * (lp - logits[r].double().log_softmax(-1))).sum()) for r in range(2)]
-        d = logits[0] - clean
-        r = res[a]
-        r["dsum"] = d.clone() if r["dsum"] is None else r["dsum"] + d
-        r["records"].append({"ctx": c, "pos": t, "act": f["act"], "kl_atom": kls[0], "kl_delete": kls[1],
-                             "win": kls[0] < kls[1], "top": _ranked(d, cfg.n_tokens, True),
-                             "bottom": _ranked(d, cfg.n_tokens, False)})
-        bar.update(1)
+    per = max(1, rows_per_forward // 2)
+    for c in sorted(by_ctx):
+        clean_all = model(tokens[c:c + 1])[0].float()
+        jobs = by_ctx[c]
+        for s0 in range(0, len(jobs), per):
+            group = jobs[s0:s0 + per]
+            T = max(f["pos"] for _, f in group) + 1
+            edits = []
+            for r, (a, f) in enumerate(group):
+                A = f["act"] * atom_matrix(sae, a).float()
+                edits += [WriteEdit(layer=L, pos=f["pos"], head=h, batch=2 * r, matrix=A, mode=mode),
+                          WriteEdit(layer=L, pos=f["pos"], head=h, batch=2 * r + 1, op="delete", mode=mode)]
+            with model.options(write_mode=mode):
+                logits = model.run_with_edits(tokens[c:c + 1, :T].expand(2 * len(group), -1).contiguous(),
+                                              edits).float()
+            for r, (a, f) in enumerate(group):
+                t = f["pos"]
+                clean = clean_all[t]
+                lp = clean.double().log_softmax(-1)
+                kls = [float((lp.exp() * (lp - logits[2 * r + k, t].double().log_softmax(-1))).sum())
+                       for k in range(2)]
+                d = logits[2 * r, t] - clean
+                rr = res[a]
+                rr["dsum"] = d.clone() if rr["dsum"] is None else rr["dsum"] + d
+                rr["records"].append({"ctx": c, "pos": t, "act": f["act"], "kl_atom": kls[0], "kl_delete": kls[1],
+                                      "win": kls[0] < kls[1], "top": _ranked(d, cfg.n_tokens, True),
+                                      "bottom": _ranked(d, cfg.n_tokens, False)})
+            bar.update(len(group))
     bar.close()
     out = {}
     for a in atoms:
         r = res[a]
+        r["records"].sort(key=lambda x: -x["act"])
         n = len(r["records"])
         entry = {"records": r["records"], "n": n, "win": xstats.wilson(sum(x["win"] for x in r["records"]), n)}
         if n:
@@ -286,7 +304,13 @@ def compute_dashboard(model, sae, tokens: Tensor, cfg: DashboardConfig | None = 
     acc = streaming_pass(model, sae, tokens, cfg, progress)
     timings["pass_s"] = time.time() - t0
     fired = (acc.fires > 0).nonzero().flatten().tolist()
-    atoms = sorted(cfg.atoms) if cfg.atoms is not None else fired
+    if cfg.max_pages is not None:  # the most frequent atoms (ties: lower index), and any atoms asked for
+        order = sorted(fired, key=lambda a: (-int(acc.fires[a]), a))
+        atoms = sorted(set(order[: cfg.max_pages]) | set(cfg.atoms or []))
+    elif cfg.atoms is not None:
+        atoms = sorted(set(cfg.atoms))
+    else:
+        atoms = fired
     live = [a for a in atoms if acc.fires[a] > 0]
     t1 = time.time()
     with torch.no_grad():

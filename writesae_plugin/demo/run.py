@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -70,10 +70,35 @@ class DemoSize:
     cf_contexts: int = 8
     install_prompts: int = 16
     install_tokens: int = 20
+    dashboard_contexts: int = 16
+    dashboard_pages: int = 24
+    dashboard_firings: int = 4
+    #: atoms with pages besides the most frequent ones (those the README describes)
+    dashboard_atoms: dict = field(default_factory=lambda: {"L4.H0.write": [105, 276]})
+
+
+def demo_dashboards(model, release: str, sae_ids, tokens: torch.Tensor, out: Path, size: DemoSize,
+                    progress: bool = True) -> list[tuple[str, str]]:
+    """Dashboards of the release's SAEs on ``tokens`` (``out/dashboards/{sae_id}/``): every atom's statistics
+    from one pass, pages for the ``size.dashboard_pages`` most frequent atoms and ``size.dashboard_atoms``.
+    Returns ``(label, href)`` links relative to ``out``."""
+    from sae_lens import SAE
+
+    from ..dashboard import DashboardConfig, compute_dashboard, write_dashboard
+
+    links = []
+    for sid in sae_ids:
+        sae = SAE.from_pretrained(release, sid)
+        cfg = DashboardConfig(max_pages=size.dashboard_pages, value_firings=size.dashboard_firings,
+                              effect_firings=size.dashboard_firings, atoms=size.dashboard_atoms.get(sid))
+        data = compute_dashboard(model, sae, tokens, cfg, progress=progress)
+        write_dashboard(data, out / "dashboards" / sid, model.tokenizer, title=f"{release}:{sid}", progress=progress)
+        links.append((f"atom dashboard {release}:{sid}", f"dashboards/{sid}/index.html"))
+    return links
 
 
 QUICK = DemoSize(contexts=6, context_length=96, max_firings=12, cf_atoms=1, cf_contexts=3, install_prompts=2,
-                 install_tokens=8)
+                 install_tokens=8, dashboard_contexts=2, dashboard_pages=2, dashboard_firings=1, dashboard_atoms={})
 
 
 def held_out_contexts(tokenizer, n: int, T: int) -> torch.Tensor:
@@ -142,6 +167,12 @@ def run_demo(out_dir: str | Path, size: DemoSize | None = None, progress: bool =
     save_install(ins, out / "install")
     timings["install_s"] = time.time() - t
 
+    t = time.time()
+    dash_links = demo_dashboards(model, release, sorted(info.get("demo_saes") or [sae_id(s, layer, head) for s in
+                                                                                 ("state", "write")]),
+                                 tokens[: size.dashboard_contexts], out, size, progress=progress)
+    timings["dashboards_s"] = time.time() - t
+
     head_sub = sub.summary.get("headline", {})
     summary = {
         "arch": arch, "model": {"path": str(demo_model_dir(model_dir, arch)), "validation_loss_nats": json.loads(
@@ -155,10 +186,17 @@ def run_demo(out_dir: str | Path, size: DemoSize | None = None, progress: bool =
         "timings": {**timings, "total_s": time.time() - t0}, "size": size.__dict__,
         "held_out": "stdlib test split", "layer": layer, "head": head,
     }
+    sub_links = [("substitution test (state SAE)", "substitution/index.html"),
+                 ("substitution test (write SAE)", "substitution_write/index.html"),
+                 ("closed-form logit shift", "closed_form/index.html"), ("behavioural install", "install/index.html")]
+    summary["dashboards"] = [href for _, href in dash_links]
     write_report(out, f"writesae demo ({ARCH_NAMES[arch]})", summary, None, None, [
-        "Sub-reports: substitution/index.html, closed_form/index.html, install/index.html.",
+        "Sub-reports and the atom dashboards of every shipped SAE are linked below.",
         "All numbers are measured on the shipped demo model (trained on the Python standard library) and held-out "
-        "stdlib files; the paper's figures are for Qwen3.5-0.8B and are shown for orientation only."])
+        "stdlib files; the paper's figures are for Qwen3.5-0.8B and are shown for orientation only."],
+        links=sub_links + dash_links,
+        headline=[("state SAE: atom_act beats delete (KL at the final position)", head_sub),
+                  ("write SAE: atom_act beats delete (KL at the final position)", sub_w.summary.get("headline", {}))])
     return summary
 
 
@@ -259,8 +297,12 @@ def run_demo_all(out_dir: str | Path, size: DemoSize | None = None, progress: bo
         fig.tight_layout()
         return fig
 
+    links = [(f"{ARCH_NAMES[x]} report", f"{x}/index.html") for x in archs]
+    links += [(f"{ARCH_NAMES[x]}: {label}", f"{x}/{href}") for x in archs
+              for label, href in zip([f"atom dashboard {d.split('/')[1]}" for d in by_arch[x].get("dashboards", [])],
+                                     by_arch[x].get("dashboards", []))]
     write_report(out, "writesae demo: Gated DeltaNet vs Mamba-2", summary, None, {"cross_architecture": fig_cross_architecture}, [
         "The same three tests on both shipped demo models (same corpus, tokenizer, training steps and held-out "
-        "contexts); per-architecture reports: " + ", ".join(f"{x}/index.html" for x in archs) + ".",
-        "Win-rate difference: difference of proportions with a Newcombe (Wilson) 95% interval."])
+        "contexts); per-architecture reports and the atom dashboards of every shipped SAE are linked below.",
+        "Win-rate difference: difference of proportions with a Newcombe (Wilson) 95% interval."], links=links)
     return summary
