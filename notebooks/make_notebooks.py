@@ -286,9 +286,76 @@ print("random sets:", res["controls"])
     "md:CLI: `writesae edit-atoms --out DIR [--atoms ...]`.",
 ])
 
+DASHBOARDS = nb([
+    "md:# Atom dashboards: what one atom of a write SAE means, from its page data\n\n"
+    "`writesae dashboard` (and `writesae demo`, for every shipped SAE) writes a static site and a documented JSON "
+    "per atom. Here we compute the dashboard of the shipped layer-4, head-0 write SAE on the same 16 held-out "
+    "contexts the demo uses, then open one atom's page data in Python.",
+    SETUP,
+    """
+import tempfile, json
+from sae_lens import SAE
+from writesae_plugin.dashboard import ATOM_SCHEMA, DashboardConfig, compute_dashboard, load_atom, write_dashboard
+
+sae = SAE.from_pretrained("writesae-demo", "L4.H0.write")
+ctx = held_out_contexts(tok, 48, 128)[:16]  # the demo's dashboard contexts
+data = compute_dashboard(model, sae, ctx, DashboardConfig(atoms=[105], value_firings=4, effect_firings=4),
+                         progress=False)
+out = tempfile.mkdtemp()
+index = write_dashboard(data, out, tok, title="writesae-demo:L4.H0.write", progress=False)
+print("site:", index)
+print(f"{int((data.stats.fires > 0).sum())} of {sae.cfg.d_sae} atoms fire on these {ctx.numel()} positions")
+""",
+    "md:Every atom has a JSON record (`data/atoms/{i}.json`); `ATOM_SCHEMA` says what each field holds.",
+    """
+for key in ("fires", "density", "top_contexts", "key_side", "value_side", "effect", "curves"):
+    print(f"{key:13s} {ATOM_SCHEMA[key][:100]}")
+atom = load_atom(out, 105)
+print(f"\\natom 105 fires at {atom['fires']} of {atom['positions']} positions (density {atom['density']:.3f}), "
+      f"max activation {atom['max_act']:.1f}")
+""",
+    "md:**Where it fires.** The strongest firings, with the firing token in brackets and the eight tokens "
+    "before it: the first word of an indented line inside a function body.",
+    """
+for c in atom["top_contexts"][:6]:
+    left = "".join(c["tokens"][c["center"] - 8:c["center"]])
+    print(f"{c['act']:6.2f}  {left!r:>48} [{c['tokens'][c['center']]}]")
+""",
+    "md:**Key side** (`u . k_t`: whose write keys look like the atom's address) and **value side** (the "
+    "logits the atom adds through its head's output, read with the sign of `q . u` and through the norms at "
+    "its firings). The value side promotes newline-plus-indentation tokens.",
+    """
+print("key side, largest u.k:", [(k["token"], round(k["value"], 2)) for k in atom["key_side"]["top"][:6]])
+print("value side promotes:  ", [(t, round(v, 4)) for t, v in atom["value_side"]["norms"]["top"][:5]])
+print("value side suppresses:", [(t, round(v, 4)) for t, v in atom["value_side"]["norms"]["bottom"][:5]])
+""",
+    "md:**What substituting it does.** At each of its four strongest firings the write is replaced by the atom "
+    "at its activation, and separately deleted. The atom's substitution moves the next-token distribution much "
+    "less than deleting the write (KL), and it raises the same newline-plus-indentation tokens the value side "
+    "predicts: the value side is a prediction from the weights, the effect is measured on the model.",
+    """
+e = atom["effect"]
+print(f"atom beats delete at {e['win']['k']} of {e['n']} firings (Wilson 95% [{e['win']['lo']:.2f}, {e['win']['hi']:.2f}])")
+for r in e["records"]:
+    print(f"  at {r['token']!r:8} KL(atom) {r['kl_atom']:.4f}  KL(delete) {r['kl_delete']:.4f}  raises {r['top'][0]}")
+print("mean logit change, top:", [(t, round(v, 2)) for t, v in e["mean_dlogit_top"][:4]])
+""",
+    "md:**Its life in the state.** After a firing the head's decay shrinks what the atom wrote; the curve is "
+    "the mean decay `exp(G_{t+d} - G_t)` over its firings (the page's figure also shows the histogram).",
+    """
+d = atom["curves"]["decay"]
+print("decay after d positions:", {k: round(d[k], 3) for k in (1, 2, 4, 8, 16, 32) if k < len(d)})
+from IPython.display import Image
+Image(filename=f"{out}/figures/atom_105.png")
+""",
+    "md:CLI: `writesae dashboard --model M --sae S --dataset D --out R` (add `--neuronpedia DIR` for "
+    "Neuronpedia's upload format); open `R/index.html` in a browser.",
+])
+
 for name, book in {"01_quickstart.ipynb": QUICKSTART, "02_substitution_and_closed_form.ipynb": SUBSTITUTION,
                    "03_steering_by_install.ipynb": INSTALL, "04_training_a_writesae.ipynb": TRAINING,
                    "05_activation_patching.ipynb": ACTIVATION_PATCHING,
                    "06_attribution_patching.ipynb": ATTRIBUTION_PATCHING, "07_path_patching.ipynb": PATH_PATCHING,
-                   "08_feature_circuits_and_acdc.ipynb": CIRCUITS, "09_editing_atoms.ipynb": EDITING}.items():
+                   "08_feature_circuits_and_acdc.ipynb": CIRCUITS, "09_editing_atoms.ipynb": EDITING,
+                   "10_atom_dashboards.ipynb": DASHBOARDS}.items():
     nbf.write(book, HERE / name)

@@ -123,4 +123,4 @@ def test_notebook_runs_top_to_bottom(path):
 
 
 def test_notebook_count():
-    assert len(NOTEBOOKS) == 9
+    assert len(NOTEBOOKS) == 10

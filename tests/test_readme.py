@@ -254,6 +254,8 @@ COMMANDS = {
     "writesae install --model M --dataset D --out R --layer L --head H":
         ("run", SMALL + ["--strata", "3-10", "--targets", "1", "--new-tokens", "3"]),
     "writesae attribute --model M --sae S --dataset D --out R": ("run", SMALL + ["--max-per-atom", "2"]),
+    "writesae dashboard --model M --sae S --dataset D --out R":
+        ("run", SMALL + ["--max-pages", "2", "--effect-firings", "1", "--value-firings", "1"]),
     # the circuit commands default to the shipped model and release
     "writesae patch": ("run", PAIRS),
     "writesae attribution-patch": ("run", PAIRS),
