@@ -240,3 +240,24 @@ def test_reports_are_readable(tmp_path):
     for href in ("results.json", "records.jsonl", "plot.png", "sub/index.html"):
         assert f'href="{href}"' in page
     assert (tmp_path / "plot.png").stat().st_size > 0 and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_reports_show_examples_with_text(tmp_path):
+    """Substitution and install reports carry token text: firings with their context, prompts with both
+    continuations."""
+    from writesae_plugin.cli import main
+    from writesae_plugin.demo.run import demo_model_dir
+
+    common = ["--model", str(demo_model_dir()), "--dataset", str(_corpus(tmp_path)), "--split", "train",
+              "--contexts", "2", "--context-length", "48"]
+    assert main(["substitute", *common, "--sae", "writesae-demo:L4.H0.write", "--max-firings", "3",
+                 "--out", str(tmp_path / "s")]) == 0
+    firings = json.loads((tmp_path / "s" / "results.json").read_text())["firings"]
+    assert firings and all(isinstance(f["token"], str) and isinstance(f["before"], str) for f in firings)
+    assert "<table id='examples'>" in (tmp_path / "s" / "index.html").read_text()
+    assert main(["install", *common, "--layer", "4", "--head", "0", "--targets", "1", "--new-tokens", "4",
+                 "--strata", "10-50", "--out", str(tmp_path / "i")]) == 0
+    recs = [json.loads(x) for x in (tmp_path / "i" / "records.jsonl").read_text().splitlines()]
+    assert recs and all({"prompt_text", "target_text", "baseline_text", "installed_text"} <= set(r) for r in recs)
+    page = (tmp_path / "i" / "index.html").read_text()
+    assert "installed continuation" in page

@@ -103,8 +103,8 @@ class AtomStats:
 
     # ------------------------------------------------------------------------------------------ update
     def _windows(self, source: Tensor, b: Tensor, t: Tensor, atom: Tensor | None, fill) -> Tensor:
-        """``source`` ``[B, T]`` (tokens) or ``[B, T, n]`` (codes, with ``atom``): the window around each
-        ``(b, t)`` (``[n, k, W]``), ``fill`` outside the context."""
+        """``source`` ``[B, T]`` (tokens) or ``[B, T, n]`` (codes, with ``atom`` of each entry): the window around
+        each ``(b, t)`` (``b``, ``t``: ``[...]``; result ``[..., W]``), ``fill`` outside the context."""
         T = source.shape[1]
         offs = torch.arange(-self.cfg.before, self.cfg.after + 1)
         p = t[..., None] + offs  # [n, k, W]
@@ -114,8 +114,39 @@ class AtomStats:
         if atom is None:
             w = source[bb, pc]
         else:
-            w = source[bb, pc, atom.view(-1, 1, 1).expand_as(pc)]
+            w = source[bb, pc, atom.view(atom.shape + (1,) * (pc.dim() - atom.dim())).expand_as(pc)]
         return torch.where(inside, w, torch.full_like(w, fill))
+
+    def _merge_windowed(self, vals: Tensor, meta: dict, new_vals: Tensor, new_idx: Tensor, new_extra: dict,
+                        k: int, largest: bool, codes: Tensor, tokens: Tensor, off: int):
+        """Merge kept ``[n, k0]`` entries (with their windows) with a batch's candidates ``new_vals`` at flat
+        positions ``new_idx`` ``[n, k1]``; windows are gathered only for candidates that are kept."""
+        T = tokens.shape[1]
+        n, k0 = vals.shape
+        b, t = new_idx // T, new_idx % T
+        cat = torch.cat([vals, new_vals], 1)
+        kk = min(k, cat.shape[1])
+        top, idx = cat.topk(kk, dim=1, largest=largest, sorted=True)
+        is_new = idx >= k0
+        old_i, new_i = idx.clamp(max=max(k0 - 1, 0)), (idx - k0).clamp(min=0)
+        out = {}
+        small = {"ctx": b + off, "pos": t, **new_extra}
+        for name, new in small.items():
+            old = meta[name].gather(1, old_i) if k0 else torch.zeros_like(new.gather(1, new_i))
+            out[name] = torch.where(is_new, new.gather(1, new_i), old)
+        W = self.W
+        rows, slots = is_new.nonzero(as_tuple=True)
+        for name, fill in (("win_tok", -1), ("win_act", 0.0)):
+            old = meta[name]
+            dtype = old.dtype
+            res = old.gather(1, old_i[..., None].expand(n, kk, W)) if k0 else torch.full((n, kk, W), fill, dtype=dtype)
+            if rows.numel():
+                bb, tt = b[rows, new_i[rows, slots]], t[rows, new_i[rows, slots]]
+                src = tokens if name == "win_tok" else codes
+                w = self._windows(src, bb, tt, rows if name == "win_act" else None, fill)
+                res[rows, slots] = w.to(dtype)
+            out[name] = res
+        return top, out
 
     @torch.no_grad()
     def update(self, codes: Tensor, tokens: Tensor, key_dot: Tensor | None = None,
@@ -146,24 +177,19 @@ class AtomStats:
             bins = torch.bucketize(vals, HIST_EDGES, right=True)
             self.hist.view(-1).index_put_((nz[:, 1] * self.hist.shape[1] + bins,),
                                           torch.ones(len(bins), dtype=torch.long), accumulate=True)
-        # top-k activations: the batch's own top-k per atom, merged
+        # top-k activations: the batch's own top-k per atom, merged; windows only for the entries that stay
         k = min(cfg.top_k, B * T)
         bv, bi = flat.T.topk(k, dim=1)  # [n, k]
-        b, t = bi // T, bi % T
-        atom = torch.arange(n)
-        meta = {"ctx": b + off, "pos": t, "win_tok": self._windows(tokens, b, t, None, -1),
-                "win_act": self._windows(codes, b, t, atom, 0.0)}
-        self.top_vals, self.top_meta = _merge_top(self.top_vals, self.top_meta, bv, meta, cfg.top_k)
+        self.top_vals, self.top_meta = self._merge_windowed(self.top_vals, self.top_meta, bv, bi, {}, cfg.top_k,
+                                                            True, codes, tokens, off)
         # reservoir: random keys, firings only (non-firings get key +inf and are dropped at the end)
         keys = torch.rand(B * T, n, generator=self._gen)
         keys = torch.where(fire, keys, torch.full_like(keys, torch.inf))
         r = min(cfg.reservoir, B * T)
         kv, ki = keys.T.topk(r, dim=1, largest=False)
-        b, t = ki // T, ki % T
-        rmeta = {"ctx": b + off, "pos": t, "win_tok": self._windows(tokens, b, t, None, -1),
-                 "win_act": self._windows(codes, b, t, atom, 0.0), "act": flat.T.gather(1, ki)}
-        self.res_keys, self.res_meta = _merge_top(self.res_keys, self.res_meta, kv, rmeta, cfg.reservoir,
-                                                  largest=False)
+        self.res_keys, self.res_meta = self._merge_windowed(self.res_keys, self.res_meta, kv, ki,
+                                                            {"act": flat.T.gather(1, ki)}, cfg.reservoir, False,
+                                                            codes, tokens, off)
         if key_dot is not None:
             kd = key_dot.detach().float().cpu().reshape(B * T, n).T  # [n, B*T]
             tok_flat = tokens.reshape(-1)

@@ -131,6 +131,12 @@ def run_install(model, prompts: Tensor, cfg: InstallConfig, progress: bool = Tru
                                     "installed_hit": bool((seqs[r] == tok).any()),
                                     "logprob_lift": float(logp[r, tok] - base_logp[tok]),
                                     "continuation": seqs[r].tolist(), "baseline_continuation": base_seq[0].tolist()})
+                    tk = model.tokenizer
+                    if tk is not None:  # the text behind the ids, for the report
+                        records[-1].update(prompt_text=tk.decode(prompt[0, -24:].tolist()),
+                                           target_text=tk.decode([tok]),
+                                           baseline_text=tk.decode(base_seq[0].tolist()),
+                                           installed_text=tk.decode(seqs[r].tolist()))
             bar.update(1)
     bar.close()
     return InstallResult(config=asdict(cfg), records=records, summary=summarize(records, cfg))
@@ -202,6 +208,14 @@ def save_install(result: InstallResult, out_dir, extra: dict | None = None):
                      f"{fmt_rate(a.get('baseline_rate'))} baseline over {a.get('independent_units')} independent "
                      f"(prompt, target) units from {a.get('prompts')} prompts.")
     notes.append("Paper: ranks 100-1000, 33.3% -> 100% (n = 300 trials, about 60 independent prompt-target pairs).")
+    shown = sorted((r for r in result.records if "installed_text" in r),
+                   key=lambda r: (not (r["installed_hit"] and not r["baseline_hit"]), -r["logprob_lift"]))
+    examples = ("Prompts (their last 24 tokens), the target, and the greedy continuations without and with the "
+                "install; rows where the install put the target in the continuation first.",
+                [{"prompt": r["prompt_text"], "target": r["target_text"], "initial rank": r["initial_rank"],
+                  "m": r["multiplier"], "baseline continuation": r["baseline_text"],
+                  "installed continuation": r["installed_text"], "target appears": r["installed_hit"]}
+                 for r in shown])
     return write_report(out_dir, "WriteSAE behavioural install",
                         {"experiment": "install", "config": result.config, "summary": result.summary,
-                         **(extra or {})}, result.records, figures(result), notes)
+                         **(extra or {})}, result.records, figures(result), notes, examples=examples)

@@ -259,9 +259,22 @@ def run_substitution(model, sae, tokens: Tensor, cfg: SubstitutionConfig | None 
             bar.update(len(group))
     bar.close()
     records.sort(key=lambda r: (r["firing"], cfg.conditions.index(r["condition"])))
-    result = SubstitutionResult(config=asdict(cfg), firings=[asdict(f) for f in firings], records=records)
+    result = SubstitutionResult(config=asdict(cfg), firings=_with_text(model, tokens, firings), records=records)
     result.summary = summarize(records, cfg.conditions)
     return result
+
+
+def _with_text(model, tokens: Tensor, firings: list[Firing]) -> list[dict]:
+    """Firings as dicts, with the firing token's text and the 12 tokens before it when the model has a
+    tokenizer."""
+    out = [asdict(f) for f in firings]
+    tk = getattr(model, "tokenizer", None)
+    if tk is not None:
+        for d in out:
+            c, t = d["context"], d["pos"]
+            d["token"] = tk.decode([int(tokens[c, t])])
+            d["before"] = tk.decode(tokens[c, max(0, t - 12):t].tolist())
+    return out
 
 
 @torch.no_grad()
@@ -391,9 +404,15 @@ def save_substitution(result: SubstitutionResult, out_dir, extra: dict | None = 
     notes = [f"Headline ({head.get('test', '')}): {fmt_rate(head)}; paper: 92.4% of n = 4,851 firings "
              "(Qwen3.5-0.8B L9 H4). Numbers here are as measured on this model and data."]
     by = result.summary.get("by_metric", {}).get("kl_final", {})
+    kl = {(r["firing"], r["condition"]): r["kl_final"] for r in result.records}
+    examples = ("Firings: the 12 tokens before the firing token, the dominant atom and its activation, and KL(clean "
+                "|| edited) at the final position when the write is replaced by the atom or deleted.",
+                [{"before": f["before"], "token": f["token"], "atom": f["atom"], "act": f["act"],
+                  "KL atom_act": kl.get((i, "atom_act")), "KL delete": kl.get((i, "delete"))}
+                 for i, f in enumerate(result.firings) if "token" in f])
     headline = [(f"{cond} beats delete (KL at the final position)", v["win"]) for cond, v in by.items()
                 if isinstance(v, dict) and "win" in v]
     return write_report(out_dir, "WriteSAE substitution test",
                         {"experiment": "substitution", "config": result.config, "summary": result.summary,
                          "firings": result.firings, **(extra or {})}, result.records, figures(result), notes,
-                        headline=headline)
+                        headline=headline, examples=examples)

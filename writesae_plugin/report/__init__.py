@@ -84,12 +84,14 @@ def headline_rows(results: dict, limit: int = 400) -> list[tuple[str, str, str, 
 
 def write_report(out_dir: str | Path, title: str, results: dict, records: list[dict] | None = None,
                  figures: dict[str, Callable[[], "plt.Figure"]] | None = None, notes: list[str] | None = None,
-                 links: list[tuple[str, str]] | None = None, headline: list[tuple[str, dict]] | None = None) -> Path:
+                 links: list[tuple[str, str]] | None = None, headline: list[tuple[str, dict]] | None = None,
+                 examples: tuple[str, list[dict]] | None = None) -> Path:
     """Write a results directory; returns the path of ``index.html``. NaN becomes JSON null.
 
     ``index.html`` is readable on its own: the notes, a headline table of every number that carries its
     interval or n (:func:`headline_rows`; ``headline``: ``(label, stats dict)`` pairs shown first, under their
-    own labels), the figures, ``links`` (``(label, relative href)``: sub-reports,
+    own labels), ``examples`` (a caption and rows of text: the items behind the numbers, e.g. firings with
+    their tokens, prompts with both continuations; at most 20 shown), the figures, ``links`` (``(label, relative href)``: sub-reports,
     dashboards), the configuration in a collapsed block, and links to the raw files. Every file is written
     atomically (temporary file + rename)."""
     from ..checkpoints import atomic_write_text
@@ -132,6 +134,13 @@ def write_report(out_dir: str | Path, title: str, results: dict, records: list[d
         if len(rows) > 12:
             body.append(f"<details><summary>All {len(rows)} numbers with intervals</summary>"
                         + table(rows, "all-numbers") + "</details>")
+    if examples and examples[1]:
+        caption, ex = examples
+        cols = list(ex[0])
+        body.append(f"<h2>Examples</h2><p>{esc(caption)}</p><table id='examples'><thead><tr>"
+                    + "".join(f"<th>{esc(c)}</th>" for c in cols) + "</tr></thead><tbody>"
+                    + "".join("<tr>" + "".join(f"<td><code>{esc(_num(r.get(c)))}</code></td>" for c in cols) + "</tr>"
+                              for r in ex[:20]) + "</tbody></table>")
     for img in images:
         body.append(f'<figure><img src="{img}" style="max-width:900px"><figcaption>{img}</figcaption></figure>')
     config = clean.get("config") if isinstance(clean, dict) else None
@@ -146,7 +155,8 @@ def write_report(out_dir: str | Path, title: str, results: dict, records: list[d
     body.append("<details><summary>results.json</summary><pre>"
                 + esc(json.dumps(clean, indent=2, default=str)[:200000]) + "</pre></details>")
     style = ("body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1100px}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}")
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}"
+             "#examples code{white-space:pre-wrap}")
     atomic_write_text(out / "index.html", "<!doctype html><html><head><meta charset='utf-8'><title>" + esc(title)
                       + f"</title><style>{style}</style></head><body>" + "\n".join(body) + "</body></html>")
     return out / "index.html"
