@@ -201,7 +201,7 @@ def test_stacked_run_killed_mid_way_resumes_to_the_uninterrupted_result(store, t
         m.setattr(WriteSAETrainer, "step", die_after_checkpoint)
         with pytest.raises(KeyboardInterrupt):
             train_cells(store, cells, tmp_path / "cut", t, progress=False)
-    assert any((tmp_path / "cut" / "runs" / "stacked" / "checkpoints").iterdir())
+    assert any(next((tmp_path / "cut" / "runs").glob("stacked-*")).joinpath("checkpoints").iterdir())
     with pytest.raises(Exception, match="--resume latest"):  # a rerun without resume refuses the checkpoints
         train_cells(store, cells, tmp_path / "cut", t, progress=False)
     index = train_cells(store, cells, tmp_path / "cut", t, progress=False, resume=True)

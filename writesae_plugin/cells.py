@@ -302,12 +302,19 @@ def _stacked_trainer_class():
     return StackedTrainer
 
 
+def _stack_name(cells: list[Cell]) -> str:
+    """The run directory of a stacked set of cells (the same set resumes; another set is another run)."""
+    import hashlib
+
+    return "stacked-" + hashlib.sha1(",".join(c.id for c in cells).encode()).hexdigest()[:10]
+
+
 def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Path, t: CellTraining,
                         val_store: ActivationStore | None = None, resume: bool = False, progress: bool = True,
                         warmup_steps: int = 50) -> dict[str, list[dict]]:
     """Train ``cells`` together, their dictionaries stacked along a cell axis; each ends in
     ``out/runs/<id>/final`` (+ ``validation.jsonl``), exactly as :func:`train_cell` would leave it. Checkpoints
-    (``out/runs/stacked/checkpoints``) hold every cell; ``resume`` continues the latest. Returns each cell's
+    (``out/runs/stacked-<hash of the cell ids>/checkpoints``) hold every cell; ``resume`` continues the latest. Returns each cell's
     validation history. Raises ``ValueError`` when the settings do not stack (``sae.stacked.stackable``)."""
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
@@ -323,7 +330,7 @@ def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Pa
         raise ValueError(f"cells with {why} do not stack; train them one after another")
     if t.total_samples < t.batch_size:
         raise ValueError(f"total_samples ({t.total_samples}) must be at least one batch ({t.batch_size})")
-    run_root = out / "runs" / "stacked"
+    run_root = out / "runs" / _stack_name(cells)
     has_ckpt = (run_root / "checkpoints").is_dir() and any((run_root / "checkpoints").iterdir())
     ckpt, run = prepare_output(run_root, "latest" if resume and has_ckpt else None, checkpoints=t.n_checkpoints > 0)
     providers, vals = zip(*(cell_providers(store, cell, t, val_store) for cell in cells))
@@ -399,13 +406,19 @@ def store_cells(store: ActivationStore, layers: list[int] | None, heads: list[in
 
 def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str | Path, t: CellTraining,
                 val_store: ActivationStore | str | Path | None = None, resume: bool = False,
-                release: str | None = None, progress: bool = True, stack: bool = True) -> dict:
+                release: str | None = None, progress: bool = True, stack: bool = True, place=None) -> dict:
     """Train every cell (see the module docstring); returns the release index written to
     ``out/cells/release.json``. Finished cells are skipped; with ``resume`` an interrupted run continues from
     its last complete checkpoint, without it a run with checkpoints but no result is refused. ``stack``: train
     the unfinished cells together along a cell axis when their settings allow it (``sae.stacked.stackable``),
-    else one after another."""
+    else one after another. ``place`` (``distributed.Place``, under torchrun): this rank trains the cells ``j``
+    with ``j mod world_size = rank`` and records them in ``cells/release.rank{r}.json``; after a barrier rank 0
+    merges those into ``release.json``. Every rank returns the merged index."""
     from tqdm.auto import tqdm
+
+    from .distributed import Place, barrier
+
+    place = place or Place()
 
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
     if val_store is not None and not isinstance(val_store, ActivationStore):
@@ -417,11 +430,11 @@ def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str
     out = Path(out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     index_path = out / "cells" / "release.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    index = _merged_index(out, json.loads(index_path.read_text()) if index_path.is_file() else {})
     index.update({"release": release or out.name, "model": store.model["path"], "store": str(store.path),
                   "training": asdict(t)})
-    for key in ("saes", "expected_var_explained", "expected_l0", "cells"):
-        index.setdefault(key, {})
+    all_cells, cells = cells, cells[place.rank::place.world_size]
+    my_path = index_path if not place.distributed else out / "cells" / f"release.rank{place.rank}.json"
     from .sae.stacked import stackable
 
     def done(cell):
@@ -452,7 +465,32 @@ def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str
         if last:
             index["expected_var_explained"][cell.id] = 1.0 - float(last["fvu"])
             index["expected_l0"][cell.id] = float(last["l0"])
-        atomic_write_text(index_path, json.dumps(index, indent=1))
+        atomic_write_text(my_path, json.dumps(index, indent=1))
+    if place.distributed:
+        barrier(place)
+        if place.main:
+            merged = _merged_index(out, index)
+            atomic_write_text(index_path, json.dumps(merged, indent=1))
+            for path in (out / "cells").glob("release.rank*.json"):
+                path.unlink()
+        barrier(place)
+        index = json.loads(index_path.read_text())
+    missing = [c.id for c in all_cells if c.id not in index["cells"]]
+    if missing:
+        raise RuntimeError(f"cells {missing} have no result in {index_path}")
+    return index
+
+
+_INDEX_KEYS = ("saes", "expected_var_explained", "expected_l0", "cells")
+
+
+def _merged_index(out: Path, index: dict) -> dict:
+    """``index`` with the per-rank indexes (``cells/release.rank*.json``) of a distributed run merged in."""
+    index = {**index, **{key: dict(index.get(key, {})) for key in _INDEX_KEYS}}
+    for path in sorted((out / "cells").glob("release.rank*.json")):
+        part = json.loads(path.read_text())
+        for key in _INDEX_KEYS:
+            index[key].update(part.get(key, {}))
     return index
 
 

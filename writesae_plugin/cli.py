@@ -292,6 +292,13 @@ def validate_train(args) -> None:
         raise UsageError("--head goes with --layer (with --layers, use --heads)")
     if args.layers is not None and args.shared_heads and args.heads is not None:
         raise UsageError("--shared-heads trains one dictionary on every head; do not also give --heads")
+    from . import distributed
+
+    if distributed.launched() and getattr(args, "parallel", None) is None:
+        raise UsageError("under torchrun, train needs --parallel cells (with --layers); data-parallel training is "
+                         "not built yet")
+    if getattr(args, "parallel", None) is not None and args.layers is None:
+        raise UsageError("--parallel cells deals out the cells of --layers L1,L2,...; give --layers")
     if args.layers is not None and args.resume not in (None, "latest"):
         raise UsageError("with --layers, --resume takes 'latest' (each unfinished cell continues from its newest "
                          "checkpoint)")
@@ -589,9 +596,21 @@ def _train_from_store(args, layout: str, ckpt) -> int:
 
 
 def _train_cells(args) -> int:
-    """``writesae train --layers ...``: every (layer, head) cell (or one shared per layer) from one extraction."""
+    """``writesae train --layers ...``: every (layer, head) cell (or one shared per layer) from one extraction;
+    under torchrun with ``--parallel cells``, the extraction and the cells shared out over the ranks."""
+    from . import distributed
+
+    place = distributed.init("cpu")
+    try:
+        return _train_cells_on(args, place)
+    finally:
+        distributed.finish(place)
+
+
+def _train_cells_on(args, place) -> int:
     import math
 
+    from . import distributed
     from .cells import CellTraining, store_cells, train_cells
     from .store import ActivationStore
 
@@ -631,18 +650,24 @@ def _train_cells(args) -> int:
         texts = _documents(args)
         store = ActivationStore(extract(model, _split_stream(model, args, "train", texts), out / "store",
                                         ExtractConfig(**common, data={**data, "split": "train"}),
-                                        max_contexts=n_train, model_path=desc))
+                                        max_contexts=n_train, model_path=desc, place=place,
+                                        progress=place.main))
         val_store = ActivationStore(extract(model, _split_stream(model, args, "validation", texts),
                                             out / "val_store", ExtractConfig(**common, data={**data,
                                                                                              "split": "validation"}),
-                                            max_contexts=args.val_contexts, model_path=desc))
+                                            max_contexts=args.val_contexts, model_path=desc, place=place,
+                                            progress=place.main))
         if val_store.n_contexts < args.val_contexts:
             raise UsageError(f"--dataset {args.dataset}: the validation split gives {val_store.n_contexts} contexts, "
                              f"fewer than --val-contexts {args.val_contexts}")
         del model
     cells = store_cells(store, args.layers, args.heads, args.site, shared_heads=args.shared_heads)
+    if place.distributed:
+        distributed.log(place, f"training cells {[c.id for c in cells[place.rank::place.world_size]]}")
     index = train_cells(store, cells, out, t, val_store=val_store, resume=args.resume == "latest",
-                        release=out.name)
+                        release=out.name, place=place, progress=place.main)
+    if not place.main:
+        return 0
     print(json.dumps({"out": str(out / "cells"), "cells": index["cells"]}, indent=2))
     print(f"load one with: SAE.load_from_disk({str(out / 'cells' / cells[0].id)!r}); all as a release: "
           f"register_local_release(name, {str(out / 'cells')!r})")
@@ -737,10 +762,19 @@ def cmd_extract(args) -> int:
                               "context_length": args.context_length, "split": args.split,
                               "splits": list(args.splits), "documents": args.documents,
                               "data_seed": args.data_seed})
+    from . import distributed
+
+    place = distributed.init(str(model.cfg.device))
+    if place.distributed:
+        distributed.log(place, f"extracting shards i with i mod {place.world_size} = {place.rank}")
     try:
-        out = extract(model, contexts, args.out, cfg, max_contexts=args.contexts, model_path=desc)
+        out = extract(model, contexts, args.out, cfg, max_contexts=args.contexts, model_path=desc, place=place)
     except StoreError as e:  # --out holds another model's or another configuration's store
         raise UsageError(str(e)) from None
+    finally:
+        distributed.finish(place)
+    if not place.main:
+        return 0
     manifest = json.loads((out / "manifest.json").read_text())
     n = sum(s["n_samples"] for s in manifest["shards"])
     size = sum(s["bytes"] for s in manifest["shards"])
@@ -967,7 +1001,7 @@ def cmd_make_demo_model(args) -> int:
 def cmd_make_demo_release(args) -> int:
     from .demo.release import make_demo_release
 
-    meta = make_demo_release(args.model, args.out)
+    meta = make_demo_release(args.model, args.out, layers=args.layers)
     for sid in meta["saes"]:
         print(f"  {sid}: FVU {meta['expected_fvu'][sid]:.3f}  L0 {meta['expected_l0'][sid]:.1f}  "
               f"dead {meta['dead_fraction'][sid]:.2f}")
@@ -1144,6 +1178,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "once per batch for all cells (with --dataset: extracted into OUT/store first)")
     t.add_argument("--heads", type=_heads_list, default=None, help="with --layers: value heads, e.g. 0,3, or all "
                                                                      "(default: all)")
+    t.add_argument("--parallel", choices=["cells"], default=None,
+                   help="under torchrun: cells, the (layer, head) cells dealt out over the ranks (cell j to rank "
+                        "j mod N), each rank training its own from the store; the extraction is shared out too")
     t.add_argument("--shared-heads", action="store_true",
                    help="with --layers: one dictionary per layer shared by the heads, instead of one per head")
     t.add_argument("--site", choices=["state", "write"], default="state", help="which matrix to train on")
@@ -1304,6 +1341,8 @@ def build_parser() -> argparse.ArgumentParser:
     mr = sub.add_parser("make-demo-release", help="train the shipped WriteSAE release for the demo model")
     mr.add_argument("--model", required=True, help="the demo model directory")
     mr.add_argument("--out", required=True, help="release directory to write")
+    mr.add_argument("--layers", type=_int_list, default=None,
+                    help="train only these recurrent layers (comma-separated) and merge them into the release in --out")
     mr.set_defaults(func=cmd_make_demo_release)
 
     pp = sub.add_parser("patch", help="activation patching of every write and of WriteSAE atoms")

@@ -119,7 +119,7 @@ def _contexts_digest(tokens: Tensor) -> str:
 
 
 def extract(model, contexts: Iterable[Tensor], out: str | Path, cfg: ExtractConfig, *, max_contexts: int | None = None,
-            model_path: str | None = None, progress: bool = True) -> Path:
+            model_path: str | None = None, progress: bool = True, place=None) -> Path:
     """Extract ``cfg``'s cells from ``contexts`` (token contexts ``[T]``, a deterministic stream) into ``out``.
 
     One forward per ``forward_batch`` contexts collects every layer and head. Each shard is written through a
@@ -127,10 +127,18 @@ def extract(model, contexts: Iterable[Tensor], out: str | Path, cfg: ExtractConf
     model, data and configuration continues after the last complete shard (the skipped contexts must be the
     stored ones: their tokens are compared); anything else is refused. ``max_contexts`` caps the contexts.
 
+    ``place`` (``distributed.Place``, from torchrun): shard ``i`` is extracted by rank ``i mod world_size``, each
+    rank recording its shards in ``rank-{r}.json``; rank 0 merges them into the manifest after a barrier. Every
+    rank must be given the same ``contexts`` stream; the store equals a single process's, and a resume may use
+    another number of ranks.
+
     Raises :class:`StoreError` for a store of another model or configuration.
     """
     from tqdm.auto import tqdm
 
+    from .distributed import Place, barrier
+
+    place = place or Place()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     layers, heads = check_spec(model, cfg.spec())
@@ -148,19 +156,26 @@ def extract(model, contexts: Iterable[Tensor], out: str | Path, cfg: ExtractConf
     else:
         manifest = {"format": STORE_FORMAT, "model": info, "config": ident, "heads": heads, "shards": [],
                     "complete": False}
-    for stale in out.glob(".tmp-*"):  # temporary files of a killed extraction
-        stale.unlink()
-    done = verified_shards(out, manifest)
-    if len(done) < len(manifest["shards"]):
-        manifest["shards"] = done  # a torn or missing shard and everything after it are extracted again
+    # complete shards of an earlier run (any number of ranks), each checked; a torn or missing one is redone
+    entries = {e["index"]: e for e in manifest["shards"]}
+    for path in sorted(out.glob("rank-*.json")):
+        entries.update({e["index"]: e for e in json.loads(path.read_text())["shards"]})
+    manifest["shards"] = [e for _, e in sorted(entries.items()) if _shard_ok(out, e)]
     manifest["complete"] = False
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    if place.main:
+        for stale in out.glob(".tmp-*"):  # temporary files of a killed extraction
+            stale.unlink()
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+        for path in out.glob("rank-*.json"):  # merged into the manifest above
+            path.unlink()
+    barrier(place)
+    mine: list[dict] = []  # this rank's new shards (distributed: its rank file)
     spec = cfg.spec()
     dtype = DTYPES[cfg.dtype]
     per = cfg.contexts_per_shard
     it = iter(contexts)
     total = None if max_contexts is None else max_contexts
-    bar = tqdm(total=total, desc="extract", unit="ctx", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, desc="extract", unit="ctx", disable=not progress or not place.main, dynamic_ncols=True)
     shard_i, n_ctx = 0, 0
     recorded = {s["index"]: s for s in manifest["shards"]}
     while total is None or n_ctx < total:
@@ -176,7 +191,9 @@ def extract(model, contexts: Iterable[Tensor], out: str | Path, cfg: ExtractConf
         tokens = torch.stack(batch)
         first = n_ctx
         n_ctx += len(batch)
-        if shard_i in recorded:
+        if shard_i % place.world_size != place.rank:
+            pass  # another rank's shard
+        elif shard_i in recorded:
             if recorded[shard_i]["tokens_sha256"] != _contexts_digest(tokens):
                 raise StoreError(f"{out}: shard {shard_i} holds other contexts than this data stream gives; resume "
                                  "with the same dataset, split and context length")
@@ -206,15 +223,38 @@ def extract(model, contexts: Iterable[Tensor], out: str | Path, cfg: ExtractConf
             entry = {"index": shard_i, "file": _shard_name(shard_i), "first_context": first,
                      "n_contexts": len(batch), "n_samples": int(tensors["context"].shape[0]), "bytes": len(data),
                      "sha256": hashlib.sha256(data).hexdigest(), "tokens_sha256": _contexts_digest(tokens)}
-            manifest["shards"].append(entry)
-            atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+            if place.distributed:
+                mine.append(entry)
+                atomic_write_text(out / f"rank-{place.rank}.json", json.dumps({"shards": mine}, indent=1))
+            else:
+                manifest["shards"].append(entry)
+                atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
         shard_i += 1
         bar.update(len(batch))
     bar.close()
-    manifest["complete"] = True
-    manifest["n_contexts"] = n_ctx
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    barrier(place)
+    if place.main:
+        entries = {e["index"]: e for e in manifest["shards"]}
+        for path in sorted(out.glob("rank-*.json")):
+            entries.update({e["index"]: e for e in json.loads(path.read_text())["shards"]})
+        if sorted(entries) != list(range(shard_i)):
+            missing = sorted(set(range(shard_i)) - set(entries))
+            raise StoreError(f"{out}: shards {missing} were not written; run the extraction again to complete it")
+        manifest["shards"] = [entries[i] for i in range(shard_i)]
+        manifest["complete"] = True
+        manifest["n_contexts"] = n_ctx
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+        for path in out.glob("rank-*.json"):
+            path.unlink()
+    barrier(place)  # every rank returns a complete store
     return out
+
+
+def _shard_ok(store: Path, entry: dict) -> bool:
+    """The shard file of a manifest entry is present with its recorded size and hash."""
+    path = store / entry["file"]
+    return path.is_file() and path.stat().st_size == entry["bytes"] and \
+        hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
 
 
 def read_manifest(store: str | Path) -> dict:

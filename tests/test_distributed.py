@@ -1,0 +1,114 @@
+"""torchrun on CPU with gloo and 2 processes (issue 14): a distributed extraction is the single-process store,
+``train --parallel cells`` gives the single process's SAEs, and a rank killed mid-extraction fails the job (the
+launcher names the rank) while a resume, with another number of ranks, completes the same store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import load_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+EXTRACT = ["--layers", "0,1", "--site", "write", "--contexts", "24", "--contexts-per-shard", "4",
+           "--forward-batch", "2", "--context-length", "16"]
+TRAIN = ["--site", "write", "--d-sae", "16", "--k", "4", "--aux-k", "8", "--total-samples", "96",
+         "--batch-size", "32", "--val-contexts", "2", "--val-every", "2", "--context-length", "16"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("dist")
+    load_tiny(root, "qwen3_5").save_pretrained(root / "model")
+    tiny_tokenizer.save_pretrained(root / "model")
+    paragraphs = [f"paragraph {i}: the quick brown fox jumps over the lazy dog; def f(x): return x + {i}"
+                  for i in range(120)]
+    (root / "corpus.txt").write_text("\n\n".join(paragraphs))
+    return root
+
+
+def torchrun(nproc: int, args: list[str], script: str | None = None, env: dict | None = None):
+    """``torchrun --standalone --nproc-per-node nproc`` of ``writesae`` (or ``script``), 1 thread per rank."""
+    target = ["-m", "writesae_plugin.cli"] if script is None else [script]
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(nproc), *target, *args], cwd=ROOT, env=run_env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def shards(store: Path) -> list[tuple]:
+    m = json.loads((store / "manifest.json").read_text())
+    assert m["complete"] and not list(store.glob("rank-*.json"))
+    return [(s["index"], s["first_context"], s["n_contexts"], s["sha256"], s["tokens_sha256"]) for s in m["shards"]]
+
+
+@pytest.fixture(scope="module")
+def single_store(data):
+    from writesae_plugin.cli import main
+
+    out = data / "store1"
+    assert main(["extract", "--model", str(data / "model"), "--dataset", str(data / "corpus.txt"), *EXTRACT,
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_two_ranks_extract_the_single_process_store(data, single_store):
+    out = data / "store2"
+    r = torchrun(2, ["extract", "--model", str(data / "model"), "--dataset", str(data / "corpus.txt"), *EXTRACT,
+                     "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[rank 1/2]" in r.stderr  # logs name the rank
+    assert shards(out) == shards(single_store)  # same shards, bit for bit (hashes of the files)
+    assert len(shards(out)) == 6
+
+
+def test_killed_rank_fails_the_job_and_a_resume_with_one_rank_completes_it(data, single_store):
+    from writesae_plugin.cli import main
+
+    out = data / "store_killed"
+    args = ["extract", "--model", str(data / "model"), "--dataset", str(data / "corpus.txt"), *EXTRACT,
+            "--out", str(out)]
+    r = torchrun(2, args, script=str(ROOT / "tests" / "dist_fault.py"), env={"WRITESAE_KILL_RANK": "1"})
+    assert r.returncode != 0
+    assert "rank" in r.stderr and "exitcode: 3" in r.stderr.replace("exitcode  : 3", "exitcode: 3"), r.stderr[-3000:]
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    assert main(args) == 0  # resume: one rank this time; complete shards of both ranks are kept
+    assert shards(out) == shards(single_store)
+
+
+def test_parallel_cells_give_the_single_process_saes(data, single_store):
+    from writesae_plugin.cli import main
+
+    one, two = data / "cells1", data / "cells2"
+    train = ["train", "--store", str(single_store), "--layers", "0,1", *TRAIN]
+    assert main([*train, "--out", str(one)]) == 0
+    r = torchrun(2, [*train, "--parallel", "cells", "--out", str(two)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "training cells ['L0.H1.write', 'L0.H3.write', 'L1.H1.write', 'L1.H3.write']" in r.stderr
+    a, b = (json.loads((d / "cells" / "release.json").read_text()) for d in (one, two))
+    assert sorted(a["saes"]) == sorted(b["saes"]) and len(a["saes"]) == 8
+    assert not list((two / "cells").glob("release.rank*.json"))
+    for cell in a["saes"]:
+        wa = load_file(one / "cells" / cell / "sae_weights.safetensors")
+        wb = load_file(two / "cells" / cell / "sae_weights.safetensors")
+        for key in wa:  # the stacked sets differ (8 cells vs 4 per rank): equal up to rounding
+            torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-4 * float(wa[key].abs().max()) + 1e-7)
+        assert b["cells"][cell]["fvu"] == pytest.approx(a["cells"][cell]["fvu"], rel=1e-4)
+
+
+def test_train_under_torchrun_needs_parallel_cells(data, capsys):
+    from writesae_plugin.cli import main
+
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        assert main(["train", "--store", str(data), "--layers", "0", *TRAIN, "--out", str(data / "x")]) == 2
+    finally:
+        del os.environ["WORLD_SIZE"]
+    assert "--parallel cells" in capsys.readouterr().err

@@ -1,0 +1,85 @@
+"""Running under ``torchrun``: the process group, ranks and barriers (PyTorch's own runtime, no scheduler of ours).
+
+``torchrun --nproc-per-node N -m writesae_plugin.cli extract|train ...`` starts N processes with ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address in their environment; :func:`init` joins the group
+(NCCL when the device is a GPU, gloo on CPU) and returns this process's place in it. Without those variables it is
+a single process (rank 0 of 1) and nothing is initialised.
+
+What runs distributed (issue 14):
+
+* ``extract``: shard ``i`` is extracted by rank ``i mod N``; every rank walks the same deterministic context
+  stream (tokenising is cheap; the model runs only on its own shards) and records its shards in
+  ``rank-{r}.json``; after a barrier rank 0 merges them into the manifest. The store is the one a single process
+  writes, shard for shard, and it resumes with the same or another N.
+* ``train --parallel cells``: the cells are dealt out over the ranks (cell ``j`` to rank ``j mod N``, printed at the
+  start); each rank trains its cells from the store; rank 0 writes the release index after all finish.
+
+Not built yet: ``--parallel data`` (DDP: every rank holding all cells, gradients all-reduced).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Place:
+    """This process in the job: ``rank`` of ``world_size`` (``local_rank`` on its node)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched() -> bool:
+    """True when torchrun (or another launcher setting ``WORLD_SIZE`` > 1) started this process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: str = "cpu") -> Place:
+    """Join the process group when launched by torchrun (idempotent); the backend is NCCL for a CUDA ``device``,
+    gloo otherwise. Returns this process's :class:`Place` (rank 0 of 1 without a launcher)."""
+    if not launched():
+        return Place()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    return Place(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def barrier(place: Place) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if place.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def log(place: Place, message: str) -> None:
+    """A progress line on stderr, prefixed with the rank in a distributed job."""
+    prefix = f"[rank {place.rank}/{place.world_size}] " if place.distributed else ""
+    print(prefix + message, file=sys.stderr, flush=True)
+
+
+def finish(place: Place) -> None:
+    """Leave the process group at the end of a command."""
+    if place.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+__all__ = ["Place", "launched", "init", "barrier", "log", "finish"]
