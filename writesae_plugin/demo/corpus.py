@@ -6,6 +6,7 @@ same file is always in the same split; ``site-packages`` is excluded.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sysconfig
 from pathlib import Path
@@ -27,7 +28,15 @@ def files(split: str, root: Path | None = None) -> list[Path]:
     """The stdlib ``.py`` files of ``split`` (sorted by relative path)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
-    root = root or stdlib_root()
+    out = list(_files(split, root or stdlib_root()))
+    if not out:
+        raise FileNotFoundError(f"no stdlib .py files found under {root or stdlib_root()} for split {split!r}")
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _files(split: str, root: Path) -> tuple[Path, ...]:
+    """The walk of ``root`` (about a second for the stdlib), once per process and split."""
     out = []
     for p in sorted(root.rglob("*.py")):
         rel = p.relative_to(root).as_posix()
@@ -35,9 +44,7 @@ def files(split: str, root: Path | None = None) -> list[Path]:
             continue
         if split_of(rel) == split:
             out.append(p)
-    if not out:
-        raise FileNotFoundError(f"no stdlib .py files found under {root} for split {split!r}")
-    return out
+    return tuple(out)
 
 
 def texts(split: str, max_chars: int | None = None, root: Path | None = None) -> Iterator[str]:

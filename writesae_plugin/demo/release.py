@@ -1,9 +1,12 @@
 """``writesae make-demo-release``: train the shipped WriteSAE release for the demo model.
 
-One per-head SAE per site (state and write) at the demo layer/head, trained with ``train_write_sae`` on the
-stdlib train split, evaluated on fixed held-out contexts (the validation split); the release directory
-holds ``<sae_id>/`` (``SAE.load_from_disk`` format), ``release.json`` (ids, the model, the recorded FVU and
-L0 with their evaluation contexts) and ``eval_tokens.safetensors``.
+Every (layer, head) of every recurrent layer, state and write sites: per layer and site, one extraction of the
+stdlib train split into a temporary activation store (``store.extract``: one model forward per batch for all
+heads), then every head's SAE trained together along a cell axis (``cells.train_cells_stacked``), validated on
+the validation split during training. Each final SAE is then evaluated as before on fixed held-out contexts (the
+validation split, every position). The release directory holds ``<sae_id>/`` (``SAE.load_from_disk`` format,
+with its ``validation.jsonl``), ``release.json`` (ids, the model, the recorded FVU / L0 / dead fraction per cell
+with their evaluation contexts, the recipe, the demo's headline cell) and ``eval_tokens.safetensors``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,26 +30,30 @@ MODEL_NAMES = {"qwen3_5": "writesae-plugin demo Qwen3.5 (package data)",
 
 @dataclass
 class ReleaseRecipe:
-    layer: int = 2
+    layer: int = 2  # the demo's headline cell (its substitution, closed-form and install tests)
     head: int = 1
     d_sae: int = 512
     k: int = 16
     context_length: int = 128
-    state_samples: int = 64 * 1200
-    write_samples: int = 256 * 800
+    state_samples: int = 64 * 2000  # per cell (the first releases: 64 x 1200 state, 256 x 800 write)
+    write_samples: int = 256 * 1200
     batch_state: int = 64
     batch_write: int = 256
+    state_stride: int = 2  # state matrices at every 2nd position of the training contexts (the scan that
+    # captures states costs the same for any stride, so 2 halves the contexts; the first releases used 4)
     lr: float = 2e-3
+    aux_k: int = 128
+    resample_every: int = 100  # benchmarks/RESULTS.md: resampling
     eval_contexts: int = 24
+    val_contexts: int = 8  # validation split contexts for the curves during training
     seed: int = 0
-    extra_heads: tuple[tuple[int, int], ...] = ()  # more (layer, head) pairs, same sites and sizes
 
 
 def release_recipe(arch: str) -> ReleaseRecipe:
-    """The release recipe of a demo architecture: the same sizes, the layer/head at a comparable depth
+    """The release recipe of a demo architecture: the same sizes; the headline cell at a comparable depth
     (GDN demo: layer 2 of 6; Mamba-2 demo: layer 3 of 8)."""
-    if arch == "qwen3_5":  # L4.H0: where the quote-matching behaviour of the circuit commands lives
-        return ReleaseRecipe(extra_heads=((4, 0),))
+    if arch == "qwen3_5":
+        return ReleaseRecipe()
     if arch == "mamba2":
         return ReleaseRecipe(layer=3, head=1)
     raise ValueError(f"no demo release recipe for arch {arch!r}; expected one of {sorted(RELEASES)}")
@@ -73,11 +81,11 @@ def _contexts(tokenizer, split: str, T: int, n: int | None = None, skip: int = 0
 
 
 def make_demo_release(model_dir: str | Path, out_dir: str | Path, recipe: ReleaseRecipe | None = None,
-                      only: list[tuple[int, int]] | None = None) -> dict:
-    """Train, evaluate and write the release of the demo model in ``model_dir`` (architecture from its
-    config; ``recipe`` defaults to :func:`release_recipe` of that architecture): the state and write SAEs
-    of ``(recipe.layer, recipe.head)`` and of each of ``recipe.extra_heads``. ``only``: train just these
-    (layer, head) pairs and merge them into the release already in ``out_dir``."""
+                      layers: list[int] | None = None, progress: bool = True) -> dict:
+    """Train, evaluate and write the release of the demo model in ``model_dir`` (architecture from its config;
+    ``recipe`` defaults to :func:`release_recipe` of that architecture): the state and write SAEs of every head
+    of every recurrent layer. ``layers``: train just these layers and merge them into the release already in
+    ``out_dir``. Returns the release index (``release.json``)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,7 +94,6 @@ def make_demo_release(model_dir: str | Path, out_dir: str | Path, recipe: Releas
     hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     arch = arch_of(hf)
     recipe = recipe or release_recipe(arch)
-    torch.manual_seed(recipe.seed)
     model = hook_model(hf, tokenizer=AutoTokenizer.from_pretrained(model_dir))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,64 +101,70 @@ def make_demo_release(model_dir: str | Path, out_dir: str | Path, recipe: Releas
     save_file({"input_ids": evals.contiguous()}, str(out / "eval_tokens.safetensors"))
     meta = {"release": RELEASES[arch], "arch": arch, "model": MODEL_NAMES[arch], "recipe": asdict(recipe),
             "saes": {}, "expected_var_explained": {}, "expected_l0": {}, "expected_fvu": {}}
-    if only is not None:
+    all_layers = list(model.cfg.recurrent_layers)
+    if layers is not None:
+        bad = [layer for layer in layers if layer not in all_layers]
+        if bad:
+            raise ValueError(f"layers {bad} are not recurrent layers of this model ({all_layers})")
         if not (out / "release.json").is_file():
-            raise FileNotFoundError(f"only= merges into an existing release; {out / 'release.json'} is missing")
+            raise FileNotFoundError(f"layers= merges into an existing release; {out / 'release.json'} is missing")
         meta = {**json.loads((out / "release.json").read_text()), "recipe": asdict(recipe)}
-    pairs = [(recipe.layer, recipe.head), *recipe.extra_heads] if only is None else list(only)
-    for (layer, head), site in itertools.product(pairs, ("state", "write")):
-        if (layer, head) != (recipe.layer, recipe.head) and site == "state":
-            torch.manual_seed(recipe.seed + 1000 * layer + head)  # extra pairs: reproducible alone (only=)
-        meta = _train_one(model, recipe, evals, out, meta, layer, head, site)
-    (out / "release.json").write_text(json.dumps(meta, indent=2))
+    meta["demo_saes"] = [sae_id(site, recipe.layer, recipe.head) for site in ("state", "write")]
+    for layer, site in itertools.product(all_layers if layers is None else layers, ("state", "write")):
+        meta = _train_layer(model, recipe, evals, out, meta, layer, site, progress)
+        (out / "release.json").write_text(json.dumps(meta, indent=2))
     return meta
 
 
-def _train_one(model, recipe: ReleaseRecipe, evals, out: Path, meta: dict, layer: int, head: int, site: str) -> dict:
-    """Train, evaluate and store one SAE of the release (``<out>/L{layer}.H{head}.{site}``)."""
-    from ..data import ActivationProvider, SiteSpec
-    from ..sae import WriteSAETrainingConfig
-    from ..train import evaluate_sae, train_write_sae
-
-    mcfg = model.cfg
-    layout = "factors" if site == "write" else "dense"
-    spec = SiteSpec(layer=layer, site=site, heads=[head],
-                    positions=("stride", 4) if site == "state" else "all", layout=layout)
-    batch = recipe.batch_state if site == "state" else recipe.batch_write
-    samples = recipe.state_samples if site == "state" else recipe.write_samples
-    provider = ActivationProvider(model, _contexts(model.tokenizer, "train", recipe.context_length), spec,
-                                  batch_size=batch, buffer_batches=8, seed=recipe.seed, normalize=True)
-    val_spec = SiteSpec(layer=layer, site=site, heads=[head], positions="all", layout=layout)
-    val = list(ActivationProvider(model, iter(evals), val_spec, batch_size=512, buffer_batches=2,
-                                  seed=recipe.seed + 1))
-    cfg = WriteSAETrainingConfig(d_in=mcfg.d_k * mcfg.d_v, d_sae=recipe.d_sae, d_k=mcfg.d_k, d_v=mcfg.d_v,
-                                 k=recipe.k, site=site, head=head, n_heads=mcfg.n_heads,
-                                 family=mcfg.family, layer=layer, input_layout=layout,
-                                 hook_name_hf=model.family.hf_module_name(model.hf_model, layer),
-                                 aux_k=128)
-    cfg.metadata.hook_name = model.hook_prefix(layer) + f"hook_{site}"
-    cfg.metadata.model_name = meta["model"]
-    cfg.metadata.context_size = recipe.context_length
-    cfg.metadata.prepend_bos = False
-    work = out / f"_train_{sae_id(site, layer, head)}"
-    sae, history = train_write_sae(cfg, provider, work, total_samples=samples, batch_size=batch, lr=recipe.lr,
-                                   val_batches=val, val_every=200, n_checkpoints=0)
-    sid = sae_id(site, layer, head)
-    if (out / sid).exists():
-        shutil.rmtree(out / sid)
-    shutil.move(str(work / "final"), str(out / sid))
-    (out / sid / "validation.jsonl").write_text((work / "validation.jsonl").read_text())
-    shutil.rmtree(work)
+def _train_layer(model, recipe: ReleaseRecipe, evals, out: Path, meta: dict, layer: int, site: str,
+                 progress: bool) -> dict:
+    """Train every head's ``site`` SAE of ``layer`` together from one extraction, evaluate and store each."""
     from sae_lens import SAE
 
-    final = SAE.load_from_disk(out / sid)
-    m = evaluate_sae(final, val, layout)
-    meta["saes"][sid] = sid
-    meta["expected_fvu"][sid] = m.fvu
-    meta["expected_var_explained"][sid] = 1 - m.fvu
-    meta["expected_l0"][sid] = m.l0
-    meta.setdefault("dead_fraction", {})[sid] = m.dead_fraction
-    meta.setdefault("n_eval_matrices", {})[sid] = m.n
-    meta.setdefault("sites", {})[sid] = {"layer": layer, "head": head, "site": site}
-    return meta
+    from ..cells import Cell, CellTraining, train_cells_stacked
+    from ..data import ActivationProvider, SiteSpec
+    from ..store import ActivationStore, ExtractConfig, extract
+    from ..train import evaluate_sae
 
+    state = site == "state"
+    batch = recipe.batch_state if state else recipe.batch_write
+    samples = recipe.state_samples if state else recipe.write_samples
+    positions = ("stride", recipe.state_stride) if state else "all"
+    per_context = len(range(0, recipe.context_length, recipe.state_stride)) if state else recipe.context_length
+    n_contexts = -(-samples // per_context) + 2  # + a margin for the shuffle buffer's last batch
+    heads = list(range(model.cfg.n_heads))
+    cfg = ExtractConfig(layers=[layer], site=site, positions=positions, dtype="float16" if state else "float32",
+                        contexts_per_shard=32, forward_batch=8, seed=recipe.seed,
+                        data={"dataset": "stdlib corpus (package data)", "context_length": recipe.context_length})
+    t = CellTraining(d_sae=recipe.d_sae, k=recipe.k, aux_k=recipe.aux_k, resample_every=recipe.resample_every,
+                     total_samples=samples, batch_size=batch, lr=recipe.lr, val_contexts=recipe.val_contexts,
+                     val_every=200, n_checkpoints=0, seed=recipe.seed)
+    cells = [Cell(layer, head, site) for head in heads]
+    with tempfile.TemporaryDirectory(prefix=f"release-L{layer}-{site}-", dir=out) as work:
+        work = Path(work)
+        store = ActivationStore(extract(model, _contexts(model.tokenizer, "train", recipe.context_length, n_contexts),
+                                        work / "store", cfg, progress=progress))
+        val_store = ActivationStore(extract(model, _contexts(model.tokenizer, "validation", recipe.context_length,
+                                                             recipe.val_contexts, skip=recipe.eval_contexts),
+                                            work / "val_store", cfg, progress=False))
+        train_cells_stacked(store, cells, work / "train", t, val_store=val_store, progress=progress)
+        for cell in cells:
+            sid = sae_id(site, layer, cell.head)
+            if (out / sid).exists():
+                shutil.rmtree(out / sid)
+            shutil.move(str(work / "train" / "runs" / cell.id / "final"), str(out / sid))
+            shutil.copy2(work / "train" / "runs" / cell.id / "validation.jsonl", out / sid / "validation.jsonl")
+    layout = "factors" if site == "write" else "dense"
+    for cell in cells:  # the recorded numbers: every position of the fixed held-out contexts
+        sid = sae_id(site, layer, cell.head)
+        spec = SiteSpec(layer=layer, site=site, heads=[cell.head], positions="all", layout=layout)
+        val = list(ActivationProvider(model, iter(evals), spec, batch_size=512, buffer_batches=2, seed=recipe.seed + 1))
+        m = evaluate_sae(SAE.load_from_disk(out / sid), val, layout)
+        meta["saes"][sid] = sid
+        meta["expected_fvu"][sid] = m.fvu
+        meta["expected_var_explained"][sid] = 1 - m.fvu
+        meta["expected_l0"][sid] = m.l0
+        meta.setdefault("dead_fraction", {})[sid] = m.dead_fraction
+        meta.setdefault("n_eval_matrices", {})[sid] = m.n
+        meta.setdefault("sites", {})[sid] = {"layer": layer, "head": cell.head, "site": site}
+    return meta
