@@ -83,7 +83,8 @@ class Circuit:
             ax.scatter([x], [y], s=80 + 600 * abs(n["effect"]) / scale, zorder=2,
                        color="tab:red" if n["effect"] > 0 else "tab:blue",
                        marker="s" if n["kind"] == "error" else "o", edgecolor="k")
-            ax.annotate(n["id"], (x, y), textcoords="offset points", xytext=(8, 4), fontsize=8)
+            text = n["id"] + (f"\n{n['label']}" if n.get("label") else "")
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(8, 4), fontsize=8)
         ax.set_xticks(range(len(layers)), [f"layer {layer}" for layer in layers])
         ax.set_yticks([])
         ax.set_title(title or f"feature circuit ({self.method}): {len(self.nodes)} nodes, {len(self.edges)} edges; "

@@ -22,6 +22,27 @@ from .tasks import PromptPairs
 DEFAULT_SAES = ("writesae-demo:L4.H0.write", "writesae-demo:L4.H0.state")  # where the quote memory lives
 
 
+def atom_labels(model, sae, tokens: torch.Tensor, atoms: Sequence[int], k: int = 3) -> dict[int, str]:
+    """``{atom: "promotes 'a' 'b' 'c'"}``: the ``k`` tokens each atom's value side promotes through the direct
+    path as its head reads it on ``tokens`` (read-signed, ``write_attribution.preferred_token``'s scores); empty
+    without a tokenizer or for a head-shared SAE."""
+    from ..experiments.substitution import _site_and_writes
+    from ..experiments.write_attribution import atom_read, direct_token_scores, head_queries
+
+    tk = getattr(model, "tokenizer", None)
+    atoms = [int(a) for a in atoms if isinstance(a, int) or (hasattr(a, "__index__") and not isinstance(a, str))]
+    if tk is None or getattr(sae.cfg, "head", None) is None or not atoms:
+        return {}
+    with torch.no_grad():
+        q = head_queries(model, sae, tokens)
+        codes = _site_and_writes(model, sae, tokens, sae.cfg.write_mode)[0]
+    out = {}
+    for a in atoms:
+        scores = direct_token_scores(model, sae, atom_read(sae, a, q, codes)["read"])
+        out[a] = "promotes " + " ".join(repr(tk.decode([i])) for i in scores.topk(k).indices.tolist())
+    return out
+
+
 def _baselines(res: PatchResult) -> dict:
     return {"clean": mean_ci(res.clean_rows), "corrupted": mean_ci(res.corrupted_rows)}
 
@@ -55,7 +76,14 @@ def run_patch(model, sae, pairs: PromptPairs, out: str | Path, progress: bool = 
                "writes": {"top": _top(writes), "index": writes.index,
                           "normalized": writes.normalized.tolist()}}
     if atoms is not None:
-        results["atoms"] = {"top": _top(atoms), "index": atoms.index, "sae": sae.cfg.metadata.hook_name}
+        top = _top(atoms)
+        labels = atom_labels(model, sae, pairs.clean, [e["atom"] for e in top if e.get("atom") != "error"])
+        for e in top:
+            if e.get("atom") in labels:
+                e["label"] = labels[e["atom"]]
+        results["atoms"] = {"top": top, "index": atoms.index, "sae": sae.cfg.metadata.hook_name}
+    tk = getattr(model, "tokenizer", None)
+    tick_labels = [tk.decode([int(i)]) for i in pairs.clean[0].tolist()] if tk is not None else None
 
     def heatmap():
         L = len(writes.index["layer"])
@@ -66,7 +94,11 @@ def run_patch(model, sae, pairs: PromptPairs, out: str | Path, progress: bool = 
             im = ax.imshow(writes.normalized[i].T, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim,
                            interpolation="nearest")
             ax.set_title(f"layer {writes.index['layer'][i]}")
-            ax.set_xlabel("position")
+            if tick_labels is not None:  # the tokens of the first clean prompt (the template's end is shared)
+                ax.set_xticks(range(len(tick_labels)), [repr(t)[1:-1] for t in tick_labels], rotation=90, fontsize=6)
+                ax.set_xlabel("position (tokens of clean prompt 0)")
+            else:
+                ax.set_xlabel("position")
             ax.set_yticks(range(len(writes.index["head"])), writes.index["head"])
         axes[0][0].set_ylabel("value head")
         fig.colorbar(im, ax=axes[0].tolist(), label="normalised patching score")
@@ -177,6 +209,14 @@ def run_circuit(model, saes: Sequence, pairs: PromptPairs, out: str | Path, node
                            max_nodes_per_sae=max_nodes_per_sae, progress=progress, batch_size=batch_size)
     pruned = acdc_prune(model, saes, pairs.clean, pairs.corrupted, metric, acdc_threshold, circuit=circ,
                         progress=progress)
+    for sae in saes:  # atom labels: the tokens each node's atom promotes, as its head reads it
+        key = (sae.cfg.layer, sae.cfg.head)
+        mine = [n for c in (circ, pruned) for n in c.nodes if n["kind"] == "atom" and (n["layer"], n["head"]) == key
+                and n["id"].rsplit(".", 2)[-2] == sae.cfg.site]
+        labels = atom_labels(model, sae, pairs.clean, sorted({n["atom"] for n in mine}))
+        for n in mine:
+            if n["atom"] in labels:
+                n["label"] = labels[n["atom"]]
     circ.to_json(out / "circuit.json")
     pruned.to_json(out / "circuit_acdc.json")
     results = {"n_prompts": len(pairs), "attribution": {"n_nodes": len(circ.nodes), "n_edges": len(circ.edges),

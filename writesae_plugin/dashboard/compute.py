@@ -225,8 +225,10 @@ def measured_effects(model, sae, tokens: Tensor, acc: AtomStats, atoms: list[int
     """Step 3: per atom ``{"records": [{"ctx", "pos", "act", "kl_atom", "kl_delete", "win", "top": [[id, dlogit]]
     ...}], "mean_dlogit_top" / "mean_dlogit_bottom": [[id, mean Delta logit]], "win": Wilson dict, "n"}``.
 
-    The firings of one context run together: two rows per firing (atom, delete), each row with its one edit
-    (edits are exact per row, so rows do not interact), at most ``rows_per_forward`` rows per forward."""
+    The layers before the SAE's run once for every context involved (``model.resume_state``, checked against
+    the full forward); the firings of one context then run together from the SAE's layer on: two rows per
+    firing (atom, delete), each row with its one edit (edits are exact per row, so rows do not interact), at
+    most ``rows_per_forward`` rows per call."""
     L, h, mode = sae.cfg.layer, sae.cfg.head, sae.cfg.write_mode
     fir = _firings(acc, atoms, cfg.effect_firings)
     by_ctx: dict[int, list[tuple[int, dict]]] = {}
@@ -237,20 +239,21 @@ def measured_effects(model, sae, tokens: Tensor, acc: AtomStats, atoms: list[int
     bar = tqdm(total=n_jobs, desc="atom effects", unit="firing", disable=not progress or not n_jobs)
     res: dict[int, dict] = {a: {"records": [], "dsum": None} for a in atoms}
     per = max(1, rows_per_forward // 2)
-    for c in sorted(by_ctx):
-        clean_all = model(tokens[c:c + 1])[0].float()
+    ctxs = sorted(by_ctx)
+    state = model.resume_state(tokens[ctxs], L) if ctxs else None  # layers < L: once per context
+    for ci, c in enumerate(ctxs):
+        with model.options(write_mode=mode):
+            clean_all = model.run_from_layer(state.select([ci]))[0].float()
         jobs = by_ctx[c]
         for s0 in range(0, len(jobs), per):
             group = jobs[s0:s0 + per]
-            T = max(f["pos"] for _, f in group) + 1
             edits = []
             for r, (a, f) in enumerate(group):
                 A = f["act"] * atom_matrix(sae, a).float()
                 edits += [WriteEdit(layer=L, pos=f["pos"], head=h, batch=2 * r, matrix=A, mode=mode),
                           WriteEdit(layer=L, pos=f["pos"], head=h, batch=2 * r + 1, op="delete", mode=mode)]
-            with model.options(write_mode=mode):
-                logits = model.run_with_edits(tokens[c:c + 1, :T].expand(2 * len(group), -1).contiguous(),
-                                              edits).float()
+            with model.options(write_mode=mode), model.edits(edits):
+                logits = model.run_from_layer(state.select([ci] * (2 * len(group)))).float()
             for r, (a, f) in enumerate(group):
                 t = f["pos"]
                 clean = clean_all[t]
