@@ -99,27 +99,55 @@ INSTALL = nb([
     "md:# Steering by install\n\nInstall `k_t w*_T^T` (value side aimed at a target token through `W_O` and `W_U`) "
     "at the last three prompt positions, then decode greedily: the install lives in the recurrent state.",
     SETUP,
+    "md:Target ` None` at the last recurrent layer (layer 5, head 0), 3x the native write norm. First the "
+    "next-token distribution: where does the target rank before and after the install?",
     """
 from writesae_plugin.adapters import WriteEdit
 from writesae_plugin.experiments.install import target_direction
 prompt = tokens[:1, :40]
-target = tok.convert_tokens_to_ids("Ġreturn") if "Ġreturn" in tok.get_vocab() else 100
-p = "blocks.2.linear_attn."
+target = tok.convert_tokens_to_ids("ĠNone")
+layer, head = 5, 0
+p = model.hook_prefix(layer)
 _, c = model.run_with_cache(prompt, names_filter=[p + "hook_write_key", p + "hook_write_value"])
-key, value = c[p + "hook_write_key"][0, :, 1], c[p + "hook_write_value"][0, :, 1]
-w = target_direction(model, 2, 1, target)
-edits = [WriteEdit(layer=2, pos=t, head=1, matrix=3 * torch.outer(key[t], value[t]).norm()
-                   * torch.outer(key[t] / key[t].norm(), w)) for t in (37, 38, 39)]
-base = model.generate(prompt, max_new_tokens=12)
-with model.edits(edits):
-    steered = model.generate(prompt, max_new_tokens=12)
-print("baseline:", repr(tok.decode(base[0, 40:])))
-print("steered: ", repr(tok.decode(steered[0, 40:])))
+key, value = c[p + "hook_write_key"][0, :, head], c[p + "hook_write_value"][0, :, head]
+w = target_direction(model, layer, head, target)
+
+def install(m):
+    return [WriteEdit(layer=layer, pos=t, head=head, matrix=m * torch.outer(key[t], value[t]).norm()
+                      * torch.outer(key[t] / key[t].norm(), w)) for t in (37, 38, 39)]
+
+with torch.no_grad():
+    before = model(prompt)[0, -1].log_softmax(-1)
+    after = model.run_with_edits(prompt, install(3.0))[0, -1].log_softmax(-1)
+rank = lambda lp: int((lp > lp[target]).sum())
+print(f"' None': log-prob {before[target]:.2f} -> {after[target]:.2f}, rank {rank(before)} -> {rank(after)}")
 """,
+    "md:The install moves the target up the ranking (the first-step log-prob lift is what `writesae install` "
+    "reports), but on this 4M-parameter model one head's write rarely decides the greedy token: the continuation "
+    "at m = 3 is the baseline's. A larger install changes the text (here the list ends and a method follows), "
+    "though not into the target: the lift is real, greedy decoding only shows it when the target gets to rank 0.",
+    """
+base = model.generate(prompt, max_new_tokens=12)
+print("baseline:      ", repr(tok.decode(base[0, 40:])))
+for m in (3.0, 20.0):
+    with model.edits(install(m)):
+        steered = model.generate(prompt, max_new_tokens=12)
+    print(f"installed m={m:<4}", repr(tok.decode(steered[0, 40:])))
+""",
+    "md:The experiment over prompts and random mid-ranked targets (target-in-continuation rate with Wilson "
+    "intervals, baseline vs installed, at layer 5 head 0). On these two prompts with two targets each, the target "
+    "appears in no continuation either way (0 of 4, Wilson upper bound 49%) and the mean first-step lift is about "
+    "zero: the example above is a favourable one. On this small model single-head installs move ranks, rarely "
+    "greedy text; `writesae demo` measures the rate on more prompts (its install report lists each prompt with "
+    "both continuations).",
     """
 from writesae_plugin.experiments.install import InstallConfig, run_install
-res = run_install(model, tokens[:2, :40], InstallConfig(layer=2, head=1, strata=((10, 100),), max_new_tokens=8))
-print(res.summary["by_multiplier"]["3.0"]["all"]["installed_rate"], res.summary["by_multiplier"]["3.0"]["all"]["baseline_rate"])
+res = run_install(model, tokens[:2, :40], InstallConfig(layer=5, head=0, strata=((10, 100),), max_new_tokens=8),
+                  progress=False)
+a = res.summary["by_multiplier"]["3.0"]["all"]
+print("installed", a["installed_rate"])
+print("baseline ", a["baseline_rate"])
+print("mean first-step log-prob lift", round(a["mean_logprob_lift"], 3))
 """,
 ])
 
