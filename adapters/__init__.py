@@ -16,15 +16,32 @@ from .base import (AdapterConfig, HookedRecurrentModel, HookNameError, StateCapt
                    WriteEdit, existing_wrapper, lm_cross_entropy, reuse_wrapper)
 from .gated_deltanet import GDN_MODEL_TYPES, GatedDeltaNetFamily, available_model_types
 from .kimi_linear import KIMI_MODEL_TYPES, KimiLinearFamily
+from .xlstm import XLSTM_MODEL_TYPES, XLSTMFamily
 from .mamba2 import MAMBA2_MODEL_TYPES, Mamba2Family
 from .mamba_ssm import InferenceCache, MambaSSMCausalLM, hook_mamba_ssm, is_mamba_ssm_model
+
+
+#: model types that look recurrent but have no rank-1 matrix write in the key-first frame (or no hookable kernel)
+NOT_HOOKABLE = {
+    "mamba": "Mamba-1 keeps a per-channel state (d_inner x d_state) written by a diagonal, not a rank-1 key-first write",
+    "falcon_mamba": "Falcon-Mamba is Mamba-1: a per-channel state without a rank-1 key-first write",
+    "jamba": "Jamba's recurrent layers are Mamba-1: a per-channel state without a rank-1 key-first write",
+    "minimax": "MiniMax's lightning attention is written inline in its layer forward (no kernel to intercept)",
+    "rwkv": "transformers' rwkv is RWKV-4 (a per-channel WKV state, no matrix write); RWKV-7 lives in fla",
+}
+
+
+def _families_line() -> str:
+    return ("supported families: Gated DeltaNet (qwen3_5, qwen3_5_moe, qwen3_next, olmo_hybrid, qwen4_exp), "
+            "Kimi Delta Attention (kimi_linear), xLSTM (xlstm), Mamba-2 (mamba2, bamba, nemotron_h, falcon_h1, "
+            "zamba2, granitemoehybrid; mamba-ssm MambaLMHeadModel)")
 
 
 def supported_families() -> list[str]:
     """Model types this install can hook (``mamba_ssm``: mamba-ssm's ``MambaLMHeadModel``, where importable)."""
     import importlib.util
 
-    found = available_model_types() + [t for t, m in {**KIMI_MODEL_TYPES, **MAMBA2_MODEL_TYPES}.items()
+    found = available_model_types() + [t for t, m in {**KIMI_MODEL_TYPES, **XLSTM_MODEL_TYPES, **MAMBA2_MODEL_TYPES}.items()
                                        if importlib.util.find_spec(m)]
     return found + (["mamba_ssm"] if importlib.util.find_spec("mamba_ssm") else [])
 
@@ -46,6 +63,9 @@ def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
     if is_mamba_ssm_model(hf_model):
         return hook_mamba_ssm(hf_model, tokenizer=tokenizer)
     model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
+    if model_type in NOT_HOOKABLE:
+        raise UnsupportedModelError(f"{type(hf_model).__name__} (model_type={model_type!r}) cannot be hooked: "
+                                    f"{NOT_HOOKABLE[model_type]}; {_families_line()}")
     if model_type in MAMBA2_MODEL_TYPES:
         import importlib.util
 
@@ -54,6 +74,8 @@ def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
         family = Mamba2Family(hf_model, model_type)
     elif model_type in KIMI_MODEL_TYPES:
         family = KimiLinearFamily(hf_model)
+    elif model_type in XLSTM_MODEL_TYPES:
+        family = XLSTMFamily(hf_model)
     else:
         family = GatedDeltaNetFamily(hf_model)
     return HookedRecurrentModel(hf_model, family, tokenizer=tokenizer)

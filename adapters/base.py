@@ -645,7 +645,8 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
             finally:
                 handle.remove()
             carried = captured["out"]
-        state = ResumeState(layer=layer, tokens=tokens, attention_mask=attention_mask, carried=carried)
+        state = ResumeState(layer=layer, tokens=tokens, attention_mask=attention_mask, carried=carried,
+                            keep_states=bool(getattr(self.family, "layers_return_states", False)))
         reason = state.unsliceable_reason()
         if reason is None and check and layer > 0:
             one = state.select([0])
@@ -669,7 +670,9 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         of the decoder loop are the model's own, so this equals the full forward. Hooks and edits of layers
         ``>= state.layer`` apply; edits of earlier layers cannot (they would change the replayed output).
         With ``past_key_values`` the call continues a cached sequence (``state`` then holds the new positions
-        only: ``state.select(rows, start)``); only the caches of layers ``>= state.layer`` are advanced."""
+        only: ``state.select(rows, start)``); only the caches of layers ``>= state.layer`` are advanced (those of the
+        layers before it are stale afterwards; where the decoder layers return their recurrent state, as xLSTM's, the
+        replay hands back layer ``state.layer - 1``'s recorded state, which the model copies into them)."""
         self._check_hooked()
         if not isinstance(state, ResumeState):
             raise TypeError(f"run_from_layer takes a ResumeState from model.resume_state(tokens, layer), got "
@@ -680,7 +683,7 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
                 raise ValueError(f"an edit at layer {early[0].layer} cannot apply in a forward resumed at layer "
                                  f"{state.layer}; resume at layer <= {early[0].layer} or run the full forward")
         layers = self.family.decoder_layers(self.hf_model)
-        replays = [] if state.full else [_Replay(state.carried) for _ in range(state.layer)]
+        replays = [] if state.full else [_Replay(state.carried, state.keep_states) for _ in range(state.layer)]
         saved = []
         try:
             for i, replay in enumerate(replays):
@@ -899,7 +902,9 @@ def _cached_length(cache, ids, mask) -> int | None:
     if seen:
         return max(seen.values())
     if not hasattr(cache, "get_seq_length"):  # mamba-ssm InferenceParams (anything else: the model refuses it)
-        offset = getattr(cache, "seqlen_offset", None)
+        offset = getattr(cache, "seqlen_offset", None)  # (and xLSTMCache, whose offset is a 1-element tensor)
+        if isinstance(offset, Tensor) and offset.numel() == 1 and not offset.dtype.is_floating_point:
+            return int(offset)
         return int(offset) if isinstance(offset, numbers.Integral) else None
     try:
         return int(cache.get_seq_length())
@@ -989,8 +994,8 @@ class _Replay:
     resume point, for the positions of this call (a cursor advances by each call's length, so wrappers that run
     a continuation one token at a time get one position per call)."""
 
-    def __init__(self, carried):
-        self.carried, self.cursor = carried, 0
+    def __init__(self, carried, keep_states: bool = False):
+        self.carried, self.cursor, self.keep_states = carried, 0, keep_states
 
     def __call__(self, *args, **kwargs):
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim() >= 2), None)
@@ -998,6 +1003,9 @@ class _Replay:
             raise RuntimeError("a replayed decoder layer was called without a [batch, pos, ...] tensor input")
         n = first.shape[1]
         start, self.cursor = self.cursor, self.cursor + n
+
+        if self.keep_states:  # (hidden [b, T, ...], the layer's recurrent state): the state is returned whole
+            return (self.carried[0][:, start:start + n], *self.carried[1:])
         return _map_tensors(self.carried, lambda t: t[:, start:start + n])
 
 
@@ -1016,10 +1024,19 @@ class ResumeState:
     carried: Any = None
     full: bool = False
     fallback_reason: str | None = None
+    keep_states: bool = False  # the decoder layers also return their recurrent state ``[b, ...]`` (xLSTM)
 
     def unsliceable_reason(self) -> str | None:
         b, T = self.tokens.shape
-        for t in _tensors(self.carried):
+        carried = self.carried
+        if self.keep_states and carried is not None:
+            if not (isinstance(carried, tuple) and isinstance(carried[0], Tensor)):
+                return f"decoder layer {self.layer - 1} returns {type(carried).__name__}, not (hidden, state)"
+            bad = [t for t in _tensors(carried[1:]) if t.dim() < 1 or t.shape[0] != b]
+            if bad:
+                return f"decoder layer {self.layer - 1} returns a state of shape {list(bad[0].shape)}, not [batch={b}, ...]"
+            carried = carried[0]
+        for t in _tensors(carried):
             if t.dim() < 2 or tuple(t.shape[:2]) != (b, T):
                 return (f"decoder layer {self.layer - 1} returns a tensor of shape {list(t.shape)}, not "
                         f"[batch={b}, pos={T}, ...]")
@@ -1034,7 +1051,11 @@ class ResumeState:
             raise ValueError(f"rows must index the state's {b} rows, got {idx.tolist()}")
         mask = None if self.attention_mask is None else self.attention_mask.index_select(0, idx.to(
             self.attention_mask.device))
-        carried = _map_tensors(self.carried, lambda t: t.index_select(0, idx.to(t.device))[:, start:])
+        rows = lambda t: t.index_select(0, idx.to(t.device))  # noqa: E731
+        if self.keep_states and self.carried is not None:  # (hidden, state): the state has no position axis
+            carried = (rows(self.carried[0])[:, start:], *_map_tensors(self.carried[1:], rows))
+        else:
+            carried = _map_tensors(self.carried, lambda t: rows(t)[:, start:])
         return dataclasses.replace(self, tokens=self.tokens.index_select(0, idx)[:, start:], attention_mask=mask,
                                    carried=carried)
 

@@ -18,7 +18,7 @@ LONG = "hello world, recurrent models write matrices and the lazy dog"
 EOS = "<|endoftext|>"
 
 
-@pytest.fixture(params=["qwen3_5", "kimi_linear", "mamba2"])
+@pytest.fixture(params=["qwen3_5", "kimi_linear", "mamba2"])  # xLSTM takes no mask: test_xlstm_adapter.py
 def model(request, qwen, tmp_path, tiny_tokenizer):
     """A hooked tiny Qwen3.5, Kimi Linear or Mamba-2 with a right-padding tokenizer whose pad token is its eos."""
     assert tiny_tokenizer.padding_side == "right" and tiny_tokenizer.pad_token == EOS

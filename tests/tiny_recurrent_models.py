@@ -1,5 +1,5 @@
 """Tiny random-init models of the real Hugging Face classes of the families beyond GDN / Mamba-2: Kimi Linear
-(``kimi_linear``: KDA layers + one MLA attention layer) and xLSTM (``xlstm``), saved with ``save_pretrained`` and
+(``kimi_linear``: KDA layers + one MLA attention layer) and xLSTM (``xlstm``: mLSTM blocks), saved with ``save_pretrained`` and
 reloaded with the Auto class from a directory (the real loading code, offline), fp32, eval mode.
 
 ``make_tiny_kimi(path)``: hidden 64, vocab 256, 4 layers (layer 3 full attention, MLA), KDA with 4 heads of
@@ -55,3 +55,38 @@ def build_tiny_kimi(seed: int = 0, **overrides):
 
 def make_tiny_kimi(save_dir, seed: int = 0, **overrides):
     return _save_reload(build_tiny_kimi(seed, **overrides), save_dir)
+
+
+def xlstm_config(**overrides):
+    from transformers import xLSTMConfig
+
+    # qk_dim = hidden * qk_dim_factor must be a multiple of 64: the layer uses it as is, the cache rounds it up
+    kw = dict(vocab_size=VOCAB, hidden_size=128, embedding_dim=128, num_hidden_layers=3, num_blocks=3, num_heads=4,
+              qk_dim_factor=0.5, v_dim_factor=1.0, ffn_proj_factor=1.0, ffn_round_up_to_multiple_of=16,
+              chunk_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    kw.update(overrides)
+    return xLSTMConfig(**kw)
+
+
+def build_tiny_xlstm(seed: int = 0, **overrides):
+    """Tiny ``xLSTMForCausalLM``: hidden 128, 3 mLSTM blocks, 4 heads, d_k = 16, d_v = 32, chunk 16. transformers initialises
+    the gate projections to zero (constant gates); they are drawn at random here so the input gate varies over
+    tokens and the max stabiliser switches between its two branches."""
+    from transformers import xLSTMForCausalLM
+
+    torch.manual_seed(seed)
+    model = xLSTMForCausalLM._from_config(xlstm_config(**overrides), dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for block in model.backbone.blocks:
+            layer = block.mlstm_layer
+            for lin, scale, bias, shift in ((layer.igate_preact, 0.05, 1.0, 0.0), (layer.fgate_preact, 0.05, 1.0, 2.0),
+                                            (layer.ogate_preact, 0.1, 0.0, 0.0)):
+                lin.weight.copy_(scale * torch.randn(lin.weight.shape, generator=g))
+                if lin.bias is not None:
+                    lin.bias.copy_(shift + bias * torch.randn(lin.bias.shape, generator=g))
+    return model
+
+
+def make_tiny_xlstm(save_dir, seed: int = 0, **overrides):
+    return _save_reload(build_tiny_xlstm(seed, **overrides), save_dir)

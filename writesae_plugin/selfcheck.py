@@ -59,7 +59,7 @@ def reference_read(model: HookedRecurrentModel, cache, layer: int, write_edits: 
     """The per-token reference recurrence of ``layer`` on captured hooks (the family's own oracle);
     ``write_edits[(b, t, h)] = W_new`` (raw mode)."""
     p = model.hook_prefix(layer)
-    if model.family.name in ("mamba2", "mamba_ssm"):
+    if model.family.name in ("mamba2", "mamba_ssm", "xlstm"):  # scalar-decay frame (xLSTM: the stabilised C~)
         from .adapters.mamba2 import mamba2_reference
 
         return mamba2_reference(cache[p + "hook_write_key"], cache[p + "hook_write_value"], cache[p + "hook_log_decay"],

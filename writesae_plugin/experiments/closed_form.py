@@ -84,6 +84,26 @@ def eager_attention(model):
             hf.set_experts_implementation(experts)
 
 
+class GatedNormMap:
+    """How a layer's read reaches its output projection, for the direct path: the per-head gated norm
+    ``norm(o, z)`` of Gated DeltaNet, KDA and Mamba-2 (a family may give its own map: ``family.output_map``).
+    ``register(captured)`` records what the map needs during a forward (returns the hook handles),
+    ``read(captured)`` is the read as the map takes it, ``apply(captured, x)`` maps a read ``x`` (same shape)."""
+
+    def __init__(self, mixer):
+        self.norm = _norm_module(mixer)
+
+    def register(self, captured: dict) -> list:
+        return [self.norm.register_forward_pre_hook(
+            lambda m, a: captured.setdefault("norm_in", (a[0].clone(), a[1].clone())))]
+
+    def read(self, captured: dict) -> Tensor:
+        return captured["norm_in"][0]
+
+    def apply(self, captured: dict, x: Tensor) -> Tensor:
+        return self.norm(x, captured["norm_in"][1])
+
+
 def _norm_module(mixer):
     for m in mixer.children():
         if "Norm" in type(m).__name__ and "Gated" in type(m).__name__:
@@ -114,15 +134,15 @@ def _context_pass(model, sae, ctx: Tensor, atom: int, cfg: ClosedFormConfig, t0:
     H, dv = model.cfg.n_heads, model.cfg.d_v
     p = model.hook_prefix(L)
     captured = {}
-    h1 = norm.register_forward_pre_hook(lambda m, a: captured.setdefault("norm_in", (a[0].clone(), a[1].clone())))
-    h2 = final_norm.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].clone()))
+    handles = norm.register(captured)
+    handles.append(final_norm.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].clone())))
     try:
         clean, cache = model.run_with_cache(ctx, names_filter=[p + "hook_read", p + "hook_write_key",
                                                                p + "hook_write_value", p + "hook_query",
                                                                p + "hook_log_decay"])
     finally:
-        h1.remove()
-        h2.remove()
+        for handle in handles:
+            handle.remove()
     T = ctx.shape[1]
     A = atom_matrix(sae, atom)
     A = A / A.norm()
@@ -143,10 +163,11 @@ def _context_pass(model, sae, ctx: Tensor, atom: int, cfg: ClosedFormConfig, t0:
     d_o = (ed[p + "hook_read"] - cache[p + "hook_read"])[0]  # [T, H, d_v]
     # linearise the output norm on the whole read (a Mamba-2 gated norm spans a group of heads, so the
     # other heads' normalised outputs move too); the tangent is the exact change of head h
-    o_all, z_all = captured["norm_in"]
+    o_all = norm.read(captured)
     tangent = torch.zeros(T, H, dv, dtype=torch.float32)
     tangent[:, h] = d_o[:, h]
-    _, d_n = torch.func.jvp(lambda x: norm(x, z_all), (o_all,), (tangent.reshape(o_all.shape).to(o_all.dtype),))
+    _, d_n = torch.func.jvp(lambda x: norm.apply(captured, x), (o_all,),
+                            (tangent.reshape(o_all.shape).to(o_all.dtype),))
     d_x = d_n.float().reshape(T, H * dv) @ out_proj.weight.float().T  # [T, d_model]
     W_O = out_proj.weight[:, h * dv:(h + 1) * dv]  # [d_model, d_v] (three-factor embedding below)
     x = captured["x"][0]
@@ -182,7 +203,8 @@ def run_closed_form(model, sae, tokens: Tensor, cfg: ClosedFormConfig | None = N
     if not 0 <= t0 < T - 1:
         raise ValueError(f"t0={t0} must leave later positions in contexts of length {T}")
     mixer = model.family.mixers[sae.cfg.layer]
-    norm = _norm_module(mixer)
+    output_map = getattr(model.family, "output_map", None)
+    norm = output_map(mixer) if output_map is not None else GatedNormMap(mixer)
     out_proj = _out_proj(mixer, model.cfg.d_model, model.cfg.n_heads * model.cfg.d_v)
     final_norm = model.family.final_norm(model.hf_model)
     rng = np.random.default_rng(cfg.seed)

@@ -77,12 +77,12 @@ def _write_rule(model) -> str:
     from ..adapters.gated_deltanet import GatedDeltaNetFamily
     from ..adapters.mamba2 import Mamba2FamilyBase
 
-    if isinstance(model.family, Mamba2FamilyBase):
-        return "scalar_decay"
+    if isinstance(model.family, Mamba2FamilyBase) or getattr(model.family, "write_rule", None) == "scalar_decay":
+        return "scalar_decay"  # (xLSTM too: C~ under a scalar decay, the normaliser folded into the query)
     if isinstance(model.family, GatedDeltaNetFamily):
         return "delta"
-    raise ValueError(f"write attribution supports Gated DeltaNet and Mamba-2 layers; this model's family is "
-                     f"{getattr(model.family, 'name', type(model.family).__name__)!r}")
+    raise ValueError(f"write attribution supports Gated DeltaNet, KDA, Mamba-2 and xLSTM layers; this model's "
+                     f"family is {getattr(model.family, 'name', type(model.family).__name__)!r}")
 
 
 def _attribution_hooks(model) -> tuple[str, ...]:
