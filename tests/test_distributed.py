@@ -103,6 +103,63 @@ def test_parallel_cells_give_the_single_process_saes(data, single_store):
         assert b["cells"][cell]["fvu"] == pytest.approx(a["cells"][cell]["fvu"], rel=1e-4)
 
 
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_data_parallel_training_gives_the_single_process_saes(data, single_store, activation, monkeypatch):
+    """DDP with 2 ranks (each its half of every batch, gradients all-reduced; BatchTopK's selection and threshold
+    over both ranks; dead-atom counters and resampling on the global batch) = one process on the same batches."""
+    from writesae_plugin.cli import main
+
+    one, two = data / f"dp1-{activation}", data / f"dp2-{activation}"
+    train = ["train", "--store", str(single_store), "--layers", "1", "--heads", "0,2", *TRAIN, "--activation",
+             activation, "--resample-every", "2", "--dead-feature-window", "1", "--d-sae", "32", "--k", "2"]
+    from writesae_plugin.sae import TrainingWriteSAE
+
+    resampled = []
+    orig = TrainingWriteSAE.resample_dead_atoms
+    monkeypatch.setattr(TrainingWriteSAE, "resample_dead_atoms",
+                        lambda self, x, mask: resampled.append(orig(self, x, mask)) or resampled[-1])
+    assert main([*train, "--out", str(one)]) == 0
+    assert sum(resampled) > 0  # these settings kill and resample atoms (the 2-rank run does the same steps)
+    r = torchrun(2, [*train, "--parallel", "data", "--out", str(two)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (json.loads((d / "cells" / "release.json").read_text()) for d in (one, two))
+    assert sorted(a["saes"]) == sorted(b["saes"]) == ["L1.H0.write", "L1.H2.write"]
+    for cell in a["saes"]:
+        wa = load_file(one / "cells" / cell / "sae_weights.safetensors")
+        wb = load_file(two / "cells" / cell / "sae_weights.safetensors")
+        for key in wa:
+            off = ~torch.isclose(wb[key], wa[key], rtol=1e-4, atol=1e-4 * float(wa[key].abs().max()) + 1e-7)
+            # as in test_cells: BatchTopK's batch-wide selection lets rounding move a few entries
+            assert int(off.sum()) <= (0 if activation == "topk" else off.numel() // 8), (cell, key)
+        assert b["cells"][cell]["fvu"] == pytest.approx(a["cells"][cell]["fvu"], rel=1e-4)
+
+
+def test_killed_data_parallel_run_resumes_on_one_rank_to_the_uninterrupted_result(data, single_store):
+    """Rank 1 dies after the first checkpoint (written by rank 0 alone, atomically); the job fails, and the run
+    continues from that checkpoint in a single process to the SAEs an uninterrupted single process gives."""
+    from writesae_plugin.cli import main
+
+    whole, cut = data / "dp-whole", data / "dp-cut"
+    train = ["train", "--store", str(single_store), "--layers", "1", "--heads", "1,3", *TRAIN,
+             "--total-samples", "192"]
+    assert main([*train, "--out", str(whole)]) == 0
+    r = torchrun(2, [*train, "--parallel", "data", "--out", str(cut)], script=str(ROOT / "tests" / "dist_fault.py"),
+                 env={"WRITESAE_KILL_RANK": "1", "WRITESAE_KILL_AT_SAMPLES": "128"})
+    assert r.returncode != 0
+    from writesae_plugin.checkpoints import complete_checkpoints
+
+    run_dir = next((cut / "runs").glob("stacked-*"))
+    assert [c.name for c in complete_checkpoints(run_dir)] == ["96"]  # after step 3; step 5 never finished
+    assert main([*train, "--out", str(cut), "--resume", "latest"]) == 0
+    a, b = (json.loads((d / "cells" / "release.json").read_text()) for d in (whole, cut))
+    for cell in a["saes"]:
+        wa = load_file(whole / "cells" / cell / "sae_weights.safetensors")
+        wb = load_file(cut / "cells" / cell / "sae_weights.safetensors")
+        for key in wa:
+            torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-4 * float(wa[key].abs().max()) + 1e-7)
+        assert b["cells"][cell]["fvu"] == pytest.approx(a["cells"][cell]["fvu"], rel=1e-4)
+
+
 def test_train_under_torchrun_needs_parallel_cells(data, capsys):
     from writesae_plugin.cli import main
 
@@ -111,4 +168,4 @@ def test_train_under_torchrun_needs_parallel_cells(data, capsys):
         assert main(["train", "--store", str(data), "--layers", "0", *TRAIN, "--out", str(data / "x")]) == 2
     finally:
         del os.environ["WORLD_SIZE"]
-    assert "--parallel cells" in capsys.readouterr().err
+    assert "--parallel cells or --parallel data" in capsys.readouterr().err

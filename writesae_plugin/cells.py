@@ -158,9 +158,12 @@ def _stacked_trainer_class():
         and checkpoints holding every cell's stream position."""
 
         def __init__(self, *args, cell_ids: list[str], cell_vals: list[list[torch.Tensor]], run_dirs: list[Path],
-                     **kwargs):
+                     place=None, **kwargs):
+            from .distributed import Place
+
             super().__init__(*args, **kwargs)
             self.cell_ids, self.cell_vals, self.run_dirs = cell_ids, cell_vals, run_dirs
+            self.place = place or Place()  # data parallel when distributed: every rank holds every cell
             self.scales = [1.0] * len(cell_ids)
             self.histories: list[list[dict]] = [[] for _ in cell_ids]
 
@@ -171,11 +174,23 @@ def _stacked_trainer_class():
                 n_training_steps=self.n_training_steps, is_logging_step=False))
             with torch.no_grad():
                 firing = out.feature_acts.bool().float()
+                fired, counts = firing.sum(-2), firing.sum(0)
+                if self.place.distributed:  # over the global batch (this rank saw its share of the rows)
+                    import torch.distributed as dist
+
+                    dist.all_reduce(fired)
+                    dist.all_reduce(counts)
                 self.n_forward_passes_since_fired += 1
-                self.n_forward_passes_since_fired[firing.sum(-2).bool()] = 0
-                self.act_freq_scores += firing.sum(0)
+                self.n_forward_passes_since_fired[fired.bool()] = 0
+                self.act_freq_scores += counts
                 self.n_frac_active_samples += self.cfg.train_batch_size_samples
             out.loss.backward()
+            if self.place.distributed:  # each rank's loss is its share of the global one: the sum is its gradient
+                import torch.distributed as dist
+
+                for param in sae.parameters():
+                    if param.grad is not None:
+                        dist.all_reduce(param.grad)
             self._clip_per_cell(sae, 1.0)
             self.optimizer.step()
             self.optimizer.zero_grad()
@@ -236,6 +251,8 @@ def _stacked_trainer_class():
             return {}
 
         def _write_log(self) -> None:
+            if not self.place.main:
+                return
             for run_dir, rows in zip(self.run_dirs, self.histories):
                 run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(run_dir / "validation.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -252,6 +269,8 @@ def _stacked_trainer_class():
         @torch.no_grad()
         def save_checkpoint(self, checkpoint_name: str, base_path=None, wandb_aliases=None,
                             completed_steps: int | None = None) -> None:
+            if not self.place.main:  # every rank holds the same state; one writes it
+                return
             base = Path(base_path if base_path is not None else self.cfg.checkpoint_path)
             final = base / checkpoint_name
             try:
@@ -311,11 +330,15 @@ def _stack_name(cells: list[Cell]) -> str:
 
 def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Path, t: CellTraining,
                         val_store: ActivationStore | None = None, resume: bool = False, progress: bool = True,
-                        warmup_steps: int = 50) -> dict[str, list[dict]]:
+                        warmup_steps: int = 50, place=None) -> dict[str, list[dict]]:
     """Train ``cells`` together, their dictionaries stacked along a cell axis; each ends in
     ``out/runs/<id>/final`` (+ ``validation.jsonl``), exactly as :func:`train_cell` would leave it. Checkpoints
     (``out/runs/stacked-<hash of the cell ids>/checkpoints``) hold every cell; ``resume`` continues the latest. Returns each cell's
-    validation history. Raises ``ValueError`` when the settings do not stack (``sae.stacked.stackable``)."""
+    validation history. Raises ``ValueError`` when the settings do not stack (``sae.stacked.stackable``).
+
+    ``place`` (``distributed.Place``, under torchrun): data parallel. Every rank trains every cell on its share of
+    each global batch (``t.batch_size`` rows, split evenly), gradients all-reduced; rank 0 writes checkpoints and
+    results. The same SAEs as one process, to rounding."""
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
     from .checkpoints import check_identity, prepare_output
@@ -331,14 +354,25 @@ def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Pa
     if t.total_samples < t.batch_size:
         raise ValueError(f"total_samples ({t.total_samples}) must be at least one batch ({t.batch_size})")
     run_root = out / "runs" / _stack_name(cells)
+    from .distributed import barrier
+
     has_ckpt = (run_root / "checkpoints").is_dir() and any((run_root / "checkpoints").iterdir())
+    if place is not None and not place.main:
+        barrier(place)  # rank 0 prepares the run directory (stale temporaries) first
     ckpt, run = prepare_output(run_root, "latest" if resume and has_ckpt else None, checkpoints=t.n_checkpoints > 0)
+    if place is not None and place.main:
+        barrier(place)
     providers, vals = zip(*(cell_providers(store, cell, t, val_store) for cell in cells))
     modules = []
     for cfg in cfgs:
         torch.manual_seed(t.seed)  # each cell initialised as its own run would be
         modules.append(TrainingWriteSAE(cfg))
     sae = StackedTrainingWriteSAE(modules)
+    if place is not None and place.distributed:
+        if t.batch_size % place.world_size:
+            raise ValueError(f"--parallel data splits each batch over the ranks: batch size {t.batch_size} is not a "
+                             f"multiple of {place.world_size}")
+        sae.data_parallel(place)
     stream = _StackedBatches(providers)
     steps = t.total_samples // t.batch_size
     lr_end, dead_feature_window = t.lr / 10, t.dead_feature_window
@@ -359,7 +393,7 @@ def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Pa
     trainer = _stacked_trainer_class()(
         cfg=trainer_cfg, sae=sae, data_provider=stream, val_every=t.val_every, layout=cfgs[0].input_layout,
         identity=identity, stream=stream, val_batches=list(vals[0]), cell_ids=[c.id for c in cells],
-        cell_vals=[list(v) for v in vals], run_dirs=[out / "runs" / c.id for c in cells])
+        cell_vals=[list(v) for v in vals], run_dirs=[out / "runs" / c.id for c in cells], place=place)
     if ckpt is not None:
         trainer.resume(ckpt, run)
     if ckpt is None:
@@ -368,7 +402,7 @@ def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Pa
             trainer.data_provider = _Prepend(first, stream)
             trainer.scales = [float(p.scale) for p in providers]
         trainer.validate()
-    if not progress:
+    if not progress or not trainer.place.main:
         trainer._update_pbar = lambda *a, **k: None
     try:
         trainer.fit()
@@ -382,9 +416,12 @@ def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Pa
         m = evaluate_sae(final.eval(), trainer.cell_vals[c], final.cfg.input_layout, 1.0)
         trainer.histories[c].append({"step": trainer.n_training_steps, "samples": trainer.n_training_samples,
                                      **asdict(m)})
-        with atomic_dir(out / "runs" / cell.id / "final") as tmp:
-            final.save_inference_model(tmp)
+        if trainer.place.main:
+            with atomic_dir(out / "runs" / cell.id / "final") as tmp:
+                final.save_inference_model(tmp)
     trainer._write_log()
+    if place is not None:
+        barrier(place)  # the results are on disk before any rank goes on
     return dict(zip([c.id for c in cells], trainer.histories))
 
 
@@ -406,19 +443,24 @@ def store_cells(store: ActivationStore, layers: list[int] | None, heads: list[in
 
 def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str | Path, t: CellTraining,
                 val_store: ActivationStore | str | Path | None = None, resume: bool = False,
-                release: str | None = None, progress: bool = True, stack: bool = True, place=None) -> dict:
+                release: str | None = None, progress: bool = True, stack: bool = True, place=None,
+                parallel: str = "cells") -> dict:
     """Train every cell (see the module docstring); returns the release index written to
     ``out/cells/release.json``. Finished cells are skipped; with ``resume`` an interrupted run continues from
     its last complete checkpoint, without it a run with checkpoints but no result is refused. ``stack``: train
     the unfinished cells together along a cell axis when their settings allow it (``sae.stacked.stackable``),
     else one after another. ``place`` (``distributed.Place``, under torchrun): this rank trains the cells ``j``
     with ``j mod world_size = rank`` and records them in ``cells/release.rank{r}.json``; after a barrier rank 0
-    merges those into ``release.json``. Every rank returns the merged index."""
+    merges those into ``release.json``; with ``parallel="data"`` every rank trains every cell on its share of each
+    batch (:func:`train_cells_stacked`) and rank 0 writes the results. Every rank returns the merged index."""
     from tqdm.auto import tqdm
 
     from .distributed import Place, barrier
 
     place = place or Place()
+    if parallel not in ("cells", "data"):
+        raise ValueError(f"parallel must be 'cells' or 'data', got {parallel!r}")
+    data_parallel = place.distributed and parallel == "data"
 
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
     if val_store is not None and not isinstance(val_store, ActivationStore):
@@ -433,8 +475,12 @@ def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str
     index = _merged_index(out, json.loads(index_path.read_text()) if index_path.is_file() else {})
     index.update({"release": release or out.name, "model": store.model["path"], "store": str(store.path),
                   "training": asdict(t)})
-    all_cells, cells = cells, cells[place.rank::place.world_size]
-    my_path = index_path if not place.distributed else out / "cells" / f"release.rank{place.rank}.json"
+    all_cells = cells
+    if place.distributed and not data_parallel:
+        cells = cells[place.rank::place.world_size]
+    per_rank = place.distributed and not data_parallel
+    my_path = out / "cells" / f"release.rank{place.rank}.json" if per_rank else index_path
+    writer = place.main or per_rank
     from .sae.stacked import stackable
 
     def done(cell):
@@ -442,7 +488,14 @@ def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str
 
     pending = [cell for cell in cells if not done(cell)]
     stacked: dict[str, list[dict]] = {}
-    if stack and len(pending) > 1 and stackable(cell_config(store, pending[0], t)) is None:
+    why = stackable(cell_config(store, cells[0], t))
+    if data_parallel and pending:
+        if why is not None:
+            raise ValueError(f"--parallel data trains the cells stacked; cells with {why} do not stack (use "
+                             "--parallel cells)")
+        stacked = train_cells_stacked(store, pending, out, t, val_store, resume=resume, progress=progress,
+                                      place=place)
+    elif stack and len(pending) > 1 and why is None:
         stacked = train_cells_stacked(store, pending, out, t, val_store, resume=resume, progress=progress)
     bar = tqdm(cells, desc="cells", unit="cell", disable=not progress or bool(stacked), dynamic_ncols=True)
     for cell in bar:
@@ -452,6 +505,8 @@ def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str
         run_dir = out / "runs" / cell.id
         if cell.id in stacked:
             history = stacked[cell.id]
+            if not writer:
+                continue
         else:
             has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
             _, history = train_cell(store, cell, run_dir, t, val_store,
@@ -466,7 +521,10 @@ def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str
             index["expected_var_explained"][cell.id] = 1.0 - float(last["fvu"])
             index["expected_l0"][cell.id] = float(last["l0"])
         atomic_write_text(my_path, json.dumps(index, indent=1))
-    if place.distributed:
+    if data_parallel:
+        barrier(place)
+        index = json.loads(index_path.read_text())
+    elif place.distributed:
         barrier(place)
         if place.main:
             merged = _merged_index(out, index)

@@ -295,10 +295,9 @@ def validate_train(args) -> None:
     from . import distributed
 
     if distributed.launched() and getattr(args, "parallel", None) is None:
-        raise UsageError("under torchrun, train needs --parallel cells (with --layers); data-parallel training is "
-                         "not built yet")
+        raise UsageError("under torchrun, train needs --parallel cells or --parallel data (with --layers)")
     if getattr(args, "parallel", None) is not None and args.layers is None:
-        raise UsageError("--parallel cells deals out the cells of --layers L1,L2,...; give --layers")
+        raise UsageError(f"--parallel {args.parallel} trains the cells of --layers L1,L2,...; give --layers")
     if args.layers is not None and args.resume not in (None, "latest"):
         raise UsageError("with --layers, --resume takes 'latest' (each unfinished cell continues from its newest "
                          "checkpoint)")
@@ -307,6 +306,7 @@ def validate_train(args) -> None:
                             ("--decoder-rank", args.decoder_rank, 0), ("--context-length", args.context_length, 2),
                             ("--total-samples", args.total_samples, 1), ("--batch-size", args.batch_size, 1),
                             ("--aux-k", args.aux_k, 0), ("--resample-every", args.resample_every, 0),
+                            ("--dead-feature-window", args.dead_feature_window, 1),
                             ("--val-contexts", args.val_contexts, 1), ("--val-every", args.val_every, 1)):
         if value < lo:
             raise UsageError(f"{flag} {value}: must be at least {lo}")
@@ -617,6 +617,7 @@ def _train_cells_on(args, place) -> int:
     t = CellTraining(d_sae=args.d_sae, k=args.k, encoder=args.encoder,
                      decoder_rank=None if args.decoder_rank == 0 else args.decoder_rank, activation=args.activation,
                      aux_k=args.aux_k, resample_every=args.resample_every, write_mode=args.write_mode,
+                     dead_feature_window=args.dead_feature_window,
                      layout=args.layout, total_samples=args.total_samples, batch_size=args.batch_size, lr=args.lr,
                      val_contexts=args.val_contexts, val_every=args.val_every, normalize=not args.no_normalize,
                      seed=args.seed)
@@ -662,10 +663,13 @@ def _train_cells_on(args, place) -> int:
                              f"fewer than --val-contexts {args.val_contexts}")
         del model
     cells = store_cells(store, args.layers, args.heads, args.site, shared_heads=args.shared_heads)
-    if place.distributed:
+    if place.distributed and args.parallel == "cells":
         distributed.log(place, f"training cells {[c.id for c in cells[place.rank::place.world_size]]}")
+    elif place.distributed:
+        distributed.log(place, f"training all {len(cells)} cells on rows {place.rank}/{place.world_size} of each "
+                               "batch")
     index = train_cells(store, cells, out, t, val_store=val_store, resume=args.resume == "latest",
-                        release=out.name, place=place, progress=place.main)
+                        release=out.name, place=place, progress=place.main, parallel=args.parallel or "cells")
     if not place.main:
         return 0
     print(json.dumps({"out": str(out / "cells"), "cells": index["cells"]}, indent=2))
@@ -717,7 +721,8 @@ def _fit(args, layout, ckpt, provider, val_batches, dims: dict, model_name: str,
     try:
         sae, history = train_write_sae(cfg, provider, args.out, total_samples=args.total_samples,
                                        batch_size=args.batch_size, lr=args.lr, val_batches=val_batches,
-                                       val_every=args.val_every, resume_from=ckpt)
+                                       val_every=args.val_every, dead_feature_window=args.dead_feature_window,
+                                       resume_from=ckpt)
     except (CheckpointError, OutputDirError) as e:  # another model or data than the checkpoint's; a failed write
         print(f"writesae train: {e}", file=sys.stderr)
         return 2
@@ -1178,9 +1183,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "once per batch for all cells (with --dataset: extracted into OUT/store first)")
     t.add_argument("--heads", type=_heads_list, default=None, help="with --layers: value heads, e.g. 0,3, or all "
                                                                      "(default: all)")
-    t.add_argument("--parallel", choices=["cells"], default=None,
-                   help="under torchrun: cells, the (layer, head) cells dealt out over the ranks (cell j to rank "
-                        "j mod N), each rank training its own from the store; the extraction is shared out too")
+    t.add_argument("--parallel", choices=["cells", "data"], default=None,
+                   help="under torchrun (with --layers): cells, the (layer, head) cells dealt out over the ranks "
+                        "(cell j to rank j mod N), each training its own; data, every rank training every cell on "
+                        "its share of each batch, gradients all-reduced (DDP). The extraction is shared out too")
     t.add_argument("--shared-heads", action="store_true",
                    help="with --layers: one dictionary per layer shared by the heads, instead of one per head")
     t.add_argument("--site", choices=["state", "write"], default="state", help="which matrix to train on")
@@ -1215,6 +1221,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--aux-k", type=int, default=256, help="dead atoms in the auxiliary TopK loss (0: no aux loss)")
     t.add_argument("--resample-every", type=int, default=RESAMPLE_EVERY,
                    help="resample dead atoms every N steps (0: off)")
+    t.add_argument("--dead-feature-window", type=int, default=100,
+                   help="steps without firing after which an atom counts as dead (aux-k loss, resampling)")
     t.add_argument("--val-contexts", type=int, default=16, help="validation contexts (of the validation split)")
     t.add_argument("--val-every", type=int, default=100, help="validate every N steps")
     t.add_argument("--no-normalize", action="store_true", help="do not rescale inputs to mean norm sqrt(d_in)")

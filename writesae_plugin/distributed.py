@@ -13,8 +13,12 @@ What runs distributed (issue 14):
   writes, shard for shard, and it resumes with the same or another N.
 * ``train --parallel cells``: the cells are dealt out over the ranks (cell ``j`` to rank ``j mod N``, printed at the
   start); each rank trains its cells from the store; rank 0 writes the release index after all finish.
+* ``train --parallel data``: every rank holds every cell (stacked) and trains on its share of each global batch;
+  gradients and dead-atom counters are all-reduced, BatchTopK's selection and threshold taken over all ranks,
+  resampling done on the whole batch by every rank alike (``sae/stacked.py``); rank 0 writes checkpoints
+  (atomically) and results, and a run resumes with any number of ranks. The SAEs equal one process's.
 
-Not built yet: ``--parallel data`` (DDP: every rank holding all cells, gradients all-reduced).
+Not built yet: a per-rank ``--device`` (training runs on CPU; NCCL is chosen for CUDA devices).
 """
 
 from __future__ import annotations

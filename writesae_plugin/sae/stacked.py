@@ -18,6 +18,12 @@ the cells one after another (final weights, fp32 tolerance).
 
 Stacked: bilinear encoder, rank-r decoder, TopK or BatchTopK, dense or factor layout (:func:`stackable`); other
 settings train one cell after another (``cells.train_cells``).
+
+Data parallel (:meth:`StackedTrainingWriteSAE.data_parallel`, under torchrun): every rank holds every cell and is
+given the whole global batch; it computes the step on its contiguous share of the rows with the losses scaled to
+the global batch, so the all-reduced (summed) gradient is the single-process gradient. BatchTopK's batch-wide
+selection and threshold are taken over all ranks (an all-gather of each rank's candidates), and resampling uses
+the whole batch on every rank, so the parameters stay identical on all ranks.
 """
 
 from __future__ import annotations
@@ -76,6 +82,11 @@ class StackedTrainingWriteSAE(TrainingWriteSAE):
         self.b_dec = nn.Parameter(torch.stack([s.b_dec.detach() for s in cells]).clone())
         if cfg.activation == "batchtopk":
             self.topk_threshold = torch.stack([s.topk_threshold for s in cells]).clone()
+        self._place = None  # data parallel: this rank's place (distributed.Place)
+
+    def data_parallel(self, place) -> None:
+        """Train data-parallel as rank ``place.rank`` of ``place.world_size`` (see the module docstring)."""
+        self._place = place if place is not None and place.distributed else None
 
     # ------------------------------------------------------------------ cells in and out
     def cell(self, c: int) -> TrainingWriteSAE:
@@ -111,17 +122,28 @@ class StackedTrainingWriteSAE(TrainingWriteSAE):
         C, n = self.n_cells, self.n
         if x.dim() != 3 or x.shape[1] != C:
             raise ValueError(f"a stacked step takes batches [N, {C} cells, d], got {list(x.shape)}")
-        X = x.transpose(0, 1)
         mask = None if step_input.dead_neuron_mask is None else step_input.dead_neuron_mask.view(C, n)
         resampled = None
         if self.cfg.resample_every and step_input.n_training_steps > 0 and mask is not None and \
                 step_input.n_training_steps % self.cfg.resample_every == 0:
-            resampled = self._resample(X, mask)  # before the step's graph exists, as for one cell
+            # before the step's graph exists, as for one cell; on the whole batch (every rank alike)
+            resampled = self._resample(x.transpose(0, 1), mask)
+        B = x.shape[0]
+        if self._place is not None:
+            if B % self._place.world_size:
+                raise ValueError(f"data-parallel batches must split evenly: {B} rows over "
+                                 f"{self._place.world_size} ranks")
+            share = B // self._place.world_size
+            x = x[self._place.rank * share:(self._place.rank + 1) * share]
+        X = x.transpose(0, 1)
         if self.cfg.input_layout == "factors":
-            losses, acts, pre, mse = self._factored_cells_step(X, mask)
+            losses, acts, pre, mse = self._factored_cells_step(X, mask, B)
         else:
-            losses, acts, pre, mse = self._dense_cells_step(X, mask)
+            losses, acts, pre, mse = self._dense_cells_step(X, mask, B)
         N = x.shape[0]
+        if N != B:  # this rank's rows: the losses as shares of the global batch's (summed over ranks)
+            losses = {key: value * (N / B) for key, value in losses.items()}
+            mse = mse * (N / B)
         out = TrainStepOutput(sae_in=x, sae_out=x, feature_acts=acts.transpose(0, 1).reshape(N, C * n),
                               hidden_pre=pre.detach().transpose(0, 1).reshape(N, C * n),
                               loss=sum(losses.values()), losses=losses)
@@ -135,16 +157,31 @@ class StackedTrainingWriteSAE(TrainingWriteSAE):
     def _offsets(self, device) -> Tensor:
         return (torch.arange(self.n_cells, device=device) * self.n).view(self.n_cells, 1, 1)
 
-    def _dense_support(self, pre: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _dense_support(self, pre: Tensor, n_rows: int) -> tuple[Tensor, Tensor | None]:
         """Each row's codes ``[C, N, m]`` (local atom indices) and, for BatchTopK, which are kept."""
         cfg = self.cfg
         C, N, n = pre.shape
         if cfg.activation == "topk":
             return pre.topk(cfg.k, dim=-1, sorted=False).indices, None
-        chosen = pre.relu().reshape(C, N * n).topk(int(cfg.k * N), dim=-1).indices  # BatchTopK per cell
-        support = torch.zeros(C, N * n, dtype=torch.bool, device=pre.device).scatter_(1, chosen, True)
+        support = self._batch_topk(pre.relu(), int(cfg.k * n_rows))
         idx, keep = kernels.select_support(support.view(C * N, n))
         return idx.view(C, N, -1), keep.view(C, N, -1)
+
+    def _batch_topk(self, relu: Tensor, count: int) -> Tensor:
+        """BatchTopK per cell: the ``count`` largest of ``relu [C, N, n]`` over the (global) batch, as a mask. Data
+        parallel: the ``count``-th largest over every rank's candidates is the threshold."""
+        C, N, n = relu.shape
+        flat = relu.reshape(C, N * n)
+        if self._place is None:
+            chosen = flat.topk(count, dim=-1).indices
+            return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, chosen, True).view(C, N, n)
+        import torch.distributed as dist
+
+        local = flat.topk(min(count, N * n), dim=-1).values.contiguous()
+        parts = [torch.empty_like(local) for _ in range(self._place.world_size)]
+        dist.all_gather(parts, local)
+        threshold = torch.cat(parts, 1).topk(count, dim=-1).values[:, -1:]
+        return (flat >= threshold).view(C, N, n)
 
     def _aux_support(self, pre: Tensor, mask: Tensor | None):
         """Aux-k codes on each cell's dead atoms: ``(indices [C, N, K], valid [C, N, K], scale [C])`` with ``K`` the
@@ -164,7 +201,7 @@ class StackedTrainingWriteSAE(TrainingWriteSAE):
         scale = (n_dead.to(pre.dtype) / cfg.aux_k).clamp(max=1.0)
         return idx, valid, scale
 
-    def _dense_cells_step(self, X: Tensor, mask: Tensor | None):
+    def _dense_cells_step(self, X: Tensor, mask: Tensor | None, n_rows: int):
         cfg = self.cfg
         C, N = X.shape[:2]
         n, d_in = self.n, cfg.d_in
@@ -175,7 +212,7 @@ class StackedTrainingWriteSAE(TrainingWriteSAE):
             E = kernels.atom_matrix(self.enc_key, self.enc_value, out=self._atoms_buffer(Xf)).view(C, n, d_in)
             pre0 = torch.bmm(Xc, E.transpose(1, 2))  # [C, N, n]: every cell's selecting GEMM at once
             pre = pre0 + self.b_enc.view(C, 1, n)
-            idx, keep = self._dense_support(pre)
+            idx, keep = self._dense_support(pre, n_rows)
             m = idx.shape[-1]
             aux = self._aux_support(pre, mask)
             all_idx = idx if aux is None else torch.cat([idx, aux[0].indices], -1)
@@ -202,7 +239,7 @@ class StackedTrainingWriteSAE(TrainingWriteSAE):
         return losses, acts, pre, mse.detach()
 
     # factored layout: k v^T never formed; the same inner-product algebra as one cell (training.py / atoms.py)
-    def _factored_cells_step(self, X: Tensor, mask: Tensor | None):
+    def _factored_cells_step(self, X: Tensor, mask: Tensor | None, n_rows: int):
         cfg = self.cfg
         C, N = X.shape[:2]
         dk, dv, n = cfg.d_k, cfg.d_v, self.n
@@ -218,9 +255,8 @@ class StackedTrainingWriteSAE(TrainingWriteSAE):
             values, idx = top.values.relu(), top.indices
             acts = torch.zeros_like(pre).scatter(-1, idx, values)
         else:  # BatchTopK per cell, then each row's nonzero codes
-            flat = pre.relu().reshape(C, N * n)
-            chosen = flat.topk(int(cfg.k * N), dim=-1)
-            acts = torch.zeros_like(flat).scatter(-1, chosen.indices, chosen.values).view(C, N, n)
+            relu = pre.relu()
+            acts = relu * self._batch_topk(relu.detach(), int(cfg.k * n_rows))
             support = acts.detach() != 0
             m = max(int(support.sum(-1).max()), 1)
             idx = (support.to(acts.dtype) + acts.detach().abs()).topk(min(m, n), dim=-1).indices
@@ -281,6 +317,10 @@ class StackedTrainingWriteSAE(TrainingWriteSAE):
     def _update_thresholds(self, acts: Tensor) -> None:
         """BatchTopK: each cell's EMA of its smallest positive code (as one cell's ``_update_threshold``)."""
         lowest = torch.where(acts > 0, acts, torch.inf).flatten(1).amin(1).double()
+        if self._place is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
         has = torch.isfinite(lowest)
         lr = self.cfg.topk_threshold_lr
         self.topk_threshold.copy_(torch.where(has, self.topk_threshold * (1 - lr) + lr * lowest,
