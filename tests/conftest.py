@@ -67,3 +67,16 @@ def tiny_tokenizer(tmp_path_factory):
 
 
 __all__ = ["GDN_FAMILIES", "SAFE_VOCAB", "load_tiny"]
+
+
+@pytest.fixture(scope="session")
+def model_and_corpus(tmp_path_factory, tiny_tokenizer):
+    """A directory with ``model/`` (the tiny Qwen3.5 and its tokenizer, as ``from_pretrained`` loads it) and
+    ``corpus.txt`` (120 short paragraphs): what the CLI's ``--model`` / ``--dataset`` take."""
+    root = tmp_path_factory.mktemp("model_and_corpus")
+    load_tiny(root, "qwen3_5").save_pretrained(root / "model")
+    tiny_tokenizer.save_pretrained(root / "model")
+    paragraphs = [f"paragraph {i}: the quick brown fox jumps over the lazy dog; def f(x): return x + {i}"
+                  for i in range(120)]
+    (root / "corpus.txt").write_text("\n\n".join(paragraphs))
+    return root

@@ -225,14 +225,8 @@ def test_cells_the_store_lacks_are_refused_before_training(store, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the CLI
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer):
-    root = tmp_path_factory.mktemp("cells_cli")
-    load_tiny(root, "qwen3_5").save_pretrained(root / "model")
-    tiny_tokenizer.save_pretrained(root / "model")
-    paragraphs = [f"paragraph {i}: the quick brown fox jumps over the lazy dog; def f(x): return x + {i}"
-                  for i in range(120)]
-    (root / "corpus.txt").write_text("\n\n".join(paragraphs))
-    return root
+def model_dir(model_and_corpus):
+    return model_and_corpus
 
 
 SMALL = ["--site", "write", "--d-sae", "16", "--k", "4", "--aux-k", "8", "--total-samples", "96",

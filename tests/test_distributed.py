@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import load_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRACT = ["--layers", "0,1", "--site", "write", "--contexts", "24", "--contexts-per-shard", "4",
@@ -24,13 +23,11 @@ TRAIN = ["--site", "write", "--d-sae", "16", "--k", "4", "--aux-k", "8", "--tota
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny_tokenizer):
+def data(model_and_corpus, tmp_path_factory):
+    """The shared tiny model and corpus, and a directory of this module's own for outputs."""
     root = tmp_path_factory.mktemp("dist")
-    load_tiny(root, "qwen3_5").save_pretrained(root / "model")
-    tiny_tokenizer.save_pretrained(root / "model")
-    paragraphs = [f"paragraph {i}: the quick brown fox jumps over the lazy dog; def f(x): return x + {i}"
-                  for i in range(120)]
-    (root / "corpus.txt").write_text("\n\n".join(paragraphs))
+    (root / "model").symlink_to(model_and_corpus / "model")
+    (root / "corpus.txt").symlink_to(model_and_corpus / "corpus.txt")
     return root
 
 
