@@ -23,7 +23,8 @@ from .mamba_ssm import InferenceCache, MambaSSMCausalLM, hook_mamba_ssm, is_mamb
 
 #: model types that look recurrent but have no rank-1 matrix write in the key-first frame (or no hookable kernel)
 NOT_HOOKABLE = {
-    "mamba": "Mamba-1 keeps a per-channel state (d_inner x d_state) written by a diagonal, not a rank-1 key-first write",
+    "mamba": "Mamba-1 keeps a per-channel state (d_inner x d_state) written by a diagonal, not a rank-1 key-first "
+             "write",
     "falcon_mamba": "Falcon-Mamba is Mamba-1: a per-channel state without a rank-1 key-first write",
     "jamba": "Jamba's recurrent layers are Mamba-1: a per-channel state without a rank-1 key-first write",
     "minimax": "MiniMax's lightning attention is written inline in its layer forward (no kernel to intercept)",
@@ -41,8 +42,8 @@ def supported_families() -> list[str]:
     """Model types this install can hook (``mamba_ssm``: mamba-ssm's ``MambaLMHeadModel``, where importable)."""
     import importlib.util
 
-    found = available_model_types() + [t for t, m in {**KIMI_MODEL_TYPES, **XLSTM_MODEL_TYPES, **MAMBA2_MODEL_TYPES}.items()
-                                       if importlib.util.find_spec(m)]
+    others = {**KIMI_MODEL_TYPES, **XLSTM_MODEL_TYPES, **MAMBA2_MODEL_TYPES}
+    found = available_model_types() + [t for t, m in others.items() if importlib.util.find_spec(m)]
     return found + (["mamba_ssm"] if importlib.util.find_spec("mamba_ssm") else [])
 
 

@@ -1034,7 +1034,8 @@ class ResumeState:
                 return f"decoder layer {self.layer - 1} returns {type(carried).__name__}, not (hidden, state)"
             bad = [t for t in _tensors(carried[1:]) if t.dim() < 1 or t.shape[0] != b]
             if bad:
-                return f"decoder layer {self.layer - 1} returns a state of shape {list(bad[0].shape)}, not [batch={b}, ...]"
+                return (f"decoder layer {self.layer - 1} returns a state of shape {list(bad[0].shape)}, not "
+                        f"[batch={b}, ...]")
             carried = carried[0]
         for t in _tensors(carried):
             if t.dim() < 2 or tuple(t.shape[:2]) != (b, T):

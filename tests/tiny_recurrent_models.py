@@ -1,9 +1,11 @@
 """Tiny random-init models of the real Hugging Face classes of the families beyond GDN / Mamba-2: Kimi Linear
-(``kimi_linear``: KDA layers + one MLA attention layer) and xLSTM (``xlstm``: mLSTM blocks), saved with ``save_pretrained`` and
-reloaded with the Auto class from a directory (the real loading code, offline), fp32, eval mode.
+(``kimi_linear``: KDA layers + one MLA attention layer) and xLSTM (``xlstm``: mLSTM blocks), saved with
+``save_pretrained`` and reloaded with the Auto class from a directory (the real loading code, offline), fp32, eval mode.
 
 ``make_tiny_kimi(path)``: hidden 64, vocab 256, 4 layers (layer 3 full attention, MLA), KDA with 4 heads of
-``d_k = d_v = 16`` (KDA has as many key heads as value heads), dense MLP in layer 0 and a small MoE after it.
+``d_k = d_v = 16`` (KDA has as many key heads as value heads), dense MLPs in layers 0 and 2, a small MoE (4 experts,
+top 2) in layers 1 and 3, ``initializer_range=0.1`` so reads are O(0.1-1).
+``make_tiny_xlstm(path)``: hidden 128, 3 mLSTM blocks, 4 heads, ``d_k = 16``, ``d_v = 32``, chunk 16, random gates.
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ def xlstm_config(**overrides):
 
 
 def build_tiny_xlstm(seed: int = 0, **overrides):
-    """Tiny ``xLSTMForCausalLM``: hidden 128, 3 mLSTM blocks, 4 heads, d_k = 16, d_v = 32, chunk 16. transformers initialises
-    the gate projections to zero (constant gates); they are drawn at random here so the input gate varies over
+    """Tiny ``xLSTMForCausalLM``: hidden 128, 3 mLSTM blocks, 4 heads, d_k = 16, d_v = 32, chunk 16. transformers
+    initialises the gate projections to zero (constant gates); they are drawn at random here so the input gate varies over
     tokens and the max stabiliser switches between its two branches."""
     from transformers import xLSTMForCausalLM
 

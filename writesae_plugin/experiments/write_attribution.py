@@ -5,7 +5,8 @@
   ``A_eff = tril(Q K^T . Gamma) L^{-1} diag(beta)``, ``L = I + strict_tril(diag(beta) K K^T . Gamma)``,
   ``Gamma[t, s] = exp(G_t - G_s)``, ``G = cumsum(g)``; then ``o_t = sum_s A_eff[t, s] v_s`` exactly.
 * ``layer_effective_attention``: the same per family, from a model and tokens: Gated DeltaNet and Kimi Delta
-  Attention (the delta-rule form above; per-channel decays inside the inner products) or Mamba-2 and its hybrids (scalar decay: ``A_eff = Gamma . (C B^T)``, value ``dt' x``).
+  Attention (the delta-rule form above; per-channel decays inside the inner products), or Mamba-2, its hybrids
+  and xLSTM (scalar decay: ``A_eff = Gamma . (C B^T)``, value ``dt' x``; xLSTM: query and value as hooked).
 * ``dictionary_scores``: the adjoint score of a whole dictionary, ``<A_i - W_s, G_s>_F`` with
   ``G_s = dm/dS_s`` from the reverse recurrence: the first-order change of a metric when the write at s is
   replaced by atom i, for every atom at once (``((U G_s) . W).sum(-1)`` for rank-1 atoms).
