@@ -166,3 +166,16 @@ def test_train_under_torchrun_needs_parallel_cells(data, capsys):
     finally:
         del os.environ["WORLD_SIZE"]
     assert "--parallel cells or --parallel data" in capsys.readouterr().err
+
+
+def test_device_flag(data, capsys):
+    """``--device``: checked before any loading; ``cuda`` without CUDA is a one-line error; ``cpu`` works."""
+    from writesae_plugin.cli import main
+
+    base = ["extract", "--model", str(data / "model"), "--dataset", str(data / "corpus.txt"), *EXTRACT]
+    assert main([*base, "--device", "tpu", "--out", str(data / "dev0")]) == 2
+    assert "expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*base, "--device", "cuda:0", "--out", str(data / "dev1")]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert main([*base, "--device", "cpu", "--contexts", "4", "--out", str(data / "dev2")]) == 0

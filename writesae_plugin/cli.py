@@ -284,6 +284,7 @@ def _model_config(spec: str | None) -> dict | None:
 
 def validate_train(args) -> None:
     """Checks of ``writesae train``'s arguments before the model loads (shared with the train command)."""
+    check_device_arg(args.device)
     if (args.layer is None) == (args.layers is None):
         raise UsageError("give --layer L (one dictionary) or --layers L1,L2,... (one per layer and head)")
     if args.layers is None and (args.heads is not None or args.shared_heads):
@@ -352,7 +353,15 @@ def check_store_arg(spec: str, flag: str = "--store") -> dict:
     return data
 
 
+def check_device_arg(spec: str) -> None:
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec):
+        raise UsageError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
+
+
 def validate_extract(args) -> None:
+    check_device_arg(args.device)
     if args.contexts_per_shard % args.forward_batch:
         raise UsageError(f"--contexts-per-shard {args.contexts_per_shard}: must be a multiple of --forward-batch "
                          f"{args.forward_batch}")
@@ -412,7 +421,19 @@ VALIDATORS = {"hooks": lambda a: check_model_arg(a.model), "train": validate_tra
               "demo": lambda a: check_out_dir(a.out), "dashboard": lambda a: _validate_dashboard(a)}
 
 
-def _load(model_path: str | None):
+def resolve_device(spec: str) -> str:
+    """``--device``: ``auto`` is ``cuda:LOCAL_RANK`` (torchrun's local rank, 0 alone) when CUDA is available, else
+    ``cpu``; ``cuda`` / ``cuda:N`` need CUDA (a one-line error otherwise)."""
+    import torch
+
+    if spec == "auto":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec}: this torch has no CUDA device; use --device cpu (or auto)")
+    return spec
+
+
+def _load(model_path: str | None, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .adapters import hook_model
@@ -424,7 +445,7 @@ def _load(model_path: str | None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # errors stay one line; the CLI prints its own progress
-    hf = AutoModelForCausalLM.from_pretrained(model_path)
+    hf = AutoModelForCausalLM.from_pretrained(model_path).to(device)
     try:
         tok = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError):
@@ -632,7 +653,7 @@ def _train_cells_on(args, place) -> int:
     else:  # extract the train split (enough contexts for every cell) and the validation split first
         from .store import ExtractConfig, extract
 
-        model, desc = _load(args.model)
+        model, desc = _load(args.model, resolve_device(args.device))
         cfg_m = model.cfg
         bad = [layer for layer in args.layers if layer not in cfg_m.recurrent_layers]
         if bad:
@@ -749,7 +770,8 @@ def _heads_list(text: str) -> list[int] | None:
 def cmd_extract(args) -> int:
     from .store import ExtractConfig, StoreError, extract
 
-    model, desc = _load(args.model)
+    device = resolve_device(args.device)
+    model, desc = _load(args.model, device)
     if model.tokenizer is None:
         raise UsageError(f"{desc} has no tokenizer; a text dataset needs one")
     cfg_m = model.cfg
@@ -769,9 +791,9 @@ def cmd_extract(args) -> int:
                               "data_seed": args.data_seed})
     from . import distributed
 
-    place = distributed.init(str(model.cfg.device))
+    place = distributed.init(device)
     if place.distributed:
-        distributed.log(place, f"extracting shards i with i mod {place.world_size} = {place.rank}")
+        distributed.log(place, f"extracting shards i with i mod {place.world_size} = {place.rank} on {device}")
     try:
         out = extract(model, contexts, args.out, cfg, max_contexts=args.contexts, model_path=desc, place=place)
     except StoreError as e:  # --out holds another model's or another configuration's store
@@ -1221,6 +1243,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--aux-k", type=int, default=256, help="dead atoms in the auxiliary TopK loss (0: no aux loss)")
     t.add_argument("--resample-every", type=int, default=RESAMPLE_EVERY,
                    help="resample dead atoms every N steps (0: off)")
+    t.add_argument("--device", default="auto",
+                   help="where the model runs while --layers extracts the store: auto (cuda:LOCAL_RANK when CUDA is "
+                        "available, else cpu), cpu, cuda or cuda:N; the SAE steps run on the CPU")
     t.add_argument("--dead-feature-window", type=int, default=100,
                    help="steps without firing after which an atom counts as dead (aux-k loss, resampling)")
     t.add_argument("--val-contexts", type=int, default=16, help="validation contexts (of the validation split)")
@@ -1254,6 +1279,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--forward-batch", type=positive_int, default=8, help="contexts per model forward")
     x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="stored dtype")
     x.add_argument("--seed", type=int, default=0, help="seed of random:N positions")
+    x.add_argument("--device", default="auto",
+                   help="where the model runs: auto (cuda:LOCAL_RANK under torchrun when CUDA is available, else "
+                        "cpu), cpu, cuda or cuda:N")
     x.add_argument("--out", required=True, help="store directory (rerun the same command to resume)")
     _add_corpus_args(x)
     x.set_defaults(func=cmd_extract)

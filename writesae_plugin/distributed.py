@@ -18,7 +18,8 @@ What runs distributed (issue 14):
   resampling done on the whole batch by every rank alike (``sae/stacked.py``); rank 0 writes checkpoints
   (atomically) and results, and a run resumes with any number of ranks. The SAEs equal one process's.
 
-Not built yet: a per-rank ``--device`` (training runs on CPU; NCCL is chosen for CUDA devices).
+Devices: ``--device auto`` puts each rank's model on ``cuda:LOCAL_RANK`` when CUDA is available (NCCL then joins
+the group) and on the CPU otherwise (gloo). Not built yet: SAE training steps on a GPU (they run on the CPU).
 """
 
 from __future__ import annotations
