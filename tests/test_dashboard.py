@@ -117,15 +117,17 @@ def test_dashboard_on_a_tiny_model(qwen, tokens, tmp_path, site):
 
     model = hook_model(qwen)
     sae = _tiny_sae(site)
+    tokens = tokens[:, :40]
     cfg = DashboardConfig(stats=StatsConfig(top_k=4, reservoir=50, before=4, after=2, horizon=6), batch=1,
-                          value_firings=2, effect_firings=2, n_tokens=4)
+                          value_firings=1, effect_firings=1, n_tokens=4, max_pages=3)
     data = compute_dashboard(model, sae, tokens, cfg, progress=False)
     codes = _site_and_writes(model, sae, tokens, sae.cfg.write_mode)[0]
     # the pass sees exactly the SAE's codes
     assert data.stats.fires.tolist() == (codes != 0).sum((0, 1)).tolist()
     live = [a for a in range(16) if data.stats.fires[a] > 0]
-    assert data.atoms == live and live
-    a = live[0]
+    most = sorted(live, key=lambda i: (-int(data.stats.fires[i]), i))[:3]
+    assert data.atoms == sorted(most) and live
+    a = data.atoms[0]
     best = data.stats.top(a)[0]
     assert best["act"] == pytest.approx(float(codes[..., a].max()), rel=1e-5)
     # measured effect: the record equals an independent full-context substitution at that firing
@@ -255,7 +257,8 @@ def test_reports_show_examples_with_text(tmp_path):
     firings = json.loads((tmp_path / "s" / "results.json").read_text())["firings"]
     assert firings and all(isinstance(f["token"], str) and isinstance(f["before"], str) for f in firings)
     assert "<table id='examples'>" in (tmp_path / "s" / "index.html").read_text()
-    assert main(["install", *common, "--layer", "4", "--head", "0", "--targets", "1", "--new-tokens", "4",
+    assert main(["install", *common[:-3], "1", "--context-length", "48", "--layer", "4", "--head", "0",
+                 "--targets", "1", "--new-tokens", "4",
                  "--strata", "10-50", "--out", str(tmp_path / "i")]) == 0
     recs = [json.loads(x) for x in (tmp_path / "i" / "records.jsonl").read_text().splitlines()]
     assert recs and all({"prompt_text", "target_text", "baseline_text", "installed_text"} <= set(r) for r in recs)
