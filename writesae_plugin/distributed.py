@@ -60,6 +60,10 @@ def init(device: str = "cpu") -> Place:
 
     if not dist.is_initialized():
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        if backend == "nccl":
+            import torch
+
+            torch.cuda.set_device(torch.device(device))  # NCCL's collectives run on this rank's own GPU
         dist.init_process_group(backend=backend)
     return Place(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
