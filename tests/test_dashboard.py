@@ -264,3 +264,25 @@ def test_reports_show_examples_with_text(tmp_path):
     assert recs and all({"prompt_text", "target_text", "baseline_text", "installed_text"} <= set(r) for r in recs)
     page = (tmp_path / "i" / "index.html").read_text()
     assert "installed continuation" in page
+
+
+def test_head_shared_sae_is_viewed_at_a_head(qwen, tokens):
+    """A head-shared SAE (--shared-heads) is viewed at one value head: its codes there are the per-head codes."""
+    from writesae_plugin.dashboard.compute import at_head
+
+    model = hook_model(qwen)
+    torch.manual_seed(0)
+    sae = WriteSAE(WriteSAEConfig(d_in=256, d_sae=8, d_k=16, d_v=16, k=2, n_heads=4, head=None, site="write",
+                                  layer=1, family="qwen3_5_text"))
+    with pytest.raises(ValueError, match="choose the head"):
+        compute_dashboard(model, sae, tokens[:, :20], progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        at_head(sae, 4, 4)
+    data = compute_dashboard(model, sae, tokens[:, :20], DashboardConfig(head=2, max_pages=1, value_firings=1,
+                                                                        effect_firings=1), progress=False)
+    assert data.sae_info["head"] == 2 and data.sae_info["shared_heads"]
+    p = model.hook_prefix(1)
+    with torch.no_grad():
+        _, c = model.run_with_cache(tokens[:, :20], names_filter=[p + "hook_write_key", p + "hook_write_value"])
+        codes = sae.encode_factors(c[p + "hook_write_key"][:, :, 2], c[p + "hook_write_value"][:, :, 2])
+    assert data.stats.fires.tolist() == (codes != 0).sum((0, 1)).tolist()

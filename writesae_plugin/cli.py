@@ -970,8 +970,11 @@ def _validate_dashboard(args) -> None:
     _validate_data(args)
     cfg = sae_cfg(args.sae)
     check_atoms(args.atoms, cfg, args.sae)
-    if cfg is not None and "head" in cfg and cfg["head"] is None:
-        raise UsageError(f"--sae {args.sae}: dashboards need a per-head WriteSAE (cfg.head set)")
+    if cfg is not None and "head" in cfg:
+        if cfg["head"] is None and args.head is None:
+            raise UsageError(f"--sae {args.sae} is shared by all value heads: choose the head to view with --head")
+        if cfg["head"] is not None and args.head is not None and args.head != cfg["head"]:
+            raise UsageError(f"--head {args.head}: --sae {args.sae} is for value head {cfg['head']}")
     if args.neuronpedia is not None:
         check_out_dir(args.neuronpedia, "--neuronpedia")
         if args.np_model_id is not None and ("/" in args.np_model_id or not args.np_model_id.strip()):
@@ -986,9 +989,13 @@ def cmd_dashboard(args) -> int:
 
     if args.tokens is not None:
         args.contexts = math.ceil(args.tokens / args.context_length)
-    model, desc, sae, tokens = _experiment_inputs(args)
+    model, desc = _load(args.model)
+    sae = _load_sae(args.sae)
+    check_sae_fit(model, sae, args.sae)
+    check_layer_head(model, None, args.head)
+    tokens = _contexts(model, args)
     cfg = DashboardConfig(stats=StatsConfig(top_k=args.top_k, reservoir=args.reservoir, horizon=args.horizon,
-                                            seed=args.seed),
+                                            seed=args.seed), head=args.head,
                           batch=args.batch, atoms=args.atoms, value_firings=args.value_firings,
                           effect_firings=args.effect_firings, max_pages=args.max_pages)
     data = compute_dashboard(model, sae, tokens, cfg)
@@ -1351,6 +1358,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "or the --max-pages most frequent)")
     db.add_argument("--max-pages", type=positive_int, default=None,
                     help="pages for this many of the most frequently firing atoms (plus any --atoms)")
+    db.add_argument("--head", type=nonneg_int, default=None,
+                    help="the value head to view a head-shared SAE (--shared-heads) at")
     db.add_argument("--batch", type=positive_int, default=8, help="contexts per forward of the pass")
     db.add_argument("--top-k", type=positive_int, default=20, help="top activations kept per atom")
     db.add_argument("--reservoir", type=positive_int, default=200,

@@ -19,8 +19,9 @@ atoms' top firings (docs/method.md 6.1-6.2).
    next-token change ``Delta logit_t`` (atom - clean), ``KL(clean || atom)`` and ``KL(clean || delete)`` at t
    are recorded; a win is ``KL_atom < KL_delete`` (Wilson 95% interval over the atom's firings).
 
-Units: activations are SAE codes; logits in nats; KL in nats. Raises ``ValueError`` for a head-shared SAE
-(``cfg.head`` None), an SAE whose layer is not recurrent, atoms out of range or empty tokens.
+Units: activations are SAE codes; logits in nats; KL in nats. A head-shared SAE (``cfg.head`` None) is viewed
+at one value head (``DashboardConfig.head``). Raises ``ValueError`` for a head-shared SAE without a head, an SAE
+whose layer is not recurrent, atoms out of range or empty tokens.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class DashboardConfig:
     effect_firings: int = 3
     n_tokens: int = 10
     max_pages: int | None = None
+    #: the value head to view a head-shared SAE (``cfg.head`` None) at; must be None or equal for a per-head SAE
+    head: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stats, dict):
@@ -92,9 +95,36 @@ def atom_factors(sae) -> tuple[Tensor, Tensor]:
     return U[:, :, 0] * S[:, :1], Vh[:, 0, :]
 
 
+class _AtHead:
+    """A head-shared SAE seen at one value head: its own parameters and methods, a config with ``head`` set (a
+    shared SAE encodes one head's ``[..., d_k]`` / ``[..., d_k, d_v]`` inputs like a per-head one)."""
+
+    def __init__(self, sae, head: int):
+        import dataclasses
+
+        self._sae = sae
+        self.cfg = dataclasses.replace(sae.cfg, head=head)
+
+    def __getattr__(self, name):
+        return getattr(self._sae, name)
+
+
+def at_head(sae, head: int | None, n_heads: int):
+    """``sae`` itself (per-head SAE; ``head`` None or its own head) or a head-shared SAE viewed at ``head``.
+    Raises ``ValueError`` for a shared SAE without a head, a head out of range, or a different head."""
+    own = getattr(sae.cfg, "head", None)
+    if own is not None:
+        if head is not None and head != own:
+            raise ValueError(f"the SAE is for value head {own}; head={head} does not match")
+        return sae
+    if head is None:
+        raise ValueError("the SAE is shared by all value heads: choose the head to view (head=..., --head)")
+    if not 0 <= head < n_heads:
+        raise ValueError(f"head {head} out of range (value heads 0..{n_heads - 1})")
+    return _AtHead(sae, head)
+
+
 def _check(model, sae, tokens: Tensor, atoms):
-    if getattr(sae.cfg, "head", None) is None:
-        raise ValueError("atom dashboards need a per-head WriteSAE (cfg.head set)")
     if sae.cfg.layer not in model.cfg.recurrent_layers:
         raise ValueError(f"the SAE's layer {sae.cfg.layer} is not a recurrent layer of this model "
                          f"({list(model.cfg.recurrent_layers)})")
@@ -301,6 +331,7 @@ def compute_dashboard(model, sae, tokens: Tensor, cfg: DashboardConfig | None = 
                       progress: bool = True) -> DashboardData:
     """All dashboard numbers for ``sae`` on contexts ``tokens`` ``[N, T]`` (module docstring)."""
     cfg = cfg or DashboardConfig()
+    sae = at_head(sae, cfg.head, model.cfg.n_heads)
     _check(model, sae, tokens, cfg.atoms)
     timings = {}
     t0 = time.time()
@@ -326,7 +357,8 @@ def compute_dashboard(model, sae, tokens: Tensor, cfg: DashboardConfig | None = 
     t2 = time.time()
     effect = measured_effects(model, sae, tokens, acc, live, cfg, progress)
     timings["effect_s"] = time.time() - t2
-    info = {"layer": sae.cfg.layer, "head": sae.cfg.head, "site": sae.cfg.site, "d_sae": sae.cfg.d_sae,
+    info = {"layer": sae.cfg.layer, "head": sae.cfg.head, "shared_heads": isinstance(sae, _AtHead),
+            "site": sae.cfg.site, "d_sae": sae.cfg.d_sae,
             "decoder_rank": sae.cfg.decoder_rank, "write_mode": sae.cfg.write_mode,
             "family": getattr(sae.cfg, "family", None), "d_k": sae.cfg.d_k, "d_v": sae.cfg.d_v}
     conf = asdict(cfg)
