@@ -88,11 +88,16 @@ def test_demo_command_end_to_end(tmp_path):
             assert (out / arch / f).is_file(), f"{arch}/{f}"
     # the dashboards of every shipped SAE, precomputed and linked from the demo's pages
     top = (out / "index.html").read_text()
+    from writesae_plugin.demo.run import QUICK, dashboard_saes
+
     for arch in ARCHS:
         info = demo_release_info(arch=arch)
         page = (out / arch / "index.html").read_text()
         assert 'href="substitution/index.html"' in page and 'href="install/index.html"' in page
-        for sid in info["saes"]:
+        expected = dashboard_saes(info, QUICK, info["recipe"]["layer"], info["recipe"]["head"])
+        if len(info["saes"]) <= QUICK.dashboard_max_saes:
+            assert expected == sorted(info["saes"])  # the shipped releases: every SAE
+        for sid in expected:
             href = f"dashboards/{sid}/index.html"
             assert (out / arch / href).is_file() and f'href="{href}"' in page and f'href="{arch}/{href}"' in top
             meta = json.loads((out / arch / "dashboards" / sid / "data" / "index.json").read_text())

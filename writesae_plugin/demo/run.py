@@ -75,6 +75,18 @@ class DemoSize:
     dashboard_firings: int = 4
     #: atoms with pages besides the most frequent ones (those the README describes)
     dashboard_atoms: dict = field(default_factory=lambda: {"L4.H0.write": [105, 276]})
+    #: a release with more SAEs than this gets dashboards for its demo_saes only (see dashboard_saes)
+    dashboard_max_saes: int = 8
+
+
+def dashboard_saes(info: dict, size: DemoSize, layer: int, head: int) -> list[str]:
+    """The release SAEs whose dashboards the demo precomputes: every SAE of a release of at most
+    ``size.dashboard_max_saes`` (the shipped ones), else its ``demo_saes`` (default: the headline cell's state
+    and write SAEs); plus those named in ``size.dashboard_atoms`` (the README's examples)."""
+    saes = list(info.get("saes") or {})
+    ids = saes if saes and len(saes) <= size.dashboard_max_saes else \
+        list(info.get("demo_saes") or [sae_id(s, layer, head) for s in ("state", "write")])
+    return sorted(set(ids) | {s for s in size.dashboard_atoms if s in saes})
 
 
 def demo_dashboards(model, release: str, sae_ids, tokens: torch.Tensor, out: Path, size: DemoSize,
@@ -168,8 +180,7 @@ def run_demo(out_dir: str | Path, size: DemoSize | None = None, progress: bool =
     timings["install_s"] = time.time() - t
 
     t = time.time()
-    dash_links = demo_dashboards(model, release, sorted(info.get("demo_saes") or [sae_id(s, layer, head) for s in
-                                                                                 ("state", "write")]),
+    dash_links = demo_dashboards(model, release, dashboard_saes(info, size, layer, head),
                                  tokens[: size.dashboard_contexts], out, size, progress=progress)
     timings["dashboards_s"] = time.time() - t
 
