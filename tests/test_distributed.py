@@ -159,15 +159,29 @@ def test_killed_data_parallel_run_resumes_on_one_rank_to_the_uninterrupted_resul
         assert b["cells"][cell]["fvu"] == pytest.approx(a["cells"][cell]["fvu"], rel=1e-4)
 
 
-def test_train_under_torchrun_needs_parallel_cells(data, capsys):
+def test_parallel_flags_are_checked_before_loading(data, capsys, monkeypatch):
     from writesae_plugin.cli import main
 
-    os.environ["WORLD_SIZE"] = "2"
-    try:
-        assert main(["train", "--store", str(data), "--layers", "0", *TRAIN, "--out", str(data / "x")]) == 2
-    finally:
-        del os.environ["WORLD_SIZE"]
+    train = ["train", "--store", str(data), "--layers", "0", *TRAIN, "--out", str(data / "x")]
+    assert main([*train, "--parallel", "data"]) == 2  # not under torchrun: nothing would be shared
+    assert "launch with torchrun" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(train) == 2
     assert "--parallel cells or --parallel data" in capsys.readouterr().err
+    assert main([*train[:-2], "--batch-size", "33", "--out", str(data / "x"), "--parallel", "data"]) == 2
+    assert "--batch-size 33 is not a multiple of 2" in capsys.readouterr().err
+
+
+def test_a_store_too_small_for_the_run_is_refused_before_training(single_store, data, capsys):
+    from writesae_plugin.cli import main
+
+    args = ["train", "--store", str(single_store), *TRAIN[:-2], "--out", str(data / "small")]
+    args[args.index("--total-samples") + 1] = "100000"
+    assert main([*args, "--layer", "1", "--head", "0"]) == 2
+    assert "fewer than --total-samples 100000" in capsys.readouterr().err
+    assert main([*args, "--layers", "1", "--out", str(data / "small2")]) == 2
+    assert "fewer than --total-samples 100000" in capsys.readouterr().err
+    assert not (data / "small" / "final").exists()
 
 
 def test_device_flag(data, capsys):

@@ -363,6 +363,8 @@ def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Pa
     if place is not None and place.main:
         barrier(place)
     providers, vals = zip(*(cell_providers(store, cell, t, val_store) for cell in cells))
+    for provider in providers:
+        provider.check_enough(t.total_samples)
     modules = []
     for cfg in cfgs:
         torch.manual_seed(t.seed)  # each cell initialised as its own run would be

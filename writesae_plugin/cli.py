@@ -297,6 +297,13 @@ def validate_train(args) -> None:
 
     if distributed.launched() and getattr(args, "parallel", None) is None:
         raise UsageError("under torchrun, train needs --parallel cells or --parallel data (with --layers)")
+    if getattr(args, "parallel", None) is not None and not distributed.launched():
+        raise UsageError(f"--parallel {args.parallel} shares the work between torchrun's processes; launch with "
+                         "torchrun --nproc-per-node N -m writesae_plugin.cli train ... (or drop --parallel)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if getattr(args, "parallel", None) == "data" and args.batch_size % world:
+        raise UsageError(f"--parallel data splits each batch over the {world} ranks: --batch-size {args.batch_size} "
+                         f"is not a multiple of {world}")
     if getattr(args, "parallel", None) is not None and args.layers is None:
         raise UsageError(f"--parallel {args.parallel} trains the cells of --layers L1,L2,...; give --layers")
     if args.layers is not None and args.resume not in (None, "latest"):
@@ -1481,6 +1488,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - a one-line error; --debug shows the traceback
         if debug:
             raise
+        if type(e).__name__ == "StoreError":  # a store that does not fit the command: a usage error
+            print(f"{prog}: {_one_line(e)}", file=sys.stderr)
+            return 2
         kind = "" if isinstance(e, _USER_ERRORS) or type(e).__name__.endswith(("Error", "Exception")) and \
             type(e).__module__.startswith("writesae_plugin") else f"{type(e).__name__}: "
         print(f"{prog}: {kind}{_one_line(e)} (--debug shows the traceback)", file=sys.stderr)

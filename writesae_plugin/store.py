@@ -413,6 +413,18 @@ class StoreProvider(ActivationProvider):
         end = store.n_contexts if n_contexts is None else min(store.n_contexts, first_context + n_contexts)
         self.end_context = end
         self._source = None
+        shards = store.manifest["shards"]
+        per_context = shards[0]["n_samples"] / shards[0]["n_contexts"] if shards else 0
+        heads = len(store.heads) if spec.heads is None else len(spec.heads)
+        #: training rows this provider can give (contexts first_context..end_context, every position and head)
+        self.available = int(round((end - first_context) * per_context)) * heads
+
+    def check_enough(self, total_samples: int) -> None:
+        """Refuse, before any training, a run that asks for more samples than the store holds for it."""
+        if total_samples > self.available:
+            raise StoreError(f"{self.store.path} holds {self.available} samples for this cell after the validation "
+                             f"contexts, fewer than --total-samples {total_samples}; lower --total-samples or "
+                             f"extract more contexts (writesae extract --contexts)")
 
     def _chunks(self):
         return self.store.chunks(self.spec.layer, self.spec.heads, self.spec.layout, self.forward_batch,

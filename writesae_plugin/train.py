@@ -304,6 +304,8 @@ def train_write_sae(cfg: WriteSAETrainingConfig, provider, out_dir: str | Path, 
     out = Path(out_dir)
     if total_samples < batch_size:
         raise ValueError(f"total_samples ({total_samples}) must be at least one batch ({batch_size})")
+    if hasattr(provider, "check_enough"):  # a store: its size is known before training
+        provider.check_enough(total_samples)
     ckpt, run = prepare_output(out, resume_from, checkpoints=n_checkpoints > 0)
     sae = TrainingWriteSAE(cfg)
     steps = total_samples // batch_size
