@@ -756,7 +756,7 @@ def _fit(args, layout, ckpt, provider, val_batches, dims: dict, model_name: str,
         return 2
     last = history[-1] if history else {}
     print(json.dumps({"out": str(args.out), "final_validation": last}, indent=2))
-    print(f"load with: SAE.load_from_disk({str(args.out) + '/final'!r})")
+    print(f"load with: SAE.load_from_disk({str(Path(args.out) / 'final')!r})")
     return 0
 
 
