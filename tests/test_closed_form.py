@@ -71,3 +71,17 @@ def test_direct_path_is_exact_on_a_one_layer_linearised_model(tmp_path):
         assert r["direct"] == pytest.approx(r["jvp"], rel=1e-3, abs=1e-6)
         assert r["direct"] == pytest.approx(r["measured@2.0"], rel=1e-3, abs=1e-6)  # the model is linear in eps
     assert res.summary["pooled"]["direct"]["r2"] > 0.9999
+
+
+def test_sign_agreement_leaves_out_predictions_of_exactly_zero():
+    """The direct path is exactly 0 where the head's state has forgotten the edit (the decay product underflows):
+    such a prediction has no sign, so it must not count as a sign disagreement (it made the demo's GDN direct
+    path read 3% sign agreement while 94% of its predictions were 0)."""
+    import numpy as np
+
+    from writesae_plugin.experiments.closed_form import _scores
+
+    y = np.array([1.0, -2.0, 3.0, 0.5, -0.5])
+    s = _scores(y, {"direct": np.array([0.5, -1.0, 0.0, 0.0, 0.0]), "flipped": -y})
+    assert s["direct"]["sign_agreement"] == 1.0 and s["direct"]["zero_predictions"] == 0.6
+    assert s["flipped"]["sign_agreement"] == 0.0 and s["flipped"]["zero_predictions"] == 0.0

@@ -247,11 +247,16 @@ def _fit_g(records: list[dict], target: str) -> dict:
 
 
 def _scores(y, preds: dict[str, np.ndarray]) -> dict:
+    """R^2 and sign agreement of each predictor. Sign agreement counts the records where both the measured shift
+    and the prediction are nonzero: a prediction of exactly 0 (the direct path where the head's state has
+    forgotten the edit: the decay product underflows) has no sign; ``zero_predictions`` is their share."""
     out = {}
     for name, yhat in preds.items():
-        big = np.abs(y) > 1e-12
-        out[name] = {"r2": r2(y, yhat), "sign_agreement": float((np.sign(yhat[big]) == np.sign(y[big])).mean())
-                     if big.any() else float("nan"), "n": int(len(y))}
+        yhat = np.asarray(yhat, float)
+        signed = (np.abs(y) > 1e-12) & (yhat != 0)
+        out[name] = {"r2": r2(y, yhat), "sign_agreement": float((np.sign(yhat[signed]) == np.sign(y[signed])).mean())
+                     if signed.any() else float("nan"), "n": int(len(y)),
+                     "zero_predictions": float((yhat == 0).mean()) if len(yhat) else float("nan")}
     return out
 
 
@@ -331,7 +336,9 @@ def save_closed_form(result: ClosedFormResult, out_dir, extra: dict | None = Non
 
     pooled = result.summary.get("pooled", {})
     notes = ["Three predictors, each scored separately: " + "; ".join(
-        f"{k}: R2 = {v['r2']:.3f}, sign agreement {v['sign_agreement']:.3f} (n={v['n']})" for k, v in pooled.items()),
+        f"{k}: R2 = {v['r2']:.3f}, sign agreement {v['sign_agreement']:.3f} (n={v['n']}"
+        + (f"; {v['zero_predictions']:.0%} exactly 0, no sign" if v.get("zero_predictions") else "") + ")"
+        for k, v in pooled.items()),
         "Paper: fitted G per (prompt, feature, token) R2 = 0.98; its parameter-free check R2 = -0.06."]
     return write_report(out_dir, "WriteSAE closed-form logit shift",
                         {"experiment": "closed_form", "config": result.config, "summary": result.summary,
