@@ -12,6 +12,8 @@ How the README is covered, and what makes this file fail when the README changes
 * ``bash`` blocks: exactly the two set-up commands. They are not run here (one is this test suite itself);
   the test command must be the one ``.ci/run`` runs, the demo command must use the same set-up, and
   ``writesae demo`` must be run by ``tests/test_demo.py``.
+* ``sh`` blocks (the torchrun commands of "Scaling out"): each command's ``writesae`` part is checked against its
+  ``--help`` here (flags and values); ``tests/test_distributed.py`` runs the same commands with 2 ranks.
 * inline ``writesae ...`` commands: every distinct one must be a key of ``COMMANDS`` (and every key must still
   be in the README). ``run`` entries execute the README command through ``writesae_plugin.cli.main`` in
   process, with placeholders bound (``M``/``DIR`` tiny model, ``S`` the trained SAE, ``D``/``corpus.txt`` a
@@ -307,6 +309,25 @@ def test_readme_command_matches_its_help(cmd, capsys):
     for a in argv[1:]:
         if a.startswith("--"):
             assert a in help_text, f"{cmd}: {a} is not an option of `writesae {argv[0]}`"
+
+
+def torchrun_commands() -> list[str]:
+    lines = [ln.strip() for block in code_blocks("sh") for ln in block.splitlines()]
+    return [ln for ln in lines if ln.startswith("torchrun ")]
+
+
+def test_torchrun_commands_match_their_help(capsys):
+    cmds = torchrun_commands()
+    assert len(cmds) == 4, cmds  # extract, train --parallel cells / data, several nodes
+    for cmd in cmds:
+        argv = shlex.split(cmd)
+        assert argv[argv.index("-m") + 1] == "writesae_plugin.cli", cmd
+        sub = [a for a in argv[argv.index("-m") + 2:] if a != "..."]
+        with pytest.raises(SystemExit) as exc:
+            main(sub + ["--help"])
+        assert exc.value.code == 0, cmd
+        help_text = capsys.readouterr().out
+        assert all(a in help_text for a in sub[1:] if a.startswith("--")), cmd
 
 
 # ------------------------------------------------------------------------------------ paths and names it cites
