@@ -297,7 +297,7 @@ def validate_train(args) -> None:
 
     if distributed.launched() and getattr(args, "parallel", None) is None:
         raise UsageError("under torchrun, train needs --parallel cells or --parallel data (with --layers)")
-    if getattr(args, "parallel", None) is not None and not distributed.launched():
+    if getattr(args, "parallel", None) is not None and not distributed.under_torchrun():
         raise UsageError(f"--parallel {args.parallel} shares the work between torchrun's processes; launch with "
                          "torchrun --nproc-per-node N -m writesae_plugin.cli train ... (or drop --parallel)")
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -46,6 +46,11 @@ class Place:
         return self.world_size > 1
 
 
+def under_torchrun() -> bool:
+    """True when a launcher (torchrun) set ``WORLD_SIZE``, even to 1."""
+    return "WORLD_SIZE" in os.environ
+
+
 def launched() -> bool:
     """True when torchrun (or another launcher setting ``WORLD_SIZE`` > 1) started this process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -91,4 +96,4 @@ def finish(place: Place) -> None:
             dist.destroy_process_group()
 
 
-__all__ = ["Place", "launched", "init", "barrier", "log", "finish"]
+__all__ = ["Place", "under_torchrun", "launched", "init", "barrier", "log", "finish"]
