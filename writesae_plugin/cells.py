@@ -339,12 +339,10 @@ def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Pa
     ``place`` (``distributed.Place``, under torchrun): data parallel. Every rank trains every cell on its share of
     each global batch (``t.batch_size`` rows, split evenly), gradients all-reduced; rank 0 writes checkpoints and
     results. The same SAEs as one process, to rounding."""
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
-
     from .checkpoints import check_identity, prepare_output
     from .sae import TrainingWriteSAE
     from .sae.stacked import StackedTrainingWriteSAE, stackable
-    from .train import _Prepend, evaluate_sae, run_identity
+    from .train import _Prepend, evaluate_sae, run_identity, trainer_config
 
     out = Path(out)
     cfgs = [cell_config(store, cell, t) for cell in cells]
@@ -376,7 +374,6 @@ def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Pa
                              f"multiple of {place.world_size}")
         sae.data_parallel(place)
     stream = _StackedBatches(providers)
-    steps = t.total_samples // t.batch_size
     lr_end, dead_feature_window = t.lr / 10, t.dead_feature_window
     identity = run_identity(cfgs[0], providers[0], total_samples=t.total_samples, batch_size=t.batch_size, lr=t.lr,
                             lr_end=lr_end, warmup_steps=warmup_steps, dead_feature_window=dead_feature_window)
@@ -384,14 +381,8 @@ def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Pa
     identity = json.loads(json.dumps(identity, default=str))
     if ckpt is not None:
         check_identity(ckpt, identity, run)
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=t.total_samples, train_batch_size_samples=t.batch_size, device="cpu", lr=t.lr,
-        lr_end=lr_end, lr_scheduler_name="cosineannealing", lr_warm_up_steps=min(warmup_steps, max(steps - 1, 0)),
-        lr_decay_steps=max(steps - min(warmup_steps, steps - 1) - 1, 1), dead_feature_window=dead_feature_window,
-        feature_sampling_window=max(steps, 1), n_checkpoints=t.n_checkpoints,
-        checkpoint_path=str(run_root / "checkpoints"), save_final_checkpoint=False,
-        logger=LoggingConfig(log_to_wandb=False), autocast=False, adam_beta1=0.9, adam_beta2=0.999,
-        n_restart_cycles=1)
+    trainer_cfg = trainer_config(t.total_samples, t.batch_size, t.lr, lr_end, warmup_steps, dead_feature_window,
+                                 t.n_checkpoints, run_root / "checkpoints")
     trainer = _stacked_trainer_class()(
         cfg=trainer_cfg, sae=sae, data_provider=stream, val_every=t.val_every, layout=cfgs[0].input_layout,
         identity=identity, stream=stream, val_batches=list(vals[0]), cell_ids=[c.id for c in cells],

@@ -289,6 +289,24 @@ def _check_free_space(out: Path, sae: TrainingWriteSAE, provider, n_checkpoints:
                              f"final SAE, {free / 1e6:.0f} MB are free")
 
 
+def trainer_config(total_samples: int, batch_size: int, lr: float, lr_end: float, warmup_steps: int,
+                   dead_feature_window: int, n_checkpoints: int, checkpoint_dir: Path,
+                   device: str = "cpu") -> SAETrainerConfig:
+    """SAELens' trainer config of the paper's schedule (Adam, warm-up, cosine decay to ``lr_end``), shared by the
+    single-cell and the stacked trainers so a stacked cell trains on exactly its own run's schedule."""
+    steps = total_samples // batch_size
+    return SAETrainerConfig(
+        total_training_samples=total_samples, train_batch_size_samples=batch_size, device=device, lr=lr,
+        lr_end=lr_end, lr_scheduler_name="cosineannealing",
+        lr_warm_up_steps=min(warmup_steps, max(steps - 1, 0)),
+        lr_decay_steps=max(steps - min(warmup_steps, steps - 1) - 1, 1),
+        dead_feature_window=dead_feature_window, feature_sampling_window=max(steps, 1),
+        n_checkpoints=n_checkpoints, checkpoint_path=str(checkpoint_dir), save_final_checkpoint=False,
+        logger=LoggingConfig(log_to_wandb=False), autocast=False, adam_beta1=0.9, adam_beta2=0.999,
+        n_restart_cycles=1,
+    )
+
+
 def train_write_sae(cfg: WriteSAETrainingConfig, provider, out_dir: str | Path, *, total_samples: int,
                     batch_size: int, lr: float = 3e-4, lr_end: float | None = None, warmup_steps: int = 50,
                     val_batches: list[torch.Tensor] | None = None, val_every: int = 100,
@@ -308,23 +326,14 @@ def train_write_sae(cfg: WriteSAETrainingConfig, provider, out_dir: str | Path, 
         provider.check_enough(total_samples)
     ckpt, run = prepare_output(out, resume_from, checkpoints=n_checkpoints > 0)
     sae = TrainingWriteSAE(cfg)
-    steps = total_samples // batch_size
     lr_end = lr / 10 if lr_end is None else lr_end
     identity = run_identity(cfg, provider, total_samples=total_samples, batch_size=batch_size, lr=lr, lr_end=lr_end,
                             warmup_steps=warmup_steps, dead_feature_window=dead_feature_window)
     if ckpt is not None:
         check_identity(ckpt, identity, run)
     _check_free_space(out, sae, provider, n_checkpoints)
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=total_samples, train_batch_size_samples=batch_size, device=device, lr=lr,
-        lr_end=lr_end, lr_scheduler_name="cosineannealing",
-        lr_warm_up_steps=min(warmup_steps, max(steps - 1, 0)),
-        lr_decay_steps=max(steps - min(warmup_steps, steps - 1) - 1, 1),
-        dead_feature_window=dead_feature_window, feature_sampling_window=max(steps, 1),
-        n_checkpoints=n_checkpoints, checkpoint_path=str(out / "checkpoints"), save_final_checkpoint=False,
-        logger=LoggingConfig(log_to_wandb=False), autocast=False, adam_beta1=0.9, adam_beta2=0.999,
-        n_restart_cycles=1,
-    )
+    trainer_cfg = trainer_config(total_samples, batch_size, lr, lr_end, warmup_steps, dead_feature_window,
+                                 n_checkpoints, out / "checkpoints", device)
     trainer = WriteSAETrainer(cfg=trainer_cfg, sae=sae, data_provider=provider, val_batches=val_batches,
                               val_every=val_every, log_path=out / "validation.jsonl", layout=cfg.input_layout,
                               identity=identity, stream=provider)
