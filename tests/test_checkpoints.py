@@ -407,3 +407,18 @@ def test_sigkill_while_writing_a_checkpoint(tmp_path):
     assert (out / "final" / "cfg.json").is_file()
     assert not [n for n in os.listdir(out / "checkpoints") if n.startswith(".tmp-")]  # stale temporary removed
     assert len(ck.complete_checkpoints(out)) == 3
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    """mkstemp creates 0600 files; an atomically written checkpoint, store shard or shipped SAE must be as readable
+    as a file written with open(), i.e. 0666 minus the umask (shared clusters, package data)."""
+    old = os.umask(0o027)
+    try:
+        ck.atomic_write_bytes(tmp_path / "a.bin", b"x")
+        with open(tmp_path / "plain.bin", "wb") as f:
+            f.write(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == (tmp_path / "plain.bin").stat().st_mode & 0o777
+    assert os.umask(old) == old  # the process's umask is left as it was

@@ -284,14 +284,17 @@ def _aux_reference(sae, k, v, pre, acts, dead):
     return sae.cfg.aux_loss_coefficient * min(num_dead / sae.cfg.aux_k, 1.0) * aux
 
 
+@pytest.mark.parametrize("encoder", ["bilinear", "dense"])
 @pytest.mark.parametrize("decoder_rank", [1, 2, None])
 @pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
-def test_factored_aux_k_on_selected_atoms_equals_full_gram(decoder_rank, activation):
+def test_factored_aux_k_on_selected_atoms_equals_full_gram(encoder, decoder_rank, activation):
     """Issue 12 item 12: the factors-layout losses use the Gram of the selected atoms only, with the values and
-    gradients of the full-Gram formula."""
+    gradients of the full-Gram formula; with a dense encoder or decoder the step forms the batch's writes and runs
+    the selected-atoms kernels (issue 13), held to the same full-Gram reference."""
     torch.manual_seed(0)
     cfg = make_cfg(WriteSAETrainingConfig, head=None, decoder_rank=decoder_rank, activation=activation,
-                   site="write", aux_k=8, input_layout="factors", encoder_rank=2 if decoder_rank == 2 else 1)
+                   site="write", aux_k=8, input_layout="factors", encoder_rank=2 if decoder_rank == 2 else 1,
+                   encoder=encoder)
     sae, ref = TrainingWriteSAE(cfg), TrainingWriteSAE(cfg)
     with torch.no_grad():
         sae.b_dec.normal_()
@@ -303,7 +306,14 @@ def test_factored_aux_k_on_selected_atoms_equals_full_gram(decoder_rank, activat
     dead[::3] = True
     inp = TrainStepInput(sae_in=torch.cat([k, v], -1), coefficients={"l0": 1.0}, dead_neuron_mask=dead,
                          n_training_steps=1, is_logging_step=False)
+    taken = []
+    fast_step = sae._selected_atoms_step
+    sae._selected_atoms_step = lambda i: taken.append(fast_step(i)) or taken[-1]
     out = sae.training_forward_pass(inp)
+    dense_parts = encoder == "dense" or decoder_rank is None
+    assert len(taken) == dense_parts  # dense atoms: the selected-atoms step on the formed writes
+    if dense_parts and activation == "topk":  # (at d_sae 32 BatchTopK's busiest row and JumpReLU's codes are
+        assert taken[0] is not None          # denser than d_sae / 8: the inner-product path runs, also checked here)
     ref.normalize_decoder()
     pre = ref.pre_from_factors(k, v)
     acts = ref.activation_fn(pre)
