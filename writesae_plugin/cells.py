@@ -114,9 +114,10 @@ def cell_providers(store: ActivationStore, cell: Cell, t: CellTraining, val_stor
 
 
 def train_cell(store: ActivationStore, cell: Cell, out: str | Path, t: CellTraining,
-               val_store: ActivationStore | None = None, resume_from=None):
-    """Train one cell from the store into ``out`` (``final/``, ``checkpoints/``, ``validation.jsonl``); returns
-    ``(sae, validation history)``. The SAE's initialisation depends on ``t.seed`` only."""
+               val_store: ActivationStore | None = None, resume_from=None, device: str = "cpu",
+               progress: bool = True):
+    """Train one cell from the store into ``out`` (``final/``, ``checkpoints/``, ``validation.jsonl``) on ``device``;
+    returns ``(sae, validation history)``. The SAE's initialisation depends on ``t.seed`` only."""
     from .train import train_write_sae
 
     provider, val = cell_providers(store, cell, t, val_store)
@@ -124,7 +125,8 @@ def train_cell(store: ActivationStore, cell: Cell, out: str | Path, t: CellTrain
     torch.manual_seed(t.seed)
     return train_write_sae(cfg, provider, out, total_samples=t.total_samples, batch_size=t.batch_size, lr=t.lr,
                            val_batches=val, val_every=t.val_every, n_checkpoints=t.n_checkpoints,
-                           dead_feature_window=t.dead_feature_window, resume_from=resume_from)
+                           dead_feature_window=t.dead_feature_window, resume_from=resume_from, device=device,
+                           progress=progress)
 
 
 class _StackedBatches:
@@ -150,7 +152,7 @@ def _stacked_trainer_class():
     from safetensors.torch import load_file, save_file
 
     from .checkpoints import CheckpointError, OutputDirError, write_manifest
-    from .train import WriteSAETrainer, evaluate_sae
+    from .train import WriteSAETrainer, evaluate_sae, save_portable
 
     class StackedTrainer(WriteSAETrainer):
         """``WriteSAETrainer`` over a ``StackedTrainingWriteSAE``: SAELens' step with gradients clipped per cell
@@ -215,7 +217,7 @@ def _stacked_trainer_class():
             mse = out.metrics.get("mse_per_cell")
             if mse is None:
                 return
-            x = batch.to(torch.float32)  # [N, C, d]
+            x = batch.to(device=mse.device, dtype=torch.float32)  # [N, C, d] (on the SAE's device already)
             n, C = x.shape[:2]
             if self.layout == "factors":
                 dk = self.sae.cfg.d_k
@@ -292,7 +294,7 @@ def _stacked_trainer_class():
                         "checkpoint_thresholds": list(self.checkpoint_thresholds), "validation": self.histories,
                         "scales": self.scales, "streams": streams}, indent=1, default=str))
                     for c, cell_id in enumerate(self.cell_ids):  # each cell as it would be saved now (loadable)
-                        self.export_cell(c).save_inference_model(tmp / "cells" / cell_id)
+                        save_portable(self.export_cell(c), tmp / "cells" / cell_id)
                     write_manifest(tmp, kind="stacked", n_training_samples=self.n_training_samples)
             except OSError as e:
                 raise OutputDirError(f"writing checkpoint {final} failed ({e.strerror or e}); nothing torn was "
@@ -330,7 +332,7 @@ def _stack_name(cells: list[Cell]) -> str:
 
 def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Path, t: CellTraining,
                         val_store: ActivationStore | None = None, resume: bool = False, progress: bool = True,
-                        warmup_steps: int = 50, place=None) -> dict[str, list[dict]]:
+                        warmup_steps: int = 50, place=None, device: str = "cpu") -> dict[str, list[dict]]:
     """Train ``cells`` together, their dictionaries stacked along a cell axis; each ends in
     ``out/runs/<id>/final`` (+ ``validation.jsonl``), exactly as :func:`train_cell` would leave it. Checkpoints
     (``out/runs/stacked-<hash of the cell ids>/checkpoints``) hold every cell; ``resume`` continues the latest. Returns each cell's
@@ -338,11 +340,14 @@ def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Pa
 
     ``place`` (``distributed.Place``, under torchrun): data parallel. Every rank trains every cell on its share of
     each global batch (``t.batch_size`` rows, split evenly), gradients all-reduced; rank 0 writes checkpoints and
-    results. The same SAEs as one process, to rounding."""
+    results. The same SAEs as one process, to rounding.
+
+    ``device``: where the stacked SAE, Adam's state, the batches, counters and thresholds live (``cuda:LOCAL_RANK``
+    for a GPU rank: the collectives then run over NCCL); the cells are initialised on the CPU, as alone."""
     from .checkpoints import check_identity, prepare_output
     from .sae import TrainingWriteSAE
     from .sae.stacked import StackedTrainingWriteSAE, stackable
-    from .train import _Prepend, evaluate_sae, run_identity, trainer_config
+    from .train import _Prepend, evaluate_sae, run_identity, save_portable, trainer_config
 
     out = Path(out)
     cfgs = [cell_config(store, cell, t) for cell in cells]
@@ -367,7 +372,7 @@ def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Pa
     for cfg in cfgs:
         torch.manual_seed(t.seed)  # each cell initialised as its own run would be
         modules.append(TrainingWriteSAE(cfg))
-    sae = StackedTrainingWriteSAE(modules)
+    sae = StackedTrainingWriteSAE(modules).to(device)
     if place is not None and place.distributed:
         if t.batch_size % place.world_size:
             raise ValueError(f"--parallel data splits each batch over the ranks: batch size {t.batch_size} is not a "
@@ -382,7 +387,7 @@ def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Pa
     if ckpt is not None:
         check_identity(ckpt, identity, run)
     trainer_cfg = trainer_config(t.total_samples, t.batch_size, t.lr, lr_end, warmup_steps, dead_feature_window,
-                                 t.n_checkpoints, run_root / "checkpoints")
+                                 t.n_checkpoints, run_root / "checkpoints", device)
     trainer = _stacked_trainer_class()(
         cfg=trainer_cfg, sae=sae, data_provider=stream, val_every=t.val_every, layout=cfgs[0].input_layout,
         identity=identity, stream=stream, val_batches=list(vals[0]), cell_ids=[c.id for c in cells],
@@ -395,8 +400,8 @@ def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Pa
             trainer.data_provider = _Prepend(first, stream)
             trainer.scales = [float(p.scale) for p in providers]
         trainer.validate()
-    if not progress or not trainer.place.main:
-        trainer._update_pbar = lambda *a, **k: None
+    trainer.show_progress = progress and trainer.place.main  # one bar, rank 0's (every rank steps alike)
+    trainer.progress_desc = f"train {len(cells)} cells"
     try:
         trainer.fit()
     except StopIteration:
@@ -411,7 +416,7 @@ def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Pa
                                      **asdict(m)})
         if trainer.place.main:
             with atomic_dir(out / "runs" / cell.id / "final") as tmp:
-                final.save_inference_model(tmp)
+                save_portable(final, tmp)
     trainer._write_log()
     if place is not None:
         barrier(place)  # the results are on disk before any rank goes on
@@ -437,7 +442,7 @@ def store_cells(store: ActivationStore, layers: list[int] | None, heads: list[in
 def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str | Path, t: CellTraining,
                 val_store: ActivationStore | str | Path | None = None, resume: bool = False,
                 release: str | None = None, progress: bool = True, stack: bool = True, place=None,
-                parallel: str = "cells") -> dict:
+                parallel: str = "cells", device: str = "cpu") -> dict:
     """Train every cell (see the module docstring); returns the release index written to
     ``out/cells/release.json``. Finished cells are skipped; with ``resume`` an interrupted run continues from
     its last complete checkpoint, without it a run with checkpoints but no result is refused. ``stack``: train
@@ -445,7 +450,8 @@ def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str
     else one after another. ``place`` (``distributed.Place``, under torchrun): this rank trains the cells ``j``
     with ``j mod world_size = rank`` and records them in ``cells/release.rank{r}.json``; after a barrier rank 0
     merges those into ``release.json``; with ``parallel="data"`` every rank trains every cell on its share of each
-    batch (:func:`train_cells_stacked`) and rank 0 writes the results. Every rank returns the merged index."""
+    batch (:func:`train_cells_stacked`) and rank 0 writes the results. Every rank returns the merged index.
+    ``device``: where the SAEs train (this rank's: ``cuda:LOCAL_RANK`` on a GPU node)."""
     from tqdm.auto import tqdm
 
     from .distributed import Place, barrier
@@ -487,9 +493,10 @@ def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str
             raise ValueError(f"--parallel data trains the cells stacked; cells with {why} do not stack (use "
                              "--parallel cells)")
         stacked = train_cells_stacked(store, pending, out, t, val_store, resume=resume, progress=progress,
-                                      place=place)
+                                      place=place, device=device)
     elif stack and len(pending) > 1 and why is None:
-        stacked = train_cells_stacked(store, pending, out, t, val_store, resume=resume, progress=progress)
+        stacked = train_cells_stacked(store, pending, out, t, val_store, resume=resume, progress=progress,
+                                      device=device)
     bar = tqdm(cells, desc="cells", unit="cell", disable=not progress or bool(stacked), dynamic_ncols=True)
     for cell in bar:
         bar.set_postfix_str(cell.id)
@@ -503,7 +510,8 @@ def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str
         else:
             has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
             _, history = train_cell(store, cell, run_dir, t, val_store,
-                                    resume_from="latest" if resume and has_ckpt else None)
+                                    resume_from="latest" if resume and has_ckpt else None, device=device,
+                                    progress=progress)
         with atomic_dir(out / "cells" / cell.id) as tmp:
             for f in (run_dir / "final").iterdir():
                 shutil.copy2(f, tmp / f.name)

@@ -361,10 +361,12 @@ def check_store_arg(spec: str, flag: str = "--store") -> dict:
 
 
 def check_device_arg(spec: str) -> None:
+    """``--device`` is well-formed and, for ``cuda`` / ``cuda:N``, there is such a GPU (before any loading)."""
     import re
 
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec):
         raise UsageError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
+    resolve_device(spec)
 
 
 def validate_extract(args) -> None:
@@ -430,14 +432,26 @@ VALIDATORS = {"hooks": lambda a: check_model_arg(a.model), "train": validate_tra
 
 def resolve_device(spec: str) -> str:
     """``--device``: ``auto`` is ``cuda:LOCAL_RANK`` (torchrun's local rank, 0 alone) when CUDA is available, else
-    ``cpu``; ``cuda`` / ``cuda:N`` need CUDA (a one-line error otherwise)."""
+    ``cpu``; ``cuda`` is ``cuda:LOCAL_RANK`` and needs CUDA; ``cuda:N`` needs a GPU N (one-line errors otherwise).
+    The model forward and the SAE training (parameters, optimizer, batches, counters) run there."""
     import torch
 
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if spec == "auto":
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda") and not torch.cuda.is_available():
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if not spec.startswith("cuda"):
+        return spec
+    if not torch.cuda.is_available():
         raise UsageError(f"--device {spec}: this torch has no CUDA device; use --device cpu (or auto)")
-    return spec
+    count = torch.cuda.device_count()
+    if spec != "cuda" and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise UsageError(f"--device {spec}: under torchrun with several processes per node each rank takes GPU "
+                         "LOCAL_RANK; use --device cuda (or auto)")
+    index = local if spec == "cuda" else int(spec.split(":")[1])
+    if index >= count:
+        raise UsageError(f"--device {spec}: GPU {index} does not exist ({count} visible: cuda:0..cuda:{count - 1})"
+                         + ("; run at most that many processes per node" if spec == "cuda" else ""))
+    return f"cuda:{index}"
 
 
 def _load(model_path: str | None, device: str = "cpu"):
@@ -448,7 +462,8 @@ def _load(model_path: str | None, device: str = "cpu"):
 
     if model_path is None:
         tmp = tempfile.mkdtemp(prefix="writesae-tiny-")
-        return hook_model(build_tiny_qwen35(tmp)), "tiny random-init Qwen3.5 (built and reloaded from " + tmp + ")"
+        return (hook_model(build_tiny_qwen35(tmp).to(device)),
+                "tiny random-init Qwen3.5 (built and reloaded from " + tmp + ")")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # errors stay one line; the CLI prints its own progress
@@ -544,7 +559,7 @@ def cmd_train(args) -> int:
             return _train_from_store(args, layout, ckpt)
         except StoreError as e:  # a store that does not fit this run: a usage error, found before training
             raise UsageError(str(e)) from None
-    model, desc = _load(args.model)
+    model, desc = _load(args.model, resolve_device(args.device))
     if model.tokenizer is None:
         print(f"writesae train: {desc} has no tokenizer; a text dataset needs one", file=sys.stderr)
         return 2
@@ -628,7 +643,7 @@ def _train_cells(args) -> int:
     under torchrun with ``--parallel cells``, the extraction and the cells shared out over the ranks."""
     from . import distributed
 
-    place = distributed.init("cpu")
+    place = distributed.init(resolve_device(args.device))  # NCCL for a GPU rank, gloo on the CPU
     try:
         return _train_cells_on(args, place)
     finally:
@@ -697,7 +712,8 @@ def _train_cells_on(args, place) -> int:
         distributed.log(place, f"training all {len(cells)} cells on rows {place.rank}/{place.world_size} of each "
                                "batch")
     index = train_cells(store, cells, out, t, val_store=val_store, resume=args.resume == "latest",
-                        release=out.name, place=place, progress=place.main, parallel=args.parallel or "cells")
+                        release=out.name, place=place, progress=place.main, parallel=args.parallel or "cells",
+                        device=resolve_device(args.device))
     if not place.main:
         return 0
     print(json.dumps({"out": str(out / "cells"), "cells": index["cells"]}, indent=2))
@@ -750,7 +766,7 @@ def _fit(args, layout, ckpt, provider, val_batches, dims: dict, model_name: str,
         sae, history = train_write_sae(cfg, provider, args.out, total_samples=args.total_samples,
                                        batch_size=args.batch_size, lr=args.lr, val_batches=val_batches,
                                        val_every=args.val_every, dead_feature_window=args.dead_feature_window,
-                                       resume_from=ckpt)
+                                       resume_from=ckpt, device=resolve_device(args.device))
     except (CheckpointError, OutputDirError) as e:  # another model or data than the checkpoint's; a failed write
         print(f"writesae train: {e}", file=sys.stderr)
         return 2
@@ -1258,8 +1274,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resample-every", type=int, default=RESAMPLE_EVERY,
                    help="resample dead atoms every N steps (0: off)")
     t.add_argument("--device", default="auto",
-                   help="where the model runs while --layers extracts the store: auto (cuda:LOCAL_RANK when CUDA is "
-                        "available, else cpu), cpu, cuda or cuda:N; the SAE steps run on the CPU")
+                   help="where the model forward and the SAE training run: auto (cuda:LOCAL_RANK when CUDA is "
+                        "available, else cpu), cpu, cuda (cuda:LOCAL_RANK) or cuda:N; saved SAEs load on a CPU")
     t.add_argument("--dead-feature-window", type=int, default=100,
                    help="steps without firing after which an atom counts as dead (aux-k loss, resampling)")
     t.add_argument("--val-contexts", type=int, default=16, help="validation contexts (of the validation split)")

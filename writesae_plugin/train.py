@@ -7,6 +7,12 @@ in ``checkpoints.py``), ``validation.jsonl`` (FVU, L0, dead fraction per validat
 Every file is written through a temporary file or directory and renamed into place, so a kill or a full disk
 leaves the previous complete state. A resumed run continues the data stream where the checkpoint left it, with
 the checkpoint's input scale, and refuses a checkpoint of another run (model, site, SAE, schedule, data).
+
+Devices: ``device`` (``"cpu"``, ``"cuda:N"``) holds the SAE's parameters, Adam's state, the batches, the dead-atom
+counters and BatchTopK's threshold; the SAE is initialised on the CPU (the same initialisation on any device) and
+moved there before the trainer exists. Everything saved is device-independent: checkpoint tensors (weights, Adam
+state, counters) are written from the CPU, and the saved SAEs' ``cfg.json`` says ``"device": "cpu"``, so a run
+resumes on another device and a shipped SAE loads on a machine without the training device.
 """
 
 from __future__ import annotations
@@ -41,11 +47,14 @@ class SAEMetrics:
 @torch.no_grad()
 def evaluate_sae(sae, batches: list[torch.Tensor], layout: str = "dense", input_scale: float = 1.0) -> SAEMetrics:
     """FVU, L0 and dead fraction of ``sae`` on validation batches (dense ``[N, d_in]`` or factors), each
-    matrix multiplied by ``input_scale`` first (FVU is scale-free; L0 and dead atoms depend on it)."""
+    matrix multiplied by ``input_scale`` first (FVU is scale-free; L0 and dead atoms depend on it). The batches
+    are moved to the SAE's device."""
     sq_err, total, l0, n = 0.0, 0.0, 0.0, 0
     fired = None
     xs = []
+    device = next(sae.parameters()).device
     for x in batches:
+        x = x.to(device)
         if layout == "factors":
             k, v = x[:, : sae.cfg.d_k], x[:, sae.cfg.d_k:]
             X = (k[:, :, None] * v[:, None, :]).reshape(x.shape[0], -1)
@@ -70,6 +79,9 @@ class WriteSAETrainer(SAETrainer):
     """``SAETrainer`` plus periodic validation (``validation.jsonl``), atomic self-contained checkpoints and an
     exact resume (weights, optimizer, schedule, dead-atom counters, input scale and data stream)."""
 
+    progress_desc = "train"  # the progress bar's stage name
+    show_progress = True  # False: no bar (progress off, or a rank other than 0 of a distributed job)
+
     def __init__(self, *args, val_batches: list[torch.Tensor] | None = None, val_every: int = 0,
                  log_path: Path | None = None, layout: str = "dense", identity: dict | None = None,
                  stream=None, **kwargs):
@@ -83,6 +95,23 @@ class WriteSAETrainer(SAETrainer):
         self._ema: dict[str, float] = {}
 
     # ------------------------------------------------------------------ progress
+    def fit(self):
+        """SAELens' ``fit``, its progress bar named for the stage (``progress_desc``, not "Training SAE") and shown
+        only when ``show_progress`` (SAELens has no switch for either: its module's ``tqdm`` is wrapped meanwhile)."""
+        from sae_lens.training import sae_trainer
+
+        make = sae_trainer.tqdm
+
+        def bar(*args, **kwargs):
+            kwargs.update(desc=self.progress_desc, disable=not self.show_progress, dynamic_ncols=True)
+            return make(*args, **kwargs)
+
+        sae_trainer.tqdm = bar
+        try:
+            return super().fit()
+        finally:
+            sae_trainer.tqdm = make
+
     @torch.no_grad()
     def _track(self, batch: torch.Tensor, out) -> None:
         """Running (EMA) FVU and L0 of the training batches: FVU = squared error / variance of the batch about its
@@ -121,8 +150,10 @@ class WriteSAETrainer(SAETrainer):
     @torch.no_grad()
     def _update_pbar(self, step_output, pbar, update_interval: int = 100):
         """Every step (SAELens' bar moves every 100): samples/s, ETA, FVU, L0, dead fraction."""
+        if not self.show_progress:
+            return
         if pbar.unit != " samples":
-            pbar.unit, pbar.unit_scale, pbar.desc = " samples", True, "train"
+            pbar.unit, pbar.unit_scale = " samples", True
         self.progress = self.progress_postfix()
         pbar.set_postfix(self.progress, refresh=False)
         pbar.update(self.cfg.train_batch_size_samples)
@@ -146,6 +177,7 @@ class WriteSAETrainer(SAETrainer):
         return row
 
     def step(self, batch):
+        batch = batch.to(self.sae.device)  # once: SAELens' step and the running FVU both read it there
         out = super().step(batch)
         self._track(batch, out)
         if self.val_every and self.val_batches and (self.n_training_steps + 1) % self.val_every == 0:
@@ -153,6 +185,24 @@ class WriteSAETrainer(SAETrainer):
         return out
 
     # ------------------------------------------------------------------ checkpoints
+    def save_trainer_state(self, checkpoint_path: Path) -> None:
+        """SAELens' ``trainer_state.pt`` (and its scaler file) with every tensor on the CPU, so the checkpoint loads
+        on a machine without the training device (``load_trainer_state`` maps it to this run's device, and Adam's
+        state follows the parameters')."""
+        from sae_lens.training.sae_trainer import ACTIVATION_SCALER_CFG_FILENAME, TRAINER_STATE_FILENAME
+
+        checkpoint_path = Path(checkpoint_path)
+        checkpoint_path.mkdir(exist_ok=True, parents=True)
+        state = {
+            "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+            "n_training_samples": self.n_training_samples, "n_training_steps": self.n_training_steps,
+            "act_freq_scores": self.act_freq_scores, "n_forward_passes_since_fired": self.n_forward_passes_since_fired,
+            "n_frac_active_samples": self.n_frac_active_samples, "started_fine_tuning": self.started_fine_tuning,
+            "coefficient_schedulers": {name: s.state_dict() for name, s in self.coefficient_schedulers.items()},
+        }
+        torch.save(on_cpu(state), str(checkpoint_path / TRAINER_STATE_FILENAME))
+        self.activation_scaler.save(str(checkpoint_path / ACTIVATION_SCALER_CFG_FILENAME))
+
     @torch.no_grad()
     def _checkpoint_if_needed(self):
         # called inside fit's loop after a step and before n_training_steps counts it
@@ -177,8 +227,9 @@ class WriteSAETrainer(SAETrainer):
         final = base / checkpoint_name
         try:
             with atomic_dir(final) as tmp:
-                self.export_inference_sae().save_inference_model(tmp)
-                self.sae.save_model(tmp / "training_sae")
+                save_portable(self.export_inference_sae(), tmp)
+                with cfg_device_cpu(self.sae):
+                    self.sae.save_model(tmp / "training_sae")
                 save_file({"sparsity": self.log_feature_sparsity.contiguous()}, tmp / "sparsity.safetensors")
                 self.save_trainer_state(tmp)  # SAELens' trainer_state.pt (+ its own, unused, scaler file)
                 ActivationScaler(scaling_factor=self.input_scale if self.normalized else None).save(
@@ -311,13 +362,15 @@ def train_write_sae(cfg: WriteSAETrainingConfig, provider, out_dir: str | Path, 
                     batch_size: int, lr: float = 3e-4, lr_end: float | None = None, warmup_steps: int = 50,
                     val_batches: list[torch.Tensor] | None = None, val_every: int = 100,
                     n_checkpoints: int = 2, dead_feature_window: int = 100,
-                    resume_from: str | Path | None = None, device: str = "cpu") -> tuple[TrainingWriteSAE, list]:
+                    resume_from: str | Path | None = None, device: str = "cpu",
+                    progress: bool = True) -> tuple[TrainingWriteSAE, list]:
     """Train, validate and save; returns the training SAE and the validation history.
 
     The schedule follows the paper (Adam, warm-up, cosine decay to ``lr_end``, default ``lr / 10``).
     ``resume_from``: a checkpoint directory, or ``"latest"`` (the newest complete one under ``out/checkpoints``).
     A resumed run continues ``provider`` where the checkpoint left it: pass a fresh provider over the same
     contexts (it skips those the checkpoint consumed), and the run ends with the SAE an uninterrupted run gives.
+    ``device``: where the SAE trains (see the module docstring); ``progress``: show the "train" progress bar.
     """
     out = Path(out_dir)
     if total_samples < batch_size:
@@ -325,7 +378,8 @@ def train_write_sae(cfg: WriteSAETrainingConfig, provider, out_dir: str | Path, 
     if hasattr(provider, "check_enough"):  # a store: its size is known before training
         provider.check_enough(total_samples)
     ckpt, run = prepare_output(out, resume_from, checkpoints=n_checkpoints > 0)
-    sae = TrainingWriteSAE(cfg)
+    sae = TrainingWriteSAE(cfg)  # initialised on the CPU (cfg.device): the same SAE whatever the device
+    sae.to(device)  # before the trainer: its counters, Adam's state and a resumed state follow the parameters
     lr_end = lr / 10 if lr_end is None else lr_end
     identity = run_identity(cfg, provider, total_samples=total_samples, batch_size=batch_size, lr=lr, lr_end=lr_end,
                             warmup_steps=warmup_steps, dead_feature_window=dead_feature_window)
@@ -337,6 +391,7 @@ def train_write_sae(cfg: WriteSAETrainingConfig, provider, out_dir: str | Path, 
     trainer = WriteSAETrainer(cfg=trainer_cfg, sae=sae, data_provider=provider, val_batches=val_batches,
                               val_every=val_every, log_path=out / "validation.jsonl", layout=cfg.input_layout,
                               identity=identity, stream=provider)
+    trainer.show_progress = progress
     if ckpt is not None:
         trainer.resume(ckpt, run)
     atomic_write_text(out / "train_config.json", json.dumps({
@@ -365,11 +420,42 @@ def train_write_sae(cfg: WriteSAETrainingConfig, provider, out_dir: str | Path, 
         trainer.validate()
     try:
         with atomic_dir(out / "final") as tmp:
-            sae.save_inference_model(tmp)
+            save_portable(sae, tmp)
     except OSError as e:
         raise OutputDirError(f"writing the final SAE to {out / 'final'} failed ({e.strerror or e}); the checkpoints "
                              "are intact") from e
     return sae, trainer.history
+
+
+def on_cpu(obj):
+    """``obj`` (nested dicts, lists, tuples) with every tensor copied to the CPU (saving device-independently)."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t, obj)
+
+
+class cfg_device_cpu:
+    """Within it ``sae.cfg.device`` reads ``"cpu"``: what a saved ``cfg.json`` should say (safetensors writes the
+    weights from the CPU whatever their device), so a saved SAE loads on a CPU-only machine."""
+
+    def __init__(self, sae):
+        self.sae = sae
+
+    def __enter__(self):
+        self.device, self.sae.cfg.device = self.sae.cfg.device, "cpu"
+        return self.sae
+
+    def __exit__(self, *exc):
+        self.sae.cfg.device = self.device
+        return False
+
+
+def save_portable(sae, path: Path | str) -> None:
+    """``sae.save_inference_model(path)`` with ``cfg.json`` saying ``"device": "cpu"`` (weights from the CPU), so the
+    SAE loads where it was not trained. (SAELens' ``load_from_disk`` / ``from_pretrained`` put an SAE on their own
+    ``device`` argument, ``"cpu"`` by default; the saved device is what other readers of ``cfg.json`` see.)"""
+    with cfg_device_cpu(sae):
+        sae.save_inference_model(path)
 
 
 class _Prepend:
@@ -387,4 +473,4 @@ class _Prepend:
 
 
 __all__ = ["train_write_sae", "evaluate_sae", "SAEMetrics", "WriteSAETrainer", "run_identity",
-           "model_fingerprint"]
+           "model_fingerprint", "save_portable", "on_cpu"]

@@ -90,9 +90,11 @@ class StackedTrainingWriteSAE(TrainingWriteSAE):
 
     # ------------------------------------------------------------------ cells in and out
     def cell(self, c: int) -> TrainingWriteSAE:
-        """Cell ``c`` as its own ``TrainingWriteSAE`` (a copy of its parameters; the global RNG is untouched)."""
+        """Cell ``c`` as its own ``TrainingWriteSAE`` on this module's device (a copy of its parameters; the global
+        RNG is untouched: it is built on the CPU, as the cells were, and moved)."""
         with torch.random.fork_rng(devices=[]):
             sae = TrainingWriteSAE(copy.deepcopy(self.cell_cfgs[c]))
+        sae.to(self.b_enc.device)
         sae.kernels = self.kernels
         self._copy(sae, c, into_cell=True)
         return sae
