@@ -210,3 +210,80 @@ def test_a_trainer_steps_on_its_device_and_saves_device_independently(tmp_path, 
                                  **{**kw, "device": "cpu"})
     for name, p in sae.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], p, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+SMALL = ["--site", "write", "--d-sae", "16", "--k", "4", "--aux-k", "8", "--total-samples", "64",
+         "--batch-size", "32", "--val-contexts", "2", "--val-every", "2", "--context-length", "16"]
+
+
+@pytest.fixture(scope="module")
+def store(model_and_corpus, tmp_path_factory):
+    from writesae_plugin.cli import main
+
+    out = tmp_path_factory.mktemp("device") / "store"
+    assert main(["extract", "--model", str(model_and_corpus / "model"), "--dataset",
+                 str(model_and_corpus / "corpus.txt"), "--layers", "1", "--site", "write", "--contexts", "12",
+                 "--context-length", "16", "--device", "cpu", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("argv", [
+    ["--store", "{store}", "--layer", "1", "--head", "0"],  # one cell from a store
+    ["--model", "{model}", "--dataset", "{corpus}", "--layer", "1", "--head", "0"],  # one cell, streaming
+    ["--store", "{store}", "--layers", "1", "--heads", "0,2"],  # cells stacked
+    ["--store", "{store}", "--layers", "1", "--heads", "3"],  # a cell alone (train_cell)
+], ids=["store", "streaming", "stacked", "cell"])
+def test_device_reaches_every_training_path(argv, store, model_and_corpus, tmp_path, spy, monkeypatch):
+    """What ``--device`` resolves to (here ``cpu:0``, which no default gives) is where every trainer steps."""
+    import writesae_plugin.cli as cli
+
+    monkeypatch.setattr(cli, "resolve_device", lambda spec: "cpu:0")
+    paths = {"store": store, "model": model_and_corpus / "model", "corpus": model_and_corpus / "corpus.txt"}
+    argv = [a.format(**paths) for a in argv]
+    assert cli.main(["train", *argv, *SMALL, "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    assert spy
+    for trainer in spy:
+        assert trainer.cfg.device == "cpu:0" and str(trainer.sae.device) == "cpu:0"
+    saved = list((tmp_path / "out").rglob("cfg.json"))
+    assert saved and all(json.loads(p.read_text())["device"] == "cpu" for p in saved)
+
+
+def test_device_resolution(monkeypatch):
+    """auto / cuda are ``cuda:LOCAL_RANK`` on a GPU node; a GPU index that does not exist, or one GPU for every
+    rank of a node, is a one-line error (CUDA faked: these are the rules, not the hardware)."""
+    from writesae_plugin.cli import UsageError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for var in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert [resolve_device(s) for s in ("auto", "cuda", "cuda:1", "cpu")] == ["cuda:0", "cuda:0", "cuda:1", "cpu"]
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resolve_device("auto") == resolve_device("cuda") == "cuda:1"
+    with pytest.raises(UsageError, match="each rank takes GPU LOCAL_RANK; use --device cuda"):
+        resolve_device("cuda:0")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(UsageError, match=r"GPU 2 does not exist \(2 visible: cuda:0..cuda:1\); run at most"):
+        resolve_device("cuda")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.raises(UsageError, match="GPU 5 does not exist"):
+        resolve_device("cuda:5")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+
+
+def test_cuda_without_a_gpu_is_refused_before_loading(store, tmp_path, capsys, monkeypatch):
+    import writesae_plugin.cli as cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("writesae_plugin.store.ActivationStore.__init__", lambda *a, **k: pytest.fail("opened"))
+    for argv in (["--layer", "1", "--head", "0"], ["--layers", "1"]):
+        assert cli.main(["train", "--store", str(store), *argv, *SMALL, "--device", "cuda",
+                         "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "--device cuda: this torch has no CUDA device; use --device cpu" in err
