@@ -121,6 +121,8 @@ def test_data_parallel_training_gives_the_single_process_saes(data, single_store
     assert sum(resampled) > 0  # these settings kill and resample atoms (the 2-rank run does the same steps)
     r = torchrun(2, [*train, "--parallel", "data", "--out", str(two)])
     assert r.returncode == 0, r.stderr[-3000:]
+    # one progress bar (rank 0's), named for the stage; SAELens' idle "Training SAE" bar on no rank
+    assert r.stderr.count("train 2 cells:   0%") == 1 and "Training SAE" not in r.stderr
     a, b = (json.loads((d / "cells" / "release.json").read_text()) for d in (one, two))
     assert sorted(a["saes"]) == sorted(b["saes"]) == ["L1.H0.write", "L1.H2.write"]
     for cell in a["saes"]:

@@ -69,6 +69,9 @@ def evaluate_sae(sae, batches: list[torch.Tensor], layout: str = "dense", input_
         f = (acts != 0).any(0)
         fired = f if fired is None else fired | f
         xs.append(X)
+    if not xs:
+        raise ValueError("evaluate_sae got no batches: the held-out set is empty (give its provider drop_last=False "
+                         "when it holds fewer samples than one batch)")
     X = torch.cat(xs)
     total = (X - X.mean(0)).pow(2).sum().item()
     return SAEMetrics(fvu=sq_err / max(total, 1e-30), l0=l0 / max(n, 1),
@@ -103,7 +106,8 @@ class WriteSAETrainer(SAETrainer):
         make = sae_trainer.tqdm
 
         def bar(*args, **kwargs):
-            kwargs.update(desc=self.progress_desc, disable=not self.show_progress, dynamic_ncols=True)
+            kwargs.update(desc=self.progress_desc, disable=not self.show_progress, dynamic_ncols=True,
+                          unit=" samples", unit_scale=True)
             return make(*args, **kwargs)
 
         sae_trainer.tqdm = bar
@@ -152,8 +156,6 @@ class WriteSAETrainer(SAETrainer):
         """Every step (SAELens' bar moves every 100): samples/s, ETA, FVU, L0, dead fraction."""
         if not self.show_progress:
             return
-        if pbar.unit != " samples":
-            pbar.unit, pbar.unit_scale = " samples", True
         self.progress = self.progress_postfix()
         pbar.set_postfix(self.progress, refresh=False)
         pbar.update(self.cfg.train_batch_size_samples)
