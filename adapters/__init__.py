@@ -15,6 +15,8 @@ from torch import nn
 from .base import (AdapterConfig, HookedRecurrentModel, HookNameError, StateCapture, UnsupportedModelError,
                    WriteEdit, existing_wrapper, lm_cross_entropy, reuse_wrapper)
 from .gated_deltanet import GDN_MODEL_TYPES, GatedDeltaNetFamily, available_model_types
+from .delta_net import DELTANET_MODEL_TYPES, DeltaNetFamily
+from .fla_cpu import route_cpu_to_torch
 from .kimi_linear import KIMI_MODEL_TYPES, KimiLinearFamily
 from .xlstm import XLSTM_MODEL_TYPES, XLSTMFamily
 from .mamba2 import MAMBA2_MODEL_TYPES, Mamba2Family
@@ -29,12 +31,14 @@ NOT_HOOKABLE = {
     "jamba": "Jamba's recurrent layers are Mamba-1: a per-channel state without a rank-1 key-first write",
     "minimax": "MiniMax's lightning attention is written inline in its layer forward (no kernel to intercept)",
     "rwkv": "transformers' rwkv is RWKV-4 (a per-channel WKV state, no matrix write); RWKV-7 lives in fla",
+    "gla": "fla's GLA (per-channel decay, no erase) is in the frame but has no adapter yet",
+    "rwkv7": "fla's RWKV-7 (DPLR transition) is in the frame but has no adapter yet",
 }
 
 
 def _families_line() -> str:
     return ("supported families: Gated DeltaNet (qwen3_5, qwen3_5_moe, qwen3_next, olmo_hybrid, qwen4_exp), "
-            "Kimi Delta Attention (kimi_linear), xLSTM (xlstm), Mamba-2 (mamba2, bamba, nemotron_h, falcon_h1, "
+            "Kimi Delta Attention (kimi_linear), DeltaNet (fla delta_net), xLSTM (xlstm), Mamba-2 (mamba2, bamba, nemotron_h, falcon_h1, "
             "zamba2, granitemoehybrid; mamba-ssm MambaLMHeadModel)")
 
 
@@ -44,6 +48,8 @@ def supported_families() -> list[str]:
 
     others = {**KIMI_MODEL_TYPES, **XLSTM_MODEL_TYPES, **MAMBA2_MODEL_TYPES}
     found = available_model_types() + [t for t, m in others.items() if importlib.util.find_spec(m)]
+    if importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None:
+        found += list(DELTANET_MODEL_TYPES)
     return found + (["mamba_ssm"] if importlib.util.find_spec("mamba_ssm") else [])
 
 
@@ -61,6 +67,7 @@ def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
     existing = existing_wrapper(hf_model)
     if existing is not None:
         return reuse_wrapper(existing, tokenizer)
+    route_cpu_to_torch()  # with fla installed: CPU calls of fla-bound kernels run torch (a no-op without fla)
     if is_mamba_ssm_model(hf_model):
         return hook_mamba_ssm(hf_model, tokenizer=tokenizer)
     model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
@@ -75,6 +82,8 @@ def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
         family = Mamba2Family(hf_model, model_type)
     elif model_type in KIMI_MODEL_TYPES:
         family = KimiLinearFamily(hf_model)
+    elif model_type in DELTANET_MODEL_TYPES:
+        family = DeltaNetFamily(hf_model)
     elif model_type in XLSTM_MODEL_TYPES:
         family = XLSTMFamily(hf_model)
     else:
@@ -84,4 +93,4 @@ def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
 
 __all__ = ["hook_model", "supported_families", "HookedRecurrentModel", "WriteEdit", "StateCapture",
            "AdapterConfig", "UnsupportedModelError", "HookNameError", "GDN_MODEL_TYPES", "lm_cross_entropy",
-           "MambaSSMCausalLM", "InferenceCache", "hook_mamba_ssm"]
+           "MambaSSMCausalLM", "InferenceCache", "hook_mamba_ssm", "route_cpu_to_torch"]

@@ -683,7 +683,8 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
                 raise ValueError(f"an edit at layer {early[0].layer} cannot apply in a forward resumed at layer "
                                  f"{state.layer}; resume at layer <= {early[0].layer} or run the full forward")
         layers = self.family.decoder_layers(self.hf_model)
-        replays = [] if state.full else [_Replay(state.carried, state.keep_states) for _ in range(state.layer)]
+        adjust = getattr(self.family, "replay_output", None)
+        replays = [] if state.full else [_Replay(state.carried, state.keep_states, adjust) for _ in range(state.layer)]
         saved = []
         try:
             for i, replay in enumerate(replays):
@@ -992,10 +993,12 @@ def _tensors(obj) -> list[Tensor]:
 class _Replay:
     """Stands in for a skipped decoder layer's ``forward``: returns the recorded output of the layer before the
     resume point, for the positions of this call (a cursor advances by each call's length, so wrappers that run
-    a continuation one token at a time get one position per call)."""
+    a continuation one token at a time get one position per call). ``adjust(output, call_kwargs)``, a family's
+    ``replay_output``, puts what the call itself must hand on into the output (fla's decoder loop takes the cache
+    back from each block's output)."""
 
-    def __init__(self, carried, keep_states: bool = False):
-        self.carried, self.cursor, self.keep_states = carried, 0, keep_states
+    def __init__(self, carried, keep_states: bool = False, adjust=None):
+        self.carried, self.cursor, self.keep_states, self.adjust = carried, 0, keep_states, adjust
 
     def __call__(self, *args, **kwargs):
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim() >= 2), None)
@@ -1005,8 +1008,10 @@ class _Replay:
         start, self.cursor = self.cursor, self.cursor + n
 
         if self.keep_states:  # (hidden [b, T, ...], the layer's recurrent state): the state is returned whole
-            return (self.carried[0][:, start:start + n], *self.carried[1:])
-        return _map_tensors(self.carried, lambda t: t[:, start:start + n])
+            out = (self.carried[0][:, start:start + n], *self.carried[1:])
+        else:
+            out = _map_tensors(self.carried, lambda t: t[:, start:start + n])
+        return out if self.adjust is None else self.adjust(out, kwargs)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from . import ops
+from . import fla_cpu, ops
 from .base import (AdapterConfig, HookedRecurrentModel, StateCapture, UnsupportedModelError, WriteEdit,
                    cache_from_kwargs, conflicting_edit_error, find_decoder_layers, find_final_norm)
 from .reference import l2_normalize
@@ -81,6 +81,14 @@ class _Kernels:
 
 
 _INSTALLED: dict[str, _Kernels] = {}
+_ROUTE_CPU = threading.Event()  # set by fla_cpu.route_cpu_to_torch: unhooked CPU calls run the pure-torch kernel
+
+
+def route_cpu_calls() -> None:
+    """Send calls of the swapped kernels from unhooked models to the pure-torch functions when their tensors are on
+    the CPU (transformers binds fla's triton kernels when fla is importable; those cannot run on a CPU). Set by
+    :func:`writesae_plugin.adapters.fla_cpu.route_cpu_to_torch`; other devices keep the bound kernel."""
+    _ROUTE_CPU.set()
 
 
 def on_device_of(args, kwargs):
@@ -104,6 +112,8 @@ def _install(module_name: str, names: tuple[str, str] = (CHUNK, RECURRENT)) -> _
         def dispatch(*args, **kwargs):
             layer = getattr(_CURRENT, "layer", None)
             if layer is None:
+                if _ROUTE_CPU.is_set() and fla_cpu.on_cpu(args, kwargs):
+                    return kernels.pure[name](*args, **kwargs)
                 return original(*args, **kwargs)
             with on_device_of(args, kwargs):
                 return layer.intercept(name, kernels, args, kwargs)

@@ -16,6 +16,15 @@ from tiny_models import GDN_FAMILIES, SAFE_VOCAB, make_tiny_model  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# With the [fla] extra installed (scripts/setup.sh installs it), transformers binds fla's triton kernels for Gated
+# DeltaNet and Kimi Linear at import, and a plain (unhooked) CPU forward of those models fails ("0 active
+# drivers"); fla's own models fail the same way. The tests' plain reference forwards therefore run with the
+# adapters' CPU routing on, made explicit here: CPU calls of those kernels run the pure-torch functions (for
+# transformers' kernels, transformers' own torch fallback, i.e. what it runs without fla). A no-op without fla.
+from writesae_plugin.adapters import route_cpu_to_torch  # noqa: E402
+
+route_cpu_to_torch()
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):

@@ -467,6 +467,9 @@ def _load(model_path: str | None, device: str = "cpu"):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # errors stay one line; the CLI prints its own progress
+    from .adapters import route_cpu_to_torch
+
+    route_cpu_to_torch()  # with the [fla] extra: imports fla (its models join the Auto classes); CPU kernels: torch
     hf = AutoModelForCausalLM.from_pretrained(model_path).to(device)
     try:
         tok = AutoTokenizer.from_pretrained(model_path)

@@ -1,0 +1,268 @@
+"""Pure-torch routing of flash-linear-attention's (``fla``) triton kernels for CPU tensors.
+
+fla 0.6 imports on a CPU machine once ``triton`` is installed, but every fla kernel is a triton kernel, and triton
+has no CPU driver ("0 active drivers"). Two things then break on a CPU:
+
+* fla's own models (DeltaNet, GLA, ...): the block norms (``RMSNorm``), the MLP (``swiglu_linear``), the short
+  convolutions (``ShortConvolution``), the gated output norms and the recurrences are all triton.
+* transformers' Gated DeltaNet and Kimi Linear models: with fla importable, transformers binds fla's
+  ``chunk_gated_delta_rule`` / ``chunk_kda`` (and their recurrent forms) at import, so a plain CPU forward of those
+  models fails the same way.
+
+:func:`route_cpu_to_torch` (idempotent, process-wide) puts a device router on each of those entry points, at the
+name the caller looks up at call time: for CPU tensors the router runs the pure-torch function below (for
+transformers' kernels: transformers' own torch fallback, the function it runs when fla is absent); for any other
+device it calls the original, so fla's kernels run on a GPU untouched. Nothing that produced numbers before
+changes: the routed calls could only raise on a CPU. ``hook_model`` calls it for fla models; a plain
+(unhooked) CPU model of those families needs an explicit call (the test suite's ``conftest.py`` makes it once).
+
+The torch functions follow the triton kernels' formulas (fp32 inside, the input's dtype out); they are not bit
+for bit fla's kernels, only the same maths. Routed entry points (module: names):
+
+* ``fla.modules.norm.layernorm``: ``rms_norm``, ``layer_norm``, ``group_norm`` (``RMSNorm``, ``LayerNorm``,
+  ``GroupNorm`` modules), residual / prenorm forms included;
+* ``fla.modules.norm.fused_norm_gate``: ``rms_norm_gated``, ``layer_norm_gated`` (``FusedRMSNormGated`` ...);
+* ``fla.modules.mlp``: ``swiglu``, ``swiglu_linear`` (``GatedMLP``);
+* ``fla.modules.causal_conv1d.ops``: ``causal_conv1d``, ``causal_conv1d_update`` (``ShortConvolution``, prefill and
+  the in-place single-token step);
+* ``fla.layers.delta_net``: ``chunk_delta_rule``, ``fused_recurrent_delta_rule`` (through the DeltaNet adapter's
+  dispatcher, :mod:`.delta_net`);
+* transformers' GDN / KDA kernels (through :mod:`.gated_deltanet`'s dispatchers).
+
+Other fla layers (RWKV-7's token shift, fused ``addcmul``, ``k`` update, DPLR recurrence; GLA's recurrence; ...)
+are not routed: they still fail on a CPU, and ``hook_model`` refuses those models with the supported families.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_LOCK = threading.Lock()
+_DONE = False
+
+
+def fla_available() -> bool:
+    """Whether ``fla`` (flash-linear-attention) and ``triton`` are importable."""
+    return importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None
+
+
+def first_device(args, kwargs) -> torch.device | None:
+    """The device of a call's first tensor argument (None when it has none)."""
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, Tensor):
+            return v.device
+    return None
+
+
+def on_cpu(args, kwargs) -> bool:
+    dev = first_device(args, kwargs)
+    return dev is not None and dev.type == "cpu"
+
+
+def cpu_router(original, impl):
+    """``original`` with CPU calls sent to ``impl`` (``__wrapped__`` is ``original``)."""
+
+    @functools.wraps(original)
+    def route(*args, **kwargs):
+        if on_cpu(args, kwargs):
+            return impl(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    route.__writesae_cpu_route__ = original
+    return route
+
+
+def _patch(module_name: str, name: str, impl) -> None:
+    module = importlib.import_module(module_name)
+    current = getattr(module, name, None)
+    if current is None or getattr(current, "__writesae_cpu_route__", None) is not None:
+        return
+    setattr(module, name, cpu_router(current, impl))
+
+
+# ---------------------------------------------------------------------------------------- torch functions
+def torch_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None = None,
+                     eps: float = 1e-5, prenorm: bool = False, residual_in_fp32: bool = False,
+                     is_rms_norm: bool = False, num_groups: int = 1):
+    """fla's ``LayerNormFunction`` forward: ``y = norm(x + residual) * weight + bias`` over groups of the last
+    axis (``1 / sqrt(mean + eps)``, fp32 inside); with ``prenorm`` also the summed residual (in the residual's dtype,
+    or fp32 with ``residual_in_fp32``)."""
+    shape = x.shape
+    h = x.float()
+    if residual is not None:
+        h = h + residual.float()
+    res_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else None)
+    hg = h.reshape(*shape[:-1], num_groups, shape[-1] // num_groups)
+    if not is_rms_norm:
+        hg = hg - hg.mean(-1, keepdim=True)
+    y = (hg * (1.0 / torch.sqrt((hg * hg).mean(-1, keepdim=True) + eps))).reshape(shape)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    y = y.to(x.dtype)
+    if not prenorm:
+        return y
+    return y, (h.to(res_dtype) if res_dtype is not None else h.to(x.dtype))
+
+
+def _rms_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False):
+    return torch_layer_norm(x, weight, bias, residual, eps, prenorm, residual_in_fp32, True)
+
+
+def _layer_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False, is_rms_norm=False):
+    return torch_layer_norm(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)
+
+
+def _group_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False, is_rms_norm=False,
+                num_groups=1):
+    return torch_layer_norm(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm, num_groups)
+
+
+def torch_norm_gated(x: Tensor, g: Tensor, weight, bias, activation: str = "swish", residual=None, prenorm=False,
+                     residual_in_fp32=False, eps=1e-6, is_rms_norm=True):
+    """fla's gated norm: ``norm(x) * weight + bias``, times ``silu(g)`` (``swish`` / ``silu``) or ``sigmoid(g)``."""
+    out = torch_layer_norm(x, weight, bias, residual, eps, True, residual_in_fp32, is_rms_norm)
+    y, res = out
+    g32 = g.float()
+    if activation in ("swish", "silu"):
+        gate = g32 * torch.sigmoid(g32)
+    elif activation == "sigmoid":
+        gate = torch.sigmoid(g32)
+    else:
+        raise ValueError(f"unsupported gate activation {activation!r}")
+    y = (y.float() * gate).to(x.dtype)
+    return (y, res) if prenorm else y
+
+
+def _rms_norm_gated(x, g, weight, bias, activation="swish", residual=None, prenorm=False, residual_in_fp32=False,
+                    eps=1e-6):
+    return torch_norm_gated(x, g, weight, bias, activation, residual, prenorm, residual_in_fp32, eps, True)
+
+
+def _layer_norm_gated(x, g, weight, bias, activation="swish", residual=None, prenorm=False, residual_in_fp32=False,
+                      eps=1e-6):
+    return torch_norm_gated(x, g, weight, bias, activation, residual, prenorm, residual_in_fp32, eps, False)
+
+
+def torch_swiglu(x: Tensor, y: Tensor) -> Tensor:
+    """``silu(x) * y`` in fp32, in the input's dtype."""
+    x32 = x.float()
+    return (x32 * torch.sigmoid(x32) * y.float()).to(x.dtype)
+
+
+def torch_swiglu_linear(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(torch_swiglu(x, y), weight, bias)
+
+
+def _segments(cu_seqlens: Tensor) -> list[tuple[int, int]]:
+    c = cu_seqlens.tolist()
+    return list(zip(c[:-1], c[1:]))
+
+
+def torch_causal_conv1d(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+                        residual: Tensor | None = None, initial_state: Tensor | None = None,
+                        output_final_state: bool | None = False, activation: str | None = None,
+                        backend: str | None = None, cu_seqlens: Tensor | None = None, **kwargs):
+    """fla's short causal conv (``ShortConvolution``): ``y_t = act(sum_j w[:, j] x_{t-W+1+j} + b) (+ residual)``
+    per channel; ``x [B, T, D]``, ``weight [D, W]``, state ``[N, D, W]`` (the last W inputs; the conv reads its last
+    ``W - 1``). Packed sequences (``cu_seqlens``, batch 1) run one sequence at a time."""
+    if weight is None:
+        raise NotImplementedError("fla's causal_conv1d without a weight has no CPU route")
+    if cu_seqlens is not None:
+        ys, states = [], []
+        for i, (s, e) in enumerate(_segments(cu_seqlens)):
+            init = None if initial_state is None else initial_state[i:i + 1]
+            res = None if residual is None else residual[:, s:e]
+            y, st = torch_causal_conv1d(x[:, s:e], weight, bias, res, init, output_final_state, activation)
+            ys.append(y)
+            states.append(st)
+        return torch.cat(ys, 1), (torch.cat(states, 0) if output_final_state else None)
+    B, T, D = x.shape
+    W = weight.shape[1]
+    xt = x.transpose(1, 2).float()  # [B, D, T]
+    state = initial_state.float() if initial_state is not None else xt.new_zeros(B, D, W)
+    full = torch.cat([state[..., 1:], xt], -1)  # [B, D, W - 1 + T]
+    y = F.conv1d(full, weight.float()[:, None, :], None if bias is None else bias.float(), groups=D)
+    if activation in ("silu", "swish"):
+        y = F.silu(y)
+    elif activation is not None:
+        raise ValueError(f"unsupported conv activation {activation!r}")
+    y = y.transpose(1, 2)
+    if residual is not None:
+        y = y + residual.float()
+    final = torch.cat([state, xt], -1)[..., -W:].to(x.dtype) if output_final_state else None
+    return y.to(x.dtype), final
+
+
+def torch_causal_conv1d_update(x: Tensor, cache: Tensor, residual: Tensor | None = None,
+                               weight: Tensor | None = None, bias: Tensor | None = None,
+                               activation: str | None = None):
+    """One token per sequence (``x [N, 1, D]``, ``[1, N, D]`` or ``[N, D]``): shift the cache ``[N, D, W]`` left by
+    one, put ``x`` last (in place, as fla's kernel does), ``y = act(sum(cache * w) + b) (+ residual)``."""
+    shape = x.shape
+    xf = x.reshape(-1, shape[-1])  # [N, D]
+    new = torch.cat([cache[..., 1:], xf[..., None].to(cache.dtype)], -1)
+    y = (new.float() * weight.float()).sum(-1)
+    if bias is not None:
+        y = y + bias.float()
+    if activation in ("silu", "swish"):
+        y = F.silu(y)
+    y = y.reshape(shape)
+    if residual is not None:
+        y = y + residual.float()
+    with torch.no_grad():
+        cache.copy_(new)
+    return y.to(x.dtype), cache
+
+
+def fla_l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """fla's L2 norm: ``x * (1 / sqrt(sum(x^2) + eps))`` over the last axis, fp32."""
+    x = x.float()
+    return x * (1.0 / torch.sqrt((x * x).sum(-1, keepdim=True) + eps))
+
+
+# ---------------------------------------------------------------------------------------- installation
+_FLA_ROUTES = {
+    "fla.modules.norm.layernorm": {"rms_norm": _rms_norm, "layer_norm": _layer_norm, "group_norm": _group_norm},
+    "fla.modules.norm.fused_norm_gate": {"rms_norm_gated": _rms_norm_gated, "layer_norm_gated": _layer_norm_gated},
+    "fla.modules.mlp": {"swiglu": torch_swiglu, "swiglu_linear": torch_swiglu_linear},
+    "fla.modules.causal_conv1d.ops": {"causal_conv1d": torch_causal_conv1d,
+                                      "causal_conv1d_update": torch_causal_conv1d_update},
+}
+
+
+def route_cpu_to_torch() -> bool:
+    """Route fla's triton kernels (the entry points listed in the module docstring) and transformers' fla-bound
+    GDN / KDA kernels to pure torch for CPU tensors; other devices keep the original kernels. Idempotent and
+    process-wide. Returns False (and does nothing) when fla or triton is not importable: then transformers uses
+    its own torch kernels and fla models cannot be built."""
+    global _DONE
+    if not fla_available():
+        return False
+    with _LOCK:
+        if _DONE:
+            return True
+        for module_name, routes in _FLA_ROUTES.items():
+            for name, impl in routes.items():
+                _patch(module_name, name, impl)
+        from . import delta_net, gated_deltanet, kimi_linear
+
+        delta_net.install()
+        gated_deltanet.route_cpu_calls()
+        for model_type, module_name in {**gated_deltanet.GDN_MODEL_TYPES, **kimi_linear.KIMI_MODEL_TYPES}.items():
+            if importlib.util.find_spec(module_name) is None:
+                continue
+            importlib.import_module(module_name)
+            names = ((kimi_linear.KDA_CHUNK, kimi_linear.KDA_RECURRENT) if model_type in kimi_linear.KIMI_MODEL_TYPES
+                     else (gated_deltanet.CHUNK, gated_deltanet.RECURRENT))
+            gated_deltanet._install(module_name, names)
+        _DONE = True
+    return True

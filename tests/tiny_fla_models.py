@@ -1,0 +1,46 @@
+"""Tiny random-init models of flash-linear-attention's (fla) real classes, built from fla's config classes, saved
+with ``save_pretrained`` and reloaded through transformers' ``AutoModelForCausalLM`` from a directory (the real fla
+layer code: projections, short convs, norms, gates; on a CPU the triton kernels are routed to torch,
+``writesae_plugin.adapters.fla_cpu``), fp32, eval mode.
+
+``make_tiny_deltanet(path)``: fla ``DeltaNetForCausalLM``, hidden 64, vocab 256, 3 DeltaNet layers of 4 heads,
+``d_k = 16``, ``d_v = 32`` (``expand_v = 2``), short convs of width 4, ``initializer_range = 0.1`` so reads are
+O(0.1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiny_recurrent_models import _save_reload
+
+VOCAB = 256
+
+
+def require_fla():
+    """Import fla (registers its configs with transformers' Auto classes), or skip with the reason."""
+    pytest.importorskip("triton", reason="the [fla] extra (flash-linear-attention + triton) is not installed")
+    return pytest.importorskip("fla", reason="the [fla] extra (flash-linear-attention + triton) is not installed")
+
+
+def deltanet_config(**overrides):
+    require_fla()
+    from fla.models import DeltaNetConfig
+
+    kw = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_heads=4, expand_k=1.0, expand_v=2.0,
+              conv_size=4, hidden_ratio=2, max_position_embeddings=512, initializer_range=0.1,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    kw.update(overrides)
+    return DeltaNetConfig(**kw)
+
+
+def build_tiny_deltanet(seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(deltanet_config(**overrides), dtype=torch.float32).eval()
+
+
+def make_tiny_deltanet(save_dir, seed: int = 0, **overrides):
+    return _save_reload(build_tiny_deltanet(seed, **overrides), save_dir)
