@@ -18,8 +18,11 @@ What runs distributed (issue 14):
   resampling done on the whole batch by every rank alike (``sae/stacked.py``); rank 0 writes checkpoints
   (atomically) and results, and a run resumes with any number of ranks. The SAEs equal one process's.
 
-Devices: ``--device auto`` puts each rank's model on ``cuda:LOCAL_RANK`` when CUDA is available (NCCL then joins
-the group) and on the CPU otherwise (gloo). Not built yet: SAE training steps on a GPU (they run on the CPU).
+Devices: ``--device auto`` (or ``cuda``) puts each rank's model forward and SAE training (parameters, Adam's
+state, batches, dead-atom counters, BatchTopK thresholds) on ``cuda:LOCAL_RANK`` when CUDA is available (NCCL then
+joins the group and carries the collectives) and on the CPU otherwise (gloo). What is saved is device-independent
+(``train.py``). Checked on the CPU only (``tests/test_device.py``); ``scripts/gpu_check_distributed.py`` is the
+prepared GPU check.
 """
 
 from __future__ import annotations
