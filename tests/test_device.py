@@ -32,6 +32,9 @@ from writesae_plugin.sae.stacked import StackedTrainingWriteSAE
 FACTORIES = ("zeros", "ones", "empty", "full", "arange", "tensor", "as_tensor", "randn", "rand", "randint",
              "randperm", "eye", "linspace", "logspace", "normal")
 WATCHED = tuple(str(Path(m.__file__).parent) for m in (writesae_plugin, sys.modules["sae_lens"]))
+_PKG = Path(writesae_plugin.__file__).parent
+# the training code (not the data providers, whose buffers live on the CPU by design)
+TRAINING = (str(_PKG / "sae"), str(_PKG / "train.py"), str(_PKG / "cells.py"), WATCHED[1])
 
 
 @contextlib.contextmanager
@@ -235,16 +238,21 @@ def store(model_and_corpus, tmp_path_factory):
     ["--store", "{store}", "--layers", "1", "--heads", "3"],  # a cell alone (train_cell)
 ], ids=["store", "streaming", "stacked", "cell"])
 def test_device_reaches_every_training_path(argv, store, model_and_corpus, tmp_path, spy, monkeypatch):
-    """What ``--device`` resolves to (here ``cpu:0``, which no default gives) is where every trainer steps."""
+    """What ``--device`` resolves to (here ``cpu:0``, which no default gives) is where every trainer steps, and
+    no factory call of the training code (the SAE, the trainers, SAELens) lacks a device on any path."""
     import writesae_plugin.cli as cli
 
     monkeypatch.setattr(cli, "resolve_device", lambda spec: "cpu:0")
     paths = {"store": store, "model": model_and_corpus / "model", "corpus": model_and_corpus / "corpus.txt"}
     argv = [a.format(**paths) for a in argv]
-    assert cli.main(["train", *argv, *SMALL, "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    with stray_factories(TRAINING) as found:
+        assert cli.main(["train", *argv, *SMALL, "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    assert found == [], found
     assert spy
     for trainer in spy:
         assert trainer.cfg.device == "cpu:0" and str(trainer.sae.device) == "cpu:0"
+        device = trainer.sae.b_enc.device
+        assert {name: t.device for name, t in trainer_tensors(trainer).items() if t.device != device} == {}
     saved = list((tmp_path / "out").rglob("cfg.json"))
     assert saved and all(json.loads(p.read_text())["device"] == "cpu" for p in saved)
 
