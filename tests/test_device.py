@@ -295,3 +295,45 @@ def test_cuda_without_a_gpu_is_refused_before_loading(store, tmp_path, capsys, m
                          "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "--device cuda: this torch has no CUDA device; use --device cpu" in err
+
+
+def test_data_parallel_branches_make_every_tensor_on_the_parameters_device(store, tmp_path, monkeypatch):
+    """The data-parallel step's collectives (gradient and counter all-reduce, BatchTopK's all-gather and MIN
+    all-reduce of the thresholds, barriers), run in-process on a one-rank gloo group forced "distributed": no
+    factory call lacks a device, and the SAEs are the plain run's, bit for bit (a one-rank reduction is the
+    identity). test_distributed holds 2 ranks equal to one process."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from writesae_plugin.cells import CellTraining, store_cells, train_cells_stacked
+    from writesae_plugin.distributed import Place
+    from writesae_plugin.store import ActivationStore
+
+    class OneRankGroup(Place):
+        @property
+        def distributed(self) -> bool:
+            return True
+
+    s = ActivationStore(store)
+    cells = store_cells(s, [1], [0, 2], "write")
+    t = CellTraining(d_sae=32, k=2, aux_k=8, activation="batchtopk", total_samples=128, batch_size=32,
+                     val_contexts=2, val_every=2, n_checkpoints=1, resample_every=2, dead_feature_window=1)
+    calls = {"all_reduce": 0, "all_gather": 0}
+    for name in calls:
+        fn = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda *a, _fn=fn, _name=name, **k: calls.__setitem__(
+            _name, calls[_name] + 1) or _fn(*a, **k))
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with stray_factories(TRAINING) as found:
+            train_cells_stacked(s, cells, tmp_path / "dp", t, place=OneRankGroup(0, 1, 0), progress=False)
+    finally:
+        dist.destroy_process_group()
+    assert found == [], found
+    assert calls["all_gather"] > 0 and calls["all_reduce"] > 0, calls  # the collectives ran
+    train_cells_stacked(s, cells, tmp_path / "plain", t, progress=False)
+    for cell in cells:
+        a, b = (load_file(tmp_path / d / "runs" / cell.id / "final" / "sae_weights.safetensors")
+                for d in ("dp", "plain"))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), cell.id
