@@ -126,7 +126,7 @@ def train_cell(store: ActivationStore, cell: Cell, out: str | Path, t: CellTrain
     return train_write_sae(cfg, provider, out, total_samples=t.total_samples, batch_size=t.batch_size, lr=t.lr,
                            val_batches=val, val_every=t.val_every, n_checkpoints=t.n_checkpoints,
                            dead_feature_window=t.dead_feature_window, resume_from=resume_from, device=device,
-                           progress=progress)
+                           progress=progress, progress_desc=f"train {cell.id}")
 
 
 class _StackedBatches:

@@ -365,14 +365,15 @@ def train_write_sae(cfg: WriteSAETrainingConfig, provider, out_dir: str | Path, 
                     val_batches: list[torch.Tensor] | None = None, val_every: int = 100,
                     n_checkpoints: int = 2, dead_feature_window: int = 100,
                     resume_from: str | Path | None = None, device: str = "cpu",
-                    progress: bool = True) -> tuple[TrainingWriteSAE, list]:
+                    progress: bool = True, progress_desc: str = "train") -> tuple[TrainingWriteSAE, list]:
     """Train, validate and save; returns the training SAE and the validation history.
 
     The schedule follows the paper (Adam, warm-up, cosine decay to ``lr_end``, default ``lr / 10``).
     ``resume_from``: a checkpoint directory, or ``"latest"`` (the newest complete one under ``out/checkpoints``).
     A resumed run continues ``provider`` where the checkpoint left it: pass a fresh provider over the same
     contexts (it skips those the checkpoint consumed), and the run ends with the SAE an uninterrupted run gives.
-    ``device``: where the SAE trains (see the module docstring); ``progress``: show the "train" progress bar.
+    ``device``: where the SAE trains (see the module docstring); ``progress``: show the progress bar, named
+    ``progress_desc``.
     """
     out = Path(out_dir)
     if total_samples < batch_size:
@@ -393,7 +394,7 @@ def train_write_sae(cfg: WriteSAETrainingConfig, provider, out_dir: str | Path, 
     trainer = WriteSAETrainer(cfg=trainer_cfg, sae=sae, data_provider=provider, val_batches=val_batches,
                               val_every=val_every, log_path=out / "validation.jsonl", layout=cfg.input_layout,
                               identity=identity, stream=provider)
-    trainer.show_progress = progress
+    trainer.show_progress, trainer.progress_desc = progress, progress_desc
     if ckpt is not None:
         trainer.resume(ckpt, run)
     atomic_write_text(out / "train_config.json", json.dumps({
