@@ -710,10 +710,11 @@ def _train_cells_on(args, place) -> int:
         del model
     cells = store_cells(store, args.layers, args.heads, args.site, shared_heads=args.shared_heads)
     if place.distributed and args.parallel == "cells":
-        distributed.log(place, f"training cells {[c.id for c in cells[place.rank::place.world_size]]}")
+        distributed.log(place, f"training cells {[c.id for c in cells[place.rank::place.world_size]]} on "
+                               f"{resolve_device(args.device)}")
     elif place.distributed:
         distributed.log(place, f"training all {len(cells)} cells on rows {place.rank}/{place.world_size} of each "
-                               "batch")
+                               f"batch, on {resolve_device(args.device)}")
     index = train_cells(store, cells, out, t, val_store=val_store, resume=args.resume == "latest",
                         release=out.name, place=place, progress=place.main, parallel=args.parallel or "cells",
                         device=resolve_device(args.device))
