@@ -211,7 +211,9 @@ def _train_check(run: Run, mode: str):
     close = all(abs(x - y) <= 0.05 * y + 0.01 for x, y in fvu.values())
     saved = _saved_ok(run.tmp / f"train_{mode}")
     bars = r.stderr.count("train 4 cells:   0%") if mode == "data" else None
-    rec = {"fvu_device_vs_cpu": fvu, **saved, "progress_bars": bars, "training_SAE_bar": "Training SAE" in r.stderr}
+    logged = sorted(set(re.findall(r"\[rank (\d+)/\d+\] training [^\n\r]* on ([\w:]+)", r.stderr)))
+    rec = {"fvu_device_vs_cpu": fvu, **saved, "progress_bars": bars, "training_SAE_bar": "Training SAE" in r.stderr,
+           "rank_devices_logged": logged}  # only with 2+ ranks (one rank is a plain process)
     rec["ok"] = close and saved["saved_ok"] and not rec["training_SAE_bar"] and bars in (None, 1)
     return rec
 
