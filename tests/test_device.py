@@ -196,6 +196,7 @@ def test_a_trainer_steps_on_its_device_and_saves_device_independently(tmp_path, 
     assert found == [], found
     (trainer,) = spy
     assert trainer.cfg.device == "cpu:0" and str(trainer.sae.device) == "cpu:0"
+    assert trainer.sae.cfg.device == sae.cfg.device == "cpu:0"  # saving wrote "cpu" and left the SAE's own cfg
     device = trainer.sae.b_enc.device
     tensors = trainer_tensors(trainer)
     assert {"buffer topk_threshold", "adam 0 exp_avg", "act_freq_scores"} <= set(tensors)
