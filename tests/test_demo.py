@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import writesae_plugin  # noqa: F401
 from writesae_plugin.demo.run import demo_model_dir, demo_release_dir, demo_release_info
@@ -65,7 +66,7 @@ def test_shipped_saes_load_through_the_registry_and_reproduce_fvu_and_l0(arch):
         layout = "factors" if site == "write" else "dense"
         spec = SiteSpec(layer=layer, site=site, heads=[head], positions="all", layout=layout)
         val = list(ActivationProvider(model, iter(evals), spec, batch_size=512, buffer_batches=2,
-                                      seed=info["recipe"]["seed"] + 1))
+                                      seed=info["recipe"]["seed"] + 1, drop_last=False))
         m = evaluate_sae(sae, val, layout)
         assert m.fvu == pytest.approx(info["expected_fvu"][sid], rel=1e-3), sid
         assert m.l0 == pytest.approx(info["expected_l0"][sid], rel=1e-3), sid
@@ -129,3 +130,61 @@ def test_notebook_runs_top_to_bottom(path):
 
 def test_notebook_count():
     assert len(NOTEBOOKS) == 10
+
+
+def test_make_demo_release_trains_every_head_and_ships_half_precision_weights(tmp_path):
+    """`writesae make-demo-release` on the shipped GDN model with a tiny recipe: every (layer, head, site) is trained
+    (one extraction per layer and site, the heads stacked), stored as float16 package data under the demo model's
+    name (not the builder's path) with ordinary file permissions, its recorded FVU reproduced by loading it; a
+    `layers=` rebuild changes just that layer's entries."""
+    import os
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from sae_lens import SAE
+
+    from writesae_plugin.data import ActivationProvider, SiteSpec
+    from writesae_plugin.demo.release import MODEL_NAMES, ReleaseRecipe, make_demo_release
+    from writesae_plugin.demo.run import load_demo_model
+    from writesae_plugin.train import evaluate_sae
+
+    recipe = ReleaseRecipe(d_sae=32, k=4, context_length=32, state_samples=192, write_samples=384, batch_state=32,
+                           batch_write=64, state_stride=4, aux_k=8, resample_every=0, eval_contexts=2,
+                           val_contexts=2)
+    out = tmp_path / "release"
+    meta = make_demo_release(demo_model_dir(), out, recipe, progress=False)
+    model = load_demo_model()
+    layers, heads = model.cfg.recurrent_layers, range(model.cfg.n_heads)
+    expected = {f"L{l}.H{h}.{s}" for l in layers for h in heads for s in ("state", "write")}
+    assert set(meta["saes"]) == expected and meta["weights_dtype"] == "float16"
+    assert json.loads((out / "release.json").read_text()) == meta
+    assert meta["demo_saes"] == ["L2.H1.state", "L2.H1.write"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for sid in expected:
+        with safe_open(str(out / sid / "sae_weights.safetensors"), "pt") as f:
+            assert {str(f.get_slice(name).get_dtype()) for name in f.keys()} == {"F16"}, sid
+        cfg = json.loads((out / sid / "cfg.json").read_text())
+        assert cfg["metadata"]["model_name"] == MODEL_NAMES["qwen3_5"] and cfg["dtype"] == "float32"
+        assert (out / sid / "sae_weights.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+        assert 0 < meta["expected_fvu"][sid] < 2 and 0 < meta["expected_l0"][sid] <= recipe.k  # (6 steps)
+    assert not [p for p in out.iterdir() if p.name.startswith((".tmp", "release-"))]  # no leftovers
+    evals = load_file(str(out / "eval_tokens.safetensors"))["input_ids"]
+    sid = "L4.H3.write"
+    sae = SAE.load_from_disk(out / sid)
+    assert sae.W_enc.dtype == torch.float32 if hasattr(sae, "W_enc") else True
+    spec = SiteSpec(layer=4, site="write", heads=[3], positions="all", layout="factors")
+    val = list(ActivationProvider(model, iter(evals), spec, batch_size=512, buffer_batches=2, seed=recipe.seed + 1,
+                                  drop_last=False))
+    assert evaluate_sae(sae, val, "factors").fvu == pytest.approx(meta["expected_fvu"][sid], rel=1e-4)
+
+    before = {sid: (out / sid / "sae_weights.safetensors").read_bytes() for sid in expected}
+    from dataclasses import replace
+
+    again = make_demo_release(demo_model_dir(), out, replace(recipe, seed=1), layers=[1], progress=False)
+    assert set(again["saes"]) == expected
+    for sid in expected:
+        same = (out / sid / "sae_weights.safetensors").read_bytes() == before[sid]
+        assert same == (not sid.startswith("L1.")), sid
+    with pytest.raises(ValueError, match="not recurrent layers"):
+        make_demo_release(demo_model_dir(), out, recipe, layers=[3], progress=False)

@@ -252,3 +252,28 @@ def test_store_records_its_split_and_the_validation_store_is_checked(workdir, tm
     assert main(["train", "--store", str(workdir / "store"), "--val-store", str(workdir / "val-store"), *TRAIN,
                  "--val-contexts", "500", *out]) == 2
     assert "fewer than --val-contexts 500" in capsys.readouterr().err
+
+
+def test_validation_keeps_the_last_partial_batch_and_training_drops_it(workdir):
+    """A held-out set smaller than a batch (or not a multiple of one) is evaluated whole with drop_last=False;
+    training batches are always full (drop_last, the default). Was: validation silently lost the remainder, and a
+    held-out set under one batch gave an empty list and a bare torch.cat error."""
+    store = ActivationStore(workdir / "store")
+    spec = SiteSpec(layer=1, site="write", heads=[2], positions="all", layout="factors")
+    every = torch.cat(list(StoreProvider(store, spec, batch_size=1, buffer_batches=2, n_contexts=2)))
+    n = every.shape[0]
+    big = n + 7
+    assert list(StoreProvider(store, spec, batch_size=big, buffer_batches=2, n_contexts=2)) == []
+    whole = list(StoreProvider(store, spec, batch_size=big, buffer_batches=2, n_contexts=2, drop_last=False))
+    assert [b.shape[0] for b in whole] == [n]
+    parts = list(StoreProvider(store, spec, batch_size=n // 3 + 1, buffer_batches=2, n_contexts=2, drop_last=False))
+    assert sum(b.shape[0] for b in parts) == n and all(b.shape[0] == n // 3 + 1 for b in parts[:-1])
+    assert torch.equal(torch.cat(parts).sort(0).values, every.sort(0).values)
+    from writesae_plugin.sae import TrainingWriteSAE, WriteSAETrainingConfig
+    from writesae_plugin.train import evaluate_sae
+
+    sae = TrainingWriteSAE(WriteSAETrainingConfig(d_in=256, d_sae=32, d_k=16, d_v=16, k=4, site="write",
+                                                  input_layout="factors"))
+    assert evaluate_sae(sae, whole, "factors").n == n
+    with pytest.raises(ValueError, match="no batches"):
+        evaluate_sae(sae, [], "factors")

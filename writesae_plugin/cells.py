@@ -109,7 +109,7 @@ def cell_providers(store: ActivationStore, cell: Cell, t: CellTraining, val_stor
     provider = StoreProvider(store, spec, batch_size=t.batch_size, seed=t.seed, normalize=t.normalize,
                              first_context=0 if val_store is not None else t.val_contexts)
     val = list(StoreProvider(source, spec, batch_size=t.batch_size, buffer_batches=2, seed=t.seed + 1,
-                             n_contexts=t.val_contexts))
+                             n_contexts=t.val_contexts, drop_last=False))
     return provider, val
 
 

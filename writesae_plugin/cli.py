@@ -590,7 +590,8 @@ def cmd_train(args) -> int:
     provider = ActivationProvider(model, contexts, spec, batch_size=args.batch_size, seed=args.seed,
                                   normalize=not args.no_normalize)
     val_provider = ActivationProvider(model, iter(val_contexts), spec, batch_size=args.batch_size,
-                                      buffer_batches=2, seed=args.seed + 1, position_seed=args.seed)
+                                      buffer_batches=2, seed=args.seed + 1, position_seed=args.seed,
+                                      drop_last=False)
     val_batches = list(val_provider)
     dims = {"d_k": cfg_m.d_k, "d_v": cfg_m.d_v, "n_heads": cfg_m.n_heads, "family": cfg_m.family,
             "hook": model.hook_prefix(args.layer) + f"hook_{args.site}",
@@ -633,7 +634,7 @@ def _train_from_store(args, layout: str, ckpt) -> int:
     provider = StoreProvider(store, spec, batch_size=args.batch_size, seed=args.seed, normalize=not args.no_normalize,
                              first_context=0 if val_store is not None else args.val_contexts)
     val_batches = list(StoreProvider(val_store or store, spec, batch_size=args.batch_size, buffer_batches=2,
-                                     seed=args.seed + 1, n_contexts=args.val_contexts))
+                                     seed=args.seed + 1, n_contexts=args.val_contexts, drop_last=False))
     key = str(args.layer)
     dims = {"d_k": info["d_k"], "d_v": info["d_v"], "n_heads": info["n_heads"], "family": info["family"],
             "hook": info["hook_prefixes"][key] + f"hook_{args.site}", "hf_module": info["hf_module_names"][key]}

@@ -321,12 +321,16 @@ class ActivationProvider(Iterator[Tensor]):
     ``state_dict()`` / ``load_state_dict()`` save and restore the stream's position (contexts consumed and a hash
     of them, the shuffle buffer, the RNG, the scale): a fresh provider over the same contexts, loaded with a saved
     state, yields exactly the batches the saved one would have yielded next.
+
+    ``drop_last`` (training, the default): every batch has ``batch_size`` rows and the stream's last
+    ``< batch_size`` samples are not used; ``drop_last=False`` (validation, evaluation) yields them as a last,
+    smaller batch, so a held-out set smaller than one batch is still evaluated.
     """
 
     def __init__(self, model: HookedRecurrentModel, contexts: Iterable[Tensor], spec: SiteSpec,
                  batch_size: int = 256, buffer_batches: int = 16, forward_batch: int = 8, seed: int = 0,
                  device: str | torch.device = "cpu", normalize: bool = False, first_context: int = 0,
-                 position_seed: int | None = None):
+                 position_seed: int | None = None, drop_last: bool = True):
         if batch_size < 1 or buffer_batches < 2 or forward_batch < 1:
             raise ValueError("batch_size, forward_batch >= 1 and buffer_batches >= 2 are required")
         self.model, self.spec, self.batch_size = model, spec, batch_size
@@ -346,6 +350,7 @@ class ActivationProvider(Iterator[Tensor]):
         self.scale_set = False  # estimated on the first buffer, or restored from a checkpoint
         self.contexts_consumed = 0
         self._digest = hashlib.sha256()
+        self.drop_last = drop_last  # False for evaluation: the stream's last, partial batch is yielded too
 
     def matrix_norms(self, x: Tensor) -> Tensor:
         cfg = self.model.cfg
@@ -445,7 +450,9 @@ class ActivationProvider(Iterator[Tensor]):
     def __next__(self) -> Tensor:
         if self.buffer is None or self.buffer.shape[0] < self.capacity // 2:
             self._refill()
-        if self.buffer is None or self.buffer.shape[0] < self.batch_size:
+        if self.buffer is None or self.buffer.shape[0] == 0:
+            raise StopIteration
+        if self.buffer.shape[0] < self.batch_size and (self.drop_last or not self.exhausted):
             raise StopIteration
         out, self.buffer = self.buffer[: self.batch_size], self.buffer[self.batch_size:]
         self.samples_seen += out.shape[0]

@@ -396,7 +396,8 @@ class StoreProvider(ActivationProvider):
 
     def __init__(self, store: ActivationStore, spec: SiteSpec, batch_size: int = 256, buffer_batches: int = 16,
                  forward_batch: int | None = None, seed: int = 0, device: str | torch.device = "cpu",
-                 normalize: bool = False, first_context: int = 0, n_contexts: int | None = None):
+                 normalize: bool = False, first_context: int = 0, n_contexts: int | None = None,
+                 drop_last: bool = True):
         if not isinstance(spec.layer, int):
             raise ValueError("a StoreProvider reads one layer; give SiteSpec(layer=L)")
         cfg = store.config
@@ -409,7 +410,8 @@ class StoreProvider(ActivationProvider):
         fb = cfg["forward_batch"] if forward_batch is None else forward_batch
         super().__init__(_NoModel(store.model), iter(()), spec, batch_size=batch_size,
                          buffer_batches=buffer_batches, forward_batch=fb, seed=seed, device=device,
-                         normalize=normalize, first_context=first_context, position_seed=cfg["seed"])
+                         normalize=normalize, first_context=first_context, position_seed=cfg["seed"],
+                         drop_last=drop_last)
         end = store.n_contexts if n_contexts is None else min(store.n_contexts, first_context + n_contexts)
         self.end_context = end
         self._source = None

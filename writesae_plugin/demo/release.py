@@ -121,15 +121,14 @@ def _as_package_data(sae_dir: Path, model_name: str) -> None:
     """Make a trained SAE directory shippable: its weights stored in float16 (half the package size; loaded back
     as the cfg's float32, relative error ~2e-4, and every number the release records is measured on the stored
     weights), its ``model_name`` the demo model's name, not the builder's path."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
-    from ..checkpoints import atomic_write_text
+    from ..checkpoints import atomic_write_bytes, atomic_write_text
 
     weights = sae_dir / "sae_weights.safetensors"
     state = load_file(str(weights))
-    tmp = weights.with_name(f".tmp-{weights.name}")
-    save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}, str(tmp))
-    tmp.replace(weights)
+    atomic_write_bytes(weights, save({k: v.to(torch.float16) if v.is_floating_point() else v
+                                      for k, v in state.items()}))
     cfg = json.loads((sae_dir / "cfg.json").read_text())
     cfg.setdefault("metadata", {})["model_name"] = model_name
     atomic_write_text(sae_dir / "cfg.json", json.dumps(cfg))
@@ -178,7 +177,8 @@ def _train_layer(model, recipe: ReleaseRecipe, evals, out: Path, meta: dict, lay
     for cell in cells:  # the recorded numbers: every position of the fixed held-out contexts
         sid = sae_id(site, layer, cell.head)
         spec = SiteSpec(layer=layer, site=site, heads=[cell.head], positions="all", layout=layout)
-        val = list(ActivationProvider(model, iter(evals), spec, batch_size=512, buffer_batches=2, seed=recipe.seed + 1))
+        val = list(ActivationProvider(model, iter(evals), spec, batch_size=512, buffer_batches=2, seed=recipe.seed + 1,
+                                      drop_last=False))
         m = evaluate_sae(SAE.load_from_disk(out / sid), val, layout)
         meta["saes"][sid] = sid
         meta["expected_fvu"][sid] = m.fvu
