@@ -18,8 +18,15 @@ training). Run it on a quiet machine: other load inflates the forward share and 
 and the median taken. Sizes are small (a CPU box); the forward share grows with the model, so real models gain
 more than this.
 
-Usage: python benchmarks/bench_cells.py [--layers 2 4] [--contexts 96] [--context-length 128] [--d-sae 256]
-       [--k 16] [--batch 256] [--samples N] [--rounds 2] [--threads 2] [--no-stack]
+``--model wide`` runs the same comparison where real models are: the model forward, not the SAE step, dominates.
+It is a random-init Qwen3.5 with the layer shapes of Qwen3.5-0.8B (hidden 1024, MLP 3584, 16 key and 16 value GDN
+heads of d_k = d_v = 128, so a write cell is d_in = 16,384) but 4 layers (3 GDN + 1 attention), saved and reloaded
+through ``from_pretrained``; the cells are the first ``--heads`` heads of ``--layers`` (default: 8 heads of layer 1;
+the forward runs only up to the last hooked layer in both arms).
+
+Usage: python benchmarks/bench_cells.py [--model demo|wide] [--layers 2 4] [--heads 0 1 2 3] [--contexts 96]
+       [--context-length 128] [--d-sae 256] [--k 16] [--batch 256] [--samples N] [--rounds 2] [--threads 2]
+       [--no-stack]
 """
 
 from __future__ import annotations
@@ -35,8 +42,11 @@ from pathlib import Path
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--contexts", type=int, default=96)
+    p.add_argument("--model", choices=["demo", "wide"], default="demo",
+                   help="demo: the shipped demo model; wide: random-init Qwen3.5 with Qwen3.5-0.8B's layer shapes")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="default: 2 4 (demo), 1 (wide)")
+    p.add_argument("--heads", type=int, nargs="+", default=None, help="default: every head (demo), 0-7 (wide)")
+    p.add_argument("--contexts", type=int, default=None, help="default: 96 (demo), 24 (wide)")
     p.add_argument("--context-length", type=int, default=128)
     p.add_argument("--d-sae", type=int, default=256)
     p.add_argument("--k", type=int, default=16)
@@ -58,26 +68,34 @@ def main() -> None:
     from writesae_plugin.store import ActivationStore, ExtractConfig, extract
     from writesae_plugin.train import train_write_sae
 
-    model = load_demo_model()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-cells-"))
+    if args.model == "wide":
+        model = _wide_model(tmp / "wide")
+        args.layers = args.layers or [1]
+        heads = args.heads or list(range(8))
+        args.contexts = args.contexts or 24
+    else:
+        model = load_demo_model()
+        args.layers = args.layers or [2, 4]
+        heads = args.heads or list(range(model.cfg.n_heads))
+        args.contexts = args.contexts or 96
     T = args.context_length
     contexts = list(itertools.islice(token_contexts(corpus.texts("train"), model.tokenizer, T), args.contexts))
-    heads = list(range(model.cfg.n_heads))
     n_cells = len(args.layers) * len(heads)
     if args.samples is None:
         args.samples = (args.contexts - 2) * T // args.batch * args.batch
     t = CellTraining(d_sae=args.d_sae, k=args.k, aux_k=2 * args.k, total_samples=args.samples,
                      batch_size=args.batch, lr=2e-3, val_contexts=2, val_every=10 ** 9, n_checkpoints=0)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-cells-"))
 
     split = {"extract": [], "train": []}
 
     def together() -> float:
         shutil.rmtree(tmp / "together", ignore_errors=True)
         start = time.perf_counter()
-        cfg = ExtractConfig(layers=args.layers, site="write", contexts_per_shard=32, forward_batch=8)
+        cfg = ExtractConfig(layers=args.layers, heads=heads, site="write", contexts_per_shard=32, forward_batch=8)
         store = ActivationStore(extract(model, iter(contexts), tmp / "together" / "store", cfg, progress=False))
         mid = time.perf_counter()
-        train_cells(store, store_cells(store, args.layers, None, "write"), tmp / "together" / "out", t,
+        train_cells(store, store_cells(store, args.layers, heads, "write"), tmp / "together" / "out", t,
                     progress=False, stack=not args.no_stack)
         end = time.perf_counter()
         split["extract"].append(mid - start)
@@ -109,7 +127,9 @@ def main() -> None:
             times[name].append(fn())
     med = {k: statistics.median(v) for k, v in times.items()}
     total = n_cells * args.samples
-    print(f"{n_cells} cells (layers {args.layers} x heads {heads}), {args.samples} samples each, d_sae {args.d_sae}, "
+    d = model.cfg
+    print(f"model {args.model} (d_k {d.d_k}, d_v {d.d_v}, {sum(p.numel() for p in model.hf_model.parameters()) / 1e6:.0f}M "
+          f"parameters), {n_cells} cells (layers {args.layers} x heads {heads}), {args.samples} samples each, d_sae {args.d_sae}, "
           f"k {args.k}, batch {args.batch}, {args.contexts} contexts of {T}, {args.threads} threads, "
           f"{args.rounds} rounds (median), {'one cell after another' if args.no_stack else 'stacked cells'}")
     for name, v in med.items():
@@ -119,6 +139,25 @@ def main() -> None:
     print(f"  together = extraction {F:.1f} s (the one shared forward) + training {S_all:.1f} s (all cells)")
     print(f"  speed-up {speedup:.2f}x = {speedup / n_cells:.2f} N (target >= 0.7 N)")
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wide_model(path: Path):
+    """Random-init Qwen3.5 with Qwen3.5-0.8B's layer shapes and 4 layers, saved and reloaded (the demo tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    from writesae_plugin.adapters import hook_model
+    from writesae_plugin.demo.run import demo_model_dir
+
+    tok = AutoTokenizer.from_pretrained(demo_model_dir())
+    cfg = Qwen3_5TextConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=3584, num_hidden_layers=4,
+                            layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=8,
+                            num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=16,
+                            linear_key_head_dim=128, linear_value_head_dim=128, max_position_embeddings=4096,
+                            tie_word_embeddings=True)
+    torch.manual_seed(0)
+    Qwen3_5ForCausalLM(cfg).save_pretrained(path)
+    return hook_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer=tok)
 
 
 class _StoreInfo:
