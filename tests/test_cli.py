@@ -45,7 +45,8 @@ def test_import_and_parsing_import_nothing_heavy():
     ["circuit", "--node-threshold", "-1", "--out", "o"], ["closed-form", "--sae", "s", "--dataset", "d",
                                                           "--out", "o", "--fit-fraction", "1"],
     ["substitute", "--sae", "s", "--dataset", "d", "--out", "o", "--contexts", "0"],
-    ["edit-atoms", "--atoms", "-3", "--out", "o"], ["no-such-command"]])
+    ["edit-atoms", "--atoms", "-3", "--out", "o"], ["no-such-command"],
+    ["train", "--out", "o", "--no-such-option"], ["hooks", "--no-such-option", "x"]])  # named by subcommand
 def test_bad_arguments_are_one_line_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
