@@ -366,7 +366,8 @@ def check_device_arg(spec: str) -> None:
 
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec):
         raise UsageError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
-    resolve_device(spec)
+    if spec.startswith("cuda"):  # a named GPU must exist (this imports torch; auto and cpu are checked for free)
+        resolve_device(spec)
 
 
 def validate_extract(args) -> None:
