@@ -16,6 +16,7 @@ from .base import (AdapterConfig, HookedRecurrentModel, HookNameError, StateCapt
                    WriteEdit, existing_wrapper, lm_cross_entropy, reuse_wrapper)
 from .gated_deltanet import GDN_MODEL_TYPES, GatedDeltaNetFamily, available_model_types
 from .delta_net import DELTANET_MODEL_TYPES, DeltaNetFamily
+from .gla import GLA_MODEL_TYPES, GLAFamily
 from .fla_cpu import route_cpu_to_torch
 from .kimi_linear import KIMI_MODEL_TYPES, KimiLinearFamily
 from .xlstm import XLSTM_MODEL_TYPES, XLSTMFamily
@@ -31,14 +32,13 @@ NOT_HOOKABLE = {
     "jamba": "Jamba's recurrent layers are Mamba-1: a per-channel state without a rank-1 key-first write",
     "minimax": "MiniMax's lightning attention is written inline in its layer forward (no kernel to intercept)",
     "rwkv": "transformers' rwkv is RWKV-4 (a per-channel WKV state, no matrix write); RWKV-7 lives in fla",
-    "gla": "fla's GLA (per-channel decay, no erase) is in the frame but has no adapter yet",
     "rwkv7": "fla's RWKV-7 (DPLR transition) is in the frame but has no adapter yet",
 }
 
 
 def _families_line() -> str:
     return ("supported families: Gated DeltaNet (qwen3_5, qwen3_5_moe, qwen3_next, olmo_hybrid, qwen4_exp), "
-            "Kimi Delta Attention (kimi_linear), DeltaNet (fla delta_net), xLSTM (xlstm), Mamba-2 (mamba2, bamba, nemotron_h, falcon_h1, "
+            "Kimi Delta Attention (kimi_linear), DeltaNet (fla delta_net), GLA (fla gla), xLSTM (xlstm), Mamba-2 (mamba2, bamba, nemotron_h, falcon_h1, "
             "zamba2, granitemoehybrid; mamba-ssm MambaLMHeadModel)")
 
 
@@ -49,7 +49,7 @@ def supported_families() -> list[str]:
     others = {**KIMI_MODEL_TYPES, **XLSTM_MODEL_TYPES, **MAMBA2_MODEL_TYPES}
     found = available_model_types() + [t for t, m in others.items() if importlib.util.find_spec(m)]
     if importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None:
-        found += list(DELTANET_MODEL_TYPES)
+        found += list(DELTANET_MODEL_TYPES) + list(GLA_MODEL_TYPES)
     return found + (["mamba_ssm"] if importlib.util.find_spec("mamba_ssm") else [])
 
 
@@ -71,6 +71,12 @@ def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
     if is_mamba_ssm_model(hf_model):
         return hook_mamba_ssm(hf_model, tokenizer=tokenizer)
     model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
+    if type(hf_model).__module__.startswith("fla.") and model_type in ("mamba", "mamba2", "bitnet"):
+        raise UnsupportedModelError(
+            f"{type(hf_model).__name__} is flash-linear-attention's class for model_type={model_type!r}: importing "
+            "fla re-registers transformers' mamba / mamba2 types with fla's classes (transformers imports fla with "
+            "its Gated DeltaNet models). Call writesae_plugin.adapters.route_cpu_to_torch() (it restores "
+            f"transformers' classes) and load the model again; {_families_line()}")
     if model_type in NOT_HOOKABLE:
         raise UnsupportedModelError(f"{type(hf_model).__name__} (model_type={model_type!r}) cannot be hooked: "
                                     f"{NOT_HOOKABLE[model_type]}; {_families_line()}")
@@ -84,6 +90,8 @@ def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
         family = KimiLinearFamily(hf_model)
     elif model_type in DELTANET_MODEL_TYPES:
         family = DeltaNetFamily(hf_model)
+    elif model_type in GLA_MODEL_TYPES:
+        family = GLAFamily(hf_model)
     elif model_type in XLSTM_MODEL_TYPES:
         family = XLSTMFamily(hf_model)
     else:

@@ -212,7 +212,8 @@ class DeltaNetOutputMap:
 
     def register(self, captured: dict) -> list:
         return [self.mixer.o_norm.register_forward_pre_hook(
-            lambda m, a: captured.setdefault("o_norm_in", tuple(x.clone() for x in a if isinstance(x, Tensor))))]
+            lambda m, a: [captured.setdefault("o_norm_in", tuple(x.clone() for x in a if isinstance(x, Tensor)))]
+            and None)]
 
     def read(self, captured: dict) -> Tensor:
         return captured["o_norm_in"][0]

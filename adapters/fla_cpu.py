@@ -27,9 +27,11 @@ for bit fla's kernels, only the same maths. Routed entry points (module: names):
   the in-place single-token step);
 * ``fla.layers.delta_net``: ``chunk_delta_rule``, ``fused_recurrent_delta_rule`` (through the DeltaNet adapter's
   dispatcher, :mod:`.delta_net`);
+* ``fla.layers.gla``: ``chunk_gla``, ``fused_recurrent_gla``, ``fused_chunk_gla`` (through the GLA adapter's
+  dispatcher, :mod:`.gla`);
 * transformers' GDN / KDA kernels (through :mod:`.gated_deltanet`'s dispatchers).
 
-Other fla layers (RWKV-7's token shift, fused ``addcmul``, ``k`` update, DPLR recurrence; GLA's recurrence; ...)
+Other fla layers (RWKV-7's token shift, fused ``addcmul``, ``k`` update, DPLR recurrence; ...)
 are not routed: they still fail on a CPU, and ``hook_model`` refuses those models with the supported families.
 """
 
@@ -230,6 +232,24 @@ def fla_l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------- installation
+def keep_transformers_model_types() -> list[str]:
+    """Undo fla's takeover of transformers' own model types. ``import fla`` registers its classes with
+    transformers' Auto classes with ``exist_ok=True``, also under model types transformers already has (fla 0.6.0:
+    ``mamba``, ``mamba2``, ``bitnet``), so that afterwards ``AutoModelForCausalLM.from_pretrained`` of a
+    transformers Mamba-2 checkpoint silently builds fla's ``Mamba2ForCausalLM`` (and transformers imports fla
+    whenever a Gated DeltaNet or Kimi Linear modeling module is imported). Dropping those registrations makes
+    transformers' types load transformers' classes again; fla's new types (``delta_net``, ``gla``, ...) stay.
+    Returns the model types restored."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    extra = CONFIG_MAPPING._extra_content
+    taken = [t for t, cls in list(extra.items())
+             if t in CONFIG_MAPPING._mapping and getattr(cls, "__module__", "").startswith("fla.")]
+    for t in taken:
+        del extra[t]
+    return taken
+
+
 _FLA_ROUTES = {
     "fla.modules.norm.layernorm": {"rms_norm": _rms_norm, "layer_norm": _layer_norm, "group_norm": _group_norm},
     "fla.modules.norm.fused_norm_gate": {"rms_norm_gated": _rms_norm_gated, "layer_norm_gated": _layer_norm_gated},
@@ -241,7 +261,8 @@ _FLA_ROUTES = {
 
 def route_cpu_to_torch() -> bool:
     """Route fla's triton kernels (the entry points listed in the module docstring) and transformers' fla-bound
-    GDN / KDA kernels to pure torch for CPU tensors; other devices keep the original kernels. Idempotent and
+    GDN / KDA kernels to pure torch for CPU tensors; other devices keep the original kernels; and give transformers'
+    own model types back their transformers classes (:func:`keep_transformers_model_types`). Idempotent and
     process-wide. Returns False (and does nothing) when fla or triton is not importable: then transformers uses
     its own torch kernels and fla models cannot be built."""
     global _DONE
@@ -253,9 +274,12 @@ def route_cpu_to_torch() -> bool:
         for module_name, routes in _FLA_ROUTES.items():
             for name, impl in routes.items():
                 _patch(module_name, name, impl)
-        from . import delta_net, gated_deltanet, kimi_linear
+        importlib.import_module("fla.models")  # (its Auto registrations happen here, once)
+        keep_transformers_model_types()
+        from . import delta_net, gated_deltanet, gla, kimi_linear
 
         delta_net.install()
+        gla.install()
         gated_deltanet.route_cpu_calls()
         for model_type, module_name in {**gated_deltanet.GDN_MODEL_TYPES, **kimi_linear.KIMI_MODEL_TYPES}.items():
             if importlib.util.find_spec(module_name) is None:

@@ -154,7 +154,13 @@ class GatedDeltaNetHooks(nn.Module):
 
     Subclasses for other delta-rule families override :meth:`dims` and :meth:`l2norm` (the kernel's own
     in-kernel norm, so the canonical key has the kernel's bits); the log decay may be per head ``[b,T,H]`` or
-    per key channel ``[b,T,H,d_k]`` (``ops`` takes either)."""
+    per key channel ``[b,T,H,d_k]`` (``ops`` takes either). ``erase = False`` (GLA) drops the erase from the
+    transitions (``T_t = Diag(alpha_t)``; beta then only scales the write), with a kernel that takes beta as the
+    write's scale; ``states_method`` is how :func:`ops.states_at` computes captured states (``"kernel"``: by the
+    family's kernel, for transitions the delta-rule scan does not express)."""
+
+    erase = True
+    states_method = "auto"
 
     @staticmethod
     def dims(mixer: nn.Module) -> tuple[int, int, int, int]:
@@ -328,14 +334,14 @@ class GatedDeltaNetHooks(nn.Module):
                 if S is not None and S_hf is not None:
                     S = S_hf + (S - S.detach()).to(S_hf.dtype)
 
-        beta_tr = beta32
+        beta_tr = beta32 if self.erase else torch.zeros_like(beta32)  # the transitions' erase strength
         delta_read = delta_final = None
         pert = None
         dense_changed = None
         if dense_D is not None:
             dense_changed = (dense_D.detach() != 0).any(-1).any(-1)  # [b, T, H]
         if entries or (dense_changed is not None and mode == "delta" and dense_changed.any()):
-            beta_tr = beta32.clone()
+            beta_tr = beta_tr.clone()
             for (bi, t, h), (_, is_delta) in entries.items():
                 if is_delta:
                     beta_tr[bi, t, h] = 0.0
@@ -453,7 +459,8 @@ class GatedDeltaNetHooks(nn.Module):
         positions when the hook returned a differentiable replacement)."""
         positions, heads = resolve_capture(capture, T, self.n_heads)
         pos_t = torch.tensor(positions, device=kn.device)
-        S = ops.states_at(chunk, kn, v32, g, beta32, init, max(positions) + 1, positions=pos_t)
+        S = ops.states_at(chunk, kn, v32, g, beta32, init, max(positions) + 1, positions=pos_t,
+                          method=self.states_method)
         if pert is not None:
             S = S + ops.propagated_states(chunk, pert, kn, g, beta_tr, pos_t, b)
         S = S[:, :, heads]

@@ -294,12 +294,36 @@ def test_bad_inputs_raise_clear_errors(model, tokens):
 
 def test_unhookable_fla_models_get_an_error_listing_the_supported_families():
     require_fla()
-    from fla.models import GLAConfig
+    from fla.models import RWKV7Config
     from transformers import AutoModelForCausalLM
 
-    gla = AutoModelForCausalLM.from_config(GLAConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_heads=2))
-    with pytest.raises(UnsupportedModelError, match=r"GLA.*no adapter yet.*DeltaNet \(fla delta_net\)"):
-        hook_model(gla)
+    rwkv = AutoModelForCausalLM.from_config(RWKV7Config(vocab_size=64, hidden_size=64, num_hidden_layers=2,
+                                                        head_dim=32))
+    with pytest.raises(UnsupportedModelError, match=r"RWKV-7.*no adapter yet.*DeltaNet \(fla delta_net\), GLA"):
+        hook_model(rwkv)
+
+
+def test_fla_does_not_take_over_transformers_mamba2(tmp_path):
+    """``import fla`` re-registers transformers' ``mamba2`` type with fla's class; after the routing, transformers'
+    own class loads again, and an fla-class Mamba-2 model is refused with what to do."""
+    from fla.models import Mamba2Config as FlaMamba2Config
+    from transformers import AutoModelForCausalLM, Mamba2Config
+
+    from writesae_plugin.adapters.fla_cpu import keep_transformers_model_types
+
+    cfg = Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_heads=4, head_dim=16, state_size=8,
+                       n_groups=1, expand=2, chunk_size=16)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m2")
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "m2")).__module__.startswith("transformers.")
+    from transformers import AutoConfig
+
+    AutoConfig.register("mamba2", FlaMamba2Config, exist_ok=True)  # what import fla does
+    fla_model = AutoModelForCausalLM.from_pretrained(tmp_path / "m2")
+    assert type(fla_model).__module__.startswith("fla.")
+    with pytest.raises(UnsupportedModelError, match="flash-linear-attention's class.*route_cpu_to_torch"):
+        hook_model(fla_model)
+    assert keep_transformers_model_types() == ["mamba2"]
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "m2")).__module__.startswith("transformers.")
 
 
 def test_gpu_path_calls_fla_kernels_by_fla_argument_names(model, monkeypatch):

@@ -6,6 +6,9 @@ layer code: projections, short convs, norms, gates; on a CPU the triton kernels 
 ``make_tiny_deltanet(path)``: fla ``DeltaNetForCausalLM``, hidden 64, vocab 256, 3 DeltaNet layers of 4 heads,
 ``d_k = 16``, ``d_v = 32`` (``expand_v = 2``), short convs of width 4, ``initializer_range = 0.1`` so reads are
 O(0.1).
+``make_tiny_gla(path)``: fla ``GLAForCausalLM``, hidden 64, vocab 256, 3 GLA layers of 4 heads sharing 2 key/value
+heads (``num_kv_heads = 2``), ``d_k = 16``, ``d_v = 32``, short convs, low-rank gate of rank 16, the fused gated
+output norm, ``initializer_range = 0.2``.
 """
 
 from __future__ import annotations
@@ -44,3 +47,26 @@ def build_tiny_deltanet(seed: int = 0, **overrides):
 
 def make_tiny_deltanet(save_dir, seed: int = 0, **overrides):
     return _save_reload(build_tiny_deltanet(seed, **overrides), save_dir)
+
+
+def gla_config(**overrides):
+    require_fla()
+    from fla.models import GLAConfig
+
+    kw = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_heads=4, num_kv_heads=2, expand_k=1.0,
+              expand_v=2.0, use_short_conv=True, conv_size=4, gate_low_rank_dim=16, hidden_ratio=2,
+              max_position_embeddings=512, initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              tie_word_embeddings=False)
+    kw.update(overrides)
+    return GLAConfig(**kw)
+
+
+def build_tiny_gla(seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(gla_config(**overrides), dtype=torch.float32).eval()
+
+
+def make_tiny_gla(save_dir, seed: int = 0, **overrides):
+    return _save_reload(build_tiny_gla(seed, **overrides), save_dir)

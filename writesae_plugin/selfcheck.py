@@ -65,6 +65,11 @@ def reference_read(model: HookedRecurrentModel, cache, layer: int, write_edits: 
         return mamba2_reference(cache[p + "hook_write_key"], cache[p + "hook_write_value"], cache[p + "hook_log_decay"],
                                 cache[p + "hook_query"], write_edits=write_edits)[0]
     edits = {k: (v, "raw") for k, v in (write_edits or {}).items()}
+    if model.family.name == "gla":  # per-channel decay, no erase
+        from .adapters.gla import gla_reference
+
+        return gla_reference(cache[p + "hook_query"], cache[p + "hook_write_key"], cache[p + "hook_write_value"],
+                             cache[p + "hook_log_decay"], write_edits=edits).read
     return gated_deltanet_reference(cache[p + "hook_query"], cache[p + "hook_write_key"], cache[p + "hook_v"],
                                     cache[p + "hook_log_decay"], cache[p + "hook_beta"], write_edits=edits).read
 

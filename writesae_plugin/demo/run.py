@@ -42,9 +42,10 @@ def load_demo_model(model_dir: str | Path | None = None, arch: str = "qwen3_5"):
     package data)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..adapters import hook_model
+    from ..adapters import hook_model, route_cpu_to_torch
 
     path = demo_model_dir(model_dir, arch)
+    route_cpu_to_torch()  # with fla installed: transformers' own mamba2 class, not fla's (see hook_model)
     return hook_model(AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer=AutoTokenizer.from_pretrained(path))
 
 

@@ -63,10 +63,18 @@ def effective_attention(query_scaled: Tensor, key: Tensor, log_decay: Tensor, be
 def mamba2_effective_attention(C: Tensor, B: Tensor, log_decay: Tensor) -> Tensor:
     """Mamba-2 (scalar decay per head): ``A_eff[t, s] = Gamma[t, s] (C_t . B_s)`` ``[b, H, T, T]``, so that
     ``y_t = sum_s A_eff[t, s] (dt'_s x_s)`` (the ``D x`` skip excluded). ``C``, ``B`` ``[b, T, H, d_state]``
-    (groups already expanded to heads), ``log_decay`` ``[b, T, H]`` = ``dt'_t A_h``."""
+    (groups already expanded to heads), ``log_decay`` ``[b, T, H]`` = ``dt'_t A_h``. The same holds for any
+    transition without an erase; with a per-key-channel ``log_decay`` ``[b, T, H, d_k]`` (GLA) the inner products
+    are decayed per channel, ``A_eff[t, s] = C_t^T Diag(exp(G_t - G_s)) B_s`` (a ``[b, H, T, T, d_k]`` tensor)."""
     c, k = C.float().transpose(1, 2), B.float().transpose(1, 2)
-    G = log_decay.float().transpose(1, 2).cumsum(-1)
     T = c.shape[2]
+    if log_decay.dim() == B.dim():  # per key channel
+        G = log_decay.float().transpose(1, 2).cumsum(2)  # [b, H, T, d_k]
+        diff = G[:, :, :, None, :] - G[:, :, None, :, :]
+        lower = torch.ones(T, T, dtype=torch.bool, device=c.device).tril()
+        Gamma = torch.where(lower[..., None], diff, torch.full_like(diff, -torch.inf)).exp()
+        return torch.einsum("bhtc,bhtsc,bhsc->bhts", c, Gamma, k)
+    G = log_decay.float().transpose(1, 2).cumsum(-1)
     diff = G[..., :, None] - G[..., None, :]
     lower = torch.ones(T, T, dtype=torch.bool, device=c.device).tril()
     Gamma = torch.where(lower, diff, torch.full_like(diff, -torch.inf)).exp()
@@ -74,7 +82,8 @@ def mamba2_effective_attention(C: Tensor, B: Tensor, log_decay: Tensor) -> Tenso
 
 
 def _write_rule(model) -> str:
-    """``"delta"`` (Gated DeltaNet) or ``"scalar_decay"`` (Mamba-2 and its hybrids, transformers or mamba-ssm)."""
+    """``"delta"`` (Gated DeltaNet, KDA, DeltaNet) or ``"scalar_decay"`` (no erase: Mamba-2 and its hybrids,
+    transformers or mamba-ssm, xLSTM, and GLA with its per-channel decay)."""
     from ..adapters.gated_deltanet import GatedDeltaNetFamily
     from ..adapters.mamba2 import Mamba2FamilyBase
 
@@ -160,7 +169,7 @@ def dictionary_scores(model, tokens: Tensor, sae, metric) -> Tensor:
     h = sae.cfg.head
     grad, c = read_gradient(model, tokens, sae.cfg.layer, metric)
     # Mamba-2's transition exp(g) I is the delta rule's with beta = 0: the same reverse recurrence, no erase
-    beta = c["hook_beta"] if "hook_beta" in c else torch.zeros_like(c["hook_log_decay"])
+    beta = c["hook_beta"] if "hook_beta" in c else torch.zeros(c["hook_log_decay"].shape[:3])
     G = ops.write_adjoint(c["hook_query"], c["hook_write_key"], c["hook_log_decay"], beta, grad)[:, :, h]
     W_dot = torch.einsum("btk,btkv,btv->bt", c["hook_write_key"][:, :, h], G, c["hook_write_value"][:, :, h])
     if sae.cfg.decoder_rank is None:
