@@ -241,6 +241,7 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         self.state_capture: StateCapture | None = None
         self._pending_edits: list[WriteEdit] | None = None
         self._applied_edits: set[int] = set()
+        self._edit_calls: list[tuple[int, int]] = []
         self._init_sae_host()
         key = _wrapper_key(hf_model)
         if key in _LIVE_WRAPPERS:
@@ -340,6 +341,7 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         mask = kwargs.get("attention_mask")
         self._call_offset = _cached_length(cache, ids, mask)
         if self._pending_edits and isinstance(ids, Tensor) and self._call_offset is not None:
+            self._edit_calls.append((self._call_offset, self._call_offset + ids.shape[1]))
             self._check_edits_in_call(ids.shape[0], ids.shape[1], self._call_offset, mask)
 
     def _check_token_ids(self, ids: Tensor) -> None:
@@ -438,6 +440,7 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         if self._pending_edits is not None:
             raise RuntimeError("edits() blocks cannot be nested; pass all edits in one list")
         self._pending_edits, self._applied_edits = edits, set()
+        self._edit_calls: list[tuple[int, int]] = []  # [start, end) positions of each forward call in the block
         ok = False
         try:
             yield self
@@ -446,7 +449,14 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
             applied, self._pending_edits, self._applied_edits = self._applied_edits, None, set()
             missed = [e for i, e in enumerate(edits) if i not in applied]
             if ok and missed:
-                raise RuntimeError(f"{len(missed)} edit(s) were never reached by a forward call, e.g. {missed[0]}")
+                calls = self._edit_calls
+                seen = ("no forward call ran in the block" if not calls else
+                        "the block's forward calls covered positions " + ", ".join(f"[{a}, {b})" for a, b in calls))
+                past = [e for e in missed if calls and e.pos >= max(b for _, b in calls)]
+                hint = (f"; position {past[0].pos} is past the end of the sequence ({max(b for _, b in calls)} "
+                        "tokens)" if past else "")
+                raise RuntimeError(f"{len(missed)} edit(s) were never reached by a forward call, e.g. {missed[0]} "
+                                   f"({seen}{hint})")
 
     def run_with_edits(self, input, edits: Iterable[WriteEdit], **forward_kwargs):
         """``forward(input, **forward_kwargs)`` with the given exact write edits applied."""

@@ -284,8 +284,11 @@ def test_bad_inputs_raise_clear_errors(qwen, tokens):
             pass
     with pytest.raises(ValueError, match="batch"):
         model.run_with_edits(tokens, [WriteEdit(layer=L, pos=3, head=0, batch=2, op="delete")])
-    with pytest.raises(RuntimeError, match="never reached"):
+    with pytest.raises(RuntimeError, match=r"never reached.*covered positions \[0, \d+\); position 70 is past the end"):
         model.run_with_edits(tokens, [WriteEdit(layer=L, pos=70, head=0, op="delete")])
+    with pytest.raises(RuntimeError, match="no forward call ran in the block"):
+        with model.edits([WriteEdit(layer=L, pos=1, head=0, op="delete")]):
+            pass
     with pytest.raises(ValueError, match="non-negative"):
         WriteEdit(layer=L, pos=-1, head=0, op="delete")
     with pytest.raises(ValueError, match="NaN"):
