@@ -241,17 +241,31 @@ def test_nnsight_reads_and_edits_match_transformer_lens(model, tokens):
     assert torch.equal(out, ref) and not torch.equal(out, model(tokens))
 
 
-def test_gradients_reach_the_write_hooks(model, tokens):
+def test_gradients_of_the_write_value_equal_the_adjoint_of_the_reference(model, tokens):
+    """d(sum of layer L's reads . R)/d(write value) through the hooks equals autograd through the reference with
+    the writes replaced (raw mode: the transitions, erase included, stay the model's)."""
+    ids = tokens[:, :16]
+    R = torch.randn(2, 16, H, DV, generator=torch.Generator().manual_seed(6))
     grads = {}
 
     def keep(x, hook):
-        x.register_hook(lambda g: grads.__setitem__(hook.name.rsplit(".", 1)[-1], g))
+        x.register_hook(lambda g: grads.__setitem__("v", g))
         return x
 
-    logits = model.run_with_hooks(tokens[:, :30], fwd_hooks=[(P + n, keep) for n in ("hook_write_value", "hook_read")])
-    logits[0, -1].logsumexp(-1).backward()
-    assert grads["hook_read"].abs().sum() > 0 and grads["hook_write_value"].abs().sum() > 0
-    assert torch.equal(grads["hook_write_value"][1], torch.zeros_like(grads["hook_write_value"][1]))  # other row
+    def loss_at_read(x, hook):
+        grads["loss"] = (x * R).sum()
+        return x
+
+    model.run_with_hooks(ids, fwd_hooks=[(P + "hook_write_value", keep), (P + "hook_read", loss_at_read)])
+    grads["loss"].backward()
+    with torch.no_grad():
+        c = layer_cache(model, ids)
+    wv = c["hook_write_value"].clone().requires_grad_(True)
+    writes = {(i, t, h): (torch.outer(c["hook_write_key"][i, t, h], wv[i, t, h]), "raw")
+              for i in range(2) for t in range(16) for h in range(H)}
+    (reference_of(c, write_edits=writes).read * R).sum().backward()
+    assert grads["v"].abs().max() > 1e-3
+    assert (grads["v"] - wv.grad).abs().max() <= 1e-5
 
 
 def test_write_sae_splice_with_error_term_is_exact_and_family_is_checked(model, tokens):
