@@ -21,7 +21,7 @@ more than this.
 ``--model wide`` runs the same comparison where real models are: the model forward, not the SAE step, dominates.
 It is a random-init Qwen3.5 with the layer shapes of Qwen3.5-0.8B (hidden 1024, MLP 3584, 16 key and 16 value GDN
 heads of d_k = d_v = 128, so a write cell is d_in = 16,384) but 4 layers (3 GDN + 1 attention), saved and reloaded
-through ``from_pretrained``; the cells are the first ``--heads`` heads of ``--layers`` (default: 8 heads of layer 1;
+through ``from_pretrained``; the cells are the first ``--heads`` heads of ``--layers`` (default: 8 heads of layer 2;
 the forward runs only up to the last hooked layer in both arms).
 
 Usage: python benchmarks/bench_cells.py [--model demo|wide] [--layers 2 4] [--heads 0 1 2 3] [--contexts 96]
@@ -44,7 +44,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["demo", "wide"], default="demo",
                    help="demo: the shipped demo model; wide: random-init Qwen3.5 with Qwen3.5-0.8B's layer shapes")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="default: 2 4 (demo), 1 (wide)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="default: 2 4 (demo), 2 (wide)")
     p.add_argument("--heads", type=int, nargs="+", default=None, help="default: every head (demo), 0-7 (wide)")
     p.add_argument("--contexts", type=int, default=None, help="default: 96 (demo), 24 (wide)")
     p.add_argument("--context-length", type=int, default=128)
@@ -71,7 +71,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-cells-"))
     if args.model == "wide":
         model = _wide_model(tmp / "wide")
-        args.layers = args.layers or [1]
+        args.layers = args.layers or [2]
         heads = args.heads or list(range(8))
         args.contexts = args.contexts or 24
     else:

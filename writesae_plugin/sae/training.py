@@ -302,23 +302,33 @@ class TrainingWriteSAE(WriteSAEMixin, TrainingSAE[WriteSAETrainingConfig]):
         WW = torch.einsum("...ajv,...bmv->...abjm", d(self.dec_value)[i], self.dec_value[j])
         return (UU * WW).sum((-1, -2))
 
-    def _code_gram(self, xv: Tensor, xi: Tensor, yv: Tensor, yi: Tensor, detach_left: bool = False) -> Tensor:
+    def _code_gram(self, xv: Tensor, xi: Tensor, yv: Tensor, yi: Tensor, detach_left: bool = False,
+                   method: str = "auto") -> Tensor:
         """``sum_ab x_a y_b <A_{xi_a}, A_{yi_b}>_F`` per row ``[N]`` for sparse codes (values ``[N, K]`` at atom
         indices ``[N, K]``): the Gram of the selected atoms only, never ``d_sae x d_sae``.
 
-        Per row (``[N, K1, K2]``) or on the union of the selected atoms (``[|Sx|, |Sy|]``), whichever is smaller.
+        ``method``: ``"rows"`` (each row's ``[K1, K2]`` Gram), ``"union"`` (the Gram of the union of the selected
+        atoms ``[|Sx|, |Sy|]``, then ``[N, |Sx|] @ [|Sx|, |Sy|]``) or ``"auto"``, whichever costs fewer flops.
         """
         N, K1 = xi.shape
         K2 = yi.shape[1]
         r = 1 if self.cfg.decoder_rank is None else self.cfg.decoder_rank
         D = self.cfg.d_in if self.cfg.decoder_rank is None else r * (self.cfg.d_k + self.cfg.d_v)
-        Sx, ix = torch.unique(xi, return_inverse=True)
-        Sy, iy = torch.unique(yi, return_inverse=True)
-        nx, ny = Sx.numel(), Sy.numel()
-        per_row = N * K1 * K2 * r * r + N * (K1 + K2) * D
-        union = nx * ny * r * r + (nx + ny) * D + N * (nx + ny)
-        if per_row <= union:
+        # flops of one atom pair's inner product: a dense dot of d_in, or r^2 factor dots of d_k + d_v
+        pair = D if self.cfg.decoder_rank is None else r * D
+        uniq = None
+        if method == "auto":
+            uniq = torch.unique(xi, return_inverse=True), torch.unique(yi, return_inverse=True)
+            nx, ny = uniq[0][0].numel(), uniq[1][0].numel()
+            per_row = N * K1 * K2 * pair + N * (K1 + K2) * D
+            union = nx * ny * pair + (nx + ny) * D + N * nx * ny  # the last term: [N, nx] @ [nx, ny]
+            method = "rows" if per_row <= union else "union"
+        if method == "rows":
             return torch.einsum("Na,Nab,Nb->N", xv, self._atom_gram(xi, yi, detach_left), yv)
+        if method != "union":
+            raise ValueError(f"method must be 'auto', 'rows' or 'union', got {method!r}")
+        (Sx, ix), (Sy, iy) = uniq or (torch.unique(xi, return_inverse=True), torch.unique(yi, return_inverse=True))
+        nx, ny = Sx.numel(), Sy.numel()
         X = xv.new_zeros(N, nx).scatter_add(1, ix, xv)
         Y = yv.new_zeros(N, ny).scatter_add(1, iy, yv)
         return ((X @ self._atom_gram(Sx, Sy, detach_left)) * Y).sum(-1)
