@@ -21,7 +21,7 @@ set to each atom's ``1 - k / n_f`` quantile on the batch so that about ``k`` cod
 SAE (at its 0.01 initial threshold almost every code fires and the step falls back to the dense GEMMs).
 
 Usage: python benchmarks/bench_sae.py [--d 64 128] [--d-sae 2048] [--k 32] [--batch 256] [--rounds 5]
-       [--threads 2] [--also-threads 1] [--dead 0.1] [--quick]
+       [--threads 2] [--also-threads 1] [--dead 0.1] [--quick] [--only TEXT]
 """
 
 from __future__ import annotations
@@ -128,6 +128,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dead", type=float, default=0.1, help="fraction of atoms marked dead (aux-k)")
     ap.add_argument("--quick", action="store_true", help="only bilinear+rank-1 TopK (state), the floor and SAELens")
+    ap.add_argument("--only", default=None,
+                    help="run only the variants whose label contains this text (SAELens TopK always runs: the "
+                         "ratios to it need it), e.g. 'write/factors'")
     ap.add_argument("--also-threads", type=int, nargs="*", default=[1],
                     help="thread counts at which the quick set is repeated after the main run")
     args = ap.parse_args()
@@ -139,15 +142,17 @@ def main():
     for threads, quick in [(args.threads, args.quick)] + [(t, True) for t in args.also_threads]:
         torch.set_num_threads(threads)
         for d in args.d:
-            table(d, n, k, B, R, args.dead, quick)
+            table(d, n, k, B, R, args.dead, quick, args.only)
 
 
-def table(d, n, k, B, R, dead, quick):
+def table(d, n, k, B, R, dead, quick, only=None):
     """Time every configuration at d_k = d_v = d and print its ratios."""
     floor = floor_fn(d * d, n, B)
     rows = []
 
     def run(label, make, rounds=R):
+        if only is not None and rows and only not in label:
+            return
         t, f = measure(make, floor, rounds)
         rows.append((label, t, f))
         print(f"  [{label:<46}] {t * 1e3:9.1f} ms (floor {f * 1e3:7.1f} ms) {t / f:6.2f}x", flush=True)
