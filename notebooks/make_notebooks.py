@@ -1,4 +1,6 @@
-"""Regenerate the tutorial notebooks (clean: no outputs). Run: python notebooks/make_notebooks.py"""
+"""Regenerate the tutorial notebooks (clean: no outputs). Run: python notebooks/make_notebooks.py
+
+This file is the notebooks' source: edit it, not the .ipynb files (tests/test_demo.py checks they agree)."""
 
 from pathlib import Path
 
@@ -12,6 +14,8 @@ def nb(cells):
     book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     book.cells = [nbf.v4.new_markdown_cell(c[3:]) if c.startswith("md:") else nbf.v4.new_code_cell(c.strip())
                   for c in cells]
+    for i, cell in enumerate(book.cells):
+        cell.id = f"cell-{i:02d}"  # stable ids: regenerating changes only what the sources change
     return book
 
 
@@ -101,15 +105,17 @@ print("fit records:", cf.summary["n_fit"], "evaluation records:", cf.summary["n_
     "unembedding (no later layers). `fitted_g` is the paper's three-factor form with one gain G per (atom, token) "
     "fitted on the other half of the contexts: here 2 contexts fit it and 2 evaluate it, so a strongly negative "
     "R² means gains fitted on two contexts do not transfer to two others (the paper fitted G per prompt, i.e. in "
-    "sample). Sign agreement is the share of shifts whose sign the predictor gets right. By horizon:",
+    "sample). Sign agreement is the share of shifts whose sign the predictor gets right, among the predictions "
+    "that are not exactly 0 (`zero_predictions` is the share that are). By horizon:",
     """
 for b in cf.summary["by_horizon"]:
     print(f"t - t0 in {b['horizon']}: " + ", ".join(f"{k} R2 {b[k]:.2f}" for k in ("jvp", "direct", "fitted_g"))
           + f" (n={b['n']})")
 """,
     "md:What this run shows: the first-order response is exact (jvp R² 1.00 at every horizon). The direct "
-    "path gets the sign of only a few percent of shifts right: for this layer-2 head the measured shift is carried "
-    "by the paths through later layers, which the jvp includes and the direct path leaves out. The fitted-G "
+    "path is exactly 0 wherever this head's state has already forgotten the edit (the product of its decays "
+    "underflows; in the demo's closed-form run that is 94% of the records): there the whole measured shift is "
+    "carried by the paths through later layers, which the jvp includes and the direct path leaves out. The fitted-G "
     "R² of about -82 comes from the shortest horizon (t - t0 = 1, n = 10, R² about -222), where the largest "
     "shifts are and gains fitted on two contexts miss them; from t - t0 = 4 on it is about -0.1, no better than "
     "the mean. The paper's 0.98 was fitted per prompt, in sample.",
@@ -362,7 +368,7 @@ from writesae_plugin.dashboard import ATOM_SCHEMA, DashboardConfig, compute_dash
 
 sae = SAE.from_pretrained("writesae-demo", "L4.H0.write")
 ctx = held_out_contexts(tok, 48, 128)[:16]  # the demo's dashboard contexts
-data = compute_dashboard(model, sae, ctx, DashboardConfig(atoms=[105], value_firings=4, effect_firings=4),
+data = compute_dashboard(model, sae, ctx, DashboardConfig(atoms=[313], value_firings=4, effect_firings=4),
                          progress=False)
 out = tempfile.mkdtemp()
 index = write_dashboard(data, out, tok, title="writesae-demo:L4.H0.write", progress=False)
@@ -373,12 +379,12 @@ print(f"{int((data.stats.fires > 0).sum())} of {sae.cfg.d_sae} atoms fire on the
     """
 for key in ("fires", "density", "top_contexts", "key_side", "value_side", "effect", "curves"):
     print(f"{key:13s} {ATOM_SCHEMA[key][:100]}")
-atom = load_atom(out, 105)
-print(f"\\natom 105 fires at {atom['fires']} of {atom['positions']} positions (density {atom['density']:.3f}), "
+atom = load_atom(out, 313)
+print(f"\\natom 313 fires at {atom['fires']} of {atom['positions']} positions (density {atom['density']:.3f}), "
       f"max activation {atom['max_act']:.1f}")
 """,
     "md:**Where it fires.** The strongest firings, with the firing token in brackets and the eight tokens "
-    "before it: the first word of an indented line inside a function body.",
+    "before it: words of docstring prose, i.e. positions inside a string opened by triple double quotes.",
     """
 for c in atom["top_contexts"][:6]:
     left = "".join(c["tokens"][c["center"] - 8:c["center"]])
@@ -386,7 +392,7 @@ for c in atom["top_contexts"][:6]:
 """,
     "md:**Key side** (`u . k_t`: whose write keys look like the atom's address) and **value side** (the "
     "logits the atom adds through its head's output, read with the sign of `q . u` and through the norms at "
-    "its firings). The value side promotes newline-plus-indentation tokens.",
+    "its firings). The value side promotes tokens that close a double-quoted string (`\":`, `\",`, `\".`).",
     """
 print("key side, largest u.k:", [(k["token"], round(k["value"], 2)) for k in atom["key_side"]["top"][:6]])
 print("value side promotes:  ", [(t, round(v, 4)) for t, v in atom["value_side"]["norms"]["top"][:5]])
@@ -394,8 +400,8 @@ print("value side suppresses:", [(t, round(v, 4)) for t, v in atom["value_side"]
 """,
     "md:**What substituting it does.** At each of its four strongest firings the write is replaced by the atom "
     "at its activation, and separately deleted. The atom's substitution moves the next-token distribution much "
-    "less than deleting the write (KL), and it raises the same newline-plus-indentation tokens the value side "
-    "predicts: the value side is a prediction from the weights, the effect is measured on the model.",
+    "less than deleting the write (KL), and it raises the same double-quote closers the value side predicts: the "
+    "value side is a prediction from the weights, the effect is measured on the model.",
     """
 e = atom["effect"]
 print(f"atom beats delete at {e['win']['k']} of {e['n']} firings (Wilson 95% [{e['win']['lo']:.2f}, {e['win']['hi']:.2f}])")
@@ -409,16 +415,19 @@ print("mean logit change, top:", [(t, round(v, 2)) for t, v in e["mean_dlogit_to
 d = atom["curves"]["decay"]
 print("decay after d positions:", {k: round(d[k], 3) for k in (1, 2, 4, 8, 16, 32) if k < len(d)})
 from IPython.display import Image
-Image(filename=f"{out}/figures/atom_105.png")
+Image(filename=f"{out}/figures/atom_313.png")
 """,
     "md:CLI: `writesae dashboard --model M --sae S --dataset D --out R` (add `--neuronpedia DIR` for "
     "Neuronpedia's upload format); open `R/index.html` in a browser.",
 ])
 
-for name, book in {"01_quickstart.ipynb": QUICKSTART, "02_substitution_and_closed_form.ipynb": SUBSTITUTION,
-                   "03_steering_by_install.ipynb": INSTALL, "04_training_a_writesae.ipynb": TRAINING,
-                   "05_activation_patching.ipynb": ACTIVATION_PATCHING,
-                   "06_attribution_patching.ipynb": ATTRIBUTION_PATCHING, "07_path_patching.ipynb": PATH_PATCHING,
-                   "08_feature_circuits_and_acdc.ipynb": CIRCUITS, "09_editing_atoms.ipynb": EDITING,
-                   "10_atom_dashboards.ipynb": DASHBOARDS}.items():
-    nbf.write(book, HERE / name)
+BOOKS = {"01_quickstart.ipynb": QUICKSTART, "02_substitution_and_closed_form.ipynb": SUBSTITUTION,
+         "03_steering_by_install.ipynb": INSTALL, "04_training_a_writesae.ipynb": TRAINING,
+         "05_activation_patching.ipynb": ACTIVATION_PATCHING,
+         "06_attribution_patching.ipynb": ATTRIBUTION_PATCHING, "07_path_patching.ipynb": PATH_PATCHING,
+         "08_feature_circuits_and_acdc.ipynb": CIRCUITS, "09_editing_atoms.ipynb": EDITING,
+         "10_atom_dashboards.ipynb": DASHBOARDS}
+
+if __name__ == "__main__":
+    for name, book in BOOKS.items():
+        nbf.write(book, HERE / name)

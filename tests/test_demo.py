@@ -205,3 +205,21 @@ def test_make_demo_release_trains_every_head_and_ships_half_precision_weights(tm
         assert same == (not sid.startswith("L1.")), sid
     with pytest.raises(ValueError, match="not recurrent layers"):
         make_demo_release(demo_model_dir(), out, recipe, layers=[3], progress=False)
+
+
+def test_notebooks_are_what_make_notebooks_generates():
+    """notebooks/make_notebooks.py is the notebooks' source: the committed .ipynb files hold exactly its cells
+    (a fix made in an .ipynb alone would be lost at the next regeneration, as happened once)."""
+    import importlib.util
+
+    import nbformat
+
+    spec = importlib.util.spec_from_file_location("make_notebooks", NOTEBOOKS[0].parent / "make_notebooks.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)  # builds the books; writes nothing (that is its __main__)
+    assert sorted(gen.BOOKS) == [p.name for p in NOTEBOOKS]
+    for path in NOTEBOOKS:
+        committed = nbformat.read(path, as_version=4)
+        want = gen.BOOKS[path.name]
+        assert [(c.cell_type, c.source, c.get("id")) for c in committed.cells] == \
+            [(c.cell_type, c.source, c.get("id")) for c in want.cells], f"{path.name}: run notebooks/make_notebooks.py"

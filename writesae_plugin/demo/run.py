@@ -75,7 +75,7 @@ class DemoSize:
     dashboard_pages: int = 24
     dashboard_firings: int = 4
     #: atoms with pages besides the most frequent ones (those the README describes)
-    dashboard_atoms: dict = field(default_factory=lambda: {"L4.H0.write": [105, 276]})
+    dashboard_atoms: dict = field(default_factory=lambda: {"L4.H0.write": [313, 97]})
     #: a release with more SAEs than this gets dashboards for its demo_saes only (see dashboard_saes)
     dashboard_max_saes: int = 8
 
