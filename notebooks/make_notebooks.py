@@ -116,9 +116,9 @@ for b in cf.summary["by_horizon"]:
     "path is exactly 0 wherever this head's state has already forgotten the edit (the product of its decays "
     "underflows; in the demo's closed-form run that is 94% of the records): there the whole measured shift is "
     "carried by the paths through later layers, which the jvp includes and the direct path leaves out. The fitted-G "
-    "R² of about -82 comes from the shortest horizon (t - t0 = 1, n = 10, R² about -222), where the largest "
-    "shifts are and gains fitted on two contexts miss them; from t - t0 = 4 on it is about -0.1, no better than "
-    "the mean. The paper's 0.98 was fitted per prompt, in sample.",
+    "R² of about -1,200 comes from the shortest horizons (t - t0 = 1, n = 10, R² about -4,300; t - t0 = 2-3, "
+    "about -10), where the largest shifts are and gains fitted on two contexts miss them; from t - t0 = 4 on it is "
+    "between -0.1 and 0, no better than the mean. The paper's 0.98 was fitted per prompt, in sample.",
 ])
 
 INSTALL = nb([
@@ -264,8 +264,8 @@ for row, pos in enumerate(atoms.index["pos"]):
         print(f"   {str(name):>6} {float(eff[i]):+.3f}  {labels.get(name, '(the SAE error: what no atom explains)')}")
 """,
     "md:At the quote itself no atom moves the metric. One token later, where `writesae patch` finds the quote "
-    "memory written, the error node restores most of the clean-corrupted gap (+5.2 of 6.9) and each atom under "
-    "2% of it. The two largest atoms promote tokens that close a string (302: `\"):`, `\"]`; 492: `')`, `',`): the "
+    "memory written, the error node restores most of the clean-corrupted gap (+4.7 of 6.9) and each atom under "
+    "5% of it. The largest atom (118: ` =`, `')`, `']`) promotes tokens that close a single-quoted string: the "
     "right kind of atom, but small. These SAEs have no strong atom for the open quote, so the error node is where "
     "that information sits (the README's circuit paragraph says the same).",
     "md:CLI: `writesae patch --out DIR` (shipped model, release and task by default).",
@@ -399,8 +399,9 @@ print("value side promotes:  ", [(t, round(v, 4)) for t, v in atom["value_side"]
 print("value side suppresses:", [(t, round(v, 4)) for t, v in atom["value_side"]["norms"]["bottom"][:5]])
 """,
     "md:**What substituting it does.** At each of its four strongest firings the write is replaced by the atom "
-    "at its activation, and separately deleted. The atom's substitution moves the next-token distribution much "
-    "less than deleting the write (KL), and it raises the same double-quote closers the value side predicts: the "
+    "at its activation, and separately deleted. The atom's substitution moves the next-token distribution less "
+    "than deleting the write (KL) at each of them, though not by much, and it raises the same double-quote closers "
+    "the value side predicts: the "
     "value side is a prediction from the weights, the effect is measured on the model.",
     """
 e = atom["effect"]
