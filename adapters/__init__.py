@@ -38,8 +38,8 @@ NOT_HOOKABLE = {
 
 def _families_line() -> str:
     return ("supported families: Gated DeltaNet (qwen3_5, qwen3_5_moe, qwen3_next, olmo_hybrid, qwen4_exp), "
-            "Kimi Delta Attention (kimi_linear), DeltaNet (fla delta_net), GLA (fla gla), xLSTM (xlstm), Mamba-2 (mamba2, bamba, nemotron_h, falcon_h1, "
-            "zamba2, granitemoehybrid; mamba-ssm MambaLMHeadModel)")
+            "Kimi Delta Attention (kimi_linear), DeltaNet (fla delta_net), GLA (fla gla), xLSTM (xlstm), "
+            "Mamba-2 (mamba2, bamba, nemotron_h, falcon_h1, zamba2, granitemoehybrid; mamba-ssm MambaLMHeadModel)")
 
 
 def supported_families() -> list[str]:

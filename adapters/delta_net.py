@@ -270,5 +270,5 @@ class DeltaNetFamily(GatedDeltaNetFamily):
         if leaf == "hook_log_decay":
             return "[b,p,H] 0 (DeltaNet does not decay); an edit puts a decay into the transitions"
         if leaf in ("hook_q", "hook_k"):
-            return f"[b,p,H,d_k] native {leaf[-1]} as the kernel gets it (after conv and activation), before its L2 norm"
+            return f"[b,p,H,d_k] native {leaf[-1]} as the kernel gets it (after conv, activation), before its L2 norm"
         return super().describe_hook(owner, name)

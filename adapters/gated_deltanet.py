@@ -721,5 +721,6 @@ def _model_type(hf_model) -> str:
         return text.model_type
     raise UnsupportedModelError(
         f"unsupported model {type(hf_model).__name__} (model_type={model_type!r}); supported families: Gated "
-        f"DeltaNet {available_model_types()}, Kimi Delta Attention (kimi_linear), xLSTM (xlstm) and Mamba-2 "
+        f"DeltaNet {available_model_types()}, Kimi Delta Attention (kimi_linear), DeltaNet (fla delta_net), GLA (fla "
+        "gla), xLSTM (xlstm) and Mamba-2 "
         "(mamba2, bamba, nemotron_h, falcon_h1, zamba2, granitemoehybrid)")

@@ -298,7 +298,7 @@ class GLAFamily(GatedDeltaNetFamily):
     One write mode (no erase): ``write_mode="delta"`` is refused."""
 
     name = "gla"
-    write_rule = "scalar_decay"  # for write attribution: no erase, A_eff[t, s] = q_t^T Diag(exp(G_t - G_s)) k_s, value v
+    write_rule = "scalar_decay"  # write attribution: no erase; A_eff[t, s] = q_t^T Diag(exp(G_t - G_s)) k_s, value v
     hooks_class = GLAHooks
     layer_label = "GLA"
     kernel_label = "GLA"

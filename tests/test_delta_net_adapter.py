@@ -15,7 +15,8 @@ from tiny_fla_models import make_tiny_deltanet, require_fla
 require_fla()
 
 import writesae_plugin  # noqa: E402,F401  (registers the SAE architecture)
-from writesae_plugin.adapters import HookNameError, StateCapture, UnsupportedModelError, WriteEdit, hook_model  # noqa: E402
+from writesae_plugin.adapters import (HookNameError, StateCapture, UnsupportedModelError,  # noqa: E402
+                                      WriteEdit, hook_model)
 from writesae_plugin.adapters import fla_cpu  # noqa: E402
 from writesae_plugin.adapters.reference import gated_deltanet_reference  # noqa: E402
 
@@ -397,6 +398,45 @@ def test_routed_norms_swiglu_and_convs_match_readable_references():
         packed, _ = fla_cpu.torch_causal_conv1d(x[:1, :3].reshape(1, 3, 24).repeat(1, 2, 1), weight, conv.bias,
                                                 activation="silu", cu_seqlens=torch.tensor([0, 3, 6]))
         assert torch.equal(packed[:, :3], packed[:, 3:])
+
+
+def test_a_plain_cpu_qwen35_fails_with_fla_installed_until_routed_then_runs_transformers_torch_path():
+    """transformers' behaviour with fla importable, in a fresh process (the test session is routed): a plain CPU
+    forward of a Gated DeltaNet model fails in fla's triton kernel; after ``route_cpu_to_torch()`` it runs, with the
+    logits of transformers' own torch kernel (the pure function, called directly)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import inspect, sys, warnings
+        warnings.filterwarnings("ignore")
+        import torch
+        sys.path.insert(0, "tests")
+        from tiny_models import build_tiny_model
+        import transformers.models.qwen3_5.modeling_qwen3_5 as mq
+        m = build_tiny_model("qwen3_5", n_layers=2)
+        ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+        try:
+            with torch.no_grad():
+                m(ids)
+            print("PLAIN-RAN")
+        except Exception as e:
+            print("PLAIN-FAILED", type(e).__name__)
+        from writesae_plugin.adapters import route_cpu_to_torch
+        assert route_cpu_to_torch()
+        with torch.no_grad():
+            routed = m(ids).logits
+        pure = inspect.unwrap(mq.torch_chunk_gated_delta_rule.__wrapped_by_writesae__)
+        mq.torch_chunk_gated_delta_rule = pure  # transformers' torch function itself, as without fla
+        with torch.no_grad():
+            print("ROUTED-EQUALS-TORCH", torch.equal(routed, m(ids).logits))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "PLAIN-FAILED" in out.stdout and "ROUTED-EQUALS-TORCH True" in out.stdout, out.stdout + out.stderr[-2000:]
 
 
 def test_gpu_tensors_keep_fla_kernels_and_routes_are_installed_once():
