@@ -168,7 +168,7 @@ def test_cli_dashboard_with_neuronpedia_export(tmp_path):
     out, npd = tmp_path / "site", tmp_path / "np"
     rc = main(["dashboard", "--model", str(demo_model_dir()), "--sae", "writesae-demo:L4.H0.write", "--dataset",
                str(_corpus(tmp_path)), "--split", "train", "--context-length", "64", "--tokens", "192",
-               "--atoms", "61", "492", "--effect-firings", "1", "--value-firings", "1", "--out", str(out),
+               "--max-pages", "2", "--effect-firings", "1", "--value-firings", "1", "--out", str(out),
                "--neuronpedia", str(npd), "--np-model-id", "writesae-demo"])
     assert rc == 0
     meta = json.loads((out / "data" / "index.json").read_text())

@@ -35,7 +35,7 @@ def dashboard(tmp_path_factory):
     register_local_release("writesae-demo", demo_release_dir())
     sae = SAE.from_pretrained("writesae-demo", "L4.H0.write")
     tokens = held_out_contexts(model.tokenizer, 6, 64)
-    data = compute_dashboard(model, sae, tokens, DashboardConfig(atoms=[61, 492], effect_firings=2, value_firings=2),
+    data = compute_dashboard(model, sae, tokens, DashboardConfig(max_pages=2, effect_firings=2, value_firings=2),
                              progress=False)
     out = tmp_path_factory.mktemp("dash")
     write_dashboard(data, out, model.tokenizer, title="L4.H0.write", progress=False)
@@ -80,8 +80,9 @@ def test_index_and_atom_page_render(dashboard, browser, tmp_path):
     browser.save_screenshot(str(tmp_path / "index.png"))
     assert _console_errors(browser) == []
 
-    browser.get((out / "atoms" / "61.html").as_uri())
-    top = data.stats.top(61)[0]
+    atom = int(data.atoms[0])  # the most frequent atom on these contexts (it has a page and top contexts)
+    browser.get((out / "atoms" / f"{atom}.html").as_uri())
+    top = data.stats.top(atom)[0]
     spans = browser.find_elements(By.CSS_SELECTOR, "#top .ctx")[0].find_elements(By.CSS_SELECTOR, "span.tok")
     fired = [s for s in spans if "fire" in s.get_attribute("class")]
     assert len(fired) == 1 and float(fired[0].get_attribute("data-act")) == pytest.approx(top["act"], rel=1e-3)
@@ -90,6 +91,6 @@ def test_index_and_atom_page_render(dashboard, browser, tmp_path):
     w, h = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", img)
     assert w > 100 and h > 100
     assert img.size["width"] > 100 and img.size["height"] > 100
-    browser.save_screenshot(str(tmp_path / "atom61.png"))
+    browser.save_screenshot(str(tmp_path / f"atom{atom}.png"))
     assert _console_errors(browser) == []
 

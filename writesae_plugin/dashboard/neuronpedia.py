@@ -61,7 +61,8 @@ def write_neuronpedia(records: list[dict], out_dir: str | Path, *, model_id: str
     Neuronpedia's upload layout under ``out_dir`` (module docstring); returns the source directory.
     Raises ``ValueError`` for no records or a model id with a path separator."""
     if not records:
-        raise ValueError("no atoms to export")
+        raise ValueError("no atoms to export: none of the atoms with pages fired on the data (Neuronpedia needs "
+                         "activations; give more --tokens, other --atoms or --max-pages)")
     if "/" in model_id or not model_id:
         raise ValueError(f"model id {model_id!r} must be a non-empty name without '/' (Neuronpedia's model id)")
     sae = records[0]["sae"]

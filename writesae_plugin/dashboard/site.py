@@ -22,7 +22,7 @@ import math
 import os
 from pathlib import Path
 
-import torch
+from ..report import _clean
 
 
 #: what ``data/atoms/{i}.json`` holds (also the notebook's reference)
@@ -114,18 +114,6 @@ def atom_record(data, atom: int, vocab) -> dict:
         if rec[key] is not None and not math.isfinite(rec[key]):
             rec[key] = None
     return rec
-
-
-def _clean(x):
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _clean(x.tolist())
-    return x
 
 
 def _write(path: Path, text: str) -> None:

@@ -16,12 +16,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _clean(x):
+    """``x`` as strict JSON values: NaN / inf -> None, dict keys -> str, tuples -> lists, tensors and numpy
+    arrays or scalars -> (nested) Python numbers."""
     if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
         return None
     if isinstance(x, dict):
         return {str(k): _clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_clean(v) for v in x]
+    if hasattr(x, "tolist") and callable(x.tolist):  # torch tensors, numpy arrays and scalars
+        return _clean(x.tolist())
     if hasattr(x, "item") and callable(x.item):
         try:
             return _clean(x.item())
