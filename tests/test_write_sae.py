@@ -406,3 +406,33 @@ def test_code_gram_rows_and_union_agree_with_the_full_gram(decoder_rank):
     assert chosen == [2]
     with pytest.raises(ValueError, match="method"):
         sae._code_gram(xv, xi, yv, yi, method="dense")
+
+
+@pytest.mark.parametrize("decoder_rank,activation", [(1, "topk"), (2, "topk"), (None, "topk"), (1, "jumprelu")])
+def test_evaluate_sae_on_factors_equals_the_dense_evaluation_and_a_two_pass_reference(decoder_rank, activation):
+    """evaluate_sae never forms k v^T for a WriteSAE on factors, and keeps no batch (one-pass float64 totals);
+    FVU, L0 and dead fraction equal the dense-layout evaluation of the formed writes and the readable two-pass
+    formula (all of X concatenated, centred)."""
+    from writesae_plugin.train import evaluate_sae
+
+    torch.manual_seed(0)
+    cfg = make_cfg(WriteSAETrainingConfig, head=None, decoder_rank=decoder_rank, activation=activation, site="write",
+                   input_layout="factors", encoder_rank=2 if decoder_rank == 2 else 1, d_sae=64)
+    sae = TrainingWriteSAE(cfg)
+    with torch.no_grad():
+        sae.b_dec.normal_(std=0.2)
+        if activation == "jumprelu":
+            sae.log_threshold.fill_(-2.0)
+    batches = [torch.randn(n, DK + DV) + 0.3 for n in (40, 40, 13)]  # a last partial batch; a nonzero mean
+    scale = 2.5
+    dense = [(b[:, :DK, None] * b[:, None, DK:]).reshape(b.shape[0], -1) for b in batches]
+    a = evaluate_sae(sae, batches, "factors", scale)
+    b = evaluate_sae(sae, dense, "dense", scale)
+    X = torch.cat(dense) * scale
+    acts = sae.encode(X)
+    ref_fvu = float((sae.decode(acts) - X).pow(2).sum() / (X - X.mean(0)).pow(2).sum())
+    for m in (a, b):
+        assert m.n == 93
+        assert m.fvu == pytest.approx(ref_fvu, rel=1e-5)
+        assert m.l0 == pytest.approx(float((acts != 0).sum()) / 93, rel=1e-6)
+        assert m.dead_fraction == pytest.approx(1 - float((acts != 0).any(0).float().mean()))

@@ -46,35 +46,46 @@ class SAEMetrics:
 
 @torch.no_grad()
 def evaluate_sae(sae, batches: list[torch.Tensor], layout: str = "dense", input_scale: float = 1.0) -> SAEMetrics:
-    """FVU, L0 and dead fraction of ``sae`` on validation batches (dense ``[N, d_in]`` or factors), each
-    matrix multiplied by ``input_scale`` first (FVU is scale-free; L0 and dead atoms depend on it). The batches
-    are moved to the SAE's device."""
-    sq_err, total, l0, n = 0.0, 0.0, 0.0, 0
-    fired = None
-    xs = []
+    """FVU, L0 and dead fraction of ``sae`` on validation batches (dense ``[N, d_in]`` or factors ``[N, d_k + d_v]``),
+    each matrix multiplied by ``input_scale`` first (FVU is scale-free; L0 and dead atoms depend on it). The batches
+    are moved to the SAE's device.
+
+    Factors are evaluated without forming ``k v^T`` when the SAE has ``encode_factors`` /
+    ``reconstruction_sq_error_factors`` (a WriteSAE); the total variance is accumulated in float64 as
+    ``sum ||x||^2 - ||sum x||^2 / n`` (for factors ``||k||^2 ||v||^2`` and ``K^T V``), so no batch is kept."""
+    sq_err, sum_sq, l0, n = 0.0, 0.0, 0, 0
+    fired, first = None, None
     device = next(sae.parameters()).device
+    factored = layout == "factors" and hasattr(sae, "reconstruction_sq_error_factors")
     for x in batches:
         x = x.to(device)
-        if layout == "factors":
-            k, v = x[:, : sae.cfg.d_k], x[:, sae.cfg.d_k:]
-            X = (k[:, :, None] * v[:, None, :]).reshape(x.shape[0], -1)
+        if factored:
+            s = input_scale ** 0.5
+            k, v = x[:, : sae.cfg.d_k] * s, x[:, sae.cfg.d_k:] * s
+            acts = sae.encode_factors(k, v)
+            sq_err += sae.reconstruction_sq_error_factors(k, v).double().sum().item()
+            sum_sq += ((k * k).sum(-1) * (v * v).sum(-1)).double().sum().item()
+            part = k.double().T @ v.double()  # sum of the batch's k v^T
         else:
-            X = x
-        X = X * input_scale
-        acts = sae.encode(X)
-        recon = sae.decode(acts)
-        sq_err += (recon - X).pow(2).sum().item()
-        l0 += (acts != 0).sum().item()
-        n += X.shape[0]
+            if layout == "factors":
+                k, v = x[:, : sae.cfg.d_k], x[:, sae.cfg.d_k:]
+                x = (k[:, :, None] * v[:, None, :]).reshape(x.shape[0], -1)
+            X = x * input_scale
+            acts = sae.encode(X)
+            recon = sae.decode(acts)
+            sq_err += (recon - X).double().pow(2).sum().item()
+            sum_sq += X.double().pow(2).sum().item()
+            part = X.double().sum(0)
+        first = part if first is None else first + part
+        l0 += int((acts != 0).sum())
+        n += x.shape[0]
         f = (acts != 0).any(0)
         fired = f if fired is None else fired | f
-        xs.append(X)
-    if not xs:
+    if n == 0:
         raise ValueError("evaluate_sae got no batches: the held-out set is empty (give its provider drop_last=False "
                          "when it holds fewer samples than one batch)")
-    X = torch.cat(xs)
-    total = (X - X.mean(0)).pow(2).sum().item()
-    return SAEMetrics(fvu=sq_err / max(total, 1e-30), l0=l0 / max(n, 1),
+    total = sum_sq - float((first * first).sum()) / n
+    return SAEMetrics(fvu=sq_err / max(total, 1e-30), l0=l0 / n,
                       dead_fraction=1.0 - fired.float().mean().item(), n=n)
 
 
