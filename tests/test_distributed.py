@@ -93,7 +93,9 @@ def test_parallel_cells_give_the_single_process_saes(data, single_store):
     assert "training cells ['L0.H1.write', 'L0.H3.write', 'L1.H1.write', 'L1.H3.write']" in r.stderr
     a, b = (json.loads((d / "cells" / "release.json").read_text()) for d in (one, two))
     assert sorted(a["saes"]) == sorted(b["saes"]) and len(a["saes"]) == 8
-    assert not list((two / "cells").glob("release.rank*.json"))
+    assert not list((two / "cells").glob("release.rank*.json")) and not list((two / "cells").glob("*progress*"))
+    # one bar (rank 0's) with the job's count over both ranks, and the job's total at the end
+    assert "all ranks" in r.stderr and "[rank 0/2] all ranks trained 768 of 768 cell-samples (8 cells x 96)" in r.stderr
     for cell in a["saes"]:
         wa = load_file(one / "cells" / cell / "sae_weights.safetensors")
         wb = load_file(two / "cells" / cell / "sae_weights.safetensors")
@@ -197,3 +199,22 @@ def test_device_flag(data, capsys):
         assert main([*base, "--device", "cuda:0", "--out", str(data / "dev1")]) == 2
         assert "no CUDA device" in capsys.readouterr().err
     assert main([*base, "--device", "cpu", "--contexts", "4", "--out", str(data / "dev2")]) == 0
+
+
+def test_rank_progress_sums_every_ranks_published_count(tmp_path):
+    """--parallel cells' cross-rank progress: each rank publishes (throttled, atomically) and rank 0 sums what the
+    others last published; a rank that has not published counts 0; the files go at the end."""
+    from writesae_plugin.distributed import Place, RankProgress
+
+    ranks = [RankProgress(tmp_path, Place(rank=r, world_size=3), total=300, every=3600.0) for r in range(3)]
+    assert ranks[0].global_count(fresh=True) == 0
+    ranks[0].publish(10)
+    ranks[1].base = 100
+    ranks[1].publish(5)
+    ranks[1].publish(50)  # within the throttle interval: not written
+    assert ranks[0].global_count(fresh=True) == 10 + 105
+    ranks[1].publish(50, force=True)
+    assert ranks[0].global_count() == 115  # cached until the interval passes
+    assert ranks[0].global_count(fresh=True) == 160 and ranks[0].postfix() == "160/300"
+    ranks[0].remove_files()
+    assert list(tmp_path.iterdir()) == []

@@ -115,7 +115,7 @@ def cell_providers(store: ActivationStore, cell: Cell, t: CellTraining, val_stor
 
 def train_cell(store: ActivationStore, cell: Cell, out: str | Path, t: CellTraining,
                val_store: ActivationStore | None = None, resume_from=None, device: str = "cpu",
-               progress: bool = True):
+               progress: bool = True, rank_progress=None):
     """Train one cell from the store into ``out`` (``final/``, ``checkpoints/``, ``validation.jsonl``) on ``device``;
     returns ``(sae, validation history)``. The SAE's initialisation depends on ``t.seed`` only."""
     from .train import train_write_sae
@@ -126,7 +126,7 @@ def train_cell(store: ActivationStore, cell: Cell, out: str | Path, t: CellTrain
     return train_write_sae(cfg, provider, out, total_samples=t.total_samples, batch_size=t.batch_size, lr=t.lr,
                            val_batches=val, val_every=t.val_every, n_checkpoints=t.n_checkpoints,
                            dead_feature_window=t.dead_feature_window, resume_from=resume_from, device=device,
-                           progress=progress, progress_desc=f"train {cell.id}")
+                           progress=progress, progress_desc=f"train {cell.id}", rank_progress=rank_progress)
 
 
 class _StackedBatches:
@@ -332,7 +332,8 @@ def _stack_name(cells: list[Cell]) -> str:
 
 def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Path, t: CellTraining,
                         val_store: ActivationStore | None = None, resume: bool = False, progress: bool = True,
-                        warmup_steps: int = 50, place=None, device: str = "cpu") -> dict[str, list[dict]]:
+                        warmup_steps: int = 50, place=None, device: str = "cpu",
+                        rank_progress=None) -> dict[str, list[dict]]:
     """Train ``cells`` together, their dictionaries stacked along a cell axis; each ends in
     ``out/runs/<id>/final`` (+ ``validation.jsonl``), exactly as :func:`train_cell` would leave it. Checkpoints
     (``out/runs/stacked-<hash of the cell ids>/checkpoints``) hold every cell; ``resume`` continues the latest. Returns each cell's
@@ -401,6 +402,7 @@ def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Pa
             trainer.scales = [float(p.scale) for p in providers]
         trainer.validate()
     trainer.show_progress = progress and trainer.place.main  # one bar, rank 0's (every rank steps alike)
+    trainer.rank_progress, trainer.progress_cells = rank_progress, len(cells)
     trainer.progress_desc = f"train {len(cells)} cells"
     try:
         trainer.fit()
@@ -487,7 +489,14 @@ def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str
 
     pending = [cell for cell in cells if not done(cell)]
     stacked: dict[str, list[dict]] = {}
-    why = stackable(cell_config(store, cells[0], t))
+    why = stackable(cell_config(store, cells[0], t)) if cells else None  # (a rank may get no cell: more ranks)
+    rank_progress = None
+    if per_rank:  # the job's progress over all ranks, on rank 0's bar
+        from .distributed import RankProgress
+
+        rank_progress = RankProgress(out / "cells", place, total=len(all_cells) * t.total_samples)
+        rank_progress.base = (len(cells) - len(pending)) * t.total_samples
+        rank_progress.publish(0, force=True)
     if data_parallel and pending:
         if why is not None:
             raise ValueError(f"--parallel data trains the cells stacked; cells with {why} do not stack (use "
@@ -496,7 +505,10 @@ def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str
                                       place=place, device=device)
     elif stack and len(pending) > 1 and why is None:
         stacked = train_cells_stacked(store, pending, out, t, val_store, resume=resume, progress=progress,
-                                      device=device)
+                                      device=device, rank_progress=rank_progress)
+        if rank_progress is not None:
+            rank_progress.base += len(pending) * t.total_samples
+            rank_progress.publish(0, force=True)
     bar = tqdm(cells, desc="cells", unit="cell", disable=not progress or bool(stacked), dynamic_ncols=True)
     for cell in bar:
         bar.set_postfix_str(cell.id)
@@ -511,7 +523,10 @@ def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str
             has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
             _, history = train_cell(store, cell, run_dir, t, val_store,
                                     resume_from="latest" if resume and has_ckpt else None, device=device,
-                                    progress=progress)
+                                    progress=progress, rank_progress=rank_progress)
+            if rank_progress is not None:
+                rank_progress.base += t.total_samples
+                rank_progress.publish(0, force=True)
         with atomic_dir(out / "cells" / cell.id) as tmp:
             for f in (run_dir / "final").iterdir():
                 shutil.copy2(f, tmp / f.name)
@@ -532,6 +547,12 @@ def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str
             atomic_write_text(index_path, json.dumps(merged, indent=1))
             for path in (out / "cells").glob("release.rank*.json"):
                 path.unlink()
+            if rank_progress is not None:
+                from .distributed import log
+
+                log(place, f"all ranks trained {rank_progress.global_count(fresh=True)} of {rank_progress.total} "
+                           f"cell-samples ({len(all_cells)} cells x {t.total_samples})")
+                rank_progress.remove_files()
         barrier(place)
         index = json.loads(index_path.read_text())
     missing = [c.id for c in all_cells if c.id not in index["cells"]]

@@ -49,6 +49,63 @@ class Place:
         return self.world_size > 1
 
 
+class RankProgress:
+    """``--parallel cells``: the cell-samples every rank has trained, for rank 0's progress bar. Each rank writes
+    its count to ``progress.rank{r}.json`` in the shared output directory (where the ranks' release indexes go),
+    at most every ``every`` seconds; rank 0 reads and sums them. No collective, so a rank never waits for another;
+    rank 0 removes the files when it merges the indexes."""
+
+    def __init__(self, directory, place: Place, total: int, every: float = 1.0):
+        from pathlib import Path
+
+        self.directory, self.place, self.total, self.every = Path(directory), place, int(total), every
+        self.base = 0  # cell-samples of this rank's cells finished before the current trainer
+        self._written = self._read = -1e9
+        self._sum = 0
+
+    def path(self, rank: int):
+        return self.directory / f"progress.rank{rank}.json"
+
+    def publish(self, cell_samples: int, force: bool = False) -> None:
+        """Record that this rank has trained ``base + cell_samples`` cell-samples (throttled unless ``force``)."""
+        import json
+        import time
+
+        now = time.monotonic()
+        if not force and now - self._written < self.every:
+            return
+        self._written = now
+        tmp = self.path(self.place.rank).with_name(f".tmp-progress.rank{self.place.rank}.json")
+        tmp.write_text(json.dumps({"cell_samples": int(self.base + cell_samples)}))
+        os.replace(tmp, self.path(self.place.rank))
+
+    def global_count(self, fresh: bool = False) -> int:
+        """The sum over ranks of their last published counts (re-read at most every ``every`` seconds, or now
+        with ``fresh``)."""
+        import json
+        import time
+
+        now = time.monotonic()
+        if fresh or now - self._read >= self.every:
+            self._read, total = now, 0
+            for r in range(self.place.world_size):
+                try:
+                    total += int(json.loads(self.path(r).read_text())["cell_samples"])
+                except (FileNotFoundError, ValueError, KeyError):
+                    pass  # that rank has not published yet
+            self._sum = total
+        return self._sum
+
+    def postfix(self) -> str:
+        from tqdm import tqdm
+
+        return f"{tqdm.format_sizeof(self.global_count())}/{tqdm.format_sizeof(self.total)}"
+
+    def remove_files(self) -> None:
+        for r in range(self.place.world_size):
+            self.path(r).unlink(missing_ok=True)
+
+
 def under_torchrun() -> bool:
     """True when a launcher (torchrun) set ``WORLD_SIZE``, even to 1."""
     return "WORLD_SIZE" in os.environ

@@ -162,12 +162,22 @@ class WriteSAETrainer(SAETrainer):
             post["val_fvu"] = f"{self.history[-1]['fvu']:.3f}"
         return post
 
+    #: ``--parallel cells``: the job's progress over all ranks (``distributed.RankProgress``), and the number of
+    #: cells this trainer trains (its samples count once per cell)
+    rank_progress = None
+    progress_cells = 1
+
     @torch.no_grad()
     def _update_pbar(self, step_output, pbar, update_interval: int = 100):
-        """Every step (SAELens' bar moves every 100): samples/s, ETA, FVU, L0, dead fraction."""
+        """Every step (SAELens' bar moves every 100): samples/s, ETA, FVU, L0, dead fraction; under
+        ``--parallel cells`` every rank publishes its count and rank 0's bar adds the job's (``all ranks``)."""
+        if self.rank_progress is not None:
+            self.rank_progress.publish(self.n_training_samples * self.progress_cells)
         if not self.show_progress:
             return
         self.progress = self.progress_postfix()
+        if self.rank_progress is not None:
+            self.progress["all ranks"] = self.rank_progress.postfix()
         pbar.set_postfix(self.progress, refresh=False)
         pbar.update(self.cfg.train_batch_size_samples)
 
@@ -376,7 +386,8 @@ def train_write_sae(cfg: WriteSAETrainingConfig, provider, out_dir: str | Path, 
                     val_batches: list[torch.Tensor] | None = None, val_every: int = 100,
                     n_checkpoints: int = 2, dead_feature_window: int = 100,
                     resume_from: str | Path | None = None, device: str = "cpu",
-                    progress: bool = True, progress_desc: str = "train") -> tuple[TrainingWriteSAE, list]:
+                    progress: bool = True, progress_desc: str = "train",
+                    rank_progress=None) -> tuple[TrainingWriteSAE, list]:
     """Train, validate and save; returns the training SAE and the validation history.
 
     The schedule follows the paper (Adam, warm-up, cosine decay to ``lr_end``, default ``lr / 10``).
@@ -384,7 +395,7 @@ def train_write_sae(cfg: WriteSAETrainingConfig, provider, out_dir: str | Path, 
     A resumed run continues ``provider`` where the checkpoint left it: pass a fresh provider over the same
     contexts (it skips those the checkpoint consumed), and the run ends with the SAE an uninterrupted run gives.
     ``device``: where the SAE trains (see the module docstring); ``progress``: show the progress bar, named
-    ``progress_desc``.
+    ``progress_desc``; ``rank_progress``: a ``distributed.RankProgress`` this run reports to (``--parallel cells``).
     """
     out = Path(out_dir)
     if total_samples < batch_size:
@@ -406,6 +417,7 @@ def train_write_sae(cfg: WriteSAETrainingConfig, provider, out_dir: str | Path, 
                               val_every=val_every, log_path=out / "validation.jsonl", layout=cfg.input_layout,
                               identity=identity, stream=provider)
     trainer.show_progress, trainer.progress_desc = progress, progress_desc
+    trainer.rank_progress = rank_progress
     if ckpt is not None:
         trainer.resume(ckpt, run)
     atomic_write_text(out / "train_config.json", json.dumps({
