@@ -54,7 +54,16 @@ def test_install_decodes_like_brute_force_greedy(model, tmp_path):
     assert rec["installed_rank"] == int((first > first[rec["target"]]).sum())
     s = res.summary["by_multiplier"]["3.0"]["all"]
     assert s["independent_units"] == 4 and s["prompts"] == 2
+    # the installed-vs-baseline change is tested on the paired units and labelled by its significance
+    hits = [(r["installed_hit"], r["baseline_hit"]) for r in res.records]
+    v = s["vs_baseline"]
+    assert (v["gained"], v["lost"]) == (sum(a and not b for a, b in hits), sum(b and not a for a, b in hits))
+    assert not v["significant"]  # 4 units can never reach p < 0.05 (2 x 0.5^4 = 0.125)
+    from writesae_plugin.experiments.install import significance
+
+    assert significance(s).startswith("not significant") and "McNemar p" in significance(s)
     assert (save_install(res, tmp_path / "inst")).is_file() and (tmp_path / "inst" / "install_curve.png").is_file()
+    assert "not significant" in (tmp_path / "inst" / "index.html").read_text()
     with pytest.raises(ValueError, match="not recurrent"):
         run_install(model, prompts, InstallConfig(layer=3, head=0))
     with pytest.raises(ValueError, match="mode"):

@@ -237,3 +237,21 @@ def test_other_experiment_clis(cli_assets):
     assert main(["attribute", *common, "--sae", str(tmp_path / "sae"), "--atoms", "0", "1", "2", "--out",
                  str(tmp_path / "attr")]) == 0
     assert (tmp_path / "attr" / "effective_attention.png").is_file()
+
+
+def test_mcnemar_is_the_exact_test_of_the_discordant_pairs():
+    from scipy.stats import binomtest
+
+    from writesae_plugin.experiments import stats
+
+    before = [False] * 10 + [True] * 4 + [False] * 6
+    after = [True] * 10 + [False] * 4 + [False] * 6  # 10 gained, 4 lost, 6 unchanged
+    m = stats.mcnemar(after, before)
+    assert (m["gained"], m["lost"], m["n"]) == (10, 4, 20) and m["difference"] == pytest.approx(0.3)
+    assert m["p"] == pytest.approx(binomtest(10, 14, 0.5).pvalue) and not m["significant"]  # p = 0.18
+    strong = stats.mcnemar([True] * 12 + [False] * 8, [False] * 20)
+    assert strong["significant"] and strong["p"] == pytest.approx(2 * 0.5 ** 12)
+    same = stats.mcnemar([True, False], [True, False])
+    assert same["p"] == 1.0 and not same["significant"]
+    with pytest.raises(ValueError, match="equal lengths"):
+        stats.mcnemar([True], [True, False])

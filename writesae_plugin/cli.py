@@ -940,7 +940,7 @@ def cmd_closed_form(args) -> int:
 
 
 def cmd_install(args) -> int:
-    from .experiments.install import InstallConfig, run_install, save_install
+    from .experiments.install import InstallConfig, run_install, save_install, significance
     from .report import fmt_rate
 
     model, desc = _load(args.model)
@@ -955,7 +955,7 @@ def cmd_install(args) -> int:
     for m, block in res.summary["by_multiplier"].items():
         for key, v in block.items():
             print(f"  m={m} {key:14s} installed {fmt_rate(v['installed_rate'])}  baseline {fmt_rate(v['baseline_rate'])}"
-                  f"  log-prob lift {v['mean_logprob_lift']:+.3f}")
+                  f"  log-prob lift {v['mean_logprob_lift']:+.3f}  ({significance(v)})")
     print(f"  paper: ranks 100-1000, 33.3% -> 100% (about 60 independent pairs)\nreport: {index}")
     return 0
 

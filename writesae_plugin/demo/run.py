@@ -229,7 +229,9 @@ def _rows(summary: dict) -> list[tuple[str, str, str]]:
                      PAPER[name]))
     for key, v in summary["install"].items():
         rows.append((f"install target in continuation, {key}",
-                     f"{fmt_rate(v['installed_rate'])} vs base {100 * v['baseline_rate']['rate']:.1f}%",
+                     f"{fmt_rate(v['installed_rate'])} vs base {100 * v['baseline_rate']['rate']:.1f}%"
+                     + ("" if v.get("vs_baseline", {}).get("significant", True)
+                        else f" (n.s., p = {v['vs_baseline']['p']:.2g})"),
                      PAPER["install_100_1000"] if "100-1000" in key else "-"))
     return rows
 

@@ -157,6 +157,7 @@ def summarize(records: list[dict], cfg: InstallConfig) -> dict:
                 "independent_units": len(sub), "prompts": len({r["prompt"] for r in sub}),
                 "baseline_rate": stats.wilson(sum(base), len(base)),
                 "installed_rate": stats.wilson(sum(inst), len(inst)),
+                "vs_baseline": stats.mcnemar(inst, base),  # same units with and without the install: paired
                 "installed_rate_bootstrap_by_prompt": stats.cluster_bootstrap(inst, [r["prompt"] for r in sub]),
                 "median_rank_shift": float(np.median([r["initial_rank"] - r["installed_rank"] for r in sub])),
                 "mean_logprob_lift": float(np.mean([r["logprob_lift"] for r in sub])),
@@ -198,6 +199,16 @@ def figures(result: InstallResult) -> dict:
     return {"install_curve": curve, "install_logprob_lift": lift}
 
 
+def significance(block: dict) -> str:
+    """How a stratum's installed-vs-baseline change reads: McNemar's exact p on the paired units, and "not
+    significant" when p >= 0.05 (most demo-size runs: a few dozen units)."""
+    v = block.get("vs_baseline")
+    if not v:
+        return ""
+    word = "significant" if v["significant"] else "not significant"
+    return f"{word}: {v['gained']} units gained, {v['lost']} lost, McNemar p = {v['p']:.2g}"
+
+
 def save_install(result: InstallResult, out_dir, extra: dict | None = None):
     from ..report import fmt_rate, write_report
 
@@ -206,7 +217,7 @@ def save_install(result: InstallResult, out_dir, extra: dict | None = None):
         a = block.get("all", {})
         notes.append(f"m = {m}: target in continuation {fmt_rate(a.get('installed_rate'))} installed vs "
                      f"{fmt_rate(a.get('baseline_rate'))} baseline over {a.get('independent_units')} independent "
-                     f"(prompt, target) units from {a.get('prompts')} prompts.")
+                     f"(prompt, target) units from {a.get('prompts')} prompts ({significance(a)}).")
     notes.append("Paper: ranks 100-1000, 33.3% -> 100% (n = 300 trials, about 60 independent prompt-target pairs).")
     shown = sorted((r for r in result.records if "installed_text" in r),
                    key=lambda r: (not (r["installed_hit"] and not r["baseline_hit"]), -r["logprob_lift"]))

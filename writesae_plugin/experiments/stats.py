@@ -1,5 +1,5 @@
 """Statistics for the experiments, through scipy: Wilson intervals, their difference (Newcombe), cluster
-bootstrap, paired Wilcoxon.
+bootstrap, paired Wilcoxon, McNemar's exact test for paired successes.
 
 Every function returns plain dicts of floats (JSON-ready) that carry their ``n``.
 """
@@ -91,3 +91,18 @@ def paired_wilcoxon(x: Sequence[float], y: Sequence[float]) -> dict:
     out.update(statistic=float(res.statistic), p=float(res.pvalue),
                rank_biserial=float((r_plus - r_minus) / (r_plus + r_minus)))
     return out
+
+
+def mcnemar(after: Sequence[bool], before: Sequence[bool], alpha: float = 0.05) -> dict:
+    """McNemar's exact test of paired successes (the same units ``before`` and ``after`` a change): the two-sided
+    binomial test of the discordant pairs (``gained``: success only after; ``lost``: only before) at p = 1/2.
+    Returns the rate difference, the counts, ``p`` and ``significant`` (``p < alpha``; False with no discordant
+    pair)."""
+    after, before = np.asarray(after, bool), np.asarray(before, bool)
+    if after.shape != before.shape:
+        raise ValueError(f"paired outcomes need equal lengths, got {after.shape} and {before.shape}")
+    gained, lost = int((after & ~before).sum()), int((~after & before).sum())
+    n = int(after.size)
+    p = float(stats.binomtest(gained, gained + lost, 0.5).pvalue) if gained + lost else 1.0
+    return {"difference": float(after.mean() - before.mean()) if n else float("nan"), "gained": gained,
+            "lost": lost, "n": n, "p": p, "significant": bool(gained + lost and p < alpha)}
