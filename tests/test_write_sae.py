@@ -50,6 +50,8 @@ def test_registration_is_idempotent_and_tolerates_other_registrants():
 
 
 def test_layouts_and_per_head_passthrough():
+    torch.manual_seed(0)  # (was unseeded; the layouts agree to fp32 rounding, not bit for bit: batched GEMMs)
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6) is None  # noqa: E731
     sae = WriteSAE(make_cfg())
     x = torch.randn(2, 5, 4, DK, DV)
     acts = sae.encode(x)
@@ -57,16 +59,16 @@ def test_layouts_and_per_head_passthrough():
     assert acts.shape == (2, 5, 32) and out.shape == x.shape
     assert torch.equal(out[:, :, [0, 1, 3]], x[:, :, [0, 1, 3]])
     one = sae.decode(sae.encode(x[:, :, 2]))
-    assert one.shape == (2, 5, DK, DV) and torch.allclose(one, out[:, :, 2])
+    assert one.shape == (2, 5, DK, DV) and close(one, out[:, :, 2])
     flat = x.reshape(2, 5, -1)
     out_flat = sae.decode(sae.encode(flat))
-    assert out_flat.shape == flat.shape and torch.allclose(out_flat, out.reshape(2, 5, -1))
+    assert out_flat.shape == flat.shape and close(out_flat, out.reshape(2, 5, -1))
     per_head_flat = sae.decode(sae.encode(x[:, :, 2].reshape(2, 5, -1)))
     assert per_head_flat.shape == (2, 5, DK * DV)
     shared = WriteSAE(make_cfg(head=None))
     a = shared.encode(x)
     assert a.shape == (2, 5, 4, 32) and shared.decode(a).shape == x.shape
-    assert torch.allclose(shared.decode(a)[:, :, 1], shared.decode(shared.encode(x[:, :, 1])))
+    assert close(shared.decode(a)[:, :, 1], shared.decode(shared.encode(x[:, :, 1])))
     with pytest.raises(ValueError, match=r"\[\.\.\., 8, 8\]"):
         sae.encode(torch.randn(3, 7))
     with pytest.raises(ValueError, match="value heads"):
