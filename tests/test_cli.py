@@ -177,7 +177,7 @@ def test_every_default_is_in_help(capsys):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     for shown in ("(default: 16)", "(default: 3e-4)" if "3e-4" in out else "(default: 0.0003)", "(default: 512000)",
-                  "(default: topk)", "(default: state)", "(default: (0.9, 0.05, 0.05))", "(default: auto)"):
+                  "(default: topk)", "(default: state)", "(default: 90,5,5)", "(default: auto)"):
         assert shown in out, shown
 
 
@@ -185,7 +185,29 @@ def test_cli_splits_match_the_data_module():
     from writesae_plugin import cli, data
 
     assert cli.SPLITS == data.SPLITS and cli.TXT_DOCUMENTS == data.TXT_DOCUMENTS
-    assert _subparsers()["train"].get_default("splits") == data.DEFAULT_SPLIT_FRACTIONS
+    required = {"substitute": ["--sae", "s", "--dataset", "d"], "closed-form": ["--sae", "s", "--dataset", "d"],
+                "attribute": ["--sae", "s", "--dataset", "d"], "dashboard": ["--sae", "s", "--dataset", "d"],
+                "install": ["--dataset", "d", "--layer", "0", "--head", "0"], "extract": ["--dataset", "d"]}
+    for name, p in _subparsers().items():  # the default (shown in --help as percentages) parses to data's fractions
+        if any(a.dest == "splits" for a in p._actions):
+            args = p.parse_args(["--out", "o", *required.get(name, [])])
+            assert args.splits == data.DEFAULT_SPLIT_FRACTIONS, name
+
+
+def test_splits_help_and_values_agree(capsys):
+    """--help says percentages and shows the default as percentages; percentages are what it takes (fractions
+    summing to 1 are read as fractions); anything else is refused."""
+    from writesae_plugin.cli import split_shares
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--splits TRAIN,VAL,TEST percentages" in out and "(default: 90,5,5)" in out
+    assert split_shares("80,10,10") == pytest.approx((0.8, 0.1, 0.1))
+    assert split_shares("0.8,0.1,0.1") == pytest.approx((0.8, 0.1, 0.1))
+    for bad in ("80,10", "80,10,5", "0.8,0.1,0.05", "-10,60,50"):
+        with pytest.raises(Exception, match="summing to 100"):
+            split_shares(bad)
 
 
 def test_experiments_default_to_the_test_split_with_split_and_offset(tmp_path, tiny_tokenizer):

@@ -73,7 +73,8 @@ open_fraction = _float_in(0.0, 1.0, "strictly between 0 and 1", lo_open=True, hi
 
 
 def split_shares(text: str) -> tuple[float, float, float]:
-    """``TRAIN,VALIDATION,TEST`` shares of the documents: percentages summing to 100 (or fractions to 1)."""
+    """``TRAIN,VALIDATION,TEST`` shares of the documents: percentages summing to 100 (or fractions to 1),
+    returned as fractions (what ``writesae_plugin.data.split_contexts`` takes)."""
     try:
         parts = [float(x) for x in text.split(",")]
     except ValueError:
@@ -1197,9 +1198,10 @@ def _add_pairs_args(p, sae_help: str):
 
 def _add_corpus_args(p):
     """How a dataset becomes documents and splits (the same defaults in every command, so splits agree)."""
-    p.add_argument("--splits", type=split_shares, default=(0.9, 0.05, 0.05), metavar="TRAIN,VAL,TEST",
-                   help="shares of the documents in the train, validation and test splits (percent; by a hash of "
-                        "each document's text, so a document is in one split whatever the command)")
+    p.add_argument("--splits", type=split_shares, default="90,5,5", metavar="TRAIN,VAL,TEST",
+                   help="percentages of the documents in the train, validation and test splits, summing to 100 "
+                        "(or fractions summing to 1); by a hash of each document's text, so a document is in one split "
+                        "whatever the command")
     p.add_argument("--documents", choices=TXT_DOCUMENTS, default="auto",
                    help=".txt documents: paragraph (blank-line separated), file (one per file) or line; auto: one "
                         "per file in a directory, paragraphs in a single file (JSON lines / parquet: one per row)")
