@@ -37,10 +37,12 @@ are not routed: they still fail on a CPU, and ``hook_model`` refuses those model
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
 import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +55,21 @@ _DONE = False
 def fla_available() -> bool:
     """Whether ``fla`` (flash-linear-attention) and ``triton`` are importable."""
     return importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None
+
+
+#: fla's import-time warning where triton has no GPU driver (``fla.utils.hardware``, fla 0.6.0): expected on every CPU
+#: machine, where :func:`route_cpu_to_torch` takes over its kernels (``writesae_plugin.cli`` mirrors it; a test keeps
+#: them equal)
+FLA_CPU_WARNING = r"Triton is not supported on current platform, roll back to CPU\.$"
+
+
+@contextlib.contextmanager
+def fla_cpu_warning_silenced():
+    """Within it, fla's CPU-platform warning (:data:`FLA_CPU_WARNING`, raised from fla's modules) is not shown; every
+    other warning is shown as before."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=FLA_CPU_WARNING, category=UserWarning, module=r"fla\.")
+        yield
 
 
 def first_device(args, kwargs) -> torch.device | None:
@@ -268,7 +285,7 @@ def route_cpu_to_torch() -> bool:
     global _DONE
     if not fla_available():
         return False
-    with _LOCK:
+    with _LOCK, fla_cpu_warning_silenced():  # fla is imported here (the expected CPU warning is not shown)
         if _DONE:
             return True
         for module_name, routes in _FLA_ROUTES.items():

@@ -244,3 +244,43 @@ def test_experiments_default_to_the_test_split_with_split_and_offset(tmp_path, t
         _contexts(model, parser.parse_args(["substitute", "--sae", "s", "--offset", "100000"] + base))
     with pytest.raises(SystemExit):
         parser.parse_args(["substitute", "--sae", "s", "--splits", "90,5"] + base)
+
+
+FLA = pytest.mark.skipif(not __import__("importlib.util").util.find_spec("fla"),
+                         reason="needs the [fla] extra (scripts/setup.sh installs it)")
+
+
+def test_fla_cpu_warning_filter_is_exact():
+    """The commands and route_cpu_to_torch silence fla's CPU-platform warning, raised by fla's own modules, and no
+    other warning: the same text from another module, or another fla warning, still shows."""
+    import warnings
+
+    from writesae_plugin import cli
+    from writesae_plugin.adapters import fla_cpu
+
+    assert cli.FLA_CPU_WARNING == fla_cpu.FLA_CPU_WARNING  # the CLI mirrors it (it imports no adapters while parsing)
+    text = "Triton is not supported on current platform, roll back to CPU."
+    for silenced in (cli.expected_warnings_silenced, fla_cpu.fla_cpu_warning_silenced):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with silenced():
+                warnings.warn_explicit(text, UserWarning, "hardware.py", 62, module="fla.utils.hardware")
+                warnings.warn_explicit(text, UserWarning, "mine.py", 1, module="mypackage.hardware")
+                warnings.warn_explicit("Triton is not supported; something else", UserWarning, "hardware.py", 9,
+                                       module="fla.utils.hardware")
+                warnings.warn_explicit(text, DeprecationWarning, "hardware.py", 7, module="fla.utils.hardware")
+            warnings.warn_explicit(text, UserWarning, "hardware.py", 62, module="fla.utils.hardware")  # outside
+        shown = [(str(w.message), w.filename) for w in caught]
+        assert shown == [(text, "mine.py"), ("Triton is not supported; something else", "hardware.py"),
+                         (text, "hardware.py"), (text, "hardware.py")], silenced
+
+
+@FLA
+def test_importing_fla_through_the_project_prints_no_cpu_warning():
+    """A fresh process on this CPU machine: route_cpu_to_torch (what hook_model and every command call to import
+    fla) prints no "Triton is not supported" warning, while other warnings still print."""
+    code = ("import warnings\nfrom writesae_plugin.adapters import route_cpu_to_torch\n"
+            "assert route_cpu_to_torch()\nimport fla\nwarnings.warn('another warning')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Triton is not supported" not in r.stderr and "another warning" in r.stderr, r.stderr

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import contextlib
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 #: HF model types whose writes are Mamba-2's (no separate delta write); mirrors adapters.MAMBA2_MODEL_TYPES
@@ -22,6 +24,20 @@ DATASET_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 #: document splits and .txt document rules; mirror writesae_plugin.data (a test keeps them equal)
 SPLITS = ("train", "validation", "test")
 TXT_DOCUMENTS = ("auto", "paragraph", "file", "line")
+
+
+#: fla's import-time warning on a machine without a triton GPU driver (fla 0.6.0, ``fla.utils.hardware``): expected
+#: on every CPU machine with the [fla] extra (its CPU kernels are routed to torch), so the commands silence it
+FLA_CPU_WARNING = r"Triton is not supported on current platform, roll back to CPU\.$"
+
+
+@contextlib.contextmanager
+def expected_warnings_silenced():
+    """Within it, fla's CPU-platform warning (``FLA_CPU_WARNING``, raised from fla's modules) is not shown; every
+    other warning is shown as before (the filter is removed on exit)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=FLA_CPU_WARNING, category=UserWarning, module=r"fla\.")
+        yield
 
 
 class UsageError(Exception):
@@ -1497,7 +1513,8 @@ def main(argv: list[str] | None = None) -> int:
         validator = VALIDATORS.get(args.command)
         if validator is not None:
             validator(args)
-        return args.func(args)
+        with expected_warnings_silenced():
+            return args.func(args)
     except UsageError as e:
         if debug:
             raise
