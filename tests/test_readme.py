@@ -313,7 +313,34 @@ def test_readme_command_matches_its_help(cmd, capsys):
 
 def torchrun_commands() -> list[str]:
     lines = [ln.strip() for block in code_blocks("sh") for ln in block.splitlines()]
-    return [ln for ln in lines if ln.startswith("torchrun ")]
+    return [ln for ln in lines if ln.startswith(".venv/bin/torchrun ")]
+
+
+def shell_commands() -> list[str]:
+    """Every shell command the README gives to run as is: the lines of its bash and sh blocks (each part of an
+    ``&&`` chain) and inline code spans that start with a program path or ``pip``/``python``/``torchrun``."""
+    lines = [ln.strip() for lang in ("bash", "sh") for block in code_blocks(lang) for ln in block.splitlines()]
+    cmds = [part.strip() for ln in lines if ln and not ln.startswith("#") for part in ln.split("&&")]
+    spans = {" ".join(s.split()) for s in re.findall(r"`([^`]+)`", PROSE.replace("\n", " "))}
+    return cmds + sorted(s for s in spans if re.match(r"\.venv/bin/\S+( |$)|(pip|python|torchrun|bash|source) ", s))
+
+
+def test_shell_commands_run_as_written_after_the_setup():
+    """After `bash scripts/setup.sh` (which made the environment these tests run in) each command's program
+    exists as written: the environment's programs by their `.venv/bin/` path (none by a bare name that only an
+    activated environment would find), scripts by their path; bare `writesae ...` commands are explained."""
+    bin_dir = Path(sys.prefix) / "bin"  # the set-up's .venv (the README's test command runs the tests from it)
+    for cmd in shell_commands():
+        prog = shlex.split(cmd)[0]
+        if prog == "bash":
+            assert (ROOT / shlex.split(cmd)[1]).is_file(), cmd
+        elif prog == "source":
+            assert (ROOT / shlex.split(cmd)[1]).is_file() or shlex.split(cmd)[1] == ".venv/bin/activate", cmd
+        else:
+            assert prog.startswith(".venv/bin/"), f"README command needs the environment's path: {cmd}"
+            assert (bin_dir / prog.removeprefix(".venv/bin/")).is_file(), f"the set-up installs no {prog}: {cmd}"
+    assert len(torchrun_commands()) == 4
+    assert "run as `.venv/bin/writesae ...`" in " ".join(PROSE.split())  # the note on the bare writesae commands
 
 
 def test_torchrun_commands_match_their_help(capsys):
