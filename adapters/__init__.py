@@ -17,6 +17,7 @@ from .base import (AdapterConfig, HookedRecurrentModel, HookNameError, StateCapt
 from .gated_deltanet import GDN_MODEL_TYPES, GatedDeltaNetFamily, available_model_types
 from .delta_net import DELTANET_MODEL_TYPES, DeltaNetFamily
 from .gla import GLA_MODEL_TYPES, GLAFamily
+from .rwkv7 import RWKV7_MODEL_TYPES, RWKV7Family
 from .fla_cpu import route_cpu_to_torch
 from .kimi_linear import KIMI_MODEL_TYPES, KimiLinearFamily
 from .xlstm import XLSTM_MODEL_TYPES, XLSTMFamily
@@ -32,14 +33,14 @@ NOT_HOOKABLE = {
     "jamba": "Jamba's recurrent layers are Mamba-1: a per-channel state without a rank-1 key-first write",
     "minimax": "MiniMax's lightning attention is written inline in its layer forward (no kernel to intercept)",
     "rwkv": "transformers' rwkv is RWKV-4 (a per-channel WKV state, no matrix write); RWKV-7 lives in fla",
-    "rwkv7": "fla's RWKV-7 (DPLR transition) is in the frame but has no adapter yet",
 }
 
 
 def _families_line() -> str:
     return ("supported families: Gated DeltaNet (qwen3_5, qwen3_5_moe, qwen3_next, olmo_hybrid, qwen4_exp), "
-            "Kimi Delta Attention (kimi_linear), DeltaNet (fla delta_net), GLA (fla gla), xLSTM (xlstm), "
-            "Mamba-2 (mamba2, bamba, nemotron_h, falcon_h1, zamba2, granitemoehybrid; mamba-ssm MambaLMHeadModel)")
+            "Kimi Delta Attention (kimi_linear), DeltaNet (fla delta_net), GLA (fla gla), RWKV-7 (fla rwkv7), "
+            "xLSTM (xlstm), Mamba-2 (mamba2, bamba, nemotron_h, falcon_h1, zamba2, granitemoehybrid; mamba-ssm "
+            "MambaLMHeadModel)")
 
 
 def supported_families() -> list[str]:
@@ -49,7 +50,7 @@ def supported_families() -> list[str]:
     others = {**KIMI_MODEL_TYPES, **XLSTM_MODEL_TYPES, **MAMBA2_MODEL_TYPES}
     found = available_model_types() + [t for t, m in others.items() if importlib.util.find_spec(m)]
     if importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None:
-        found += list(DELTANET_MODEL_TYPES) + list(GLA_MODEL_TYPES)
+        found += list(DELTANET_MODEL_TYPES) + list(GLA_MODEL_TYPES) + list(RWKV7_MODEL_TYPES)
     return found + (["mamba_ssm"] if importlib.util.find_spec("mamba_ssm") else [])
 
 
@@ -92,6 +93,8 @@ def hook_model(hf_model: nn.Module, tokenizer=None) -> HookedRecurrentModel:
         family = DeltaNetFamily(hf_model)
     elif model_type in GLA_MODEL_TYPES:
         family = GLAFamily(hf_model)
+    elif model_type in RWKV7_MODEL_TYPES:
+        family = RWKV7Family(hf_model)
     elif model_type in XLSTM_MODEL_TYPES:
         family = XLSTMFamily(hf_model)
     else:

@@ -29,10 +29,17 @@ for bit fla's kernels, only the same maths. Routed entry points (module: names):
   dispatcher, :mod:`.delta_net`);
 * ``fla.layers.gla``: ``chunk_gla``, ``fused_recurrent_gla``, ``fused_chunk_gla`` (through the GLA adapter's
   dispatcher, :mod:`.gla`);
+* ``fla.layers.rwkv7``: ``token_shift``, ``fused_addcmul_rwkv7``, ``fused_k_rwkv7``, ``gate_output_correction``,
+  ``l2_norm``, and ``chunk_rwkv7``, ``fused_mul_recurrent_rwkv7`` (the DPLR recurrence, through the RWKV-7
+  adapter's dispatcher, :mod:`.rwkv7`); ``fla.models.rwkv7.modeling_rwkv7``: ``token_shift`` (the FFN's);
+* ``fla.modules.activations.ops``: ``sqrelu_fwd``, ``sqrelu_bwd`` (``torch.compile`` functions, not triton: they
+  run on a CPU, but recompile for every new sequence length; the eager form is the same formula), and ``ACT2FN``'s
+  ``sqrelu`` (an autograd function that ``torch.func.jvp`` cannot pass; :func:`route_sqrelu`, which the RWKV-7
+  adapter also applies to a model's existing FFNs);
 * transformers' GDN / KDA kernels (through :mod:`.gated_deltanet`'s dispatchers).
 
-Other fla layers (RWKV-7's token shift, fused ``addcmul``, ``k`` update, DPLR recurrence; ...)
-are not routed: they still fail on a CPU, and ``hook_model`` refuses those models with the supported families.
+Other fla layers (RWKV-6, Gated DeltaProduct, ...) are not routed: they still fail on a CPU, and ``hook_model``
+refuses those models with the supported families.
 """
 
 from __future__ import annotations
@@ -242,6 +249,76 @@ def torch_causal_conv1d_update(x: Tensor, cache: Tensor, residual: Tensor | None
     return y.to(x.dtype), cache
 
 
+def torch_token_shift(x: Tensor, cu_seqlens: Tensor | None = None, cache: Tensor | None = None,
+                      output_cache: bool = False, chunk_indices=None):
+    """fla's ``token_shift`` (RWKV-6/7): ``delta_t = x_{t-1} - x_t`` over ``x [B, T, D]`` with ``x_{-1}`` the ``cache``
+    ``[N, D]`` (the last token of the previous call) or 0; with ``output_cache`` also the new cache ``x_{T-1}``
+    ``[N, D]``. Packed sequences (``cu_seqlens``, batch 1) one sequence at a time."""
+    if cu_seqlens is not None:
+        ys, caches = [], []
+        for i, (s, e) in enumerate(_segments(cu_seqlens)):
+            y, c = torch_token_shift(x[:, s:e], None, None if cache is None else cache[i:i + 1], True)
+            ys.append(y)
+            caches.append(c)
+        y, c = torch.cat(ys, 1), torch.cat(caches, 0)
+        return (y, c) if output_cache else y
+    first = x.new_zeros(x.shape[0], 1, x.shape[2]) if cache is None else cache.reshape(x.shape[0], 1, -1).to(x.dtype)
+    y = torch.cat([first, x[:, :-1]], 1) - x
+    return (y, x[:, -1].clone()) if output_cache else y
+
+
+def torch_addcmul_rwkv7(hidden_states: Tensor, delta: Tensor, xr, xw, xk, xv, xa, xg=None):
+    """fla's ``fused_addcmul_rwkv7``: ``hidden + delta . x_*`` for the six (five without ``xg``) RWKV-7 mixes."""
+    outs = [torch.addcmul(hidden_states, delta, m) for m in (xr, xw, xk, xv, xa)]
+    return (*outs, None if xg is None else torch.addcmul(hidden_states, delta, xg))
+
+
+def torch_k_rwkv7(k: Tensor, a: Tensor, ka: Tensor, cu_seqlens=None, cu_seqlens_cpu=None) -> Tensor:
+    """fla's ``fused_k_rwkv7``: ``k~ = k . (1 + (a - 1) . k_a)``, as ``k + (k . (a - 1)) . k_a``."""
+    return k.addcmul(k * (a - 1), ka)
+
+
+def torch_gate_output_correction(o: Tensor, r: Tensor, k: Tensor, r_k: Tensor, v: Tensor, g: Tensor) -> Tensor:
+    """fla's ``gate_output_correction`` (RWKV-7): ``(o + ((r . k . r_k).sum(-1) v).view_as(o)) . g``; ``o``, ``g``
+    ``[B, T, H*D]``, ``r``, ``k``, ``v`` ``[B, T, H, D]``, ``r_k`` ``[H, D]``."""
+    bonus = ((r * k * r_k).sum(-1, keepdim=True) * v).reshape(o.shape)
+    return (o + bonus) * g
+
+
+def torch_l2_norm(x: Tensor, eps: float = 1e-6, output_dtype: torch.dtype | None = None) -> Tensor:
+    """fla's ``l2_norm``: :func:`fla_l2norm` in ``output_dtype`` (default: the input's)."""
+    return fla_l2norm(x, eps).to(output_dtype or x.dtype)
+
+
+def torch_sqrelu_fwd(x: Tensor) -> Tensor:
+    """fla's squared ReLU (RWKV-7's FFN, ``sqrelu``): ``relu(x)^2`` in fp32, in the input's dtype (eager: fla's is a
+    ``torch.compile`` function, recompiled for every new sequence length on a CPU)."""
+    r = F.relu(x.float())
+    return (r * r).to(x.dtype)
+
+
+def torch_sqrelu_bwd(g: Tensor, x: Tensor) -> Tensor:
+    return (2.0 * g * F.relu(x.float())).to(x.dtype)
+
+
+def route_sqrelu(model=None) -> None:
+    """Route fla's ``sqrelu`` activation (``SquaredReLUFunction.apply``, an autograd function without
+    ``setup_context``, so ``torch.func.jvp`` cannot pass through it) to :func:`torch_sqrelu_fwd` for CPU tensors: in
+    fla's ``ACT2FN`` (models built afterwards) and, given ``model``, on its modules that already hold it as
+    ``act_fn`` (RWKV-7's FFN). Other devices keep fla's function."""
+    ops = importlib.import_module("fla.modules.activations.ops")
+    current = ops.ACT2FN.get("sqrelu")
+    if current is None:
+        return
+    original = getattr(current, "__writesae_cpu_route__", current)
+    if current is original:
+        ops.ACT2FN["sqrelu"] = cpu_router(original, torch_sqrelu_fwd)
+    if model is not None:
+        for m in model.modules():
+            if getattr(m, "act_fn", None) == original:
+                m.act_fn = ops.ACT2FN["sqrelu"]
+
+
 def fla_l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     """fla's L2 norm: ``x * (1 / sqrt(sum(x^2) + eps))`` over the last axis, fp32."""
     x = x.float()
@@ -273,6 +350,11 @@ _FLA_ROUTES = {
     "fla.modules.mlp": {"swiglu": torch_swiglu, "swiglu_linear": torch_swiglu_linear},
     "fla.modules.causal_conv1d.ops": {"causal_conv1d": torch_causal_conv1d,
                                       "causal_conv1d_update": torch_causal_conv1d_update},
+    "fla.layers.rwkv7": {"token_shift": torch_token_shift, "fused_addcmul_rwkv7": torch_addcmul_rwkv7,
+                         "fused_k_rwkv7": torch_k_rwkv7, "gate_output_correction": torch_gate_output_correction,
+                         "l2_norm": torch_l2_norm},
+    "fla.models.rwkv7.modeling_rwkv7": {"token_shift": torch_token_shift},
+    "fla.modules.activations.ops": {"sqrelu_fwd": torch_sqrelu_fwd, "sqrelu_bwd": torch_sqrelu_bwd},
 }
 
 
@@ -291,12 +373,14 @@ def route_cpu_to_torch() -> bool:
         for module_name, routes in _FLA_ROUTES.items():
             for name, impl in routes.items():
                 _patch(module_name, name, impl)
+        route_sqrelu()
         importlib.import_module("fla.models")  # (its Auto registrations happen here, once)
         keep_transformers_model_types()
-        from . import delta_net, gated_deltanet, gla, kimi_linear
+        from . import delta_net, gated_deltanet, gla, kimi_linear, rwkv7
 
         delta_net.install()
         gla.install()
+        rwkv7.install()
         gated_deltanet.route_cpu_calls()
         for model_type, module_name in {**gated_deltanet.GDN_MODEL_TYPES, **kimi_linear.KIMI_MODEL_TYPES}.items():
             if importlib.util.find_spec(module_name) is None:

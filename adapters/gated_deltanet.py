@@ -722,5 +722,5 @@ def _model_type(hf_model) -> str:
     raise UnsupportedModelError(
         f"unsupported model {type(hf_model).__name__} (model_type={model_type!r}); supported families: Gated "
         f"DeltaNet {available_model_types()}, Kimi Delta Attention (kimi_linear), DeltaNet (fla delta_net), GLA (fla "
-        "gla), xLSTM (xlstm) and Mamba-2 "
+        "gla), RWKV-7 (fla rwkv7), xLSTM (xlstm) and Mamba-2 "
         "(mamba2, bamba, nemotron_h, falcon_h1, zamba2, granitemoehybrid)")

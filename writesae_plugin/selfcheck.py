@@ -65,6 +65,12 @@ def reference_read(model: HookedRecurrentModel, cache, layer: int, write_edits: 
         return mamba2_reference(cache[p + "hook_write_key"], cache[p + "hook_write_value"], cache[p + "hook_log_decay"],
                                 cache[p + "hook_query"], write_edits=write_edits)[0]
     edits = {k: (v, "raw") for k, v in (write_edits or {}).items()}
+    if model.family.name == "rwkv7":  # DPLR transitions: per-channel decay and the a . kk^ erase
+        from .adapters.rwkv7 import rwkv7_reference
+
+        return rwkv7_reference(cache[p + "hook_query"], cache[p + "hook_write_key"], cache[p + "hook_write_value"],
+                               cache[p + "hook_log_decay"], cache[p + "hook_kk"], cache[p + "hook_a"],
+                               write_edits=edits).read
     if model.family.name == "gla":  # per-channel decay, no erase
         from .adapters.gla import gla_reference
 

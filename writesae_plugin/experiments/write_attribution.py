@@ -82,11 +82,14 @@ def mamba2_effective_attention(C: Tensor, B: Tensor, log_decay: Tensor) -> Tenso
 
 
 def _write_rule(model) -> str:
-    """``"delta"`` (Gated DeltaNet, KDA, DeltaNet) or ``"scalar_decay"`` (no erase: Mamba-2 and its hybrids,
-    transformers or mamba-ssm, xLSTM, and GLA with its per-channel decay)."""
+    """``"delta"`` (Gated DeltaNet, KDA, DeltaNet), ``"scalar_decay"`` (no erase: Mamba-2 and its hybrids,
+    transformers or mamba-ssm, xLSTM, and GLA with its per-channel decay) or ``"dplr"`` (RWKV-7: diagonal plus
+    rank-one transitions, ``adapters/rwkv7.py``)."""
     from ..adapters.gated_deltanet import GatedDeltaNetFamily
     from ..adapters.mamba2 import Mamba2FamilyBase
 
+    if getattr(model.family, "write_rule", None) == "dplr":
+        return "dplr"
     if isinstance(model.family, Mamba2FamilyBase) or getattr(model.family, "write_rule", None) == "scalar_decay":
         return "scalar_decay"  # (xLSTM too: C~ under a scalar decay, the normaliser folded into the query)
     if isinstance(model.family, GatedDeltaNetFamily):
@@ -97,7 +100,8 @@ def _write_rule(model) -> str:
 
 def _attribution_hooks(model) -> tuple[str, ...]:
     base = ("hook_query", "hook_write_key", "hook_write_value", "hook_log_decay")
-    return base + (("hook_beta", "hook_v") if _write_rule(model) == "delta" else ())
+    extra = {"delta": ("hook_beta", "hook_v"), "dplr": ("hook_kk", "hook_a")}
+    return base + extra.get(_write_rule(model), ())
 
 
 def layer_effective_attention(model, tokens: Tensor | None, layer: int, cache=None) -> tuple[Tensor, Tensor]:
@@ -121,6 +125,12 @@ def layer_effective_attention(model, tokens: Tensor | None, layer: int, cache=No
         A = effective_attention(cache[p + "hook_query"], cache[p + "hook_write_key"], cache[p + "hook_log_decay"],
                                 cache[p + "hook_beta"])
         return A, cache[p + "hook_v"]
+    if rule == "dplr":  # RWKV-7: q_t^T Phi(t, s) k~_s through the DPLR transitions (exact), value v
+        from ..adapters.rwkv7 import dplr_effective_attention
+
+        A = dplr_effective_attention(cache[p + "hook_query"], cache[p + "hook_write_key"],
+                                     cache[p + "hook_log_decay"], cache[p + "hook_kk"], cache[p + "hook_a"])
+        return A, cache[p + "hook_write_value"]
     A = mamba2_effective_attention(cache[p + "hook_query"], cache[p + "hook_write_key"], cache[p + "hook_log_decay"])
     return A, cache[p + "hook_write_value"]
 
@@ -168,9 +178,13 @@ def dictionary_scores(model, tokens: Tensor, sae, metric) -> Tensor:
         raise ValueError("dictionary_scores needs an SAE for one head (cfg.head is None)")
     h = sae.cfg.head
     grad, c = read_gradient(model, tokens, sae.cfg.layer, metric)
-    # Mamba-2's transition exp(g) I is the delta rule's with beta = 0: the same reverse recurrence, no erase
-    beta = c["hook_beta"] if "hook_beta" in c else torch.zeros(c["hook_log_decay"].shape[:3])
-    G = ops.write_adjoint(c["hook_query"], c["hook_write_key"], c["hook_log_decay"], beta, grad)[:, :, h]
+    if "hook_kk" in c:  # RWKV-7: the reverse recurrence through the DPLR transitions
+        from ..adapters.rwkv7 import dplr_write_adjoint
+
+        G = dplr_write_adjoint(c["hook_query"], c["hook_log_decay"], c["hook_kk"], c["hook_a"], grad)[:, :, h]
+    else:  # Mamba-2's transition exp(g) I is the delta rule's with beta = 0: the same reverse recurrence, no erase
+        beta = c["hook_beta"] if "hook_beta" in c else torch.zeros(c["hook_log_decay"].shape[:3])
+        G = ops.write_adjoint(c["hook_query"], c["hook_write_key"], c["hook_log_decay"], beta, grad)[:, :, h]
     W_dot = torch.einsum("btk,btkv,btv->bt", c["hook_write_key"][:, :, h], G, c["hook_write_value"][:, :, h])
     if sae.cfg.decoder_rank is None:
         M = sae.dec_dense.detach().view(-1, sae.cfg.d_k, sae.cfg.d_v)

@@ -1,0 +1,471 @@
+"""RWKV-7 adapter (flash-linear-attention ``RWKV7Attention``) on a tiny real fla ``RWKV7ForCausalLM`` loaded through
+transformers' Auto class (fused norms, token shift, LoRA gates, the v_first value residual, the output correction):
+capture (bit-identical logits), per-token reference parity (the DPLR transition: per-channel decay and the
+a . kk^ erase), the CPU routes of fla's RWKV-7 kernels, decode, exact edits (functional / hook / dense / state /
+add), transition and query edits, v_first under an edit, TransformerLens and nnsight access, gradients, a trained
+and spliced WriteSAE, the substitution test, the closed form, patching and attribution, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiny_fla_models import make_tiny_rwkv7, require_fla
+
+require_fla()
+
+import writesae_plugin  # noqa: E402,F401  (registers the SAE architecture)
+from writesae_plugin.adapters import HookNameError, StateCapture, WriteEdit, hook_model  # noqa: E402
+from writesae_plugin.adapters.rwkv7 import (dplr_scan, rwkv7_kernel, rwkv7_reference,  # noqa: E402
+                                            torch_rwkv7)
+
+L = 1
+P = f"blocks.{L}.linear_attn."
+H, DK, DV = 4, 16, 16
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    return make_tiny_rwkv7(tmp_path_factory.mktemp("rwkv7") / "m")
+
+
+@pytest.fixture(scope="module")
+def model(hf):
+    return hook_model(hf)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(3, 250, (2, 70), generator=torch.Generator().manual_seed(0))  # 70: past fla's 64
+
+
+def layer_cache(model, tokens, layer=L, **kw):
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.startswith(f"blocks.{layer}."), **kw)
+    return {k.rsplit(".", 1)[-1]: v for k, v in cache.items()}
+
+
+def reference_of(c, query=None, log_decay=None, kk=None, a=None, **kw):
+    return rwkv7_reference(c["hook_query"] if query is None else query, c["hook_write_key"], c["hook_write_value"],
+                           c["hook_log_decay"] if log_decay is None else log_decay, c["hook_kk"] if kk is None else kk,
+                           c["hook_a"] if a is None else a, **kw)
+
+
+@pytest.mark.parametrize("T", [70, 20], ids=["chunk-kernel", "recurrent-kernel"])
+def test_capture_is_bit_identical_and_matches_the_reference(hf, model, tokens, T):
+    ids = tokens[:, :T]
+    with torch.no_grad():  # no grad, T < 64: fla's layer calls fused_mul_recurrent_rwkv7; else chunk_rwkv7
+        plain = hf(input_ids=ids, use_cache=True)
+        with model.options(materialize_writes=True, capture_states=StateCapture("all")):
+            out, cache = model.run_with_cache(ids, return_type="hf")
+    assert torch.equal(out.logits, plain.logits)
+    assert model.cfg.family == "rwkv7" and model.cfg.recurrent_layers == (0, 1, 2)
+    assert (model.cfg.n_heads, model.cfg.d_k, model.cfg.d_v) == (H, DK, DV)
+    for layer in model.cfg.recurrent_layers:
+        c = {k.rsplit(".", 1)[-1]: v for k, v in cache.items() if k.startswith(f"blocks.{layer}.")}
+        w, a = c["hook_log_decay"], c["hook_a"]
+        assert w.shape == (2, T, H, DK) and (w < 0).all() and (w >= -0.6066).all()
+        assert w.std() > 0.05 and a.std() > 0.05 and a.min() < 0.3 and a.max() > 0.7  # non-trivial decay and erase
+        assert torch.allclose(c["hook_kk"].norm(dim=-1), torch.ones(2, T, H), atol=1e-4)
+        ref = reference_of(c, return_states=True)
+        assert c["hook_read"].abs().max() > 0.1  # reads well above the tolerance
+        assert (ref.read - c["hook_read"]).abs().max() <= 1e-5
+        assert (ref.states - c["hook_state"]).abs().max() <= 1e-5
+        final = out.past_key_values[layer]["recurrent_state"]  # fla's RWKV-7 cache is key-first [b, H, d_k, d_v]
+        assert final.shape == (2, H, DK, DV) and (ref.final_state - final).abs().max() <= 1e-5
+        assert torch.equal(c["hook_write"], torch.einsum("bthk,bthv->bthkv", c["hook_write_key"],
+                                                         c["hook_write_value"]))
+        assert torch.equal(c["hook_write_key"], c["hook_k"]) and torch.equal(c["hook_write_value"], c["hook_v"])
+        assert torch.equal(c["hook_query"], c["hook_r"]) and torch.equal(c["hook_log_decay"], c["hook_w"])
+
+
+def test_the_torch_dplr_kernel_equals_the_per_token_reference():
+    g = torch.Generator().manual_seed(3)
+    b, T, Hh, K, V = 2, 150, 3, 8, 5
+    q, k = torch.randn(b, T, Hh, K, generator=g), torch.randn(b, T, Hh, K, generator=g)
+    v = torch.randn(b, T, Hh, V, generator=g)
+    w = -0.6 * torch.rand(b, T, Hh, K, generator=g)
+    kk = torch.nn.functional.normalize(torch.randn(b, T, Hh, K, generator=g), dim=-1)
+    a = torch.rand(b, T, Hh, K, generator=g)
+    init = torch.randn(b, Hh, K, V, generator=g)
+    ref = rwkv7_reference(q, k, v, w, kk, a, initial_state=init)
+    o, S = rwkv7_kernel(q, k, v, w, kk, a, init, True)
+    assert ref.read.abs().max() > 1.0
+    assert (o - ref.read).abs().max() <= 1e-5 and (S - ref.final_state).abs().max() <= 1e-5
+    # fla's two entry points on CPU tensors (chunk: a = -kk, b = kk . a; recurrent: kk, a; scale applied to r)
+    o1, S1 = torch_rwkv7("chunk_rwkv7")(r=q, w=w, k=k, v=v, a=-kk, b=kk * a, scale=0.5, initial_state=init,
+                                         output_final_state=True)
+    o2, S2 = torch_rwkv7("fused_mul_recurrent_rwkv7")(q, w, k, v, kk, a, 0.5, init, True)
+    ref2 = rwkv7_reference(q * 0.5, k, v, w, kk, a, initial_state=init)
+    for o_, S_ in ((o1, S1), (o2, S2)):
+        assert (o_ - ref2.read).abs().max() <= 1e-5 and (S_ - ref2.final_state).abs().max() <= 1e-5
+    # packed sequences run one at a time
+    cu = torch.tensor([0, 40, 150])
+    flat = [x[:1].reshape(1, T, *x.shape[2:]) for x in (q, w, k, v, kk, a)]
+    o3, S3 = torch_rwkv7("fused_mul_recurrent_rwkv7")(*flat, 1.0, init, True, cu_seqlens=cu)
+    o4, _ = dplr_scan(flat[0][:, 40:], flat[2][:, 40:], flat[3][:, 40:], flat[1][:, 40:], -flat[4][:, 40:],
+                      flat[4][:, 40:] * flat[5][:, 40:], init[1:2])
+    assert torch.equal(o3[:, 40:], o4) and S3.shape == (2, Hh, K, V)
+
+
+def test_cpu_routes_of_fla_rwkv7_helpers_equal_fla_torch_references():
+    """The CPU routes of fla's triton helpers against fla's own pure-torch reference functions."""
+    from fla.modules.token_shift import token_shift_ref
+    from fla.ops.rwkv7.fused_k_update import k_update_ref
+    from fla.ops.rwkv7.gate_output_correction import gate_output_correction_ref
+
+    from writesae_plugin.adapters import fla_cpu
+
+    g = torch.Generator().manual_seed(7)
+    x, cache = torch.randn(2, 9, 12, generator=g), torch.randn(2, 12, generator=g)
+    y, c = fla_cpu.torch_token_shift(x, output_cache=True)
+    assert torch.equal(y, token_shift_ref(x)) and torch.equal(c, x[:, -1])
+    y, _ = fla_cpu.torch_token_shift(x, cache=cache, output_cache=True)
+    assert torch.equal(y[:, 0], cache - x[:, 0]) and torch.equal(y[:, 1:], token_shift_ref(x)[:, 1:])
+    cu = torch.tensor([0, 4, 9])
+    assert torch.equal(fla_cpu.torch_token_shift(x[:1], cu_seqlens=cu), token_shift_ref(x[:1], cu))
+    k, a, ka = (torch.randn(2, 9, 12, generator=g) for _ in range(3))
+    assert torch.equal(fla_cpu.torch_k_rwkv7(k, a, ka), k_update_ref(k, a, ka))
+    o, gate = torch.randn(2, 9, 12, generator=g), torch.randn(2, 9, 12, generator=g)
+    r, kk, v = (torch.randn(2, 9, 3, 4, generator=g) for _ in range(3))
+    rk = torch.randn(3, 4, generator=g)
+    assert torch.allclose(fla_cpu.torch_gate_output_correction(o, r, kk, rk, v, gate),
+                          gate_output_correction_ref(o, r, kk, rk, v, gate), atol=1e-6)
+    assert torch.allclose(fla_cpu.torch_l2_norm(k), torch.nn.functional.normalize(k, dim=-1, eps=1e-12), atol=1e-5)
+
+
+def test_gpu_path_calls_fla_chunk_kernel_with_dplr_arguments(monkeypatch):
+    """On a GPU the edits propagate with fla's own chunk_rwkv7 (chunk_dplr_delta_rule) given a = -kk^, b = kk^ . a,
+    scale 1, initial_state = D and zero keys and values; checked here with a recording stand-in."""
+    from writesae_plugin.adapters import rwkv7
+
+    kernels = rwkv7.install()
+    calls = []
+
+    def fla_like(**kw):
+        calls.append(sorted(kw))
+        return torch_rwkv7("chunk_rwkv7")(**kw)
+
+    monkeypatch.setitem(kernels.original, "chunk_rwkv7", fla_like)
+    gen = torch.Generator().manual_seed(4)
+    q, kk = torch.randn(1, 5, H, DK, generator=gen), torch.nn.functional.normalize(torch.randn(1, 5, H, DK), dim=-1)
+    a, w = torch.rand(1, 5, H, DK, generator=gen), -0.5 * torch.rand(1, 5, H, DK, generator=gen)
+    D = torch.randn(1, H, DK, DV, generator=gen)
+    zk, zv = torch.zeros(1, 5, H, DK), torch.zeros(1, 5, H, DV)
+    o, S = kernels.chunk(torch.device("cuda"))(q, zk, zv, w, kk, a, D, True)
+    ref = rwkv7_reference(q, zk, zv, w, kk, a, initial_state=D)
+    assert calls == [["a", "b", "initial_state", "k", "output_final_state", "r", "scale", "v", "w"]]
+    assert (o - ref.read).abs().max() <= 1e-5 and (S - ref.final_state).abs().max() <= 1e-5
+    assert kernels.chunk(torch.device("cpu")) is rwkv7_kernel
+
+
+def test_prefill_then_decode_equals_full_forward_and_decode_hooks_fire(model, tokens):
+    seen = []
+    with torch.no_grad():
+        full, full_cache = model.run_with_cache(tokens)
+        with model.hooks(fwd_hooks=[(P + "hook_write_key", lambda x, hook: seen.append(x))]):
+            out = model(tokens[:, :50], return_type="hf")
+            logits = [out.logits]
+            for t in range(50, 70):
+                out = model(tokens[:, t:t + 1], return_type="hf", past_key_values=out.past_key_values)
+                logits.append(out.logits)
+    assert (torch.cat(logits, 1) - full).abs().max() <= 1e-4
+    assert len(seen) == 21 and seen[1].shape[1] == 1
+    assert (torch.cat(seen, 1) - full_cache[P + "hook_write_key"]).abs().max() <= 1e-5
+
+
+def test_functional_edits_equal_the_edited_recurrence(model, tokens):
+    g = torch.Generator().manual_seed(5)
+    u, w = torch.randn(DK, generator=g), torch.randn(DV, generator=g)
+    edits = [WriteEdit(layer=L, pos=40, head=2, batch=0, key=u, value=w),
+             WriteEdit(layer=L, pos=10, head=1, batch=0, op="delete"),
+             WriteEdit(layer=L, pos=69, head=3, batch=1, matrix=torch.outer(u.flip(0), w))]
+    ref_edits = {(0, 40, 2): (torch.outer(u, w), "raw"), (0, 10, 1): (torch.zeros(DK, DV), "raw"),
+                 (1, 69, 3): (torch.outer(u.flip(0), w), "raw")}
+    with torch.no_grad(), model.options(capture_states=StateCapture([5, 45, -1])):
+        clean = layer_cache(model, tokens)
+        clean_logits = model(tokens)
+        with model.edits(edits):
+            edited = layer_cache(model, tokens)
+            logits = model(tokens)
+    ref = reference_of(clean, write_edits=ref_edits, return_states=True)
+    assert (ref.read - edited["hook_read"]).abs().max() <= 1e-5
+    assert (ref.states[:, [5, 45, 69]] - edited["hook_state"]).abs().max() <= 1e-5
+    assert torch.equal(edited["hook_read"][0, :10], clean["hook_read"][0, :10])  # earlier positions
+    assert torch.equal(edited["hook_read"][1, :69], clean["hook_read"][1, :69])  # the other row, before its edit
+    assert torch.equal(edited["hook_read"][:, :, 0], clean["hook_read"][:, :, 0])  # other heads: untouched
+    assert torch.equal(logits[0, :10], clean_logits[0, :10]) and torch.equal(logits[1, :69], clean_logits[1, :69])
+    assert not torch.allclose(logits[0, 10:], clean_logits[0, 10:])
+
+
+def test_hook_edits_equal_functional_edits_and_self_replacement_is_a_no_op(model, tokens):
+    g = torch.Generator().manual_seed(9)
+    u, w = torch.randn(DK, generator=g), torch.randn(DV, generator=g)
+
+    def edit_factors(x, hook):
+        x[0, 30, 2] = u if hook.name.endswith("hook_write_key") else w
+        return x
+
+    def edit_dense(x, hook):
+        x[0, 30, 2] = torch.outer(u, w)
+        return x
+
+    with torch.no_grad():
+        clean = model(tokens)
+        functional = model.run_with_edits(tokens, [WriteEdit(layer=L, pos=30, head=2, batch=0, key=u, value=w)])
+        factors = model.run_with_hooks(tokens, fwd_hooks=[(P + "hook_write_key", edit_factors),
+                                                          (P + "hook_write_value", edit_factors)])
+        with model.options(materialize_writes=True):
+            dense = model.run_with_hooks(tokens, fwd_hooks=[(P + "hook_write", edit_dense)])
+        c = layer_cache(model, tokens)
+        W = torch.outer(c["hook_write_key"][0, 20, 1], c["hook_write_value"][0, 20, 1])
+        same = model.run_with_edits(tokens, [WriteEdit(layer=L, pos=20, head=1, batch=0, matrix=W)])
+    assert (factors - functional).abs().max() <= 1e-5 and (dense - functional).abs().max() <= 1e-5
+    assert (functional - clean).abs().max() > 1e-3
+    assert (same - clean).abs().max() <= 1e-5
+
+
+def test_add_and_state_edits_act_as_extra_writes(model, tokens):
+    D = torch.randn(DK, DV, generator=torch.Generator().manual_seed(11))
+
+    def edit_state(x, hook):
+        x[1, 0, 0] += D
+        return x
+
+    with torch.no_grad():
+        clean = layer_cache(model, tokens)
+        with model.options(capture_states=StateCapture([25], heads=[3])):
+            via_state = model.run_with_hooks(tokens, fwd_hooks=[(P + "hook_state", edit_state)])
+        with model.edits([WriteEdit(layer=L, pos=25, head=3, batch=1, op="add", matrix=D)]):
+            via_add = model(tokens)
+            edited = layer_cache(model, tokens)
+    assert (reference_of(clean, extra_writes={(1, 25, 3): D}).read - edited["hook_read"]).abs().max() <= 1e-5
+    assert (via_state - via_add).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("pos,head", [(12, 0), (57, 2)], ids=["edit-in-prefill", "edit-in-decode"])
+def test_edits_across_prefill_and_decode_match_the_full_forward(model, tokens, pos, head):
+    edit = WriteEdit(layer=L, pos=pos, head=head, op="delete")
+    with torch.no_grad():
+        full = model.run_with_edits(tokens[:, :60], [edit])
+        with model.edits([edit]):
+            out = model(tokens[:, :55], return_type="hf")
+            steps = [out.logits]
+            for t in range(55, 60):
+                out = model(tokens[:, t:t + 1], return_type="hf", past_key_values=out.past_key_values)
+                steps.append(out.logits)
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
+    assert (full - model(tokens[:, :60])).abs().max() > 1e-3
+
+
+def test_transition_and_query_edits_change_read_and_transitions(model, tokens):
+    """``hook_log_decay`` and ``hook_query`` edits run the canonical DPLR kernel; native ``hook_kk`` / ``hook_a``
+    edits change the erase of the model's own kernel call; all equal the reference with the edited inputs."""
+    with torch.no_grad():
+        clean = layer_cache(model, tokens)
+        g2 = clean["hook_log_decay"].clone()
+        g2[0, 30:40, :, :8] = 0.0  # half the key channels stop forgetting over a span
+        q2 = clean["hook_query"].clone()
+        q2[1, 50] = -q2[1, 50]
+        with model.hooks(fwd_hooks=[(P + "hook_log_decay", lambda x, hook: g2.clone()),
+                                    (P + "hook_query", lambda x, hook: q2.clone())]):
+            edited = layer_cache(model, tokens)
+        a2 = clean["hook_a"].clone()
+        a2[0, 20:] = 0.0  # no erase from position 20 on
+        kk2 = clean["hook_kk"].clone()
+        kk2[1, 35, 1] = kk2[1, 35, 1].flip(-1)
+        with model.hooks(fwd_hooks=[(P + "hook_a", lambda x, hook: a2.clone()),
+                                    (P + "hook_kk", lambda x, hook: kk2.clone())]):
+            erased = layer_cache(model, tokens)
+    ref = reference_of(clean, query=q2, log_decay=g2)
+    assert (ref.read - edited["hook_read"]).abs().max() <= 1e-5
+    assert (edited["hook_read"][0, :30] - clean["hook_read"][0, :30]).abs().max() <= 1e-6
+    assert (edited["hook_read"][0, 30:] - clean["hook_read"][0, 30:]).abs().max() > 1e-4
+    ref = reference_of(clean, kk=kk2, a=a2)
+    assert (ref.read - erased["hook_read"]).abs().max() <= 1e-5
+    assert torch.equal(erased["hook_read"][0, :20], clean["hook_read"][0, :20])
+    assert torch.equal(erased["hook_write_key"], clean["hook_write_key"])  # the write key k~ is the layer's
+    assert (erased["hook_read"][0, 20:] - clean["hook_read"][0, 20:]).abs().max() > 1e-4
+
+
+def test_an_edit_of_layer_0_changes_its_state_only_not_v_first(model, tokens):
+    """Layer 0's value is handed to later layers as v_first; an edit of layer 0's write changes layer 0's state
+    and reads (and so the later layers' inputs), never the v_first they mix in."""
+    seen = {}
+    mixer1 = model.family.mixers[1]
+    def record(module, args, kwargs):
+        seen[len(seen)] = kwargs["v_first"].clone()
+
+    handle = mixer1.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            clean = layer_cache(model, tokens[:, :30], layer=0)
+            edit = WriteEdit(layer=0, pos=5, head=1, batch=0, value=torch.zeros(DV),
+                             key=clean["hook_write_key"][0, 5, 1])
+            with model.edits([edit]):
+                edited = layer_cache(model, tokens[:, :30], layer=0)
+    finally:
+        handle.remove()
+    assert torch.equal(seen[0], seen[1])  # v_first as the model computed it
+    assert torch.equal(seen[0].reshape(2, 30, H, DV), clean["hook_v"])  # layer 0's own value
+    assert (edited["hook_read"][0, 5:] - clean["hook_read"][0, 5:]).abs().max() > 1e-4
+
+
+def test_nnsight_reads_and_edits_match_transformer_lens(model, tokens):
+    from nnsight import NNsight
+
+    u = torch.randn(DK, generator=torch.Generator().manual_seed(2))
+
+    def tl_key(x, hook):
+        x[0, 33, 1] = u
+        return x
+
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[P + "hook_write_key", P + "hook_log_decay"])
+        ref = model.run_with_hooks(tokens, fwd_hooks=[(P + "hook_write_key", tl_key)])
+        nn_model = NNsight(model)
+        with nn_model.trace(tokens):
+            key = nn_model.blocks[L].linear_attn.hook_write_key.output.save()
+            decay = nn_model.blocks[L].linear_attn.hook_log_decay.output.save()
+        with nn_model.trace(tokens):
+            nn_model.blocks[L].linear_attn.hook_write_key.output[0, 33, 1] = u
+            out = nn_model.output.save()
+    assert torch.equal(key, cache[P + "hook_write_key"]) and torch.equal(decay, cache[P + "hook_log_decay"])
+    assert torch.equal(out, ref) and not torch.equal(out, model(tokens))
+
+
+def test_gradients_of_the_canonical_hooks_equal_autograd_through_the_reference(model, tokens):
+    """d(sum of layer L's reads . R)/d(write value, write key, log decay) through the hooks equals autograd through
+    the reference recurrence."""
+    ids = tokens[:, :24]
+    R = torch.randn(2, 24, H, DV, generator=torch.Generator().manual_seed(6))
+    grads = {}
+
+    def keep(x, hook):
+        x.register_hook(lambda g: grads.__setitem__(hook.name.rsplit(".", 1)[-1], g))
+        return x
+
+    def loss_at_read(x, hook):
+        grads["loss"] = (x * R).sum()
+        return x
+
+    names = ("hook_write_value", "hook_write_key", "hook_log_decay")
+    model.run_with_hooks(ids, fwd_hooks=[*((P + n, keep) for n in names), (P + "hook_read", loss_at_read)])
+    grads["loss"].backward()
+    with torch.no_grad():
+        c = layer_cache(model, ids)
+    leaves = {n: c[n].clone().requires_grad_(True) for n in names}
+    read = rwkv7_reference(c["hook_query"], leaves["hook_write_key"], leaves["hook_write_value"],
+                           leaves["hook_log_decay"], c["hook_kk"], c["hook_a"]).read
+    (read * R).sum().backward()
+    for n in names:
+        assert (grads[n] - leaves[n].grad).abs().max() <= 1e-5, n
+
+
+def test_write_sae_splice_with_error_term_is_exact_and_family_is_checked(model, tokens):
+    from writesae_plugin.sae import WriteSAE, WriteSAEConfig
+
+    torch.manual_seed(0)
+    sae = WriteSAE(WriteSAEConfig(d_in=DK * DV, d_sae=32, d_k=DK, d_v=DV, k=4, n_heads=H, head=2, site="write",
+                                  family="rwkv7", layer=L))
+    sae.cfg.metadata.hook_name = P + "hook_write"
+    with torch.no_grad():
+        clean = model(tokens)
+        assert torch.equal(model.run_with_saes(tokens, saes=[sae], use_error_term=True), clean)
+        spliced = model.run_with_saes(tokens, saes=[sae])
+    assert not torch.allclose(spliced, clean)
+    for family in ("gla", "delta_net"):
+        other = WriteSAE(WriteSAEConfig(d_in=DK * DV, d_sae=32, d_k=DK, d_v=DV, k=4, n_heads=H, head=2,
+                                        site="write", family=family, layer=L))
+        other.cfg.metadata.hook_name = P + "hook_write"
+        with pytest.raises(ValueError, match=f"trained on a '{family}' model, this model is 'rwkv7'"):
+            model.run_with_saes(tokens, saes=[other])
+
+
+def test_bad_inputs_raise_clear_errors(model, tokens):
+    with pytest.raises(HookNameError, match="valid names"):
+        model.run_with_cache(tokens, names_filter=["blocks.3.linear_attn.hook_write"])
+    with pytest.raises(ValueError, match="not a RWKV-7 layer"):
+        with model.edits([WriteEdit(layer=5, pos=3, head=0, op="delete")]):
+            pass
+    with pytest.raises(ValueError, match="one mode"):
+        with model.edits([WriteEdit(layer=L, pos=3, head=1, op="delete", mode="delta")]):
+            pass
+    with pytest.raises(NotImplementedError, match="rank 2"):
+        with model.options(write_mode="delta"):
+            model(tokens)
+
+
+def test_effective_attention_and_dictionary_scores_on_the_dplr_transitions(model, tokens):
+    from writesae_plugin.experiments.write_attribution import dictionary_scores, layer_effective_attention
+    from writesae_plugin.sae import WriteSAE, WriteSAEConfig
+
+    ids = tokens[:, :40]
+    A, v = layer_effective_attention(model, ids, L)
+    with torch.no_grad():
+        read = layer_cache(model, ids)["hook_read"]
+    assert (torch.einsum("bhts,bshv->bthv", A, v.float()) - read).abs().max() <= 1e-5
+    # the adjoint score of an atom = the derivative of the metric along (atom - write) at that position
+    torch.manual_seed(0)
+    sae = WriteSAE(WriteSAEConfig(d_in=DK * DV, d_sae=8, d_k=DK, d_v=DV, k=2, n_heads=H, head=2, site="write",
+                                  family="rwkv7", layer=L))
+
+    def metric(logits):
+        return logits[:, -1, 7].sum()
+
+    scores = dictionary_scores(model, ids, sae, metric)
+    eps, pos, atom = 1e-2, 20, 3
+    A_i = torch.outer(sae.dec_key[atom, 0].detach(), sae.dec_value[atom, 0].detach())
+    with torch.no_grad():
+        c = layer_cache(model, ids)
+        W = torch.outer(c["hook_write_key"][0, pos, 2], c["hook_write_value"][0, pos, 2])
+        base = metric(model(ids[:1]))
+        moved = metric(model.run_with_edits(ids[:1], [WriteEdit(layer=L, pos=pos, head=2, batch=0,
+                                                                matrix=W + eps * (A_i - W))]))
+    assert abs((moved - base).item() / eps - scores[0, pos, atom].item()) <= 0.02 * max(1.0, abs(scores[0, pos, atom]))
+
+
+def test_selfcheck_and_cli_commands_on_a_tiny_rwkv7(hf, model, tmp_path, tiny_tokenizer):
+    """``writesae hooks``' self-check, ``writesae train`` (the trained SAE spliced with the error term gives the
+    clean logits), ``substitute``, ``closed-form``, ``patch`` and ``attribute`` on the tiny RWKV-7."""
+    import json
+
+    from sae_lens import SAE
+
+    from writesae_plugin.cli import main
+    from writesae_plugin.sae import WriteSAE, WriteSAEConfig
+    from writesae_plugin.selfcheck import run_selfcheck
+
+    check = run_selfcheck(model, torch.randint(3, 240, (2, 20), generator=torch.Generator().manual_seed(1)),
+                          repeats=1)
+    assert check.ok and len(check.results) > 10, check.table()
+    hf.save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    torch.manual_seed(1)
+    sae = WriteSAE(WriteSAEConfig(d_in=DK * DV, d_sae=32, d_k=DK, d_v=DV, k=4, n_heads=H, head=1, site="write",
+                                  layer=L, family="rwkv7"))
+    with torch.no_grad():
+        sae.enc_key.mul_(100.0)
+    sae.save_model(tmp_path / "sae")
+    words = ["def", "return", "import", "self", "value", "state", "print", "class"]
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "text.txt").write_text("\n\n".join(" ".join(words[i] for i in torch.randint(0, 8, (20,), generator=g))
+                                                   for _ in range(200)))
+    args, text = ["--model", str(tmp_path / "model")], ["--dataset", str(tmp_path / "text.txt")]
+    assert main(["hooks", *args]) == 0
+    assert main(["train", *args, *text, "--layer", str(L), "--head", "1", "--d-sae", "32", "--k", "4",
+                 "--total-samples", "256", "--context-length", "24", "--out", str(tmp_path / "train")]) == 0
+    trained = SAE.load_from_disk(str(tmp_path / "train" / "final"))
+    assert trained.cfg.family == "rwkv7"
+    tokens = torch.randint(3, 240, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model.run_with_saes(tokens, saes=[trained], use_error_term=True), model(tokens))
+    assert main(["substitute", *args, "--sae", str(tmp_path / "sae"), *text, "--contexts", "4",
+                 "--context-length", "32", "--max-firings", "3", "--out", str(tmp_path / "sub")]) == 0
+    assert json.loads((tmp_path / "sub" / "results.json").read_text())["summary"]["n_firings"] > 0
+    assert main(["closed-form", *args, *text, "--contexts", "2", "--context-length", "24", "--sae",
+                 str(tmp_path / "sae"), "--atoms", "0", "--out", str(tmp_path / "cf")]) == 0
+    assert main(["attribute", *args, *text, "--contexts", "2", "--context-length", "24", "--sae",
+                 str(tmp_path / "sae"), "--atoms", "0", "--out", str(tmp_path / "attr")]) == 0
+    assert main(["patch", *args, "--sae", str(tmp_path / "sae"), *text, "--task", "copy", "--n", "2", "--length",
+                 "12", "--source-pos", "4", "--out", str(tmp_path / "patch")]) == 0
+    assert json.loads((tmp_path / "patch" / "results.json").read_text())["n_prompts"] == 2
