@@ -218,3 +218,65 @@ def test_rank_progress_sums_every_ranks_published_count(tmp_path):
     assert ranks[0].global_count(fresh=True) == 160 and ranks[0].postfix() == "160/300"
     ranks[0].remove_files()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_log_line_is_one_write_with_the_rank_on_every_line(monkeypatch):
+    """The ranks share torchrun's stderr (unbuffered on a pipe: `print` wrote the text and its newline separately, so
+    another rank's line could land between them): a log call, or a command's error line under torchrun, is one
+    write of whole lines, each naming its rank; on a terminal it first clears the line a progress bar is on."""
+    import io
+
+    from writesae_plugin import cli
+    from writesae_plugin.distributed import Place, log
+
+    class Stream(io.StringIO):
+        tty = False
+
+        def __init__(self):
+            super().__init__()
+            self.writes = []
+
+        def write(self, s):
+            self.writes.append(s)
+            return super().write(s)
+
+        def isatty(self):
+            return self.tty
+
+    err = Stream()
+    monkeypatch.setattr(sys, "stderr", err)
+    log(Place(rank=1, world_size=2), "extracting shards\nsecond line")
+    assert err.writes == ["[rank 1/2] extracting shards\n[rank 1/2] second line\n"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    cli._err("writesae train: something went wrong")
+    assert err.writes[-1] == "[rank 1/2] writesae train: something went wrong\n"
+    err.tty = True
+    log(Place(rank=0, world_size=2), "done")
+    assert err.writes[-1] == "\r\x1b[2K[rank 0/2] done\n"
+
+
+LOGGER = """
+import sys
+from writesae_plugin.distributed import Place, log
+rank = int(sys.argv[1])
+for i in range(1500):
+    log(Place(rank=rank, world_size=2), f"line {i} of rank {rank} " + "x" * 60)
+"""
+
+
+def test_two_ranks_logging_at_once_give_whole_lines():
+    """Two processes logging to one pipe at the same time (as torchrun's ranks share its stderr): every line that
+    comes out is one whole line of one rank, none lost."""
+    read, write = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-c", LOGGER, str(r)], stderr=write, cwd=ROOT) for r in range(2)]
+    os.close(write)
+    with os.fdopen(read, "r") as f:
+        out = f.read()
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    lines = out.splitlines()
+    pattern = re.compile(r"\[rank ([01])/2\] line (\d+) of rank \1 x{60}")
+    bad = [ln for ln in lines if not pattern.fullmatch(ln)]
+    assert not bad, bad[:3]
+    for r in (0, 1):
+        assert [int(m.group(2)) for m in map(pattern.fullmatch, lines) if m.group(1) == str(r)] == list(range(1500))

@@ -40,6 +40,16 @@ def expected_warnings_silenced():
         yield
 
 
+def _err(line: str) -> None:
+    """One line on stderr in one write, so that under torchrun, where the ranks share stderr, it stays whole; there
+    it names its rank, as the ranks' log lines do (``distributed.log``)."""
+    from .distributed import write_lines
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"[rank {os.environ['RANK']}/{world}] " if world > 1 and "RANK" in os.environ else ""
+    write_lines([prefix + line])
+
+
 class UsageError(Exception):
     """A user mistake found by a check: printed as one line, exit status 2."""
 
@@ -565,7 +575,7 @@ def cmd_train(args) -> int:
                 "batch_size": args.batch_size, "lr": args.lr, "positions": args.positions, "layers": args.layer,
                 "heads": None if args.head is None else [args.head]}, run)
     except (CheckpointError, OutputDirError) as e:
-        print(f"writesae train: {e}", file=sys.stderr)
+        _err(f"writesae train: {e}")
         return 2
 
     import torch
@@ -582,15 +592,15 @@ def cmd_train(args) -> int:
             raise UsageError(str(e)) from None
     model, desc = _load(args.model, resolve_device(args.device))
     if model.tokenizer is None:
-        print(f"writesae train: {desc} has no tokenizer; a text dataset needs one", file=sys.stderr)
+        _err(f"writesae train: {desc} has no tokenizer; a text dataset needs one")
         return 2
     cfg_m = model.cfg
     if args.layer not in cfg_m.recurrent_layers:
-        print(f"writesae train: --layer {args.layer} is not a recurrent layer; choose from "
-              f"{list(cfg_m.recurrent_layers)}", file=sys.stderr)
+        _err(f"writesae train: --layer {args.layer} is not a recurrent layer; choose from "
+             f"{list(cfg_m.recurrent_layers)}")
         return 2
     if args.head is not None and not 0 <= args.head < cfg_m.n_heads:
-        print(f"writesae train: --head {args.head} out of range (0..{cfg_m.n_heads - 1} or all)", file=sys.stderr)
+        _err(f"writesae train: --head {args.head} out of range (0..{cfg_m.n_heads - 1} or all)")
         return 2
     texts = _documents(args)
     contexts = _split_stream(model, args, "train", texts)
@@ -791,7 +801,7 @@ def _fit(args, layout, ckpt, provider, val_batches, dims: dict, model_name: str,
                                        val_every=args.val_every, dead_feature_window=args.dead_feature_window,
                                        resume_from=ckpt, device=resolve_device(args.device))
     except (CheckpointError, OutputDirError) as e:  # another model or data than the checkpoint's; a failed write
-        print(f"writesae train: {e}", file=sys.stderr)
+        _err(f"writesae train: {e}")
         return 2
     last = history[-1] if history else {}
     print(json.dumps({"out": str(args.out), "final_validation": last}, indent=2))
@@ -855,8 +865,7 @@ def cmd_extract(args) -> int:
                       "samples_per_cell": n, "cells": [f"L{layer}.H{h}" for layer in cfg.layers
                                                       for h in manifest["heads"]], "bytes": size}, indent=2))
     if manifest["n_contexts"] < args.contexts:
-        print(f"writesae extract: the dataset gave {manifest['n_contexts']} of the {args.contexts} contexts asked for",
-              file=sys.stderr)
+        _err(f"writesae extract: the dataset gave {manifest['n_contexts']} of the {args.contexts} contexts asked for")
     return 0
 
 
@@ -1518,27 +1527,27 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         if debug:
             raise
-        print(f"{prog}: {_one_line(e)}", file=sys.stderr)
+        _err(f"{prog}: {_one_line(e)}")
         return 2
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"{prog}: interrupted", file=sys.stderr)
+        _err(f"{prog}: interrupted")
         return 130
     except SystemExit as e:
         if debug or not isinstance(e.code, str):
             raise
-        print(f"{prog}: {_one_line(e.code).removeprefix('writesae: ')}", file=sys.stderr)
+        _err(f"{prog}: {_one_line(e.code).removeprefix('writesae: ')}")
         return 2
     except Exception as e:  # noqa: BLE001 - a one-line error; --debug shows the traceback
         if debug:
             raise
         if type(e).__name__ == "StoreError":  # a store that does not fit the command: a usage error
-            print(f"{prog}: {_one_line(e)}", file=sys.stderr)
+            _err(f"{prog}: {_one_line(e)}")
             return 2
         kind = "" if isinstance(e, _USER_ERRORS) or type(e).__name__.endswith(("Error", "Exception")) and \
             type(e).__module__.startswith("writesae_plugin") else f"{type(e).__name__}: "
-        print(f"{prog}: {kind}{_one_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        _err(f"{prog}: {kind}{_one_line(e)} (--debug shows the traceback)")
         return 1
 
 

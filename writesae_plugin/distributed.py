@@ -142,9 +142,27 @@ def barrier(place: Place) -> None:
 
 
 def log(place: Place, message: str) -> None:
-    """A progress line on stderr, prefixed with the rank in a distributed job."""
+    """A progress line on stderr, prefixed with the rank in a distributed job (every line of a multi-line message).
+
+    The ranks share torchrun's stderr, so the line goes out in one write: a pipe or file takes a write of up to
+    PIPE_BUF (4096) bytes whole, and Python's stderr on a pipe is unbuffered, where ``print`` writes the text and its
+    newline separately and another rank's line could land between them. On a terminal the line starts by clearing
+    the current one (``\r`` + erase line), as ``tqdm.write`` does, so it never continues rank 0's progress bar (the
+    bar redraws below at its next update)."""
     prefix = f"[rank {place.rank}/{place.world_size}] " if place.distributed else ""
-    print(prefix + message, file=sys.stderr, flush=True)
+    write_lines([prefix + line for line in (message.splitlines() or [""])])
+
+
+def write_lines(lines: list[str], stream=None) -> None:
+    """``lines`` on ``stream`` (stderr) in one write, each ending in a newline (see :func:`log`)."""
+    stream = sys.stderr if stream is None else stream
+    text = "".join(line + "\n" for line in lines)
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    stream.write(("\r\x1b[2K" if tty else "") + text)
+    stream.flush()
 
 
 def finish(place: Place) -> None:
@@ -156,4 +174,4 @@ def finish(place: Place) -> None:
             dist.destroy_process_group()
 
 
-__all__ = ["Place", "under_torchrun", "launched", "init", "barrier", "log", "finish"]
+__all__ = ["Place", "under_torchrun", "launched", "init", "barrier", "log", "write_lines", "finish"]
