@@ -1,7 +1,10 @@
 """The hooked model: a TransformerLens ``HookedRootModule`` around a user's Hugging Face recurrent model.
 
 Hook inventory (per recurrent layer ``l``; GDN under ``blocks.{l}.linear_attn.``). Shapes use
-``b`` batch, ``p`` positions of *this forward call*, ``H`` value heads, ``H_k`` key heads.
+``b`` batch, ``p`` positions of *this forward call*, ``H`` value heads, ``H_k`` key heads, ``d_k`` / ``d_v`` the key /
+value dimensions (Mamba-2 names them ``N`` = d_state and ``P`` = head_dim, ``G`` its groups), and for ``hook_state``
+``p_s`` / ``H_s`` the positions / value heads it captures (``StateCapture``; every one by default). The letters and
+their meanings are ``SHAPE_SYMBOLS`` (``writesae hooks`` prints them with the inventory).
 
 =====================  =======================  ==============================================================
 hook                   shape                    semantics of an edit (return a new tensor or edit in place)
@@ -18,7 +21,7 @@ hook                   shape                    semantics of an edit (return a n
 ``hook_write_flat``    ``[b,p,H*d_k*d_v]``      flat view of ``hook_write`` (for SAELens evals / stores)
 ``hook_log_decay``     ``[b,p,H]``              g (``alpha = exp(g)``); edits change the transitions
 ``hook_query``         ``[b,p,H,d_k]``          the read's query ``d_k^-1/2 l2norm(q)``; edits change the read
-``hook_state``         ``[b,P,H_s,d_k,d_v]``    opt-in (``capture_states``; every position while an SAE / a named
+``hook_state``         ``[b,p_s,H_s,d_k,d_v]``  opt-in (``capture_states``; every position while an SAE / a named
                                                 hook is on it): states after the write at the chosen positions /
                                                 heads; an edit acts as an extra write there
 ``hook_read``          ``[b,p,H,d_v]``          o_t before the output norm (fp32); edits replace the read
@@ -53,6 +56,24 @@ from transformer_lens.hook_points import HookPoint
 from ..host import SAEHostMixin
 
 _log = logging.getLogger(__name__)
+
+#: every symbol the hook inventories' shapes use, and what it stands for
+SHAPE_SYMBOLS = {
+    "b": "batch", "p": "positions of this forward call", "H": "value heads", "H_k": "key heads",
+    "d_k": "key dimension", "d_v": "value dimension",
+    "p_s": "positions hook_state captures (StateCapture; all by default)",
+    "H_s": "value heads hook_state captures (StateCapture; all by default)",
+    "N": "Mamba-2 d_state (the key side)", "P": "Mamba-2 head_dim (the value side)", "G": "Mamba-2 groups",
+}
+
+
+def shape_symbols(description: str) -> list[str]:
+    """The symbols of the shape a hook description starts with (``"[b,p,H*d_k*d_v] ..."`` -> b, p, H, d_k, d_v)."""
+    text = description.strip()
+    if not text.startswith("["):
+        return []
+    return [sym for part in text[1:text.index("]")].split(",") for sym in part.split("*")]
+
 
 WriteMode = Literal["raw", "delta"]
 WRITE_MODES = ("raw", "delta")

@@ -542,7 +542,8 @@ _HOOK_DOCS = {
     "hook_write_flat": "[b,p,H*d_k*d_v] flat dense write (as hook_write)",
     "hook_log_decay": "[b,p,H] g = log alpha; edits change the transitions",
     "hook_query": "[b,p,H,d_k] d_k^-1/2 l2norm(q) as read; edits change the read",
-    "hook_state": "[b,P,H_s,d_k,d_v] opt-in states after the write; an edit acts as an extra write",
+    "hook_state": ("[b,p_s,H_s,d_k,d_v] opt-in states after the write at the captured positions p_s and heads H_s; "
+                   "an edit acts as an extra write"),
     "hook_read": "[b,p,H,d_v] o_t before the output norm (fp32); edits replace the read",
 }
 

@@ -7,7 +7,9 @@ Canonical key-first frame (docs/method.md 2.2): per head, ``S_t = exp(dt'_t A_h)
 ``[b,p,H]`` (raw, before bias/softplus/clamp); canonical ``hook_write_key`` (B per head) ``[b,p,H,N]``,
 ``hook_write_value`` (``dt' x``) ``[b,p,H,P]``, ``hook_write`` / ``hook_write_flat`` (opt-in dense),
 ``hook_log_decay`` (``dt' A``) ``[b,p,H]``, ``hook_query`` (C per head) ``[b,p,H,N]``, ``hook_state``
-(opt-in, ``[b,P,H_s,N,P]``; in single-token decode the step's own state), ``hook_read`` ``[b,p,H,P]``. For Mamba-2 the raw and delta writes coincide (the transition never erases).
+(opt-in, ``[b,p_s,H_s,N,P]`` at the captured positions ``p_s`` and heads ``H_s``; in single-token decode the step's
+own state), ``hook_read`` ``[b,p,H,P]`` (``N`` = d_state, ``P`` = head_dim, ``G`` groups). For Mamba-2 the raw and
+delta writes coincide (the transition never erases).
 
 Mechanism as for Gated DeltaNet: the module-level ``mamba2_chunk_scan`` / ``mamba2_selective_state_update``
 are swapped for a dispatcher; edits are propagated exactly with ``mamba2_chunk_scan`` itself (zero ``x`` on
@@ -627,7 +629,8 @@ _HOOK_DOCS = {
     "hook_log_decay": "[b,p,H] dt' A (log of the scalar decay); edits change the transitions only (exact, "
                       "canonical scan)",
     "hook_query": "[b,p,H,N] C per head as read; edits change this head's read only (exact, canonical scan)",
-    "hook_state": "[b,P,H_s,N,P] opt-in states after the write (key-first); an edit acts as an extra write",
+    "hook_state": ("[b,p_s,H_s,N,P] opt-in states after the write (key-first: N = d_state, P = head_dim) at the "
+                   "captured positions p_s and heads H_s; an edit acts as an extra write"),
     "hook_read": "[b,p,H,P] y_t = S_t^T C_t without the D x skip (fp32); edits replace the read",
 }
 

@@ -281,8 +281,8 @@ _HOOK_DOCS = {
                       "transitions of C~ only (exact, canonical scan)",
     "hook_query": "[b,p,H,d_k] d_k^-1/2 q / (max(|n~^T q'|, exp(-m)) + eps): the query with the normaliser's "
                   "denominator; edits change this head's read (exact, canonical scan)",
-    "hook_state": "[b,P,H_s,d_k,d_v] opt-in stabilised matrix memory C~ after the write; an edit acts as an "
-                  "extra write",
+    "hook_state": ("[b,p_s,H_s,d_k,d_v] opt-in stabilised matrix memory C~ after the write at the captured positions "
+                   "p_s and heads H_s; an edit acts as an extra write"),
     "hook_read": "[b,p,H,d_v] h_t = C~_t^T query_t (before the multi-head norm and output gate); edits replace it",
 }
 

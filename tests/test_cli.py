@@ -15,6 +15,7 @@ def test_hooks_selfcheck_runs_and_passes(capsys):
     assert "blocks.0.linear_attn.hook_write_key" in out
     assert "capture-only logits vs plain HF" in out and "all checks passed" in out
     assert "FAIL" not in out
+    assert "shapes: b = batch;" in out and "p_s = positions hook_state captures" in out  # the shapes' legend
 
 
 def _one_line_error(err: str, cmd: str) -> str:
@@ -284,3 +285,34 @@ def test_importing_fla_through_the_project_prints_no_cpu_warning():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Triton is not supported" not in r.stderr and "another warning" in r.stderr, r.stderr
+
+
+def test_hook_inventory_shapes_use_distinct_explained_symbols(tmp_path):
+    """Every family's hook inventory (what `writesae hooks` prints): within a shape no symbol stands for two axes
+    (hook_state's captured positions are p_s, not Mamba-2's head_dim P), and every symbol is one SHAPE_SYMBOLS
+    explains (the legend `writesae hooks` prints)."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from conftest import load_tiny
+    from tiny_mamba_models import build_tiny_mamba
+    from tiny_recurrent_models import build_tiny_kimi, build_tiny_xlstm
+
+    from writesae_plugin.adapters import hook_model
+    from writesae_plugin.adapters.base import SHAPE_SYMBOLS, shape_symbols
+
+    builders = {"qwen3_5": lambda: load_tiny(tmp_path, "qwen3_5"), "mamba2": lambda: build_tiny_mamba("mamba2"),
+                "xlstm": build_tiny_xlstm, "kimi_linear": build_tiny_kimi}
+    if __import__("importlib.util").util.find_spec("fla"):
+        from tiny_fla_models import build_tiny_deltanet, build_tiny_gla
+
+        builders.update(delta_net=build_tiny_deltanet, gla=build_tiny_gla)
+    for family, build in builders.items():
+        inventory = dict(hook_model(build()).hook_inventory())
+        layer = next(n for n in inventory if n.endswith("hook_state")).rsplit(".", 1)[0]
+        for name, desc in inventory.items():
+            symbols = shape_symbols(desc)
+            if name.startswith(layer + ".hook_write") or name.endswith(("hook_state", "hook_read", "hook_query")):
+                assert symbols, (family, name, desc)  # the canonical hooks all state their shape
+            assert len(set(symbols)) == len(symbols), (family, name, desc)
+            assert set(symbols) <= set(SHAPE_SYMBOLS), (family, name, desc)
+        state = shape_symbols(inventory[layer + ".hook_state"])
+        assert state[1:3] == ["p_s", "H_s"], (family, state)

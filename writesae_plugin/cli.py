@@ -519,9 +519,13 @@ def cmd_hooks(args) -> int:
           f"d_v={model.cfg.d_v}\n")
     first = model.cfg.recurrent_layers[0]
     print(f"hook inventory (layer {first} shown; every recurrent layer has the same hooks):")
-    for name, desc in model.hook_inventory():
-        if name.startswith(f"blocks.{first}."):
-            print(f"  {name:42s} {desc}")
+    shown = [(name, desc) for name, desc in model.hook_inventory() if name.startswith(f"blocks.{first}.")]
+    for name, desc in shown:
+        print(f"  {name:42s} {desc}")
+    from .adapters.base import SHAPE_SYMBOLS, shape_symbols
+
+    used = {sym for _, desc in shown for sym in shape_symbols(desc)}
+    print("shapes: " + "; ".join(f"{sym} = {meaning}" for sym, meaning in SHAPE_SYMBOLS.items() if sym in used))
     tokens = torch.randint(0, model.cfg.d_vocab, (args.batch, args.length))
     print(f"\nself-check on random tokens [{args.batch}, {args.length}]:")
     result = run_selfcheck(model, tokens)
