@@ -286,3 +286,35 @@ def test_head_shared_sae_is_viewed_at_a_head(qwen, tokens):
         _, c = model.run_with_cache(tokens[:, :20], names_filter=[p + "hook_write_key", p + "hook_write_value"])
         codes = sae.encode_factors(c[p + "hook_write_key"][:, :, 2], c[p + "hook_write_value"][:, :, 2])
     assert data.stats.fires.tolist() == (codes != 0).sum((0, 1)).tolist()
+
+
+class _WhitespaceTokenizer:
+    """Decodes ids to tokens that are (or hold) newlines, tabs and spaces, as code tokenizers do."""
+
+    TOKENS = ["\n", "\t", " end", "x\n    ", "  ", "ab"]
+
+    def decode(self, ids):
+        return "".join(self.TOKENS[i % len(self.TOKENS)] for i in ids)
+
+
+def test_whitespace_tokens_are_shown_readably_on_pages_and_in_labels(qwen, tokens, tmp_path):
+    """Newline, tab and space tokens: ↵, ⇥ and ␣ in token lists and labels (index, pages, JSON label), ↵ then a line
+    break in contexts; never Python-quoted whitespace such as '\\n'."""
+    from writesae_plugin.report import token_text
+
+    assert [token_text(t) for t in _WhitespaceTokenizer.TOKENS] == ["↵", "⇥", "␣end", "x↵␣␣␣␣", "␣␣", "ab"]
+    assert token_text(" a\tb\n", spaces=False) == " a⇥b↵" and token_text("\r\x00") == "\\r\\x00"
+    model = hook_model(qwen)
+    cfg = DashboardConfig(stats=StatsConfig(top_k=4, reservoir=50, before=4, after=2, horizon=6), batch=1,
+                          value_firings=1, effect_firings=1, n_tokens=4, max_pages=3)
+    data = compute_dashboard(model, _tiny_sae("write"), tokens[:, :40], cfg, progress=False)
+    write_dashboard(data, tmp_path / "dash", tokenizer=_WhitespaceTokenizer(), progress=False)
+    pages = [(tmp_path / "dash" / "atoms" / f"{a}.html").read_text() for a in data.atoms]
+    html = (tmp_path / "dash" / "index.html").read_text() + "".join(pages)
+    for quoted in ("'\\n'", '"\\n"', "'\\t'", "' end'", "&#x27;"):
+        assert quoted not in html, quoted
+    assert "<code>↵</code>" in html and "<code>⇥</code>" in html and "<code>␣end</code>" in html
+    assert "↵\n" in "".join(pages)  # a newline token in a context: its glyph, then the line break
+    labels = [load_atom(tmp_path / "dash", a)["label"] for a in data.atoms]
+    assert labels and all(lab and "'" not in lab for lab in labels)
+    assert all(set(lab.split(" ")) <= {token_text(t) for t in _WhitespaceTokenizer.TOKENS} for lab in labels)

@@ -29,6 +29,8 @@ def atom_labels(model, sae, tokens: torch.Tensor, atoms: Sequence[int], k: int =
     from ..experiments.substitution import _site_and_writes
     from ..experiments.write_attribution import atom_read, direct_token_scores, head_queries
 
+    from ..report import token_text
+
     tk = getattr(model, "tokenizer", None)
     atoms = [int(a) for a in atoms if isinstance(a, int) or (hasattr(a, "__index__") and not isinstance(a, str))]
     if tk is None or getattr(sae.cfg, "head", None) is None or not atoms:
@@ -39,7 +41,7 @@ def atom_labels(model, sae, tokens: torch.Tensor, atoms: Sequence[int], k: int =
     out = {}
     for a in atoms:
         scores = direct_token_scores(model, sae, atom_read(sae, a, q, codes)["read"])
-        out[a] = "promotes " + " ".join(repr(tk.decode([i])) for i in scores.topk(k).indices.tolist())
+        out[a] = "promotes " + " ".join(token_text(tk.decode([i])) for i in scores.topk(k).indices.tolist())
     return out
 
 
@@ -64,7 +66,7 @@ def _top(res: PatchResult, k: int = 10) -> list[dict]:
 
 def run_patch(model, sae, pairs: PromptPairs, out: str | Path, progress: bool = True) -> dict:
     """Activation patching of every write (layer x position x head) and of ``sae``'s atoms + error node."""
-    from ..report import plt, write_report
+    from ..report import plt, token_text, write_report
 
     metric = pairs.metric(per_prompt=True)
     writes = patch_writes(model, pairs.clean, pairs.corrupted, metric, progress=progress)
@@ -95,7 +97,7 @@ def run_patch(model, sae, pairs: PromptPairs, out: str | Path, progress: bool = 
                            interpolation="nearest")
             ax.set_title(f"layer {writes.index['layer'][i]}")
             if tick_labels is not None:  # the tokens of the first clean prompt (the template's end is shared)
-                ax.set_xticks(range(len(tick_labels)), [repr(t)[1:-1] for t in tick_labels], rotation=90, fontsize=6)
+                ax.set_xticks(range(len(tick_labels)), [token_text(t) for t in tick_labels], rotation=90, fontsize=6)
                 ax.set_xlabel("position (tokens of clean prompt 0)")
             else:
                 ax.set_xlabel("position")

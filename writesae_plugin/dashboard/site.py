@@ -22,7 +22,7 @@ import math
 import os
 from pathlib import Path
 
-from ..report import _clean
+from ..report import TOKEN_GLYPHS, _clean, token_text
 
 
 #: what ``data/atoms/{i}.json`` holds (also the notebook's reference)
@@ -47,7 +47,8 @@ ATOM_SCHEMA = {
     "curves": "{decay [d], n_decay, (state) persistence [d], alive [d], n_onsets}: mean head decay "
               "exp(G_{t+d} - G_t) over firings; state atoms: mean a(t+d)/a(t) and fraction still active after "
               "an onset",
-    "label": "a short label: the atom's top promoted tokens (measured effect, else value side)",
+    "label": "a short label: the atom's top promoted tokens (measured effect, else value side), as the pages show "
+             "tokens (writesae_plugin.report.token_text: newline \u21b5, tab \u21e5, space \u2423), space-separated",
 }
 
 
@@ -109,7 +110,7 @@ def atom_record(data, atom: int, vocab) -> dict:
                                   "token": vocab(int(data.tokens[r["ctx"], r["pos"]]))} for r in e["records"]]}
     rec["curves"] = acc.curves(atom)
     promo = rec["effect"]["mean_dlogit_top"] or rec["value_side"]["norms"]["top"]
-    rec["label"] = " ".join(repr(t) for t, _ in promo[:3])
+    rec["label"] = " ".join(token_text(t) for t, _ in promo[:3])
     for key in ("max_act", "mean_act"):  # never NaN in the JSON
         if rec[key] is not None and not math.isfinite(rec[key]):
             rec[key] = None
@@ -200,8 +201,12 @@ def _context_html(row: dict) -> str:
             continue
         alpha = min(1.0, abs(a) / top)
         cls = "tok fire" if j == row["center"] else "tok"
+        # newlines and tabs shown (a bare newline token would be an invisible span), each newline still breaking
+        # the line after its glyph
+        shown = "\n".join(_esc(token_text(part, spaces=False)) if part else "" for part in t.split("\n"))
+        shown = shown.replace("\n", TOKEN_GLYPHS["\n"] + "\n")
         spans.append(f'<span class="{cls}" data-act="{a:.4g}" title="a = {a:.4g}" '
-                     f'style="background:rgba(255,120,0,{alpha:.3f})">{_esc(t)}</span>')
+                     f'style="background:rgba(255,120,0,{alpha:.3f})">{shown}</span>')
     return f'<div class="ctx"><span class="muted">{row["act"]:.4g} | ctx {row["ctx"]} pos {row["pos"]}: </span>' \
            + "".join(spans) + "</div>"
 
@@ -209,7 +214,7 @@ def _context_html(row: dict) -> str:
 def _token_list(pairs, fmt="{:+.3g}") -> str:
     if not pairs:
         return '<p class="muted">none</p>'
-    return "<table>" + "".join(f"<tr><td><code>{_esc(repr(t))}</code></td><td>{fmt.format(v)}</td></tr>"
+    return "<table>" + "".join(f"<tr><td><code>{_esc(token_text(t))}</code></td><td>{fmt.format(v)}</td></tr>"
                                for t, v in pairs) + "</table>"
 
 
@@ -250,14 +255,14 @@ def atom_page(rec: dict, title: str) -> str:
              "<h3>promotes</h3>" + _token_list(rec["value_side"]["norms"]["top"])
              + "<h3>suppresses</h3>" + _token_list(rec["value_side"]["norms"]["bottom"])
              + "<p class='muted'>static W_U W_O A^T q (signed by the read, no norm gains): "
-             + _esc(", ".join(repr(t) for t, _ in rec["value_side"]["static"]["top"][:5])) + "</p></div></div>",
+             + _esc(" ".join(token_text(t) for t, _ in rec["value_side"]["static"]["top"][:5])) + "</p></div></div>",
              f"<h2>Measured effect of substituting the atom</h2><p class='muted'>the write at each top firing "
              f"replaced by a_i(t) A_i; mean next-token logit change over n = {rec['effect']['n']} firings</p>"
              "<div class='grid'><div><h3>raised</h3>" + _token_list(rec["effect"]["mean_dlogit_top"])
              + "</div><div><h3>lowered</h3>" + _token_list(rec["effect"]["mean_dlogit_bottom"]) + "</div></div>"
              "<table><tr><th>ctx</th><th>pos</th><th>token</th><th>act</th><th>KL atom</th><th>KL delete</th>"
              "<th>win</th></tr>"
-             + "".join(f"<tr><td>{r['ctx']}</td><td>{r['pos']}</td><td><code>{_esc(repr(r['token']))}</code></td>"
+             + "".join(f"<tr><td>{r['ctx']}</td><td>{r['pos']}</td><td><code>{_esc(token_text(r['token']))}</code></td>"
                        f"<td>{r['act']:.3g}</td><td>{r['kl_atom']:.3g}</td><td>{r['kl_delete']:.3g}</td>"
                        f"<td>{'yes' if r['win'] else 'no'}</td></tr>" for r in rec["effect"]["records"])
              + "</table>"]

@@ -166,6 +166,32 @@ def write_report(out_dir: str | Path, title: str, results: dict, records: list[d
     return out / "index.html"
 
 
+#: what a token's invisible characters are shown as (dashboards, circuit labels and figures)
+TOKEN_GLYPHS = {"\n": "\u21b5", "\t": "\u21e5", "\r": "\\r"}  # newline, tab, carriage return (no glyph in DejaVu)
+SPACE_GLYPH = "\u2423"  # open box: a space, where a token stands on its own
+EMPTY_TOKEN = "\u2205"  # empty set: a token that decodes to nothing
+
+
+def token_text(token: str, spaces: bool = True) -> str:
+    """A token as dashboards and reports show it: newline ``↵``, tab ``⇥``, carriage return ``\\r``, other control
+    characters as ``\\xNN``, the empty token ``∅``, and with ``spaces`` (a token shown on its own, in a list or a
+    label) each space as ``␣``, so that ``" end"``, ``"end"`` and ``"\\n"`` read apart; running text (a context)
+    passes ``spaces=False`` and keeps its spaces."""
+    if token == "":
+        return EMPTY_TOKEN
+    out = []
+    for ch in token:
+        if ch in TOKEN_GLYPHS:
+            out.append(TOKEN_GLYPHS[ch])
+        elif ch == " " and spaces:
+            out.append(SPACE_GLYPH)
+        elif ord(ch) < 32 or ord(ch) == 127:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def fmt_rate(d: dict) -> str:
     """``92.4% [90.1, 94.2] (n=4851)`` from a ``stats.wilson`` dict."""
     if not d or d.get("n", 0) == 0 or d.get("rate") is None:
@@ -173,4 +199,4 @@ def fmt_rate(d: dict) -> str:
     return f"{100 * d['rate']:.1f}% [{100 * d['lo']:.1f}, {100 * d['hi']:.1f}] (n={d['n']})"
 
 
-__all__ = ["write_report", "headline_rows", "fmt_rate", "plt"]
+__all__ = ["write_report", "headline_rows", "fmt_rate", "token_text", "plt"]
