@@ -315,6 +315,28 @@ def test_whitespace_tokens_are_shown_readably_on_pages_and_in_labels(qwen, token
         assert quoted not in html, quoted
     assert "<code>↵</code>" in html and "<code>⇥</code>" in html and "<code>␣end</code>" in html
     assert "↵\n" in "".join(pages)  # a newline token in a context: its glyph, then the line break
+    index = (tmp_path / "dash" / "index.html").read_text()  # the index says which atoms have pages, how to get more
+    assert f"Pages for {len(data.atoms)} atoms: the 3 most frequently firing atoms" in index and "--max-pages" in index
     labels = [load_atom(tmp_path / "dash", a)["label"] for a in data.atoms]
     assert labels and all(lab and "'" not in lab for lab in labels)
     assert all(set(lab.split(" ")) <= {token_text(t) for t in _WhitespaceTokenizer.TOKENS} for lab in labels)
+
+
+def test_the_page_rule_is_said_on_the_index_and_in_help(capsys):
+    from writesae_plugin.cli import main
+    from writesae_plugin.dashboard.site import pages_note
+    from writesae_plugin.demo.run import QUICK, DemoSize
+
+    assert pages_note({"max_pages": 24, "atoms": [313, 97]}, 26).startswith(
+        "Pages for 26 atoms: the 24 most frequently firing atoms and atoms [97, 313]")
+    assert pages_note({"max_pages": None, "atoms": [5]}, 1).startswith("Pages for 1 atoms: atoms [5]")
+    assert pages_note({"max_pages": None, "atoms": None}, 40).startswith("Pages for 40 atoms: every atom that fired")
+    with pytest.raises(SystemExit):
+        main(["dashboard", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Which atoms get pages: by default every atom that fires" in out and "the N most frequently firing" in out
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {DemoSize().dashboard_pages}; {QUICK.dashboard_pages} with --quick)" in out
+    assert "--dashboard-pages" in out

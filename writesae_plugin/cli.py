@@ -1105,6 +1105,10 @@ def cmd_demo(args) -> int:
     from .demo.run import QUICK, DemoSize, run_demo, run_demo_all, summary_table
 
     size = QUICK if args.quick else DemoSize()
+    if args.dashboard_pages is not None:
+        import dataclasses
+
+        size = dataclasses.replace(size, dashboard_pages=args.dashboard_pages)
     if args.arch == "all":
         summary = run_demo_all(args.out, size)
     else:
@@ -1206,6 +1210,15 @@ def cmd_edit_atoms(args) -> int:
           f"sets {c.get('mean', float('nan')):+.3f} (n = {c['n']}), p = {c.get('p_at_least_as_large', float('nan')):.3f}")
     print(f"report: {args.out}/index.html")
     return 0
+
+
+#: `writesae dashboard --help`: which atoms get pages (the README says the same)
+DASHBOARD_PAGES = (
+    "Writes R/index.html (a row for every atom of the SAE: firings, density, max activation, promoted tokens, win "
+    "rate, dead) and a page R/atoms/{i}.html for each chosen atom (linked from its row). Which atoms get pages: by "
+    "default every atom that fires on the scanned contexts; --max-pages N: the N most frequently firing (ties: the "
+    "lower index) plus any --atoms; --atoms I J ...: exactly those. For more pages, rerun with a larger --max-pages, "
+    "name atoms with --atoms, or drop both; --tokens / --contexts scan more text (more atoms fire).")
 
 
 def _add_pairs_args(p, sae_help: str):
@@ -1406,7 +1419,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_attribute)
 
     db = sub.add_parser("dashboard", help="atom dashboards: a static site (index + one page per atom) from one "
-                                          "streaming pass; optional Neuronpedia export")
+                                          "streaming pass; optional Neuronpedia export",
+                        description=DASHBOARD_PAGES)
     db.add_argument("--model", default=None, help="local HF model dir or hub id (default: a tiny built-in Qwen3.5)")
     db.add_argument("--sae", required=True, help="SAE directory or RELEASE:SAE_ID (a per-head WriteSAE)")
     _add_data_args(db)
@@ -1414,10 +1428,11 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--tokens", type=positive_int, default=None,
                     help="tokens of data to scan (sets --contexts to ceil(N / --context-length))")
     db.add_argument("--atoms", type=nonneg_int, nargs="+", default=None,
-                    help="atoms that get pages, value sides and measured effects (default: every atom that fires, "
-                         "or the --max-pages most frequent)")
+                    help="atoms that get pages, value sides and measured effects (default: every atom that fires; "
+                         "with --max-pages: added to its most frequent atoms)")
     db.add_argument("--max-pages", type=positive_int, default=None,
-                    help="pages for this many of the most frequently firing atoms (plus any --atoms)")
+                    help="pages for the N most frequently firing atoms (ties: the lower index), plus any --atoms "
+                         "(default: every atom that fires)")
     db.add_argument("--head", type=nonneg_int, default=None,
                     help="the value head to view a head-shared SAE (--shared-heads) at")
     db.add_argument("--batch", type=positive_int, default=8, help="contexts per forward of the pass")
@@ -1480,6 +1495,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--arch", choices=["all", "qwen3_5", "mamba2"], default="all",
                    help="all (default): both shipped models and the cross-architecture comparison; or just one")
     d.add_argument("--quick", action="store_true", help="a reduced size (for tests)")
+    d.add_argument("--dashboard-pages", type=positive_int, default=None,
+                   help="atom pages per SAE dashboard: the N most frequently firing atoms on the held-out contexts, "
+                        "plus the README's example atoms (default: 24; 2 with --quick); every atom has a row in the "
+                        "dashboard's index either way")
     d.set_defaults(func=cmd_demo)
     return parser
 

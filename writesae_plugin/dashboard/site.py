@@ -281,6 +281,7 @@ def index_page(rows: list[dict], title: str, meta: dict) -> str:
             f"<p>{meta['n_atoms']} atoms ({meta['n_dead']} dead on these contexts), {meta['n_contexts']} contexts of "
             f"{meta['context_length']} tokens ({meta['n_positions']} positions). Click a column to sort; "
             "<a href='data/index.json'>data/index.json</a>.</p>",
+            f"<p id='pages'>{_esc(meta['pages'])}</p>",
             "<input id='search' type='search' placeholder='search atoms, tokens...' oninput='filterRows(this.value)'>",
             "<table id='atoms'><thead><tr>" + "".join(
                 f"<th onclick='sortBy({j})'>{h}</th>" for j, h in enumerate(
@@ -297,6 +298,20 @@ def index_page(rows: list[dict], title: str, meta: dict) -> str:
                     f"<td>{'dead' if r['dead'] else ''}</td></tr>")
     body.append("</tbody></table>")
     return _page(title, "\n".join(body), INDEX_JS)
+
+
+def pages_note(config: dict, n_pages: int) -> str:
+    """Which atoms have pages and how to ask for more (the index page's note)."""
+    max_pages, atoms = config.get("max_pages"), config.get("atoms")
+    if max_pages is not None:
+        chosen = f"the {max_pages} most frequently firing atoms" + (f" and atoms {sorted(atoms)}" if atoms else "")
+    elif atoms is not None:
+        chosen = f"atoms {sorted(atoms)}"
+    else:
+        chosen = "every atom that fired"
+    return (f"Pages for {n_pages} atoms: {chosen} (their numbers link to them; dead atoms get none). For more pages, "
+            "rerun writesae dashboard with a larger --max-pages N, with --atoms I J ..., or with neither (every atom "
+            "that fires).")
 
 
 def write_dashboard(data, out_dir: str | Path, tokenizer=None, title: str = "WriteSAE atoms",
@@ -330,7 +345,8 @@ def write_dashboard(data, out_dir: str | Path, tokenizer=None, title: str = "Wri
         plt.close(fig_cache["fig"])
     N, T = data.tokens.shape
     meta = {"n_atoms": data.stats.n, "n_dead": sum(r["dead"] for r in rows), "n_contexts": N, "context_length": T,
-            "n_positions": data.stats.positions}
+            "n_positions": data.stats.positions,
+            "pages": pages_note(data.config, sum(r["page"] is not None for r in rows))}
     _dump(out / "data" / "index.json", {"title": title, "sae": data.sae_info, "config": data.config,
                                         "timings": data.timings, **meta, "schema": ATOM_SCHEMA, "atoms": rows}, indent=1)
     _write(out / "index.html", index_page(rows, title, meta))
