@@ -401,7 +401,6 @@ class RWKV7Hooks(Mamba2Hooks):
         fired = [self._fire(hp, x) for hp, x in ((self.hook_r, r.clone()), (self.hook_w, w), (self.hook_k, k.clone()),
                                                  (self.hook_v, v.clone()), (self.hook_kk, kk), (self.hook_a, a))]
         r2, w2, k2, v2, kk2, a2 = (f.value for f in fired)
-        native_edited = [f.edited for f in fired]
 
         # canonical frame, fp32 (own tensors: an in-place edit of a canonical hook never reaches the kernel's inputs)
         key, value, g, query = k2.float().clone(), v2.float().clone(), w2.float().clone(), _scaled(r2, scale)
@@ -433,9 +432,8 @@ class RWKV7Hooks(Mamba2Hooks):
         # the model's own call (with edited native inputs, if any)
         main = dict(call)
         main.update(r=r2, w=w2, k=k2, v=v2)
-        if name == RWKV7_CHUNK:
-            if native_edited[4] or native_edited[5]:
-                main.update(a=-kk2, b=kk2 * a2)
+        if name == RWKV7_CHUNK:  # a = -kk^, b = kk^ . a from the hook outputs (the layer's bits when not edited: the
+            main.update(a=-kk2, b=kk2 * a2)  # same negation and product; gradients then reach hook_kk, hook_a)
         else:
             main.update(kk=kk2, a=a2)
         if not canonical:

@@ -309,12 +309,13 @@ def test_bad_inputs_raise_clear_errors(model, tokens):
 
 def test_unhookable_fla_models_get_an_error_listing_the_supported_families():
     require_fla()
-    from fla.models import RWKV7Config
+    from fla.models import RWKV6Config
     from transformers import AutoModelForCausalLM
 
-    rwkv = AutoModelForCausalLM.from_config(RWKV7Config(vocab_size=64, hidden_size=64, num_hidden_layers=2,
-                                                        head_dim=32))
-    with pytest.raises(UnsupportedModelError, match=r"RWKV-7.*no adapter yet.*DeltaNet \(fla delta_net\), GLA"):
+    rwkv = AutoModelForCausalLM.from_config(RWKV6Config(vocab_size=64, hidden_size=64, num_hidden_layers=2,
+                                                        num_heads=2))
+    with pytest.raises(UnsupportedModelError, match=r"model_type='rwkv6'.*DeltaNet \(fla delta_net\), GLA \(fla gla\), "
+                                                    r"RWKV-7 \(fla rwkv7\)"):
         hook_model(rwkv)
 
 

@@ -18,9 +18,10 @@ LONG = "hello world, recurrent models write matrices and the lazy dog"
 EOS = "<|endoftext|>"
 
 
-@pytest.fixture(params=["qwen3_5", "kimi_linear", "mamba2"])  # xLSTM takes no mask: test_xlstm_adapter.py
+@pytest.fixture(params=["qwen3_5", "kimi_linear", "mamba2", "rwkv7"])  # xLSTM takes no mask: test_xlstm_adapter.py
 def model(request, qwen, tmp_path, tiny_tokenizer):
-    """A hooked tiny Qwen3.5, Kimi Linear or Mamba-2 with a right-padding tokenizer whose pad token is its eos."""
+    """A hooked tiny Qwen3.5, Kimi Linear, Mamba-2 or RWKV-7 (fla) with a right-padding tokenizer whose pad token is
+    its eos."""
     assert tiny_tokenizer.padding_side == "right" and tiny_tokenizer.pad_token == EOS
     if request.param == "qwen3_5":
         return hook_model(qwen, tokenizer=tiny_tokenizer)
@@ -28,6 +29,10 @@ def model(request, qwen, tmp_path, tiny_tokenizer):
         from tiny_recurrent_models import make_tiny_kimi
 
         return hook_model(make_tiny_kimi(tmp_path / "kimi"), tokenizer=tiny_tokenizer)
+    if request.param == "rwkv7":
+        from tiny_fla_models import make_tiny_rwkv7
+
+        return hook_model(make_tiny_rwkv7(tmp_path / "rwkv7"), tokenizer=tiny_tokenizer)
     torch.manual_seed(0)
     return hook_model(make_tiny_mamba("mamba2", tmp_path / "m2"), tokenizer=tiny_tokenizer)
 

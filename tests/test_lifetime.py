@@ -17,9 +17,10 @@ from writesae_plugin.attribution import feature_attribution, feature_attribution
 from writesae_plugin.sae import WriteSAE, WriteSAEConfig
 
 
-@pytest.fixture(params=["qwen3_5", "kimi_linear", "xlstm", "mamba2"])
+@pytest.fixture(params=["qwen3_5", "kimi_linear", "xlstm", "mamba2", "rwkv7"])
 def hf_and_layer(request, qwen, tmp_path):
-    """(plain HF model, a recurrent layer, its family name) for one GDN, KDA, xLSTM and Mamba-2 model."""
+    """(plain HF model, a recurrent layer, its family name) for one GDN, KDA, xLSTM, Mamba-2 and RWKV-7 (fla)
+    model."""
     if request.param == "qwen3_5":
         return qwen, 1, "qwen3_5_text"
     if request.param == "kimi_linear":
@@ -30,6 +31,10 @@ def hf_and_layer(request, qwen, tmp_path):
         from tiny_recurrent_models import make_tiny_xlstm
 
         return make_tiny_xlstm(tmp_path / "xlstm"), 1, "xlstm"
+    if request.param == "rwkv7":
+        from tiny_fla_models import make_tiny_rwkv7
+
+        return make_tiny_rwkv7(tmp_path / "rwkv7"), 1, "rwkv7"
     torch.manual_seed(0)
     return make_tiny_mamba("mamba2", tmp_path / "m2"), 1, "mamba2"
 

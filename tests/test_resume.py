@@ -18,7 +18,7 @@ from writesae_plugin.circuits import logit_diff, patch_writes
 
 FAMILIES = ([("gdn", f) for f, layout in GDN_FAMILIES if layout == "causal_lm"]
             + [("kimi", "kimi_linear"), ("xlstm", "xlstm")] + [("mamba2", f) for f in MAMBA_FAMILIES]
-            + [("fla", "delta_net"), ("fla", "gla")])
+            + [("fla", "delta_net"), ("fla", "gla"), ("fla", "rwkv7")])
 
 
 def _model(kind, family):
@@ -26,10 +26,11 @@ def _model(kind, family):
         return hook_model(build_tiny_kimi())
     if kind == "xlstm":
         return hook_model(build_tiny_xlstm())
-    if kind == "fla":  # flash-linear-attention's DeltaNet / GLA (the [fla] extra)
-        from tiny_fla_models import build_tiny_deltanet, build_tiny_gla
+    if kind == "fla":  # flash-linear-attention's DeltaNet / GLA / RWKV-7 (the [fla] extra)
+        from tiny_fla_models import build_tiny_deltanet, build_tiny_gla, build_tiny_rwkv7
 
-        return hook_model(build_tiny_deltanet() if family == "delta_net" else build_tiny_gla())
+        build = {"delta_net": build_tiny_deltanet, "gla": build_tiny_gla, "rwkv7": build_tiny_rwkv7}[family]
+        return hook_model(build())
     return hook_model(build_tiny_model(family) if kind == "gdn" else build_tiny_mamba(family))
 
 
@@ -72,7 +73,7 @@ def test_resume_equals_full_forward_with_edits_on_every_family(kind, family):
 
 @pytest.mark.parametrize("kind,family", [("mamba2", f) for f in ["granitemoehybrid", "zamba2", "bamba", "falcon_h1",
                                                                    "nemotron_h"]] + [("kimi", "kimi_linear"), ("xlstm", "xlstm")]
-                         + [("fla", "delta_net"), ("fla", "gla")])
+                         + [("fla", "delta_net"), ("fla", "gla"), ("fla", "rwkv7")])
 def test_patch_writes_equals_brute_force_full_forwards_on_hybrids(kind, family):
     """The issue's example: patching effects on Granite and Zamba2 were silently off; Bamba, Falcon-H1 and
     Nemotron-H crashed past the first Mamba layer. Kimi Linear: KDA layers with an MLA attention layer."""
