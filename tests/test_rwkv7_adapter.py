@@ -110,6 +110,7 @@ def test_the_torch_dplr_kernel_equals_the_per_token_reference():
 def test_cpu_routes_of_fla_rwkv7_helpers_equal_fla_torch_references():
     """The CPU routes of fla's triton helpers against fla's own pure-torch reference functions."""
     from fla.modules.token_shift import token_shift_ref
+    from fla.ops.rwkv7.fused_addcmul import torch_addcmul_rwkv7
     from fla.ops.rwkv7.fused_k_update import k_update_ref
     from fla.ops.rwkv7.gate_output_correction import gate_output_correction_ref
 
@@ -131,6 +132,10 @@ def test_cpu_routes_of_fla_rwkv7_helpers_equal_fla_torch_references():
     assert torch.allclose(fla_cpu.torch_gate_output_correction(o, r, kk, rk, v, gate),
                           gate_output_correction_ref(o, r, kk, rk, v, gate), atol=1e-6)
     assert torch.allclose(fla_cpu.torch_l2_norm(k), torch.nn.functional.normalize(k, dim=-1, eps=1e-12), atol=1e-5)
+    mixes = [torch.rand(1, 1, 12, generator=g) for _ in range(6)]
+    for mine, theirs in zip(fla_cpu.torch_addcmul_rwkv7(o, gate, *mixes), torch_addcmul_rwkv7(o, gate, *mixes)):
+        assert torch.equal(mine, theirs)
+    assert torch.equal(fla_cpu.torch_sqrelu_fwd(o), torch.relu(o) ** 2)
 
 
 def test_gpu_path_calls_fla_chunk_kernel_with_dplr_arguments(monkeypatch):
