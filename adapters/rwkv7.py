@@ -495,13 +495,18 @@ class RWKV7Hooks(Mamba2Hooks):
         return (D0, torch.tensor([r_[0] for r_ in rows], device=device),
                 torch.tensor([r_[1] for r_ in rows], device=device))
 
-    def _propagate_dplr(self, kernel, entries, b, T, query, log_decay, kk, a):
-        """Exact ``Delta o`` and ``Delta S_T`` of state changes: the zero-value trick with the DPLR kernel (one row
-        per changed (batch, position) pair, ``initial_state = D``, zero keys and values, the layer's transitions on
-        the suffix; padding past the end has ``w = kk = a = 0``, the identity)."""
+    def _propagate_dplr(self, kernel, entries, b, T, query, log_decay, kk, a, method: str = "auto"):
+        """Exact ``Delta o`` and ``Delta S_T`` of state changes ``entries[(b, t, h)] = D``. ``"kernel"``: the zero-value
+        trick with the DPLR kernel (one row per changed (batch, position) pair, ``initial_state = D``, zero keys and
+        values, the layer's transitions on the suffix; padding past the end has ``w = kk = a = 0``, the identity);
+        ``"scan"``: one per-token scan over the batch rows adding each change at its position (``O(T)`` whatever the
+        number of changes: an SAE spliced at every position); ``"auto"``: the scan when there are more changed
+        positions than batch rows."""
         dev = kk.device
         H, K, V = self.n_heads, self.d_k, self.d_v
         D0, batch, pos = self._rows_on(entries, dev)
+        if method == "scan" or (method == "auto" and batch.numel() > b):
+            return _propagate_scan(D0, batch, pos, b, T, query, log_decay, kk, a)
         d_read = torch.zeros(b, T, H, V, dtype=torch.float32, device=dev)
         d_read.index_put_((batch, pos), torch.einsum("rhkv,rhk->rhv", D0, query[batch, pos].float()), accumulate=True)
         L = int(T - 1 - int(pos.min()))
@@ -566,6 +571,33 @@ class RWKV7Hooks(Mamba2Hooks):
             if e.layer == self.layer_idx and offset <= e.pos < offset + T and dense_D is not None:
                 raise conflicting_edit_error(self.layer_idx, e.pos)
         super()._functional(owner, entries, offset, b, T, key, value, dense_D)
+
+
+def _propagate_scan(D0: Tensor, batch: Tensor, pos: Tensor, b: int, T: int, query, log_decay, kk, a):
+    """``X_t = T_t X_{t-1} + sum_{r: pos_r = t} D_r`` over the ``b`` batch rows from the first changed position,
+    ``Delta o_t = X_t^T q_t`` (exact zeros before it); returns ``(Delta o [b,T,H,V], Delta S_T [b,H,K,V])``."""
+    _, H, K, V = D0.shape
+    dev = D0.device
+    d_read = torch.zeros(b, T, H, V, dtype=torch.float32, device=dev)
+    X = torch.zeros(b, H, K, V, dtype=torch.float32, device=dev)
+    if batch.numel() == 0:
+        return d_read, X
+    by_pos: dict[int, list[int]] = {}
+    for r_, p in enumerate(pos.tolist()):
+        by_pos.setdefault(p, []).append(r_)
+    t0 = min(by_pos)
+    decay = log_decay.float().exp()[..., None]
+    al, be = -kk.float()[..., None, :], (kk.float() * a.float())[..., None]
+    q = query.float()[..., None, :]
+    reads = []
+    for t in range(t0, T):
+        if t > t0:
+            X = decay[:, t] * X + be[:, t] * (al[:, t] @ X)
+        if t in by_pos:
+            rows = torch.tensor(by_pos[t], dtype=torch.long, device=dev)
+            X = X.index_add(0, batch[rows], D0[rows])
+        reads.append((q[:, t] @ X)[..., 0, :])
+    return torch.cat([d_read[:, :t0], torch.stack(reads, 1)], 1), X
 
 
 def _derivative_path(deltas: dict, query, log_decay, write_key, write_value, kk, a, init, like):

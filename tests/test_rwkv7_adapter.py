@@ -163,6 +163,25 @@ def test_gpu_path_calls_fla_chunk_kernel_with_dplr_arguments(monkeypatch):
     assert kernels.chunk(torch.device("cpu")) is rwkv7_kernel
 
 
+def test_many_edits_propagate_by_scan_and_by_kernel_alike(model, tokens):
+    """Changes at many positions (an SAE spliced everywhere) take the per-token scan over the batch rows; a few take
+    the zero-value kernel rows; both equal the reference with the changes as extra writes."""
+    hooks = model.blocks[L].linear_attn
+    with torch.no_grad():
+        c = layer_cache(model, tokens[:, :30])
+    g = torch.Generator().manual_seed(12)
+    entries = {(bi, t, h): 0.3 * torch.randn(DK, DV, generator=g) for bi, t, h in
+               [(0, 3, 1), (1, 3, 2), (0, 17, 0), (1, 29, 3), (0, 20, 1), (0, 20, 2)]}
+    out = {m: hooks._propagate_dplr(rwkv7_kernel, entries, 2, 30, c["hook_query"], c["hook_log_decay"], c["hook_kk"],
+                                    c["hook_a"], method=m) for m in ("scan", "kernel")}
+    ref = reference_of(c, extra_writes=entries, return_states=True)
+    clean = reference_of(c, return_states=True)
+    for d_read, d_final in out.values():
+        assert (d_read - (ref.read - clean.read)).abs().max() <= 1e-5
+        assert (d_final - (ref.final_state - clean.final_state)).abs().max() <= 1e-5
+        assert torch.equal(d_read[:, :3], torch.zeros(2, 3, H, DV))
+
+
 def test_prefill_then_decode_equals_full_forward_and_decode_hooks_fire(model, tokens):
     seen = []
     with torch.no_grad():
