@@ -55,7 +55,6 @@ against it. Nothing of size ``T x d_k x d_v`` is formed unless states or dense w
 from __future__ import annotations
 
 import importlib
-import inspect
 import sys
 import threading
 
