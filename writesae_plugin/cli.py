@@ -4,6 +4,11 @@ Arguments are parsed and checked (ranges, paths, datasets, SAE directories and r
 heavy is imported: torch, transformers and SAELens load inside a command, after its checks. A user error is
 one line, ``writesae <command>: <message>``, on stderr with exit status 2 (1 for an error while running);
 ``--debug`` shows the traceback instead.
+
+Before a command imports torch, ``OMP_WAIT_POLICY`` is set to ``PASSIVE`` unless the environment sets it: torch's
+OpenMP threads otherwise spin while they wait for each other, and on a CPU that other processes keep busy the spinning
+threads hold the cores the awaited ones need (``writesae hooks`` on the shipped model, 2 threads on a loaded 2-core
+machine: a 36.7 s self-check, 3.8 s with the passive policy, 3.3 s with one thread).
 """
 
 from __future__ import annotations
@@ -528,7 +533,7 @@ def cmd_hooks(args) -> int:
     print("shapes: " + "; ".join(f"{sym} = {meaning}" for sym, meaning in SHAPE_SYMBOLS.items() if sym in used))
     tokens = torch.randint(0, model.cfg.d_vocab, (args.batch, args.length))
     print(f"\nself-check on random tokens [{args.batch}, {args.length}]:")
-    result = run_selfcheck(model, tokens)
+    result = run_selfcheck(model, tokens, progress=True)  # a bar on stderr, one step per check
     print(result.table())
     print("\nall checks passed" if result.ok else "\nSOME CHECKS FAILED")
     return 0 if result.ok else 1
@@ -1534,6 +1539,7 @@ _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErr
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads (module docstring)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # name the subcommand whose options these are not (argparse reports them on the root parser)

@@ -80,14 +80,22 @@ def reference_read(model: HookedRecurrentModel, cache, layer: int, write_edits: 
                                     cache[p + "hook_log_decay"], cache[p + "hook_beta"], write_edits=edits).read
 
 
-def run_selfcheck(model: HookedRecurrentModel, tokens: torch.Tensor, repeats: int = 5) -> SelfCheck:
-    """Run the checks on ``tokens`` ``[b, T]`` (``T >= 2``)."""
+def run_selfcheck(model: HookedRecurrentModel, tokens: torch.Tensor, repeats: int = 5,
+                  progress: bool = False) -> SelfCheck:
+    """Run the checks on ``tokens`` ``[b, T]`` (``T >= 2``); ``progress``: a tqdm bar on stderr, one step per check
+    (the reference parity and the three cached / resumed paths of every recurrent layer, then the timings)."""
+    from tqdm.auto import tqdm
+
     out = SelfCheck()
     hf = model.hf_model
     b, T = tokens.shape
-    with torch.no_grad():
+    layers = list(model.cfg.recurrent_layers)
+    bar = tqdm(total=2 + 2 * len(layers) + 3, desc="self-check", unit="check", disable=not progress,
+               dynamic_ncols=True)
+    with torch.no_grad(), bar:
         plain = hf(input_ids=tokens).logits
         hooked, cache = model.run_with_cache(tokens)
+        bar.update()
         out.results.append(CheckResult("capture-only logits vs plain HF (max |diff|)",
                                        (hooked - plain).abs().max().item(), 0.0))
         for layer in model.cfg.recurrent_layers:
@@ -98,6 +106,7 @@ def run_selfcheck(model: HookedRecurrentModel, tokens: torch.Tensor, repeats: in
             out.results.append(CheckResult(f"layer {layer}: hook_read vs per-token reference",
                                            (reference_read(model, cache, layer) - read).abs().max().item(),
                                            1e-5 * max(1.0, read.abs().max().item())))
+            bar.update()
         layer = model.cfg.recurrent_layers[0]
         p = model.hook_prefix(layer)
         pos, head = T // 2, model.cfg.n_heads - 1
@@ -112,16 +121,21 @@ def run_selfcheck(model: HookedRecurrentModel, tokens: torch.Tensor, repeats: in
                                        1e-5 * max(1.0, ref.abs().max().item())))
         out.results.append(CheckResult("edit: change before the edited position", (
             edited[p + "hook_read"][:, :pos] - cache[p + "hook_read"][:, :pos]).abs().max().item(), 0.0))
-        _check_resume_paths(model, tokens, out)
+        bar.update()
+        _check_resume_paths(model, tokens, out, bar)
+        bar.set_postfix_str("timing")
         t_plain = _median_time(lambda: hf(input_ids=tokens), repeats)
+        bar.update()
         t_wrap = _median_time(lambda: model(tokens), repeats)
+        bar.update()
         t_edit = _median_time(lambda: model.run_with_edits(tokens, [edit]), repeats)
+        bar.update()
         out.results.append(CheckResult("time: hooked (no hooks attached) / plain HF", t_wrap / t_plain, None))
         out.results.append(CheckResult("time: one exact edit / clean hooked forward", t_edit / t_wrap, None))
     return out
 
 
-def _check_resume_paths(model: HookedRecurrentModel, tokens: torch.Tensor, out: SelfCheck) -> None:
+def _check_resume_paths(model: HookedRecurrentModel, tokens: torch.Tensor, out: SelfCheck, bar=None) -> None:
     """The fast paths of ``substitute`` / ``patch`` / ``install`` against the full forward with the same edit, at
     every recurrent layer: a forward resumed at the layer (``run_from_layer``), a clean prefix cache continued
     from the edited position by a resumed forward (the substitution path), and a cache continued by the plain
@@ -149,3 +163,5 @@ def _check_resume_paths(model: HookedRecurrentModel, tokens: torch.Tensor, out: 
             step = model(tokens[:1, pos:], past_key_values=prefix)
         out.results.append(CheckResult(f"layer {layer}: cached prefix + continued forward + edit vs full",
                                        (step[0] - full[0, pos:]).abs().max().item(), tol))
+        if bar is not None:
+            bar.update()
