@@ -318,6 +318,26 @@ def test_hook_inventory_shapes_use_distinct_explained_symbols(tmp_path):
         assert state[1:3] == ["p_s", "H_s"], (family, state)
 
 
+def test_every_command_defaults_to_the_shipped_demo_model():
+    """Every --model that may be left out means the shipped Gated DeltaNet demo model (not a random-init model), and
+    its help says so; _load(None) loads exactly that model."""
+    from writesae_plugin import cli
+    from writesae_plugin.demo.run import demo_model_dir
+
+    assert cli.DEMO_MODEL == demo_model_dir().resolve()
+    commands = []
+    for name, p in _subparsers().items():
+        for action in p._actions:
+            if action.dest == "model" and not action.required:
+                assert action.default is None and "the shipped Gated DeltaNet demo model" in action.help, name
+                commands.append(name)
+    assert {"hooks", "train", "extract", "substitute", "closed-form", "install", "attribute", "dashboard", "patch",
+            "circuit"} <= set(commands)
+    model, desc = cli._load(None)
+    assert desc == str(cli.DEMO_MODEL) and model.tokenizer is not None
+    assert model.hf_model.config.model_type == "qwen3_5_text" or "qwen3_5" in model.hf_model.config.model_type
+
+
 def test_hooks_shows_progress_and_torch_threads_wait_passively():
     """`writesae hooks` (on the shipped model, its default) shows a progress bar on stderr, and the command sets
     OMP_WAIT_POLICY=PASSIVE before torch loads (spinning OpenMP threads made its self-check ~10x slower on a busy

@@ -18,7 +18,6 @@ import json
 import os
 import contextlib
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -53,6 +52,13 @@ def _err(line: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     prefix = f"[rank {os.environ['RANK']}/{world}] " if world > 1 and "RANK" in os.environ else ""
     write_lines([prefix + line])
+
+
+#: the shipped Gated DeltaNet demo model (package data), every command's default --model; the path is the one
+#: ``demo.run.demo_model_dir()`` gives (a test keeps them equal; that module imports torch)
+DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo" / "model"
+MODEL_HELP = ("local HF model directory or hub id (default: the shipped Gated DeltaNet demo model, "
+              "writesae_plugin/assets/demo/model)")
 
 
 class UsageError(Exception):
@@ -488,15 +494,15 @@ def resolve_device(spec: str) -> str:
 
 
 def _load(model_path: str | None, device: str = "cpu"):
+    """The hooked model of ``--model`` (None: the shipped demo model) and its description."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .adapters import hook_model
-    from .tiny import build_tiny_qwen35
 
     if model_path is None:
-        tmp = tempfile.mkdtemp(prefix="writesae-tiny-")
-        return (hook_model(build_tiny_qwen35(tmp).to(device)),
-                "tiny random-init Qwen3.5 (built and reloaded from " + tmp + ")")
+        if not (DEMO_MODEL / "config.json").is_file():
+            raise UsageError(f"the shipped demo model is not in this install ({DEMO_MODEL}); give --model")
+        model_path = str(DEMO_MODEL)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # errors stay one line; the CLI prints its own progress
@@ -1128,9 +1134,8 @@ def _pairs_inputs(args, n_saes: int = 1):
     from .circuits.run import DEFAULT_SAES
     from .circuits.tasks import copy_task, quote_task
     from .demo import corpus
-    from .demo.run import demo_model_dir
 
-    model, _ = _load(args.model or str(demo_model_dir()))
+    model, _ = _load(args.model)
     if model.tokenizer is None:
         raise UsageError("the model has no tokenizer; the prompt tasks need one")
     specs = args.sae or list(DEFAULT_SAES[:n_saes])
@@ -1227,7 +1232,7 @@ DASHBOARD_PAGES = (
 
 
 def _add_pairs_args(p, sae_help: str):
-    p.add_argument("--model", default=None, help="HF model directory (default: the shipped demo model)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--sae", action="append", default=None, help=sae_help)
     p.add_argument("--dataset", default=None, help="text file/dir for the prompts (default: the stdlib corpus)")
     p.add_argument("--text-column", default="text", help="the dataset's text column")
@@ -1274,14 +1279,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(debug=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("hooks", help="hook a model, print its write hook inventory and run the exactness self-check")
-    p.add_argument("--model", default=None, help="local HF model dir or hub id (default: a tiny built-in Qwen3.5)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--length", type=length_int, default=150, help="tokens per sequence (not a multiple of 64)")
     p.add_argument("--batch", type=positive_int, default=2, help="sequences")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=cmd_hooks)
 
     t = sub.add_parser("train", help="train a WriteSAE on a layer/head's write or state site")
-    t.add_argument("--model", default=None, help="hub id or local HF model dir (default: tiny built-in Qwen3.5)")
+    t.add_argument("--model", default=None,
+                   help=MODEL_HELP[:-1] + "; with --store: none, and given, the store must come from it)")
     t.add_argument("--layer", type=int, default=None, help="a recurrent layer index (one dictionary; or --layers)")
     t.add_argument("--head", type=_head, default=None, help="value head index, or 'all' (one shared dictionary)")
     t.add_argument("--layers", type=_int_list, default=None,
@@ -1346,7 +1352,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("extract", help="extract a write or state site of many layers and heads into an activation "
                                        "store (resumable shards + manifest) for `writesae train --store`")
-    x.add_argument("--model", default=None, help="hub id or local HF model dir (default: tiny built-in Qwen3.5)")
+    x.add_argument("--model", default=None, help=MODEL_HELP)
     x.add_argument("--dataset", required=True, help="hub dataset name, or a local .txt/.jsonl/.parquet file or dir")
     x.add_argument("--text-column", default="text", help="the dataset's text column")
     x.add_argument("--split", choices=SPLITS, default="train",
@@ -1372,7 +1378,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_extract)
 
     s = sub.add_parser("substitute", help="substitution test: replace writes by atoms vs deleting them")
-    s.add_argument("--model", default=None, help="local HF model dir or hub id")
+    s.add_argument("--model", default=None, help=MODEL_HELP)
     s.add_argument("--sae", required=True, help="SAE directory or RELEASE:SAE_ID (a per-head WriteSAE)")
     _add_data_args(s)
     s.add_argument("--out", required=True, help="results directory")
@@ -1385,7 +1391,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_substitute)
 
     c = sub.add_parser("closed-form", help="closed-form logit shift: JVP, direct path and fitted-G predictors")
-    c.add_argument("--model", default=None, help="local HF model dir or hub id (default: a tiny built-in Qwen3.5)")
+    c.add_argument("--model", default=None, help=MODEL_HELP)
     c.add_argument("--sae", required=True, help="SAE directory or RELEASE:SAE_ID (a per-head WriteSAE)")
     _add_data_args(c)
     c.add_argument("--out", required=True, help="results directory")
@@ -1398,7 +1404,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_closed_form)
 
     i = sub.add_parser("install", help="behavioural install: steer greedy continuations towards target tokens")
-    i.add_argument("--model", default=None, help="local HF model dir or hub id (default: a tiny built-in Qwen3.5)")
+    i.add_argument("--model", default=None, help=MODEL_HELP)
     _add_data_args(i)
     i.add_argument("--out", required=True, help="results directory")
     i.add_argument("--layer", type=nonneg_int, required=True, help="a recurrent layer index")
@@ -1414,7 +1420,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_install)
 
     a = sub.add_parser("attribute", help="write attribution (effective attention) and atom erasure")
-    a.add_argument("--model", default=None, help="local HF model dir or hub id (default: a tiny built-in Qwen3.5)")
+    a.add_argument("--model", default=None, help=MODEL_HELP)
     a.add_argument("--sae", required=True, help="SAE directory or RELEASE:SAE_ID (a per-head WriteSAE)")
     _add_data_args(a)
     a.add_argument("--out", required=True, help="results directory")
@@ -1426,7 +1432,7 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("dashboard", help="atom dashboards: a static site (index + one page per atom) from one "
                                           "streaming pass; optional Neuronpedia export",
                         description=DASHBOARD_PAGES)
-    db.add_argument("--model", default=None, help="local HF model dir or hub id (default: a tiny built-in Qwen3.5)")
+    db.add_argument("--model", default=None, help=MODEL_HELP)
     db.add_argument("--sae", required=True, help="SAE directory or RELEASE:SAE_ID (a per-head WriteSAE)")
     _add_data_args(db)
     db.add_argument("--out", required=True, help="site directory (index.html, atoms/, figures/, data/)")
