@@ -657,7 +657,8 @@ _HOOK_DOCS = {
     "hook_write_flat": "[b,p,H*d_k*d_v] flat dense write (as hook_write)",
     "hook_log_decay": "[b,p,H,d_k] w = log decay per key channel; edits change the diagonal of the transitions",
     "hook_query": "[b,p,H,d_k] r as read (scale 1); edits change the read",
-    "hook_state": "[b,P,H_s,d_k,d_v] opt-in states after the write; an edit acts as an extra write",
+    "hook_state": ("[b,p_s,H_s,d_k,d_v] opt-in states after the write at the captured positions p_s and heads H_s; "
+                   "an edit acts as an extra write"),
     "hook_read": "[b,p,H,d_v] o_t = S_t^T r_t before g_norm (fp32; the output correction's bonus term excluded); "
                  "edits replace the read",
 }
