@@ -416,3 +416,43 @@ def test_nothing_cites_the_team_spec_users_do_not_have():
                 text = Path(dirpath, name).read_text(errors="replace")
                 hits += [f"{Path(dirpath, name).relative_to(ROOT)}: {b}" for b in banned if b in text]
     assert not hits, f"cite docs/method.md instead: {hits}"
+
+
+# ------------------------------------------------------------------------------------ defaults the README states
+def _parser_default(command: str, dest: str):
+    from writesae_plugin.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
+    p = sub.choices[command]
+    action = next(a for a in p._actions if a.dest == dest)
+    return p._get_value(action, action.default) if isinstance(action.default, str) else action.default
+
+
+def test_defaults_the_readme_states_are_the_code_defaults():
+    """Each default the README states (a CLI option's, or a size of the demo and its recipes) is the one the code
+    has: a user who runs the command as the README says gets what the README describes."""
+    from writesae_plugin.demo.build import DemoRecipe
+    from writesae_plugin.demo.release import release_recipe
+    from writesae_plugin.demo.run import DemoSize
+
+    prose = " ".join(PROSE.split())
+    size, recipe, release = DemoSize(), DemoRecipe(), release_recipe("qwen3_5")
+    stated = {  # README text -> (the value it states, the code's)
+        "On the shipped GDN model (n = 16 pairs) `writesae patch`": (16, _parser_default("patch", "n")),
+        "(`--split`, default train)": ("train", _parser_default("extract", "split")),
+        "`--device auto` (the default)": ("auto", _parser_default("train", "device")),
+        "(90% / 5% / 5%: `--splits 90,5,5`": ((0.9, 0.05, 0.05), _parser_default("train", "splits")),
+        "(default size, 48 held-out contexts of 128 tokens": ((48, 128), (size.contexts, size.context_length)),
+        "`writesae demo` (16 held-out contexts of 128 tokens": ((16, 128), (size.dashboard_contexts,
+                                                                            size.context_length)),
+        "its 24 most frequently firing atoms on the 16 held-out contexts": ((24, 16), (size.dashboard_pages,
+                                                                                       size.dashboard_contexts)),
+        "at its four strongest firings": (4, size.dashboard_firings),
+        "(seed 0, 900 steps of 16 x 256 tokens": ((0, 900, 16, 256), (recipe.seed, recipe.steps, recipe.batch_size,
+                                                                      recipe.context_length)),
+        "TopK k = 16, 512 atoms": ((16, 512), (release.k, release.d_sae)),
+    }
+    for text, (readme, code) in stated.items():
+        assert text in prose, f"the README no longer says {text!r}: update this test"
+        assert readme == code, f"README {text!r}: {readme} but the code's default is {code}"
