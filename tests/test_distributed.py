@@ -174,6 +174,10 @@ def test_parallel_flags_are_checked_before_loading(data, capsys, monkeypatch):
     assert "--parallel cells or --parallel data" in capsys.readouterr().err
     assert main([*train[:-2], "--batch-size", "33", "--out", str(data / "x"), "--parallel", "data"]) == 2
     assert "--batch-size 33 is not a multiple of 2" in capsys.readouterr().err
+    argv = [*train[:-2], "--out", str(data / "x"), "--parallel", "data"]
+    argv[argv.index("--total-samples") + 1] = "97"  # the last, partial batch (1 row) would not split over 2 ranks
+    assert main(argv) == 2
+    assert "--total-samples 97 is not a multiple of 2" in capsys.readouterr().err
 
 
 def test_a_store_too_small_for_the_run_is_refused_before_training(single_store, data, capsys):

@@ -342,6 +342,9 @@ def validate_train(args) -> None:
     if getattr(args, "parallel", None) == "data" and args.batch_size % world:
         raise UsageError(f"--parallel data splits each batch over the {world} ranks: --batch-size {args.batch_size} "
                          f"is not a multiple of {world}")
+    if getattr(args, "parallel", None) == "data" and args.total_samples % world:
+        raise UsageError(f"--parallel data splits each batch over the {world} ranks, the last (partial) one too: "
+                         f"--total-samples {args.total_samples} is not a multiple of {world}")
     if getattr(args, "parallel", None) is not None and args.layers is None:
         raise UsageError(f"--parallel {args.parallel} trains the cells of --layers L1,L2,...; give --layers")
     if args.layers is not None and args.resume not in (None, "latest"):
@@ -1328,7 +1331,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: factors for the write site with a bilinear encoder")
     t.add_argument("--positions", type=_positions, default="all", help="all, last, stride:N or random:N")
     t.add_argument("--context-length", type=int, default=128, help="tokens per context")
-    t.add_argument("--total-samples", type=int, default=256 * 2000, help="training samples (matrices)")
+    t.add_argument("--total-samples", type=int, default=256 * 2000,
+                   help="training samples (matrices), exactly: when not a multiple of --batch-size the last batch is "
+                        "partial (per cell with --layers)")
     t.add_argument("--batch-size", type=int, default=256, help="samples per step")
     t.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (warm-up, cosine decay to lr/10)")
     t.add_argument("--aux-k", type=int, default=256, help="dead atoms in the auxiliary TopK loss (0: no aux loss)")
@@ -1340,7 +1345,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dead-feature-window", type=int, default=100,
                    help="steps without firing after which an atom counts as dead (aux-k loss, resampling)")
     t.add_argument("--val-contexts", type=int, default=16, help="validation contexts (of the validation split)")
-    t.add_argument("--val-every", type=int, default=100, help="validate every N steps")
+    t.add_argument("--val-every", type=int, default=100,
+                   help="validate every N steps and after the last; the progress bar shows the running training FVU "
+                        "and L0 and the last validation's val_fvu and dead_fraction (atoms that never fired on the "
+                        "validation contexts, as OUT/validation.jsonl records it)")
     t.add_argument("--no-normalize", action="store_true", help="do not rescale inputs to mean norm sqrt(d_in)")
     t.add_argument("--resume", default=None,
                    help="a checkpoint directory to resume from, or 'latest' (the newest complete one under "

@@ -4,6 +4,13 @@ Output directory: ``final/`` (the inference SAE: ``SAE.load_from_disk(out/"final
 (each one an SAE in real units that ``SAE.load_from_disk`` loads, plus everything ``resume_from`` needs; layout
 in ``checkpoints.py``), ``validation.jsonl`` (FVU, L0, dead fraction per validation) and ``train_config.json``.
 
+Exactly ``total_samples`` matrices are trained: the last batch is cut to what remains when ``total_samples`` is not a
+multiple of ``batch_size`` (before it, the data stream may end in a partial batch instead of stopping), so the
+progress bar ends at its total. The bar shows samples/s, the ETA, the running (EMA) training FVU and L0 of the batches,
+and the last validation's ``val_fvu`` and ``dead_fraction``: the fraction of atoms that never fired on the validation
+set, the quantity ``validation.jsonl`` records under the same name (the mean over cells for stacked cells). A
+validation runs every ``val_every`` steps and after the last step.
+
 Every file is written through a temporary file or directory and renamed into place, so a kill or a full disk
 leaves the previous complete state. A resumed run continues the data stream where the checkpoint left it, with
 the checkpoint's input scale, and refuses a checkpoint of another run (model, site, SAE, schedule, data).
@@ -107,6 +114,7 @@ class WriteSAETrainer(SAETrainer):
         self.stream = self.data_provider if stream is None else stream  # the provider whose position is saved
         self.progress: dict[str, str] = {}  # the progress bar's postfix (running FVU, L0, dead fraction, ...)
         self._ema: dict[str, float] = {}
+        self._batch_rows = 0  # rows of the last step's batch (the last one may be partial)
 
     # ------------------------------------------------------------------ progress
     def fit(self):
@@ -122,10 +130,18 @@ class WriteSAETrainer(SAETrainer):
             return make(*args, **kwargs)
 
         sae_trainer.tqdm = bar
+        place = getattr(self, "place", None)  # data parallel (stacked cells): every rank takes rows of each batch
+        last = self.cfg.total_training_samples % self.cfg.train_batch_size_samples
+        if place is not None and place.distributed and last % place.world_size:
+            raise ValueError(f"the last batch ({last} rows: total samples {self.cfg.total_training_samples} is not a "
+                             f"multiple of the batch size) does not split over {place.world_size} ranks; give a "
+                             f"total that is a multiple of {place.world_size}")
+        provider, self.data_provider = self.data_provider, _Exactly(self.data_provider, self)
         try:
             return super().fit()
         finally:
             sae_trainer.tqdm = make
+            self.data_provider = provider
 
     @torch.no_grad()
     def _track(self, batch: torch.Tensor, out) -> None:
@@ -151,16 +167,22 @@ class WriteSAETrainer(SAETrainer):
             self._ema[key] = (1 - a) * self._ema.get(key, value) + a * value
 
     def progress_postfix(self) -> dict[str, str]:
-        """What the progress bar shows beside samples/s and the ETA: running training FVU and L0, the dead
-        fraction (atoms that did not fire for ``dead_feature_window`` steps) and the last validation FVU."""
+        """What the progress bar shows beside samples/s and the ETA: the running training FVU and L0 (EMA over the
+        batches); :meth:`validation_postfix` adds the last validation's."""
         post = {}
         if self._ema:
             post["fvu"] = f"{self._ema['err'] / max(self._ema['var'], 1e-30):.3f}"
             post["L0"] = f"{self._ema['l0']:.1f}"
-        post["dead"] = f"{self.dead_neurons.float().mean().item():.1%}"
-        if self.history:
-            post["val_fvu"] = f"{self.history[-1]['fvu']:.3f}"
         return post
+
+    def validation_postfix(self) -> dict[str, str]:
+        """The last validation's FVU (``val_fvu``) and ``dead_fraction`` (atoms that never fired on the validation
+        set), as ``validation.jsonl`` records them; for stacked cells (``histories``) the means over the cells."""
+        rows = [h[-1] for h in (getattr(self, "histories", None) or [self.history]) if h]
+        if not rows:
+            return {}
+        return {"val_fvu": f"{sum(r['fvu'] for r in rows) / len(rows):.3f}",
+                "dead_fraction": f"{sum(r['dead_fraction'] for r in rows) / len(rows):.4f}"}
 
     #: ``--parallel cells``: the job's progress over all ranks (``distributed.RankProgress``), and the number of
     #: cells this trainer trains (its samples count once per cell)
@@ -176,10 +198,14 @@ class WriteSAETrainer(SAETrainer):
         if not self.show_progress:
             return
         self.progress = self.progress_postfix()
+        # one dead fraction, the validation's: a trainer's own postfix may still count atoms silent for
+        # dead_feature_window steps (the aux-k / resampling criterion) as "dead"; that is not what the records say
+        self.progress.pop("dead", None)
+        self.progress.update(self.validation_postfix())
         if self.rank_progress is not None:
             self.progress["all ranks"] = self.rank_progress.postfix()
         pbar.set_postfix(self.progress, refresh=False)
-        pbar.update(self.cfg.train_batch_size_samples)
+        pbar.update(self._batch_rows)  # the rows this step trained (the last batch may be partial)
 
     @property
     def normalized(self) -> bool:
@@ -201,9 +227,13 @@ class WriteSAETrainer(SAETrainer):
 
     def step(self, batch):
         batch = batch.to(self.sae.device)  # once: SAELens' step and the running FVU both read it there
+        self._batch_rows = batch.shape[0]
         out = super().step(batch)
+        # SAELens counts a full batch into the sparsity statistics' sample count; the last batch may be partial
+        self.n_frac_active_samples -= self.cfg.train_batch_size_samples - batch.shape[0]
         self._track(batch, out)
-        if self.val_every and self.val_batches and (self.n_training_steps + 1) % self.val_every == 0:
+        last = self.n_training_samples >= self.cfg.total_training_samples
+        if self.val_every and self.val_batches and ((self.n_training_steps + 1) % self.val_every == 0 or last):
             self.validate()
         return out
 
@@ -482,6 +512,34 @@ def save_portable(sae, path: Path | str) -> None:
     ``device`` argument, ``"cpu"`` by default; the saved device is what other readers of ``cfg.json`` see.)"""
     with cfg_device_cpu(sae):
         sae.save_inference_model(path)
+
+
+class _Exactly:
+    """The trainer's data stream ending at exactly ``total_training_samples``: the batch of the last step is cut to the
+    samples that remain. Before that step the providers (and those they wrap) may yield a partial batch at the end
+    of their data instead of stopping (``drop_last`` off), so a stream holding exactly the total suffices."""
+
+    def __init__(self, inner, trainer):
+        self.inner, self.trainer = inner, trainer
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        left = self.trainer.cfg.total_training_samples - self.trainer.n_training_samples
+        if left < self.trainer.cfg.train_batch_size_samples:
+            _allow_partial_batches(self.inner)
+        batch = next(self.inner)
+        return batch[:left] if batch.shape[0] > left else batch
+
+
+def _allow_partial_batches(provider) -> None:
+    """``drop_last = False`` on ``provider`` and the providers it wraps (``inner``, ``providers``)."""
+    if hasattr(provider, "drop_last"):
+        provider.drop_last = False
+    for inner in [getattr(provider, "inner", None), *getattr(provider, "providers", [])]:
+        if inner is not None:
+            _allow_partial_batches(inner)
 
 
 class _Prepend:
