@@ -409,6 +409,8 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         """Choose what the write hooks expose and what their edits replace: ``raw`` or ``delta``."""
         if mode not in WRITE_MODES:
             raise ValueError(f"write mode must be one of {WRITE_MODES}, got {mode!r}")
+        if mode != "raw" and getattr(self.family, "one_write_mode", None):
+            raise ValueError(f"{self.family.one_write_mode}; use write_mode='raw'")
         self.write_mode = mode
 
     @contextlib.contextmanager

@@ -261,7 +261,7 @@ class GLAHooks(GatedDeltaNetHooks):
 
     def intercept(self, name, kernels, args, kwargs):
         if self._owner().write_mode != "raw":
-            raise NotImplementedError("GLA has no separate delta write (no erase: it equals the raw write); use raw")
+            raise ValueError(f"{GLAFamily.one_write_mode}; use write_mode='raw'")
         return super().intercept(name, kernels, args, kwargs)
 
 
@@ -301,6 +301,8 @@ class GLAFamily(GatedDeltaNetFamily):
     write_rule = "scalar_decay"  # write attribution: no erase; A_eff[t, s] = q_t^T Diag(exp(G_t - G_s)) k_s, value v
     hooks_class = GLAHooks
     layer_label = "GLA"
+    #: why ``delta`` is refused (``HookedRecurrentModel.set_write_mode``, edits)
+    one_write_mode = "GLA writes have one mode: with no erase its raw and delta writes coincide"
     kernel_label = "GLA"
 
     def __init__(self, hf_model: nn.Module):  # noqa: D107 (GatedDeltaNetFamily.__init__ not called: other discovery)
@@ -332,8 +334,7 @@ class GLAFamily(GatedDeltaNetFamily):
     def validate_edit(self, owner, e) -> None:
         super().validate_edit(owner, e)
         if e.mode != "raw":
-            raise ValueError("GLA writes have one mode: with no erase its raw and delta writes coincide; use "
-                             "mode='raw'")
+            raise ValueError(f"{self.one_write_mode}; use mode='raw'")
 
     @staticmethod
     def output_map(mixer: nn.Module) -> GLAOutputMap:

@@ -184,7 +184,7 @@ class Mamba2Hooks(nn.Module):
         self._kernel_called = True
         owner, mixer = self._owner(), self._mixer()
         if owner.write_mode != "raw":
-            raise NotImplementedError("Mamba-2 has no separate delta write (it equals the raw write); use raw")
+            raise ValueError(f"{Mamba2FamilyBase.one_write_mode}; use write_mode='raw'")
         kn = self.names
         if name == kn.step:
             return self._decode(pure, args, kwargs, owner, mixer)
@@ -536,6 +536,8 @@ class Mamba2FamilyBase:
     inventory, over ``self.mixers`` (layer -> mixer) and ``dims(mixer) = (heads, groups, d_state, head_dim)``."""
 
     block_attr = "mixer"
+    #: why ``delta`` is refused (``HookedRecurrentModel.set_write_mode``, edits): the writes have one mode
+    one_write_mode = "Mamba-2 writes have one mode: its raw and delta writes coincide (the transition never erases)"
     mixers: dict[int, nn.Module]
 
     @staticmethod
@@ -550,7 +552,7 @@ class Mamba2FamilyBase:
         if not 0 <= e.head < H:
             raise ValueError(f"WriteEdit.head={e.head} out of range: layer {e.layer} has {H} heads")
         if e.mode != "raw":
-            raise ValueError("Mamba-2 writes have one mode: its raw and delta writes coincide; use mode='raw'")
+            raise ValueError(f"{self.one_write_mode}; use mode='raw'")
         e.atom(N, P)
 
     def hf_module_name(self, hf_model, layer: int) -> str:

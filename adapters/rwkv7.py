@@ -367,8 +367,7 @@ class RWKV7Hooks(Mamba2Hooks):
         self._kernel_called = True
         owner = self._owner()
         if owner.write_mode != "raw":
-            raise NotImplementedError("RWKV-7 has one write mode: its increment over the decayed state is rank 2 "
-                                      "(the write key k~ and the erase key a . kk^ differ); use write_mode='raw'")
+            raise ValueError(f"{RWKV7Family.one_write_mode}; use write_mode='raw'")
         call = _fla_form(name, args, kwargs)
         if call.get("cu_seqlens") is not None:
             raise NotImplementedError(f"layer {self.layer_idx}: packed sequences (cu_seqlens) are not supported by "
@@ -672,6 +671,9 @@ class RWKV7Family(GatedDeltaNetFamily):
     write_rule = "dplr"  # write attribution: A_eff[t, s] = q_t^T Phi(t, s) k~_s with the DPLR transitions, value v
     hooks_class = RWKV7Hooks
     layer_label = "RWKV-7"
+    #: why ``delta`` is refused (``HookedRecurrentModel.set_write_mode``, edits)
+    one_write_mode = ("RWKV-7 writes have one mode: its increment over the decayed state is rank 2 (write key k~, "
+                      "erase key a . kk^)")
     kernel_label = "RWKV-7 (DPLR)"
 
     def __init__(self, hf_model: nn.Module):  # noqa: D107 (GatedDeltaNetFamily.__init__ not called: other discovery)
@@ -701,8 +703,7 @@ class RWKV7Family(GatedDeltaNetFamily):
     def validate_edit(self, owner, e) -> None:
         super().validate_edit(owner, e)
         if e.mode != "raw":
-            raise ValueError("RWKV-7 writes have one mode: its increment over the decayed state is rank 2 (write key "
-                             "k~, erase key a . kk^); use mode='raw'")
+            raise ValueError(f"{self.one_write_mode}; use mode='raw'")
 
     @staticmethod
     def output_map(mixer: nn.Module) -> RWKV7OutputMap:

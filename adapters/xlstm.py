@@ -152,8 +152,7 @@ class XLSTMHooks(Mamba2Hooks):
             raise RuntimeError(f"layer {self.layer_idx}: xLSTMBackend was called with positional arguments; the "
                                "write hooks expect transformers' keyword call")
         if owner.write_mode != "raw":
-            raise NotImplementedError("xLSTM writes have one mode (no erase: the raw and delta writes coincide); "
-                                      "use write_mode='raw'")
+            raise ValueError(f"{XLSTMFamily.one_write_mode}; use write_mode='raw'")
         q, k, v = (kwargs[n].transpose(1, 2) for n in ("query", "key", "value"))  # [b,T,H,d]
         i, f = kwargs["igate"].transpose(1, 2), kwargs["fgate"].transpose(1, 2)  # [b,T,H]
         fired = [self._fire(hp, x) for hp, x in ((self.hook_q, q), (self.hook_k, k), (self.hook_v, v),
@@ -330,6 +329,8 @@ class XLSTMFamily:
 
     name = "xlstm"
     block_attr = "mlstm"
+    #: why ``delta`` is refused (``HookedRecurrentModel.set_write_mode``, edits)
+    one_write_mode = "xLSTM writes have one mode: with no erase the raw and delta writes coincide"
     write_rule = "scalar_decay"  # for write attribution: A_eff = Gamma . (query key^T), value exp(i~ - m) v
     layers_return_states = True  # xLSTMBlock returns (hidden, (C~, n~, m)): resume replays the state whole
 
@@ -434,8 +435,7 @@ class XLSTMFamily:
         if not 0 <= e.head < H:
             raise ValueError(f"WriteEdit.head={e.head} out of range: layer {e.layer} has {H} heads")
         if e.mode != "raw":
-            raise ValueError("xLSTM writes have one mode (no erase: the raw and delta writes coincide); use "
-                             "mode='raw'")
+            raise ValueError(f"{self.one_write_mode}; use mode='raw'")
         e.atom(d_k, d_v)
 
     def hf_module_name(self, hf_model, layer: int) -> str:

@@ -1,8 +1,9 @@
 """GLA adapter (flash-linear-attention ``GatedLinearAttention``) on a tiny real fla ``GLAForCausalLM`` loaded through
-transformers' Auto class (shared key/value heads, short convs, fused gated output norm): capture (bit-identical
-logits), per-token reference parity (per-channel decay, no erase; fla's value-first cache state), decode, exact edits
-(functional / hook / dense / state / add), query and decay edits, TransformerLens and nnsight access, gradients, a
-trained and spliced WriteSAE, the substitution test and the closed form, bad input."""
+transformers' Auto class (shared key/value heads, short convs, fused gated output norm): what is particular to GLA:
+capture (bit-identical logits), per-token reference parity (per-channel decay, no erase; fla's value-first cache
+state), its kernels, query and decay edits, gradients, bad input. The contract every family meets (decode, exact
+edits, hooks, nnsight, a spliced WriteSAE, the self-check and every experiment command):
+tests/test_family_contract.py."""
 
 from __future__ import annotations
 
@@ -113,105 +114,6 @@ def test_gpu_path_calls_fla_kernels_with_key_first_states(monkeypatch):
     assert kernels.chunk(torch.device("cpu")) is gla_kernel
 
 
-def test_prefill_then_decode_equals_full_forward_and_decode_hooks_fire(model, tokens):
-    seen = []
-    with torch.no_grad():
-        full, full_cache = model.run_with_cache(tokens)
-        with model.hooks(fwd_hooks=[(P + "hook_write_key", lambda x, hook: seen.append(x))]):
-            out = model(tokens[:, :50], return_type="hf")
-            logits = [out.logits]
-            for t in range(50, 70):
-                out = model(tokens[:, t:t + 1], return_type="hf", past_key_values=out.past_key_values)
-                logits.append(out.logits)
-    assert (torch.cat(logits, 1) - full).abs().max() <= 1e-4
-    assert len(seen) == 21 and seen[1].shape[1] == 1
-    assert (torch.cat(seen, 1) - full_cache[P + "hook_write_key"]).abs().max() <= 1e-5
-
-
-def test_functional_edits_equal_the_edited_recurrence(model, tokens):
-    g = torch.Generator().manual_seed(5)
-    u, w = torch.randn(DK, generator=g), torch.randn(DV, generator=g)
-    edits = [WriteEdit(layer=L, pos=40, head=2, batch=0, key=u, value=w),
-             WriteEdit(layer=L, pos=10, head=1, batch=0, op="delete"),
-             WriteEdit(layer=L, pos=69, head=3, batch=1, matrix=torch.outer(u.flip(0), w))]
-    ref_edits = {(0, 40, 2): (torch.outer(u, w), "raw"), (0, 10, 1): (torch.zeros(DK, DV), "raw"),
-                 (1, 69, 3): (torch.outer(u.flip(0), w), "raw")}
-    with torch.no_grad(), model.options(capture_states=StateCapture([5, 45, -1])):
-        clean = layer_cache(model, tokens)
-        clean_logits = model(tokens)
-        with model.edits(edits):
-            edited = layer_cache(model, tokens)
-            logits = model(tokens)
-    ref = reference_of(clean, write_edits=ref_edits, return_states=True)
-    assert (ref.read - edited["hook_read"]).abs().max() <= 1e-5
-    assert (ref.states[:, [5, 45, 69]] - edited["hook_state"]).abs().max() <= 1e-5
-    assert torch.equal(edited["hook_read"][0, :10], clean["hook_read"][0, :10])  # earlier positions
-    assert torch.equal(edited["hook_read"][1, :69], clean["hook_read"][1, :69])  # the other row, before its edit
-    assert torch.equal(edited["hook_read"][:, :, 0], clean["hook_read"][:, :, 0])  # other heads: untouched
-    assert torch.equal(logits[0, :10], clean_logits[0, :10]) and torch.equal(logits[1, :69], clean_logits[1, :69])
-    assert not torch.allclose(logits[0, 10:], clean_logits[0, 10:])
-
-
-def test_hook_edits_equal_functional_edits_and_self_replacement_is_a_no_op(model, tokens):
-    g = torch.Generator().manual_seed(9)
-    u, w = torch.randn(DK, generator=g), torch.randn(DV, generator=g)
-
-    def edit_factors(x, hook):
-        x[0, 30, 2] = u if hook.name.endswith("hook_write_key") else w
-        return x
-
-    def edit_dense(x, hook):
-        x[0, 30, 2] = torch.outer(u, w)
-        return x
-
-    with torch.no_grad():
-        clean = model(tokens)
-        functional = model.run_with_edits(tokens, [WriteEdit(layer=L, pos=30, head=2, batch=0, key=u, value=w)])
-        factors = model.run_with_hooks(tokens, fwd_hooks=[(P + "hook_write_key", edit_factors),
-                                                          (P + "hook_write_value", edit_factors)])
-        with model.options(materialize_writes=True):
-            dense = model.run_with_hooks(tokens, fwd_hooks=[(P + "hook_write", edit_dense)])
-        c = layer_cache(model, tokens)
-        W = torch.outer(c["hook_write_key"][0, 20, 1], c["hook_write_value"][0, 20, 1])
-        same = model.run_with_edits(tokens, [WriteEdit(layer=L, pos=20, head=1, batch=0, matrix=W)])
-    assert (factors - functional).abs().max() <= 1e-5 and (dense - functional).abs().max() <= 1e-5
-    assert (functional - clean).abs().max() > 1e-3
-    assert (same - clean).abs().max() <= 1e-5
-
-
-def test_add_and_state_edits_act_as_extra_writes(model, tokens):
-    D = torch.randn(DK, DV, generator=torch.Generator().manual_seed(11))
-
-    def edit_state(x, hook):
-        x[1, 0, 0] += D
-        return x
-
-    with torch.no_grad():
-        clean = layer_cache(model, tokens)
-        with model.options(capture_states=StateCapture([25], heads=[3])):
-            via_state = model.run_with_hooks(tokens, fwd_hooks=[(P + "hook_state", edit_state)])
-        with model.edits([WriteEdit(layer=L, pos=25, head=3, batch=1, op="add", matrix=D)]):
-            via_add = model(tokens)
-            edited = layer_cache(model, tokens)
-    assert (reference_of(clean, extra_writes={(1, 25, 3): D}).read - edited["hook_read"]).abs().max() <= 1e-5
-    assert (via_state - via_add).abs().max() <= 1e-5
-
-
-@pytest.mark.parametrize("pos,head", [(12, 0), (57, 2)], ids=["edit-in-prefill", "edit-in-decode"])
-def test_edits_across_prefill_and_decode_match_the_full_forward(model, tokens, pos, head):
-    edit = WriteEdit(layer=L, pos=pos, head=head, op="delete")
-    with torch.no_grad():
-        full = model.run_with_edits(tokens[:, :60], [edit])
-        with model.edits([edit]):
-            out = model(tokens[:, :55], return_type="hf")
-            steps = [out.logits]
-            for t in range(55, 60):
-                out = model(tokens[:, t:t + 1], return_type="hf", past_key_values=out.past_key_values)
-                steps.append(out.logits)
-    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
-    assert (full - model(tokens[:, :60])).abs().max() > 1e-3
-
-
 def test_query_and_per_channel_decay_edits_change_read_and_transitions(model, tokens):
     with torch.no_grad():
         clean = layer_cache(model, tokens)
@@ -226,29 +128,6 @@ def test_query_and_per_channel_decay_edits_change_read_and_transitions(model, to
     assert (ref.read - edited["hook_read"]).abs().max() <= 1e-5
     assert (edited["hook_read"][0, :30] - clean["hook_read"][0, :30]).abs().max() <= 1e-6
     assert (edited["hook_read"][0, 30:] - clean["hook_read"][0, 30:]).abs().max() > 1e-4
-
-
-def test_nnsight_reads_and_edits_match_transformer_lens(model, tokens):
-    from nnsight import NNsight
-
-    u = torch.randn(DK, generator=torch.Generator().manual_seed(2))
-
-    def tl_key(x, hook):
-        x[0, 33, 1] = u
-        return x
-
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=[P + "hook_write_key", P + "hook_log_decay"])
-        ref = model.run_with_hooks(tokens, fwd_hooks=[(P + "hook_write_key", tl_key)])
-        nn_model = NNsight(model)
-        with nn_model.trace(tokens):
-            key = nn_model.blocks[L].linear_attn.hook_write_key.output.save()
-            decay = nn_model.blocks[L].linear_attn.hook_log_decay.output.save()
-        with nn_model.trace(tokens):
-            nn_model.blocks[L].linear_attn.hook_write_key.output[0, 33, 1] = u
-            out = nn_model.output.save()
-    assert torch.equal(key, cache[P + "hook_write_key"]) and torch.equal(decay, cache[P + "hook_log_decay"])
-    assert torch.equal(out, ref) and not torch.equal(out, model(tokens))
 
 
 def test_gradients_of_the_write_value_equal_the_adjoint_of_the_reference(model, tokens):
@@ -274,25 +153,6 @@ def test_gradients_of_the_write_value_equal_the_adjoint_of_the_reference(model, 
     assert (grads["v"] - v.grad).abs().max() <= 1e-5
 
 
-def test_write_sae_splice_with_error_term_is_exact_and_family_is_checked(model, tokens):
-    from writesae_plugin.sae import WriteSAE, WriteSAEConfig
-
-    torch.manual_seed(0)
-    sae = WriteSAE(WriteSAEConfig(d_in=DK * DV, d_sae=32, d_k=DK, d_v=DV, k=4, n_heads=H, head=2, site="write",
-                                  family="gla", layer=L))
-    sae.cfg.metadata.hook_name = P + "hook_write"
-    with torch.no_grad():
-        clean = model(tokens)
-        assert torch.equal(model.run_with_saes(tokens, saes=[sae], use_error_term=True), clean)
-        spliced = model.run_with_saes(tokens, saes=[sae])
-    assert not torch.allclose(spliced, clean)
-    other = WriteSAE(WriteSAEConfig(d_in=DK * DV, d_sae=32, d_k=DK, d_v=DV, k=4, n_heads=H, head=2, site="write",
-                                    family="delta_net", layer=L))
-    other.cfg.metadata.hook_name = P + "hook_write"
-    with pytest.raises(ValueError, match="trained on a 'delta_net' model"):
-        model.run_with_saes(tokens, saes=[other])
-
-
 def test_bad_inputs_raise_clear_errors(model, tokens):
     with pytest.raises(HookNameError, match="valid names"):
         model.run_with_cache(tokens, names_filter=["blocks.3.linear_attn.hook_write"])
@@ -302,54 +162,13 @@ def test_bad_inputs_raise_clear_errors(model, tokens):
     with pytest.raises(ValueError, match="one mode"):
         with model.edits([WriteEdit(layer=L, pos=3, head=1, op="delete", mode="delta")]):
             pass
-    with pytest.raises(NotImplementedError, match="no separate delta write"):
+    with pytest.raises(ValueError, match="one mode: with no erase .*use write_mode='raw'"):
         with model.options(write_mode="delta"):
             model(tokens)
     mask = torch.ones_like(tokens)
     mask[1, :7] = 0
     with pytest.raises(NotImplementedError, match="padded rows"):
         model(tokens, attention_mask=mask)
-
-
-def test_selfcheck_train_substitution_and_closed_form_on_a_tiny_gla(hf, model, tmp_path, tiny_tokenizer):
-    """``writesae hooks``' self-check, ``writesae train`` (the trained SAE spliced with the error term gives the
-    clean logits), ``substitute`` and ``closed-form`` on the tiny GLA."""
-    import json
-
-    from sae_lens import SAE
-
-    from writesae_plugin.cli import main
-    from writesae_plugin.sae import WriteSAE, WriteSAEConfig
-    from writesae_plugin.selfcheck import run_selfcheck
-
-    check = run_selfcheck(model, torch.randint(3, 240, (2, 20), generator=torch.Generator().manual_seed(1)),
-                          repeats=1)
-    assert check.ok and len(check.results) > 10, check.table()
-    hf.save_pretrained(tmp_path / "model")
-    tiny_tokenizer.save_pretrained(tmp_path / "model")
-    torch.manual_seed(1)
-    sae = WriteSAE(WriteSAEConfig(d_in=DK * DV, d_sae=32, d_k=DK, d_v=DV, k=4, n_heads=H, head=1, site="write",
-                                  layer=L, family="gla"))
-    with torch.no_grad():
-        sae.enc_key.mul_(100.0)
-    sae.save_model(tmp_path / "sae")
-    words = ["def", "return", "import", "self", "value", "state", "print", "class"]
-    g = torch.Generator().manual_seed(0)
-    (tmp_path / "text.txt").write_text("\n\n".join(" ".join(words[i] for i in torch.randint(0, 8, (20,), generator=g))
-                                                   for _ in range(200)))
-    args, text = ["--model", str(tmp_path / "model")], ["--dataset", str(tmp_path / "text.txt")]
-    assert main(["train", *args, *text, "--layer", str(L), "--head", "1", "--d-sae", "32", "--k", "4",
-                 "--total-samples", "256", "--context-length", "24", "--out", str(tmp_path / "train")]) == 0
-    trained = SAE.load_from_disk(str(tmp_path / "train" / "final"))
-    assert trained.cfg.family == "gla"
-    tokens = torch.randint(3, 240, (2, 24), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert torch.equal(model.run_with_saes(tokens, saes=[trained], use_error_term=True), model(tokens))
-    assert main(["substitute", *args, "--sae", str(tmp_path / "sae"), *text, "--contexts", "4",
-                 "--context-length", "32", "--max-firings", "3", "--out", str(tmp_path / "sub")]) == 0
-    assert json.loads((tmp_path / "sub" / "results.json").read_text())["summary"]["n_firings"] > 0
-    assert main(["closed-form", *args, *text, "--contexts", "2", "--context-length", "24", "--sae",
-                 str(tmp_path / "sae"), "--atoms", "0", "--out", str(tmp_path / "cf")]) == 0
 
 
 def test_effective_attention_with_per_channel_decay_reproduces_the_read(model, tokens):

@@ -1,8 +1,9 @@
-"""xLSTM (mLSTM) adapter (transformers ``xlstm``) on a tiny real ``xLSTMForCausalLM``: capture, the backend's
-per-token recurrence and the canonical scalar-decay frame as references, the stabiliser, decode, exact edits
-(functional / hook / dense / state / decay / query), TransformerLens and nnsight access, a spliced WriteSAE,
-the self-check and the experiment commands, bad input. Gradients: tests/test_gradients.py (family "xlstm");
-resume / padding refusals: tests/test_resume.py."""
+"""xLSTM (mLSTM) adapter (transformers ``xlstm``) on a tiny real ``xLSTMForCausalLM``: what is particular to xLSTM:
+capture, the backend's per-token recurrence and the canonical scalar-decay frame as references, the stabiliser,
+edits against the backend recurrence, decay / query edits, transformers' inference chunks, bad input. The contract
+every family meets (decode, exact edits, hooks, nnsight, a spliced WriteSAE, the self-check and every experiment
+command): tests/test_family_contract.py. Gradients: tests/test_gradients.py (family "xlstm"); resume / padding
+refusals: tests/test_resume.py."""
 
 from __future__ import annotations
 
@@ -82,21 +83,6 @@ def test_the_stabiliser_takes_both_branches_and_is_the_cache_m(model, tokens):
     assert torch.allclose(c["hook_write_value"], value)
 
 
-def test_prefill_then_decode_equals_full_forward_and_decode_hooks_fire(model, tokens):
-    seen = []
-    with torch.no_grad():
-        full, full_cache = model.run_with_cache(tokens)
-        with model.hooks(fwd_hooks=[(P + "hook_write_value", lambda x, hook: seen.append(x))]):
-            out = model(tokens[:, :30], return_type="hf")
-            logits = [out.logits]
-            for t in range(30, 40):
-                out = model(tokens[:, t:t + 1], return_type="hf", past_key_values=out.cache)
-                logits.append(out.logits)
-    assert (torch.cat(logits, 1) - full).abs().max() <= 1e-4
-    assert len(seen) == 11 and seen[1].shape[1] == 1
-    assert (torch.cat(seen, 1) - full_cache[P + "hook_write_value"]).abs().max() <= 1e-5
-
-
 def _edits():
     g = torch.Generator().manual_seed(5)
     u, w = torch.randn(D_K, generator=g), torch.randn(D_V, generator=g)
@@ -127,61 +113,6 @@ def test_functional_edits_equal_the_edited_backend_recurrence(model, tokens):
     assert not torch.allclose(logits[0, 5:], clean_logits[0, 5:])
 
 
-def test_hook_edits_equal_functional_edits_and_self_replacement_is_a_no_op(model, tokens):
-    g = torch.Generator().manual_seed(9)
-    u, w = torch.randn(D_K, generator=g), torch.randn(D_V, generator=g)
-
-    def edit_factors(x, hook):
-        x[0, 30, 2] = u if hook.name.endswith("hook_write_key") else w
-        return x
-
-    def edit_dense(x, hook):
-        x[0, 30, 2] = torch.outer(u, w)
-        return x
-
-    with torch.no_grad():
-        clean = model(tokens)
-        functional = model.run_with_edits(tokens, [WriteEdit(layer=L, pos=30, head=2, batch=0, key=u, value=w)])
-        factors = model.run_with_hooks(tokens, fwd_hooks=[(P + "hook_write_key", edit_factors),
-                                                          (P + "hook_write_value", edit_factors)])
-        with model.options(materialize_writes=True):
-            dense = model.run_with_hooks(tokens, fwd_hooks=[(P + "hook_write", edit_dense)])
-        c = layer_cache(model, tokens)
-        W = torch.outer(c["hook_write_key"][0, 20, 1], c["hook_write_value"][0, 20, 1])
-        same = model.run_with_edits(tokens, [WriteEdit(layer=L, pos=20, head=1, batch=0, matrix=W)])
-    assert (factors - functional).abs().max() <= 1e-5 and (dense - functional).abs().max() <= 1e-5
-    assert (same - clean).abs().max() <= 1e-5
-
-
-def test_state_edit_equals_an_added_write(model, tokens):
-    D = torch.randn(D_K, D_V, generator=torch.Generator().manual_seed(11))
-
-    def edit_state(x, hook):
-        x[1, 0, 0] += D
-        return x
-
-    with torch.no_grad():
-        with model.options(capture_states=StateCapture([25], heads=[3])):
-            via_state = model.run_with_hooks(tokens, fwd_hooks=[(P + "hook_state", edit_state)])
-        via_add = model.run_with_edits(tokens, [WriteEdit(layer=L, pos=25, head=3, batch=1, op="add", matrix=D)])
-    assert (via_state - via_add).abs().max() <= 1e-5 and (via_add - model(tokens)).abs().max() > 1e-4
-
-
-@pytest.mark.parametrize("pos,head", [(12, 0), (33, 2)], ids=["edit-in-prefill", "edit-in-decode"])
-def test_edits_across_prefill_and_decode_match_the_full_forward(model, tokens, pos, head):
-    edit = WriteEdit(layer=L, pos=pos, head=head, op="delete")
-    with torch.no_grad():
-        full = model.run_with_edits(tokens[:, :36], [edit])
-        with model.edits([edit]):
-            out = model(tokens[:, :30], return_type="hf")
-            steps = [out.logits]
-            for t in range(30, 36):
-                out = model(tokens[:, t:t + 1], return_type="hf", past_key_values=out.cache)
-                steps.append(out.logits)
-    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
-    assert (full - model(tokens[:, :36])).abs().max() > 1e-3
-
-
 def test_decay_and_query_edits_change_the_matrix_memory_and_the_read(model, tokens):
     with torch.no_grad():
         clean = layer_cache(model, tokens)
@@ -197,36 +128,13 @@ def test_decay_and_query_edits_change_the_matrix_memory_and_the_read(model, toke
     assert (edited["hook_read"][0, :10] - clean["hook_read"][0, :10]).abs().max() <= 1e-5
 
 
-def test_nnsight_reads_and_edits_match_transformer_lens(model, tokens):
-    from nnsight import NNsight
-
-    w = torch.randn(D_V, generator=torch.Generator().manual_seed(2))
-
-    def tl_value(x, hook):
-        x[0, 33, 1] = w
-        return x
-
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=[P + "hook_write_value", P + "hook_igate"])
-        ref = model.run_with_hooks(tokens, fwd_hooks=[(P + "hook_write_value", tl_value)])
-        nn_model = NNsight(model)
-        with nn_model.trace(tokens):
-            igate = nn_model.blocks[L].mlstm.hook_igate.output.save()  # in execution order: native, then canonical
-            value = nn_model.blocks[L].mlstm.hook_write_value.output.save()
-        with nn_model.trace(tokens):
-            nn_model.blocks[L].mlstm.hook_write_value.output[0, 33, 1] = w
-            out = nn_model.output.save()
-    assert torch.equal(value, cache[P + "hook_write_value"]) and torch.equal(igate, cache[P + "hook_igate"])
-    assert torch.equal(out, ref) and not torch.equal(out, model(tokens))
-
-
 def test_bad_inputs_raise_clear_errors(model, tokens):
     with pytest.raises(HookNameError, match="valid names"):
         model.run_with_cache(tokens, names_filter=["blocks.1.mlstm.hook_beta"])
     with pytest.raises(ValueError, match="one mode"):
         with model.edits([WriteEdit(layer=L, pos=3, head=0, op="delete", mode="delta")]):
             pass
-    with pytest.raises(NotImplementedError, match="one mode"), model.options(write_mode="delta"):
+    with pytest.raises(ValueError, match="one mode.*use write_mode='raw'"), model.options(write_mode="delta"):
         model(tokens)
     with pytest.raises(ValueError, match="not an mLSTM layer"):
         with model.edits([WriteEdit(layer=3, pos=3, head=0, op="delete")]):
@@ -259,49 +167,6 @@ def test_padded_batches_are_refused_since_xlstm_takes_no_mask(model, tokens):
         with pytest.raises(ValueError, match="no attention mask"):
             model(tokens, attention_mask=mask)
         assert torch.equal(model(tokens, attention_mask=torch.ones_like(tokens)), model(tokens))
-
-
-def test_selfcheck_and_the_experiment_commands_run_on_a_tiny_xlstm(hf, model, tmp_path, tiny_tokenizer):
-    """The ``writesae hooks`` self-check, ``writesae train`` (spliced with the error term: clean logits),
-    ``substitute``, ``closed-form`` and ``attribute`` on the tiny xLSTM (``patch``: tests/test_resume.py)."""
-    import json
-
-    from sae_lens import SAE
-
-    from writesae_plugin.cli import main
-    from writesae_plugin.sae import WriteSAE, WriteSAEConfig
-    from writesae_plugin.selfcheck import run_selfcheck
-
-    check = run_selfcheck(model, torch.randint(3, 240, (2, 20), generator=torch.Generator().manual_seed(1)),
-                          repeats=1)
-    assert check.ok and len(check.results) > 10, check.table()
-    hf.save_pretrained(tmp_path / "model")
-    tiny_tokenizer.save_pretrained(tmp_path / "model")
-    torch.manual_seed(1)
-    sae = WriteSAE(WriteSAEConfig(d_in=D_K * D_V, d_sae=32, d_k=D_K, d_v=D_V, k=4, n_heads=4, head=1, site="write",
-                                  layer=L, family="xlstm"))
-    with torch.no_grad():
-        sae.enc_key.mul_(10.0)
-    sae.save_model(tmp_path / "sae")
-    words = ["def", "return", "import", "self", "value", "state", "print", "class"]
-    g = torch.Generator().manual_seed(0)
-    (tmp_path / "text.txt").write_text("\n\n".join(" ".join(words[i] for i in torch.randint(0, 8, (20,), generator=g))
-                                                   for _ in range(200)))
-    args, text = ["--model", str(tmp_path / "model")], ["--dataset", str(tmp_path / "text.txt")]
-    assert main(["train", *args, *text, "--layer", str(L), "--head", "1", "--d-sae", "32", "--k", "4",
-                 "--total-samples", "256", "--context-length", "24", "--out", str(tmp_path / "train")]) == 0
-    trained = SAE.load_from_disk(str(tmp_path / "train" / "final"))
-    assert trained.cfg.family == "xlstm"
-    tokens = torch.randint(3, 240, (2, 24), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert torch.equal(model.run_with_saes(tokens, saes=[trained], use_error_term=True), model(tokens))
-    assert main(["substitute", *args, "--sae", str(tmp_path / "sae"), *text, "--contexts", "4",
-                 "--context-length", "32", "--max-firings", "3", "--out", str(tmp_path / "sub")]) == 0
-    assert json.loads((tmp_path / "sub" / "results.json").read_text())["summary"]["n_firings"] > 0
-    assert main(["closed-form", *args, *text, "--contexts", "2", "--context-length", "24", "--sae",
-                 str(tmp_path / "sae"), "--atoms", "0", "--out", str(tmp_path / "cf")]) == 0
-    assert main(["attribute", *args, *text, "--contexts", "2", "--context-length", "24", "--sae",
-                 str(tmp_path / "sae"), "--atoms", "0", "--out", str(tmp_path / "attr")]) == 0
 
 
 @pytest.mark.parametrize("model_type", ["mamba", "falcon_mamba", "rwkv"])
