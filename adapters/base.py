@@ -409,7 +409,7 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
         """Choose what the write hooks expose and what their edits replace: ``raw`` or ``delta``."""
         if mode not in WRITE_MODES:
             raise ValueError(f"write mode must be one of {WRITE_MODES}, got {mode!r}")
-        if mode != "raw" and getattr(self.family, "one_write_mode", None):
+        if mode != "raw" and getattr(self.family, "one_write_mode", None):  # e.g. Mamba-2: no erase, raw == delta
             raise ValueError(f"{self.family.one_write_mode}; use write_mode='raw'")
         self.write_mode = mode
 
@@ -460,6 +460,8 @@ class HookedRecurrentModel(SAEHostMixin, HookedRootModule):
             if not isinstance(e, WriteEdit):
                 raise TypeError(f"edits must be WriteEdit objects, got {type(e).__name__}")
             self.family.validate_edit(self, e)
+            if e.mode != "raw" and getattr(self.family, "one_write_mode", None):
+                raise ValueError(f"{self.family.one_write_mode}; use mode='raw'")
         if self._pending_edits is not None:
             raise RuntimeError("edits() blocks cannot be nested; pass all edits in one list")
         self._pending_edits, self._applied_edits = edits, set()

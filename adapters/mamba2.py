@@ -551,8 +551,6 @@ class Mamba2FamilyBase:
         H, _, N, P = self.dims(self.mixers[e.layer])
         if not 0 <= e.head < H:
             raise ValueError(f"WriteEdit.head={e.head} out of range: layer {e.layer} has {H} heads")
-        if e.mode != "raw":
-            raise ValueError(f"{self.one_write_mode}; use mode='raw'")
         e.atom(N, P)
 
     def hf_module_name(self, hf_model, layer: int) -> str:

@@ -700,11 +700,6 @@ class RWKV7Family(GatedDeltaNetFamily):
         self.check_forwards(hf_model)
         self.kernels = install()
 
-    def validate_edit(self, owner, e) -> None:
-        super().validate_edit(owner, e)
-        if e.mode != "raw":
-            raise ValueError(f"{self.one_write_mode}; use mode='raw'")
-
     @staticmethod
     def output_map(mixer: nn.Module) -> RWKV7OutputMap:
         """The read's way to ``o_proj`` (for the closed form's direct path)."""

@@ -434,8 +434,6 @@ class XLSTMFamily:
         H, _, d_k, d_v = self.dims(self.mixers[e.layer])
         if not 0 <= e.head < H:
             raise ValueError(f"WriteEdit.head={e.head} out of range: layer {e.layer} has {H} heads")
-        if e.mode != "raw":
-            raise ValueError(f"{self.one_write_mode}; use mode='raw'")
         e.atom(d_k, d_v)
 
     def hf_module_name(self, hf_model, layer: int) -> str:
