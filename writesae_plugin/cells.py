@@ -151,7 +151,7 @@ def _stacked_trainer_class():
     from sae_lens.saes.sae import TrainStepInput
     from safetensors.torch import load_file, save_file
 
-    from .checkpoints import CheckpointError, OutputDirError, write_manifest
+    from .checkpoints import checkpoint_dir, load_stream_state, save_stream_state, write_manifest
     from .train import WriteSAETrainer, evaluate_sae, save_portable
 
     class StackedTrainer(WriteSAETrainer):
@@ -233,13 +233,12 @@ def _stacked_trainer_class():
                 self._ema[key] = (1 - a) * self._ema.get(key, value) + a * value
 
         def progress_postfix(self) -> dict[str, str]:
+            """The running training FVU and L0 (EMA, means over the cells) and the number of cells;
+            ``validation_postfix`` adds the last validation's ``val_fvu`` and ``dead_fraction`` (means)."""
             post = {}
             if self._ema:
                 post["fvu"] = f"{self._ema['fvu']:.3f}"
                 post["L0"] = f"{self._ema['l0']:.1f}"
-            post["dead"] = f"{self.dead_neurons.float().mean().item():.1%}"
-            if self.histories[0]:
-                post["val_fvu"] = f"{sum(h[-1]['fvu'] for h in self.histories) / len(self.histories):.3f}"
             post["cells"] = str(len(self.cell_ids))
             return post
 
@@ -275,30 +274,19 @@ def _stacked_trainer_class():
                 return
             base = Path(base_path if base_path is not None else self.cfg.checkpoint_path)
             final = base / checkpoint_name
-            try:
-                with atomic_dir(final) as tmp:
-                    save_file({k: v.contiguous().clone() for k, v in self.sae.state_dict().items()},
-                              tmp / "stacked_sae.safetensors")
-                    save_file({"sparsity": self.log_feature_sparsity.contiguous()}, tmp / "sparsity.safetensors")
-                    self.save_trainer_state(tmp)
-                    streams = []
-                    for c, provider in enumerate(self.stream.providers):
-                        state = dict(provider.state_dict())
-                        tensors = {k: state.pop(k) for k in ("buffer", "generator")}
-                        save_file({k: v.contiguous().clone() for k, v in tensors.items() if v is not None},
-                                  tmp / f"data_state_{c}.safetensors")
-                        streams.append(state)
-                    (tmp / "run.json").write_text(json.dumps({
-                        "identity": self.identity, "n_training_samples": self.n_training_samples,
-                        "completed_steps": self.n_training_steps if completed_steps is None else completed_steps,
-                        "checkpoint_thresholds": list(self.checkpoint_thresholds), "validation": self.histories,
-                        "scales": self.scales, "streams": streams}, indent=1, default=str))
-                    for c, cell_id in enumerate(self.cell_ids):  # each cell as it would be saved now (loadable)
-                        save_portable(self.export_cell(c), tmp / "cells" / cell_id)
-                    write_manifest(tmp, kind="stacked", n_training_samples=self.n_training_samples)
-            except OSError as e:
-                raise OutputDirError(f"writing checkpoint {final} failed ({e.strerror or e}); nothing torn was "
-                                     "left, resume from the last complete checkpoint") from e
+            with checkpoint_dir(final, "resume from the last complete checkpoint") as tmp:
+                save_file({k: v.contiguous().clone() for k, v in self.sae.state_dict().items()},
+                          tmp / "stacked_sae.safetensors")
+                save_file({"sparsity": self.log_feature_sparsity.contiguous()}, tmp / "sparsity.safetensors")
+                self.save_trainer_state(tmp)
+                streams = [save_stream_state(provider, tmp, f"data_state_{c}")
+                           for c, provider in enumerate(self.stream.providers)]
+                (tmp / "run.json").write_text(json.dumps({
+                    **self.run_record(completed_steps), "validation": self.histories, "scales": self.scales,
+                    "streams": streams}, indent=1, default=str))
+                for c, cell_id in enumerate(self.cell_ids):  # each cell as it would be saved now (loadable)
+                    save_portable(self.export_cell(c), tmp / "cells" / cell_id)
+                write_manifest(tmp, kind="stacked", n_training_samples=self.n_training_samples)
 
         def resume(self, ckpt: Path, run: dict) -> None:
             ckpt = Path(ckpt)
@@ -310,12 +298,7 @@ def _stacked_trainer_class():
             self.n_training_steps = int(run["completed_steps"])
             self.checkpoint_thresholds = list(run["checkpoint_thresholds"])
             for c, (provider, saved) in enumerate(zip(self.stream.providers, run["streams"])):
-                tensors = load_file(ckpt / f"data_state_{c}.safetensors")
-                try:
-                    provider.load_state_dict({**saved, "buffer": tensors.get("buffer"),
-                                              "generator": tensors["generator"]})
-                except ValueError as e:
-                    raise CheckpointError(f"cannot continue the data stream of {ckpt}: {e}") from None
+                load_stream_state(provider, ckpt, f"data_state_{c}", saved)
             self.scales = [float(x) for x in run["scales"]]
             self.histories = [[dict(r) for r in rows] for rows in run["validation"]]
             self._write_log()

@@ -114,6 +114,47 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def checkpoint_dir(final: str | Path, hint: str) -> Iterator[Path]:
+    """:func:`atomic_dir` for a training checkpoint: a failed write (disk full, ...) raises
+    :class:`OutputDirError` saying nothing torn was left, and ``hint`` (how to resume)."""
+    try:
+        with atomic_dir(final) as tmp:
+            yield tmp
+    except OSError as e:
+        if isinstance(e, OutputDirError):
+            raise
+        raise OutputDirError(f"writing checkpoint {final} failed ({e.strerror or e}); nothing torn was left, "
+                             f"{hint}") from e
+
+
+def save_stream_state(provider, directory: Path, stem: str) -> dict:
+    """A data provider's position (``provider.state_dict()``) in a checkpoint: its tensors (``buffer``,
+    ``generator``) to ``directory / {stem}.safetensors``; returns the JSON-able rest."""
+    from safetensors.torch import save_file
+
+    state = dict(provider.state_dict())
+    tensors = {k: state.pop(k) for k in ("buffer", "generator")}
+    save_file({k: v.contiguous().clone() for k, v in tensors.items() if v is not None},
+              Path(directory) / f"{stem}.safetensors")
+    return state
+
+
+def load_stream_state(provider, directory: Path, stem: str, saved: dict, check=None) -> None:
+    """Restore what :func:`save_stream_state` saved into ``provider`` (``check(state)`` first, if given); a stream
+    that cannot continue (other data, ...) raises :class:`CheckpointError`."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(Path(directory) / f"{stem}.safetensors")
+    state = {**saved, "buffer": tensors.get("buffer"), "generator": tensors["generator"]}
+    if check is not None:
+        check(state)
+    try:
+        provider.load_state_dict(state)
+    except ValueError as e:
+        raise CheckpointError(f"cannot continue the data stream of {directory}: {e}") from None
+
+
 def remove_stale_temporaries(directory: str | Path) -> None:
     """Remove ``.tmp-*`` / ``.old-*`` leftovers of a killed writer in ``directory``."""
     directory = Path(directory)

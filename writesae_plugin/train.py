@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.sae_trainer import SAETrainer
 
 from .checkpoints import (CheckpointError, OutputDirError, atomic_dir, atomic_write_text, check_identity,
-                          prepare_output, write_manifest)
+                          checkpoint_dir, load_stream_state, prepare_output, save_stream_state, write_manifest)
 from .sae import TrainingWriteSAE, WriteSAETrainingConfig
 
 
@@ -278,37 +278,34 @@ class WriteSAETrainer(SAETrainer):
                         wandb_aliases: list[str] | None = None, completed_steps: int | None = None) -> None:
         base = Path(base_path if base_path is not None else self.cfg.checkpoint_path)
         final = base / checkpoint_name
-        try:
-            with atomic_dir(final) as tmp:
-                save_portable(self.export_inference_sae(), tmp)
-                with cfg_device_cpu(self.sae):
-                    self.sae.save_model(tmp / "training_sae")
-                save_file({"sparsity": self.log_feature_sparsity.contiguous()}, tmp / "sparsity.safetensors")
-                self.save_trainer_state(tmp)  # SAELens' trainer_state.pt (+ its own, unused, scaler file)
-                ActivationScaler(scaling_factor=self.input_scale if self.normalized else None).save(
-                    str(tmp / "activation_scaler.json"))
-                self._save_stream(tmp)
-                (tmp / "run.json").write_text(json.dumps({
-                    "identity": self.identity, "n_training_samples": self.n_training_samples,
-                    "completed_steps": self.n_training_steps if completed_steps is None else completed_steps,
-                    "checkpoint_thresholds": list(self.checkpoint_thresholds), "validation": self.history,
-                }, indent=1, default=str))
-                write_manifest(tmp, n_training_samples=self.n_training_samples)
-        except OSError as e:
-            raise OutputDirError(f"writing checkpoint {final} failed ({e.strerror or e}); nothing torn was left, "
-                                 f"resume with --resume latest from the last complete checkpoint") from e
+        with checkpoint_dir(final, "resume with --resume latest from the last complete checkpoint") as tmp:
+            save_portable(self.export_inference_sae(), tmp)
+            with cfg_device_cpu(self.sae):
+                self.sae.save_model(tmp / "training_sae")
+            save_file({"sparsity": self.log_feature_sparsity.contiguous()}, tmp / "sparsity.safetensors")
+            self.save_trainer_state(tmp)  # SAELens' trainer_state.pt (+ its own, unused, scaler file)
+            ActivationScaler(scaling_factor=self.input_scale if self.normalized else None).save(
+                str(tmp / "activation_scaler.json"))
+            self._save_stream(tmp)
+            (tmp / "run.json").write_text(json.dumps({**self.run_record(completed_steps),
+                                                      "validation": self.history}, indent=1, default=str))
+            write_manifest(tmp, n_training_samples=self.n_training_samples)
         if self.save_checkpoint_fn is not None:
             self.save_checkpoint_fn(checkpoint_path=final)
+
+    def run_record(self, completed_steps: int | None = None) -> dict:
+        """What a checkpoint's ``run.json`` holds besides the validation history: the run's identity, samples and
+        steps done, the checkpoint thresholds still ahead."""
+        return {"identity": self.identity, "n_training_samples": self.n_training_samples,
+                "completed_steps": self.n_training_steps if completed_steps is None else completed_steps,
+                "checkpoint_thresholds": list(self.checkpoint_thresholds)}
 
     def _save_stream(self, tmp: Path) -> None:
         if not hasattr(self.stream, "state_dict"):
             (tmp / "data_state.json").write_text(json.dumps({"stateful": False,
                                                              "samples": self.n_training_samples}))
             return
-        state = dict(self.stream.state_dict())
-        tensors = {k: state.pop(k) for k in ("buffer", "generator")}
-        save_file({k: v.contiguous().clone() for k, v in tensors.items() if v is not None},
-                  tmp / "data_state.safetensors")
+        state = save_stream_state(self.stream, tmp, "data_state")
         (tmp / "data_state.json").write_text(json.dumps({"stateful": True, **state}, default=str))
 
     def resume(self, ckpt: Path, run: dict) -> None:
@@ -325,14 +322,11 @@ class WriteSAETrainer(SAETrainer):
             if not hasattr(self.stream, "load_state_dict"):
                 raise CheckpointError(f"{ckpt} saved a data stream position that this provider cannot restore "
                                       f"({type(self.stream).__name__} has no load_state_dict)")
-            tensors = load_file(ckpt / "data_state.safetensors")
-            state = {**data, "buffer": tensors.get("buffer"), "generator": tensors["generator"]}
-            if self.normalized and (scale is None or abs(float(state["scale"]) - scale) > 1e-12 * abs(scale)):
-                raise CheckpointError(f"{ckpt}: data_state.json and activation_scaler.json disagree on the scale")
-            try:
-                self.stream.load_state_dict(state)
-            except ValueError as e:
-                raise CheckpointError(f"cannot continue the data stream of {ckpt}: {e}") from None
+            def same_scale(state):
+                if self.normalized and (scale is None or abs(float(state["scale"]) - scale) > 1e-12 * abs(scale)):
+                    raise CheckpointError(f"{ckpt}: data_state.json and activation_scaler.json disagree on the scale")
+
+            load_stream_state(self.stream, ckpt, "data_state", data, check=same_scale)
         else:  # a stream without a saved position: skip the samples the checkpoint consumed
             if self.normalized:
                 raise CheckpointError(f"{ckpt}: a normalised stream needs a provider with load_state_dict to restore "
