@@ -141,7 +141,8 @@ def test_stacked_step_gradients_equal_each_cells_own(layout, activation):
                                                             coefficients={}, n_training_steps=step,
                                                             is_logging_step=False))
             own.loss.backward()
-            assert float(out.metrics["mse_per_cell"][c].detach()) == pytest.approx(float(own.losses["mse_loss"].detach()), rel=1e-5)
+            mse = float(own.losses["mse_loss"].detach())
+            assert float(out.metrics["mse_per_cell"][c].detach()) == pytest.approx(mse, rel=1e-5)
             for name, p in cell.named_parameters():
                 g = getattr(stacked, name).grad
                 g = g[c] if name == "b_dec" else g[c * n:(c + 1) * n]
