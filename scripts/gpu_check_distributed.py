@@ -33,7 +33,6 @@ corpus, with R = min(2, GPUs) ranks (2 gloo ranks in the CPU dry run):
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
 import importlib.util
 import itertools
 import json
@@ -45,41 +44,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
-import types
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-RESULTS: dict = {}
+from gpu_checks import CheckRecord  # noqa: E402  (scripts/, the script's own folder)
 
-if importlib.util.find_spec("wandb") is None:  # sae_lens imports wandb at import; nothing here logs to it
-    _w = types.ModuleType("wandb")
-    _w.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
-    sys.modules["wandb"] = _w
-    RESULTS["note_wandb"] = "not installed: stubbed (sae_lens imports it; nothing logs)"
-
-
-def check(name):
-    def deco(fn):
-        def run(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                rec = fn(*a, **k) or {}
-                rec.setdefault("ok", True)
-            except Exception as e:  # a failing check is reported, and the others still run
-                rec = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-            rec["seconds"] = round(time.perf_counter() - t0, 2)
-            RESULTS[name] = rec
-            shown = {k: v for k, v in rec.items() if k != "trace"}
-            print(f"[{'PASS' if rec['ok'] else 'FAIL'}] {name}: {json.dumps(shown, default=str)}", flush=True)
-            if not rec["ok"]:
-                print(rec.get("trace", ""), flush=True)
-            return rec
-        return run
-    return deco
+RECORD = CheckRecord()
+RESULTS = RECORD.results
+RECORD.stub_wandb()
+check = RECORD.check
 
 
 class Run:
@@ -493,10 +469,10 @@ def main() -> int:
         if only is None or name in only:
             fn(run)
             stem = "gpu_check_distributed" + ("" if args.device == "cuda" else "_cpu_dry_run")
-            (out / f"{stem}.json").write_text(json.dumps(RESULTS, indent=1, default=str))  # after every check
+            RECORD.write_json(out / f"{stem}.json")  # after every check
             write_markdown(out / f"{stem}.md")
     shutil.rmtree(run.tmp, ignore_errors=True)
-    failed = [k for k, v in RESULTS.items() if isinstance(v, dict) and v.get("ok") is False]
+    failed = RECORD.failed()
     print("all checks passed" if not failed else f"FAILED: {failed}")
     return 1 if failed else 0
 

@@ -23,33 +23,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
-import traceback
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-RESULTS: dict = {}
+from gpu_checks import CheckRecord  # noqa: E402  (scripts/, the script's own folder)
+
+RECORD = CheckRecord()
+RESULTS = RECORD.results
+check = RECORD.run
 TOL = 2e-3  # relative: fla's fp32 kernels may use tf32 matmuls
-
-
-def check(name, fn, *args):
-    t0 = time.perf_counter()
-    try:
-        rec = fn(*args) or {}
-        rec.setdefault("ok", True)
-    except Exception as e:  # a failing check is reported, and the others still run
-        rec = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-    rec["seconds"] = round(time.perf_counter() - t0, 2)
-    RESULTS[name] = rec
-    shown = {k: v for k, v in rec.items() if k != "trace"}
-    print(f"[{'PASS' if rec['ok'] else 'FAIL'}] {name}: {json.dumps(shown, default=str)}", flush=True)
-    if not rec["ok"]:
-        print(rec["trace"], flush=True)
 
 
 def build(family: str):
@@ -181,10 +168,8 @@ def main() -> int:
         RESULTS["env"]["import_error"] = repr(e)
     for family in args.families.split(","):
         run_family(family.strip(), device)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_check_fla.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1, default=str)
-    return 0 if all(r.get("ok", True) for k, r in RESULTS.items() if k != "env") else 1
+    RECORD.write_json(os.path.join(args.out, "gpu_check_fla.json"))
+    return 1 if RECORD.failed() else 0
 
 
 if __name__ == "__main__":

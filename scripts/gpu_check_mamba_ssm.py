@@ -21,45 +21,22 @@ import argparse
 import copy
 import importlib.machinery
 import importlib.util
-import json
 import os
 import sys
 import time
-import traceback
 import types
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-RESULTS: dict = {}
 from fake_mamba_ssm import unfused_copy  # noqa: E402  (the stand-in's helper: copy with the fused path off)
+from gpu_checks import CheckRecord  # noqa: E402  (scripts/, the script's own folder)
 
-if importlib.util.find_spec("wandb") is None:  # sae_lens imports wandb at import; the check never logs to it
-    _w = types.ModuleType("wandb")
-    _w.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
-    sys.modules["wandb"] = _w
-    RESULTS["note_wandb"] = "not installed on the GPU machine: stubbed (sae_lens imports it; nothing logs)"
-
-
-def check(name):
-    def deco(fn):
-        def run(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                rec = fn(*a, **k) or {}
-                rec.setdefault("ok", True)
-            except Exception as e:  # a failing check is reported, and the others still run
-                rec = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-            rec["seconds"] = round(time.perf_counter() - t0, 2)
-            RESULTS[name] = rec
-            shown = {k: v for k, v in rec.items() if k != "trace"}
-            print(f"[{'PASS' if rec['ok'] else 'FAIL'}] {name}: {json.dumps(shown, default=str)}", flush=True)
-            if not rec["ok"]:
-                print(rec["trace"], flush=True)
-            return rec
-        return run
-    return deco
+RECORD = CheckRecord()
+RESULTS = RECORD.results
+RECORD.stub_wandb()
+check = RECORD.check
 
 
 def import_mamba_ssm():
@@ -354,10 +331,8 @@ def gdn_on_fla(dev):
 
 
 def finish(args):
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1, default=str)
-    bad = [k for k, v in RESULTS.items() if isinstance(v, dict) and v.get("ok") is False]
+    RECORD.write_json(os.path.join(args.out, "gpu_check.json"))
+    bad = RECORD.failed()
     print(f"{len(bad)} failed: {bad}" if bad else "all checks passed", flush=True)
 
 
