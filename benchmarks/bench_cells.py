@@ -20,11 +20,13 @@ more than this.
 
 ``--model wide`` runs the same comparison where real models are: the model forward, not the SAE step, dominates.
 It is a random-init Qwen3.5 with the layer shapes of Qwen3.5-0.8B (hidden 1024, MLP 3584, 16 key and 16 value GDN
-heads of d_k = d_v = 128, so a write cell is d_in = 16,384) but 4 layers (3 GDN + 1 attention), saved and reloaded
-through ``from_pretrained``; the cells are the first ``--heads`` heads of ``--layers`` (default: 8 heads of layer 2;
-the forward runs only up to the last hooked layer in both arms).
+heads of d_k = d_v = 128, so a write cell is d_in = 16,384) and Qwen3.5's layer pattern (3 GDN + 1 attention,
+repeated), saved and reloaded through ``from_pretrained``; the cells are the first ``--heads`` heads of ``--layers``
+(default: 8 heads of layer 2). The forward runs only up to the last hooked layer in both arms, so the model is built
+with ``--depth`` layers (default: the last hooked layer + 1; the layers after it would never run). Qwen3.5-0.8B has
+24 layers: ``--layers 12`` is a mid-depth GDN layer of it (13 layers run before its writes are read).
 
-Usage: python benchmarks/bench_cells.py [--model demo|wide] [--layers 2 4] [--heads 0 1 2 3] [--contexts 96]
+Usage: python benchmarks/bench_cells.py [--model demo|wide] [--depth D] [--layers 2 4] [--heads 0 1 2 3] [--contexts 96]
        [--context-length 128] [--d-sae 256] [--k 16] [--batch 256] [--samples N] [--rounds 2] [--threads 2]
        [--no-stack]
 """
@@ -45,6 +47,8 @@ def main() -> None:
     p.add_argument("--model", choices=["demo", "wide"], default="demo",
                    help="demo: the shipped demo model; wide: random-init Qwen3.5 with Qwen3.5-0.8B's layer shapes")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="default: 2 4 (demo), 2 (wide)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="wide only: layers built (default: the last hooked layer + 1; Qwen3.5-0.8B has 24)")
     p.add_argument("--heads", type=int, nargs="+", default=None, help="default: every head (demo), 0-7 (wide)")
     p.add_argument("--contexts", type=int, default=None, help="default: 96 (demo), 24 (wide)")
     p.add_argument("--context-length", type=int, default=128)
@@ -70,8 +74,14 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-cells-"))
     if args.model == "wide":
-        model = _wide_model(tmp / "wide")
         args.layers = args.layers or [2]
+        depth = args.depth or max(args.layers) + 1
+        if depth <= max(args.layers):
+            p.error(f"--depth {depth} has no layer {max(args.layers)}: expected a depth above the last hooked layer")
+        model = _wide_model(tmp / "wide", depth)
+        bad = [l for l in args.layers if l not in model.cfg.recurrent_layers]
+        if bad:
+            p.error(f"--layers {bad} are attention layers of the wide model (every 4th layer): pick GDN layers")
         heads = args.heads or list(range(8))
         args.contexts = args.contexts or 24
     else:
@@ -87,7 +97,7 @@ def main() -> None:
     t = CellTraining(d_sae=args.d_sae, k=args.k, aux_k=2 * args.k, total_samples=args.samples,
                      batch_size=args.batch, lr=2e-3, val_contexts=2, val_every=10 ** 9, n_checkpoints=0)
 
-    split = {"extract": [], "train": []}
+    split = {"extract": [], "train": [], "single runs": []}
 
     def together() -> float:
         shutil.rmtree(tmp / "together", ignore_errors=True)
@@ -107,6 +117,7 @@ def main() -> None:
         start = time.perf_counter()
         for layer in args.layers:
             for head in heads:
+                run_start = time.perf_counter()
                 spec = SiteSpec(layer=layer, site="write", heads=[head], positions="all", layout="factors")
                 provider = ActivationProvider(model, iter(contexts[2:]), spec, batch_size=args.batch,
                                               normalize=True, first_context=2)
@@ -118,8 +129,14 @@ def main() -> None:
                 train_write_sae(cfg, provider, tmp / "single" / f"L{layer}.H{head}", total_samples=args.samples,
                                 batch_size=args.batch, lr=t.lr, val_batches=val, val_every=t.val_every,
                                 n_checkpoints=0)
+                split["single runs"].append(time.perf_counter() - run_start)
         return time.perf_counter() - start
 
+    # warm-up, untimed: the first forward of a freshly loaded model pages its weights in (safetensors are mapped
+    # lazily; 1.1 GB at --model wide --depth 13) and sizes the allocator; timed, it lands on whichever arm runs first
+    with torch.no_grad():
+        for i in range(0, len(contexts), 8):
+            model(torch.stack(contexts[i:i + 8]), stop_at_layer=max(args.layers) + 1)
     times = {"together": [], "one at a time": []}
     for r in range(args.rounds):
         order = [("together", together), ("one at a time", one_at_a_time)]
@@ -128,7 +145,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     total = n_cells * args.samples
     d = model.cfg
-    print(f"model {args.model} (d_k {d.d_k}, d_v {d.d_v}, {sum(p.numel() for p in model.hf_model.parameters()) / 1e6:.0f}M "
+    print(f"model {args.model} ({d.n_layers} layers, d_k {d.d_k}, d_v {d.d_v}, {sum(p.numel() for p in model.hf_model.parameters()) / 1e6:.0f}M "
           f"parameters), {n_cells} cells (layers {args.layers} x heads {heads}), {args.samples} samples each, d_sae {args.d_sae}, "
           f"k {args.k}, batch {args.batch}, {args.contexts} contexts of {T}, {args.threads} threads, "
           f"{args.rounds} rounds (median), {'one cell after another' if args.no_stack else 'stacked cells'}")
@@ -137,12 +154,16 @@ def main() -> None:
     speedup = med["one at a time"] / med["together"]
     F, S_all = statistics.median(split["extract"]), statistics.median(split["train"])
     print(f"  together = extraction {F:.1f} s (the one shared forward) + training {S_all:.1f} s (all cells)")
+    runs = split["single runs"]
+    print(f"  one at a time: one streaming run (forward + SAE) {statistics.median(runs):.1f} s median "
+          f"({min(runs):.1f}-{max(runs):.1f} s over {len(runs)} runs)")
     print(f"  speed-up {speedup:.2f}x = {speedup / n_cells:.2f} N (target >= 0.7 N)")
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _wide_model(path: Path):
-    """Random-init Qwen3.5 with Qwen3.5-0.8B's layer shapes and 4 layers, saved and reloaded (the demo tokenizer)."""
+def _wide_model(path: Path, depth: int):
+    """Random-init Qwen3.5 with Qwen3.5-0.8B's layer shapes and pattern (3 GDN + 1 attention, repeated) and ``depth``
+    layers, saved and reloaded (the demo tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
@@ -150,8 +171,9 @@ def _wide_model(path: Path):
     from writesae_plugin.demo.run import demo_model_dir
 
     tok = AutoTokenizer.from_pretrained(demo_model_dir())
-    cfg = Qwen3_5TextConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=3584, num_hidden_layers=4,
-                            layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=8,
+    cfg = Qwen3_5TextConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=3584, num_hidden_layers=depth,
+                            layer_types=[("full" if i % 4 == 3 else "linear") + "_attention" for i in range(depth)],
+                            num_attention_heads=8,
                             num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=16,
                             linear_key_head_dim=128, linear_value_head_dim=128, max_position_embeddings=4096,
                             tie_word_embeddings=True)
