@@ -231,7 +231,7 @@ def test_short_training_lowers_fvu_and_cli(tmp_path, tiny_dir, tiny_tokenizer, c
     assert main(args) == 0
     bar = [line for line in capsys.readouterr().err.split("\r") if "samples/s" in line][-1]  # as the bar closed
     assert "100%" in bar and "samples/s" in bar and "<00:00" in bar  # samples/s and the (elapsed<remaining) ETA
-    for key in ("fvu=", "L0=", "dead=", "val_fvu="):
+    for key in ("fvu=", "L0=", "dead_fraction=", "val_fvu="):  # dead_fraction: the validation's, as recorded
         assert key in bar, (key, bar)
     assert float(bar.split("fvu=")[1].split(",")[0]) < 1.5  # the normalised loss, not a summed MSE
     hist = [json.loads(line) for line in (out / "validation.jsonl").read_text().splitlines()]

@@ -155,3 +155,15 @@ def test_streaming_store_and_stacked_cells_train_exactly_the_total(model_and_cor
     stacked = bars[-1]
     assert stacked.n == stacked.total == available
     assert "dead" not in stacked.shown and "dead_fraction" in stacked.shown
+
+
+def test_validation_records_count_completed_steps_and_mark_the_saved_sae(tmp_path):
+    """validation.jsonl: ``step`` is the number of training steps done (a validation inside the last step counts
+    it, as the record after fit does), and the last record, of the saved SAE (unit-norm atoms, scale folded), is
+    marked ``final``: the newcomer saw steps 7, 15, 16 for validations after 8, 16 and 16 steps."""
+    _, history = _train(tmp_path / "v")  # 6 steps (5 full batches and a partial one), validation every 2
+    assert [r["step"] for r in history] == [0, 2, 4, 6, 6]
+    assert [r["samples"] for r in history] == [0, 2 * BATCH, 4 * BATCH, TOTAL, TOTAL]
+    assert [r.get("final", False) for r in history] == [False, False, False, False, True]
+    rows = [json.loads(line) for line in (tmp_path / "v" / "validation.jsonl").read_text().splitlines()]
+    assert rows == history

@@ -242,12 +242,12 @@ def _stacked_trainer_class():
             post["cells"] = str(len(self.cell_ids))
             return post
 
-        def validate(self) -> dict:
+        def validate(self, completed_steps: int | None = None, final: bool = False) -> dict:
+            steps = self.n_training_steps if completed_steps is None else completed_steps
             for c in range(len(self.cell_ids)):
                 sae = self.sae.cell(c).eval()
                 m = evaluate_sae(sae, self.cell_vals[c], self.layout, self.scales[c])
-                self.histories[c].append({"step": self.n_training_steps, "samples": self.n_training_samples,
-                                          **asdict(m)})
+                self.histories[c].append({"step": steps, "samples": self.n_training_samples, **asdict(m)})
             self._write_log()
             return {}
 
@@ -398,7 +398,7 @@ def train_cells_stacked(store: ActivationStore, cells: list[Cell], out: str | Pa
         trainer.scales[c] = 1.0
         m = evaluate_sae(final.eval(), trainer.cell_vals[c], final.cfg.input_layout, 1.0)
         trainer.histories[c].append({"step": trainer.n_training_steps, "samples": trainer.n_training_samples,
-                                     **asdict(m)})
+                                     **asdict(m), "final": True})
         if trainer.place.main:
             with atomic_dir(out / "runs" / cell.id / "final") as tmp:
                 save_portable(final, tmp)
@@ -515,7 +515,8 @@ def train_cells(store: ActivationStore | str | Path, cells: list[Cell], out: str
                 shutil.copy2(f, tmp / f.name)
         last = history[-1] if history else {}
         index["saes"][cell.id] = cell.id
-        index["cells"][cell.id] = {"layer": cell.layer, "head": cell.head, "site": cell.site, **last}
+        index["cells"][cell.id] = {"layer": cell.layer, "head": cell.head, "site": cell.site,
+                                   **{k: v for k, v in last.items() if k != "final"}}
         if last:
             index["expected_var_explained"][cell.id] = 1.0 - float(last["fvu"])
             index["expected_l0"][cell.id] = float(last["l0"])

@@ -215,12 +215,16 @@ class WriteSAETrainer(SAETrainer):
         if self.log_path is not None:
             atomic_write_text(self.log_path, "".join(json.dumps(row) + "\n" for row in self.history))
 
-    def validate(self) -> dict[str, Any]:
+    def validate(self, completed_steps: int | None = None, final: bool = False) -> dict[str, Any]:
+        """Evaluate on the validation batches and append a record to ``validation.jsonl``: ``step`` = training
+        steps completed (``completed_steps``: inside a step, before SAELens counts it), ``samples``, the metrics;
+        ``final``: the record of the saved SAE (unit-norm atoms, input scale folded), after the last step's."""
         was_training = self.sae.training
         self.sae.eval()
         m = evaluate_sae(self.sae, self.val_batches, self.layout, self.input_scale)
         self.sae.train(was_training)
-        row = {"step": self.n_training_steps, "samples": self.n_training_samples, **asdict(m)}
+        steps = self.n_training_steps if completed_steps is None else completed_steps
+        row = {"step": steps, "samples": self.n_training_samples, **asdict(m), **({"final": True} if final else {})}
         self.history.append(row)
         self._write_log()
         return row
@@ -234,7 +238,7 @@ class WriteSAETrainer(SAETrainer):
         self._track(batch, out)
         last = self.n_training_samples >= self.cfg.total_training_samples
         if self.val_every and self.val_batches and ((self.n_training_steps + 1) % self.val_every == 0 or last):
-            self.validate()
+            self.validate(completed_steps=self.n_training_steps + 1)  # SAELens counts this step after it returns
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -467,7 +471,7 @@ def train_write_sae(cfg: WriteSAETrainingConfig, provider, out_dir: str | Path, 
         sae.cfg.metadata.input_scale_folded = trainer.input_scale
         trainer.input_scale = 1.0
     if val_batches:
-        trainer.validate()
+        trainer.validate(final=True)
     try:
         with atomic_dir(out / "final") as tmp:
             save_portable(sae, tmp)
