@@ -38,6 +38,32 @@ def test_import_and_parsing_import_nothing_heavy():
     assert r.returncode == 0, r.stderr
 
 
+def test_an_unknown_release_is_a_usage_error_before_anything_heavy():
+    """A mistyped release name failed after ~25 s of loading (SAELens' lookup, exit 1); it is refused while the
+    arguments are checked, listing the shipped releases. SAELens' own releases and ORG/NAME repos still pass."""
+    code = ("import sys; import writesae_plugin.cli as c\n"
+            "rc = c.main(['substitute', '--sae', 'writesae-dem:L4.H0.write', '--dataset', 'd', '--out', 'o'])\n"
+            "assert c.sae_cfg('gemma-scope-2b-pt-res-canonical:layer_0/width_16k/canonical') is None\n"
+            "assert c.sae_cfg('some-org/some-saes:layer_0') is None\n"
+            "heavy = [m for m in ('torch', 'sae_lens', 'transformers') if m in sys.modules]\n"
+            "print(rc, heavy)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "2 []", r.stdout + r.stderr
+    assert "unknown release 'writesae-dem'; the shipped releases are ['writesae-demo', 'writesae-demo-mamba2']" \
+        in r.stderr
+
+
+def test_the_per_atom_mean_is_printed_as_a_sentence():
+    from writesae_plugin.cli import _per_atom_line
+
+    nan = float("nan")
+    assert _per_atom_line({"mean": nan, "n_clusters": 0, "min_count": 5, "lo": nan, "hi": nan}) == \
+        "per-atom mean: no atom has >= 5 firings (fire more: --contexts)"
+    assert _per_atom_line({"mean": 0.8, "n_clusters": 7, "min_count": 5, "lo": 0.7, "hi": 0.9}) == \
+        "per-atom mean win rate 80.0% [70.0%, 90.0%] over 7 atoms with >= 5 firings"
+    assert "NaN" not in _per_atom_line({"mean": 0.8, "n_clusters": 1, "min_count": 5, "lo": nan, "hi": nan})
+
+
 @pytest.mark.parametrize("argv", [
     ["hooks", "--batch", "0"], ["hooks", "--length", "1"], ["path-patch", "--head", "x", "--out", "o"],
     ["install", "--strata", "abc", "--layer", "0", "--head", "0", "--dataset", "d", "--out", "o"],

@@ -241,6 +241,31 @@ def check_dataset_arg(spec: str | None, text_column: str = "text") -> None:
         _check_text_file(p, text_column, spec)
 
 
+def _per_atom_line(m: dict | None) -> str:
+    """The per-atom mean win rate (atom_act vs delete) of a substitution summary, as a sentence."""
+    if not m or not m.get("n_clusters"):
+        return f"per-atom mean: no atom has >= {(m or {}).get('min_count', 5)} firings (fire more: --contexts)"
+    interval = "" if m["lo"] != m["lo"] else f" [{m['lo']:.1%}, {m['hi']:.1%}]"  # NaN: a single atom, no interval
+    return (f"per-atom mean win rate {m['mean']:.1%}{interval} over {m['n_clusters']} atoms with "
+            f">= {m['min_count']} firings")
+
+
+def _saelens_release(release: str) -> bool:
+    """Whether SAELens' directory of pretrained SAEs (its ``pretrained_saes.yaml``) names ``release``, read as text
+    (a top-level key), without importing SAELens."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sae_lens")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    directory = Path(list(spec.submodule_search_locations)[0]) / "pretrained_saes.yaml"
+    try:
+        text = directory.read_text(encoding="utf-8")
+    except OSError:
+        return True  # cannot tell here: SAELens checks when it loads
+    return f"\n{release}:" in "\n" + text
+
+
 def sae_cfg(spec: str, flag: str = "--sae") -> dict | None:
     """The ``cfg.json`` of an SAE given as a directory or as ``RELEASE:SAE_ID`` of a shipped/local release,
     read without loading it (None for another SAELens release: checked when it loads)."""
@@ -255,7 +280,11 @@ def sae_cfg(spec: str, flag: str = "--sae") -> dict | None:
         release, sae_id = spec.split(":", 1)
         rel_dir = packaged_release_dirs().get(release)
         if rel_dir is None:
-            return None
+            if "/" in release or _saelens_release(release):  # a Hugging Face repo or SAELens' own: checked on load
+                return None
+            raise UsageError(f"{flag} {spec}: unknown release {release!r}; the shipped releases are "
+                             f"{sorted(packaged_release_dirs())} (or give a SAELens release, a Hugging Face repo "
+                             "ORG/NAME:SAE_ID, or an SAE directory)")
         meta_file = rel_dir / "release.json"
         saes = json.loads(meta_file.read_text()).get("saes", {}) if meta_file.is_file() else {}
         saes = saes or {p.name: p.name for p in rel_dir.iterdir() if (p / "cfg.json").is_file()}
@@ -963,7 +992,7 @@ def cmd_substitute(args) -> int:
     for cond in cfg.conditions:
         if cond in by:
             print(f"  win vs delete  {cond:16s} {fmt_rate(by[cond]['win'])}")
-    print(f"  per-atom mean (atoms with >= 5 firings): {json.dumps(by.get('atom_act', {}).get('per_atom_mean'))}")
+    print(f"  {_per_atom_line(by.get('atom_act', {}).get('per_atom_mean'))}")
     print(f"  paper (Qwen3.5-0.8B L9 H4): atom_act 92.4% of 4,851 firings\nreport: {index}")
     return 0
 
