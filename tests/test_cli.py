@@ -53,6 +53,19 @@ def test_an_unknown_release_is_a_usage_error_before_anything_heavy():
         in r.stderr
 
 
+def test_a_refused_train_leaves_no_empty_output_directory(tmp_path, capsys):
+    """``train --store`` with a store that does not fit is refused after the output checks made ``--out`` and its
+    ``checkpoints/``; they are removed again (a directory that existed before, or holds a file, is kept)."""
+    out = tmp_path / "new" / "out"
+    assert main(["train", "--store", str(tmp_path / "no-store"), "--layer", "1", "--out", str(out)]) == 2
+    assert "not an activation store" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert main(["train", "--store", str(tmp_path / "no-store"), "--layer", "1", "--out", str(kept)]) == 2
+    assert kept.is_dir()
+
+
 def test_the_per_atom_mean_is_printed_as_a_sentence():
     from writesae_plugin.cli import _per_atom_line
 

@@ -594,7 +594,32 @@ def _head(text: str):
     raise argparse.ArgumentTypeError(f"head must be a value-head index or 'all', got {text!r}")
 
 
+def _prune_empty_dirs(path: Path) -> None:
+    """Remove ``path`` and the directories under it if no file is anywhere in them (never a file)."""
+    if not path.is_dir():
+        return
+    for root, dirs, files in os.walk(path, topdown=False):
+        if not files and not os.listdir(root):
+            os.rmdir(root)
+
+
 def cmd_train(args) -> int:
+    """``writesae train``; a run refused or failed before it wrote anything leaves no empty ``--out`` behind (an
+    ``--out`` that existed before is never touched)."""
+    made = Path(args.out).absolute()  # the highest directory of --out that this run would create
+    while not made.parent.exists():
+        made = made.parent
+    existed = made.exists()
+    rc = None
+    try:
+        rc = _cmd_train(args)
+        return rc
+    finally:
+        if not existed and rc != 0:
+            _prune_empty_dirs(made)
+
+
+def _cmd_train(args) -> int:
     import itertools
     import json
 
