@@ -26,11 +26,14 @@ def _one_line_error(err: str, cmd: str) -> str:
     return lines[0]
 
 
-def test_import_and_parsing_import_nothing_heavy():
+def test_import_and_parsing_import_nothing_heavy(tmp_path):
     """`writesae --help` stays fast: the CLI module, its parser and its checks import no torch/SAELens."""
+    d = tmp_path / "d.txt"
+    d.write_text("some text\n")
     code = ("import sys; import writesae_plugin.cli as c; p = c.build_parser()\n"
             "for argv in (['hooks'], ['circuit', '--out', 'o'], ['demo'], ['substitute', '--sae', 'writesae-demo:"
-            "L4.H0.write', '--dataset', 'd', '--out', 'o'], ['train', '--layer', '0', '--dataset', 'd', '--out', 'o']):\n"
+            f"L4.H0.write', '--dataset', {str(d)!r}, '--out', 'o'], ['train', '--layer', '0', '--dataset', {str(d)!r}, "
+            "'--out', 'o']):\n"
             "    a = p.parse_args(argv); c.VALIDATORS[a.command](a)\n"
             "heavy = [m for m in ('torch', 'sae_lens', 'transformers', 'datasets', 'transformer_lens') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
@@ -38,11 +41,13 @@ def test_import_and_parsing_import_nothing_heavy():
     assert r.returncode == 0, r.stderr
 
 
-def test_an_unknown_release_is_a_usage_error_before_anything_heavy():
+def test_an_unknown_release_is_a_usage_error_before_anything_heavy(tmp_path):
     """A mistyped release name failed after ~25 s of loading (SAELens' lookup, exit 1); it is refused while the
     arguments are checked, listing the shipped releases. SAELens' own releases and ORG/NAME repos still pass."""
+    d = tmp_path / "d.txt"
+    d.write_text("some text\n")
     code = ("import sys; import writesae_plugin.cli as c\n"
-            "rc = c.main(['substitute', '--sae', 'writesae-dem:L4.H0.write', '--dataset', 'd', '--out', 'o'])\n"
+            f"rc = c.main(['substitute', '--sae', 'writesae-dem:L4.H0.write', '--dataset', {str(d)!r}, '--out', 'o'])\n"
             "assert c.sae_cfg('gemma-scope-2b-pt-res-canonical:layer_0/width_16k/canonical') is None\n"
             "assert c.sae_cfg('some-org/some-saes:layer_0') is None\n"
             "heavy = [m for m in ('torch', 'sae_lens', 'transformers') if m in sys.modules]\n"
@@ -64,6 +69,20 @@ def test_a_refused_train_leaves_no_empty_output_directory(tmp_path, capsys):
     kept.mkdir()
     assert main(["train", "--store", str(tmp_path / "no-store"), "--layer", "1", "--out", str(kept)]) == 2
     assert kept.is_dir()
+
+
+def test_a_missing_dataset_is_not_sent_to_the_hub_when_offline(monkeypatch):
+    """``--dataset x`` (no such file, not path-like) is tried as a Hub dataset; offline (HF_*_OFFLINE set) that
+    took 5 retries and ended in a ConnectionError: it is refused while the arguments are checked."""
+    from writesae_plugin.cli import UsageError, check_dataset_arg
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UsageError, match="--dataset x: no such file or directory, and not loadable from the Hugging "
+                                         "Face Hub with HF_HUB_OFFLINE set"):
+        check_dataset_arg("x")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    check_dataset_arg("x")  # online: a Hub name passes (loading says what failed)
 
 
 def test_the_per_atom_mean_is_printed_as_a_sentence():

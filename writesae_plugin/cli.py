@@ -227,6 +227,11 @@ def check_dataset_arg(spec: str | None, text_column: str = "text") -> None:
     if not path.exists():
         if _looks_local(spec):
             raise UsageError(f"--dataset {spec}: no such file or directory")
+        offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                   if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
+        if offline:
+            raise UsageError(f"--dataset {spec}: no such file or directory, and not loadable from the Hugging Face "
+                             f"Hub with {offline[0]} set (give a local .txt/.jsonl/.parquet file or directory)")
         return
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) if path.is_dir() \
         else [path]
@@ -960,7 +965,14 @@ def _documents(args) -> list[str]:
     """The documents of ``--dataset`` (rows; .txt by ``--documents``)."""
     from .data import load_text_dataset
 
-    ds = load_text_dataset(args.dataset, text_column=args.text_column, documents=args.documents)
+    try:
+        ds = load_text_dataset(args.dataset, text_column=args.text_column, documents=args.documents)
+    except (ConnectionError, OSError) as e:
+        if Path(args.dataset).expanduser().exists():
+            raise
+        raise UsageError(f"--dataset {args.dataset}: no such file or directory, and loading it as a Hugging Face "
+                         f"Hub dataset failed ({type(e).__name__}: {str(e)[:200]}); offline, give a local "
+                         ".txt/.jsonl/.parquet file or directory") from None
     return list(ds[args.text_column])
 
 
