@@ -306,18 +306,12 @@ class GatedDeltaNetHooks(nn.Module):
                 W_old = torch.outer(kn[bi, t, h], write_value[bi, t, h])
                 entries[(bi, t, h)] = (W_new - W_old, mode == "delta")
         self._functional_edits(owner, entries, offset, b, T, kn, raw_value, v32, beta32, g, init, chunk, dense_D)
-        derivative_only = False  # the read / transitions go through the canonical kernel for derivatives only
-        if entries or (dense_D is not None and bool((dense_D != 0).any())):
-            # edits change this layer's states: decay and query derivatives are taken through the edited layer
-            # (the canonical kernel on the hook outputs), not at the clean layer
-            edited_before = f_g.edited or f_query.edited
-            if not f_g.edited and ops.carries_derivative(f_g.raw):
-                f_g = _Fired(f_g.raw.float(), True, f_g.value, raw=f_g.raw)
-                g_tr = f_g.value
-            if not f_query.edited and ops.carries_derivative(f_query.raw):
-                f_query = _Fired(f_query.raw.float(), True, f_query.value, raw=f_query.raw)
-                query_scaled, q_kernel = f_query.value, f_query.value / scale
-            derivative_only = not edited_before and (f_g.edited or f_query.edited)
+        # the read / transitions go through the canonical kernel for derivatives only (derivative_only)
+        states_edited = bool(entries) or (dense_D is not None and bool((dense_D != 0).any()))
+        f_g, promoted_q, g_tr, query_scaled, derivative_only = ops.through_edited_layer(
+            f_g, f_query, g_tr, query_scaled, states_edited)
+        if promoted_q is not f_query:
+            f_query, q_kernel = promoted_q, promoted_q.value / scale
 
         # main call: exactly what HF would run unless the read or the transitions were edited
         rest = {n: v_ for n, v_ in a.items() if n in given and n not in ("query", "key", "value")}

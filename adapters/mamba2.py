@@ -33,7 +33,7 @@ from transformer_lens.hook_points import HookPoint
 from .base import (AdapterConfig, HookedRecurrentModel, UnsupportedModelError, WriteEdit, conflicting_edit_error,
                    find_decoder_layers, find_final_norm)
 from .gated_deltanet import _CURRENT, GatedDeltaNetHooks, _alias, _enter, _output, cache_offset, on_device_of
-from .ops import carries_derivative, derivative_delta, linearised, straight_through
+from .ops import carries_derivative, through_edited_layer, derivative_delta, linearised, straight_through
 from .scalar_decay import dense_decay_scan, scalar_decay_scan
 
 MAMBA2_MODEL_TYPES = {t: f"transformers.models.{t}.modeling_{t}" for t in
@@ -223,18 +223,8 @@ class Mamba2Hooks(nn.Module):
         write_dense = dense_D
         offset = cache_offset(self, owner, init is not None, T)
         self._functional(owner, entries, offset, b, T, key, value, dense_D)
-        derivative_only = False  # the canonical scan runs for derivatives only; values stay the kernel's
-        if entries or (dense_D is not None and bool((dense_D != 0).any())):
-            # edits change this layer's states: decay and query derivatives are taken through the edited layer
-            # (the canonical scan on the hook outputs), not at the clean layer
-            edited_before = f_g.edited or f_q.edited
-            if not f_g.edited and carries_derivative(f_g.raw):
-                f_g = type(f_g)(f_g.raw.float(), True, f_g.value, raw=f_g.raw)
-                g_eff = f_g.value
-            if not f_q.edited and carries_derivative(f_q.raw):
-                f_q = type(f_q)(f_q.raw.float(), True, f_q.value, raw=f_q.raw)
-                q_eff = f_q.value
-            derivative_only = not edited_before and (f_g.edited or f_q.edited)
+        states_edited = bool(entries) or (dense_D is not None and bool((dense_D != 0).any()))
+        f_g, f_q, g_eff, q_eff, derivative_only = through_edited_layer(f_g, f_q, g_eff, q_eff, states_edited)
         canonical = f_g.edited or f_q.edited  # HF's scan cannot express these: run the canonical scan
         if canonical:
             read_c, S_c = scalar_decay_scan(key, value, g_eff, q_eff, init_c, a["chunk_size"])

@@ -545,6 +545,24 @@ def carries_derivative(t: Tensor | None) -> bool:
     return (torch.is_grad_enabled() and t.requires_grad) or in_functorch_or_forward_ad(t)
 
 
+def through_edited_layer(f_g, f_q, g_eff: Tensor, q_eff: Tensor, states_edited: bool):
+    """Where write edits change a layer's states (``states_edited``), the decay and query derivatives are taken
+    through the edited layer (the canonical scan on the hook outputs), not at the clean one: a ``hook_log_decay`` /
+    ``hook_query`` output that carries a derivative is marked edited. Returns ``(f_g, f_q, g_eff, q_eff,
+    derivative_only)``; ``derivative_only``: the canonical scan then runs for the derivatives only, the values stay
+    the model kernel's (no decay or query was edited in value)."""
+    if not states_edited:
+        return f_g, f_q, g_eff, q_eff, False
+    edited_before = f_g.edited or f_q.edited
+    if not f_g.edited and carries_derivative(f_g.raw):
+        f_g = type(f_g)(f_g.raw.float(), True, f_g.value, raw=f_g.raw)
+        g_eff = f_g.value
+    if not f_q.edited and carries_derivative(f_q.raw):
+        f_q = type(f_q)(f_q.raw.float(), True, f_q.value, raw=f_q.raw)
+        q_eff = f_q.value
+    return f_g, f_q, g_eff, q_eff, not edited_before and (f_g.edited or f_q.edited)
+
+
 def derivative_delta(raw: Tensor, clean: Tensor) -> Tensor | None:
     """``raw - clean`` (a hook's output minus the clean tensor it was given, zero in value) when either carries
     a derivative, else None (nothing to route; no work on the no-grad path)."""

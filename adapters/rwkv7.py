@@ -66,7 +66,7 @@ from .base import UnsupportedModelError, cache_from_kwargs, conflicting_edit_err
 from .gated_deltanet import (_CURRENT, GatedDeltaNetFamily, _alias, _output, cache_offset, on_device_of,
                              resolve_capture)
 from .mamba2 import Mamba2Hooks
-from .ops import carries_derivative, derivative_delta, linearised, straight_through
+from .ops import carries_derivative, through_edited_layer, derivative_delta, linearised, straight_through
 from .reference import ReferenceResult
 
 RWKV7_MODEL_TYPES = {"rwkv7": "fla.layers.rwkv7"}
@@ -420,16 +420,8 @@ class RWKV7Hooks(Mamba2Hooks):
         write_dense = dense_D
         offset = cache_offset(self, owner, init is not None, T)
         self._functional(owner, entries, 0 if offset is None else offset, b, T, key, value, dense_D)
-        derivative_only = False  # the canonical kernel runs for derivatives only; values stay the kernel's
-        if entries or (dense_D is not None and bool((dense_D != 0).any())):
-            edited_before = f_g.edited or f_q.edited
-            if not f_g.edited and carries_derivative(f_g.raw):
-                f_g = type(f_g)(f_g.raw.float(), True, f_g.value, raw=f_g.raw)
-                g_eff = f_g.value
-            if not f_q.edited and carries_derivative(f_q.raw):
-                f_q = type(f_q)(f_q.raw.float(), True, f_q.value, raw=f_q.raw)
-                q_eff = f_q.value
-            derivative_only = not edited_before and (f_g.edited or f_q.edited)
+        states_edited = bool(entries) or (dense_D is not None and bool((dense_D != 0).any()))
+        f_g, f_q, g_eff, q_eff, derivative_only = through_edited_layer(f_g, f_q, g_eff, q_eff, states_edited)
         canonical = f_g.edited or f_q.edited  # the model's kernel call cannot express these
 
         # the model's own call (with edited native inputs, if any)

@@ -53,7 +53,7 @@ from transformer_lens.hook_points import HookPoint
 from .base import AdapterConfig, HookedRecurrentModel, UnsupportedModelError, WriteEdit, find_decoder_layers
 from .gated_deltanet import _alias, _output
 from .mamba2 import Mamba2Hooks, _derivative_path
-from .ops import carries_derivative, derivative_delta, straight_through
+from .ops import through_edited_layer, derivative_delta, straight_through
 from .scalar_decay import dense_decay_scan
 
 XLSTM_MODEL_TYPES = {"xlstm": "transformers.models.xlstm.modeling_xlstm"}
@@ -195,15 +195,8 @@ class XLSTMHooks(Mamba2Hooks):
         write_dense = dense_D
         offset = self._offset(owner, T)
         self._functional(owner, entries, offset, b, T, key_c, value_c, dense_D)
-        derivative_only = False  # the canonical scan runs for derivatives only; values stay the backend's
-        if entries or (dense_D is not None and bool((dense_D != 0).any())):
-            # edits change the states: decay and query derivatives are taken through the edited layer
-            edited_before = f_g.edited or f_q.edited
-            if not f_g.edited and carries_derivative(f_g.raw):
-                f_g, g_eff = type(f_g)(f_g.raw.float(), True, f_g.value, raw=f_g.raw), f_g.raw.float()
-            if not f_q.edited and carries_derivative(f_q.raw):
-                f_q, q_eff = type(f_q)(f_q.raw.float(), True, f_q.value, raw=f_q.raw), f_q.raw.float()
-            derivative_only = not edited_before and (f_g.edited or f_q.edited)
+        states_edited = bool(entries) or (dense_D is not None and bool((dense_D != 0).any()))
+        f_g, f_q, g_eff, q_eff, derivative_only = through_edited_layer(f_g, f_q, g_eff, q_eff, states_edited)
         canonical = f_g.edited or f_q.edited  # the backend cannot take these: the canonical scan runs
         h_c = h.transpose(1, 2)  # [b,T,H,d_v]
         S = None if state is None else state[0]
