@@ -379,8 +379,7 @@ class GatedDeltaNetHooks(nn.Module):
         pairs = {"q": (f_query, qs), "g": (f_g, g32)}
         if dense_D is None:  # otherwise the factors reach the logits through the dense write hooks
             pairs.update(k=(f_key, kn), v=(f_val, write_value))
-        deltas = {n_: ops.derivative_delta(f.raw, c) for n_, (f, c) in pairs.items() if not f.edited}
-        deltas = {n_: d for n_, d in deltas.items() if d is not None}
+        deltas = ops.unedited_deltas(pairs)
         o32 = o.float()
         src = o32 if delta_read is None else o32 + delta_read
         if deltas:

@@ -33,7 +33,7 @@ from transformer_lens.hook_points import HookPoint
 from .base import (AdapterConfig, HookedRecurrentModel, UnsupportedModelError, WriteEdit, conflicting_edit_error,
                    find_decoder_layers, find_final_norm)
 from .gated_deltanet import _CURRENT, GatedDeltaNetHooks, _alias, _enter, _output, cache_offset, on_device_of
-from .ops import carries_derivative, through_edited_layer, derivative_delta, linearised, straight_through
+from .ops import carries_derivative, linearised, straight_through, through_edited_layer, unedited_deltas
 from .scalar_decay import dense_decay_scan, scalar_decay_scan
 
 MAMBA2_MODEL_TYPES = {t: f"transformers.models.{t}.modeling_{t}" for t in
@@ -264,8 +264,7 @@ class Mamba2Hooks(nn.Module):
         pairs = {"q": (f_q, q_c), "g": (f_g, g_c)}
         if write_dense is None:  # otherwise the factors reach the logits through the dense write hooks
             pairs.update(k=(f_key, key), v=(f_val, value))
-        deltas = {n_: derivative_delta(f.raw, c) for n_, (f, c) in pairs.items() if not f.edited}
-        deltas = {n_: d for n_, d in deltas.items() if d is not None}
+        deltas = unedited_deltas(pairs)
         if deltas:
             read = read + _derivative_path(deltas, q_eff, g_eff, _output(f_key), _output(f_val), init_c,
                                            a["chunk_size"], read)
@@ -472,8 +471,7 @@ class Mamba2Hooks(nn.Module):
         skip = (D.float() * x.float()) if D is not None else 0.0  # D arrives expanded [H, P]
         # unedited hooks: the zero-valued first-order path of the step (as in prefill); it needs the state before
         pairs = {"q": (f_q, q_c), "g": (f_g, g_c), "k": (f_key, key), "v": (f_val, value)}
-        deltas = {n_: derivative_delta(f.raw, c) for n_, (f, c) in pairs.items() if not f.edited}
-        deltas = {n_: d for n_, d in deltas.items() if d is not None}
+        deltas = unedited_deltas(pairs)
         S_prev = state.float().transpose(-1, -2).clone() if canonical or deltas else None
         out = pure[kn.step](**dict(a, **{kn.x_arg: x}, dt=dt, B=B, C=C, z=None, **extra))
         if canonical:

@@ -563,6 +563,14 @@ def through_edited_layer(f_g, f_q, g_eff: Tensor, q_eff: Tensor, states_edited: 
     return f_g, f_q, g_eff, q_eff, not edited_before and (f_g.edited or f_q.edited)
 
 
+def unedited_deltas(pairs: dict) -> dict[str, Tensor]:
+    """``{name: raw - clean}`` (zero in value, see :func:`derivative_delta`) of the hooks in ``pairs``
+    (``{name: (fired hook, clean tensor)}``) that were not edited and carry a derivative: what a layer routes
+    through its zero-valued first-order path so every hook output is on the logits' autograd path."""
+    deltas = {n: derivative_delta(f.raw, c) for n, (f, c) in pairs.items() if not f.edited}
+    return {n: d for n, d in deltas.items() if d is not None}
+
+
 def derivative_delta(raw: Tensor, clean: Tensor) -> Tensor | None:
     """``raw - clean`` (a hook's output minus the clean tensor it was given, zero in value) when either carries
     a derivative, else None (nothing to route; no work on the no-grad path)."""

@@ -66,7 +66,7 @@ from .base import UnsupportedModelError, cache_from_kwargs, conflicting_edit_err
 from .gated_deltanet import (_CURRENT, GatedDeltaNetFamily, _alias, _output, cache_offset, on_device_of,
                              resolve_capture)
 from .mamba2 import Mamba2Hooks
-from .ops import carries_derivative, through_edited_layer, derivative_delta, linearised, straight_through
+from .ops import carries_derivative, linearised, straight_through, through_edited_layer, unedited_deltas
 from .reference import ReferenceResult
 
 RWKV7_MODEL_TYPES = {"rwkv7": "fla.layers.rwkv7"}
@@ -462,8 +462,7 @@ class RWKV7Hooks(Mamba2Hooks):
         pairs = {"q": (f_q, query), "g": (f_g, g)}
         if write_dense is None:  # otherwise the factors reach the logits through the dense write hooks
             pairs.update(k=(f_key, key), v=(f_val, value))
-        deltas = {n_: derivative_delta(f.raw, c) for n_, (f, c) in pairs.items() if not f.edited}
-        deltas = {n_: d for n_, d in deltas.items() if d is not None}
+        deltas = unedited_deltas(pairs)
         if deltas:
             read = read + _derivative_path(deltas, q_eff, g_eff, _output(f_key), _output(f_val), kk32, a32, init_c,
                                            read)

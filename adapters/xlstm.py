@@ -53,7 +53,7 @@ from transformer_lens.hook_points import HookPoint
 from .base import AdapterConfig, HookedRecurrentModel, UnsupportedModelError, WriteEdit, find_decoder_layers
 from .gated_deltanet import _alias, _output
 from .mamba2 import Mamba2Hooks, _derivative_path
-from .ops import through_edited_layer, derivative_delta, straight_through
+from .ops import straight_through, through_edited_layer, unedited_deltas
 from .scalar_decay import dense_decay_scan
 
 XLSTM_MODEL_TYPES = {"xlstm": "transformers.models.xlstm.modeling_xlstm"}
@@ -229,8 +229,7 @@ class XLSTMHooks(Mamba2Hooks):
         pairs = {"q": (f_q, query), "g": (f_g, g)}
         if write_dense is None:
             pairs.update(k=(f_key, key), v=(f_val, value))
-        deltas = {n_: derivative_delta(f.raw, c) for n_, (f, c) in pairs.items() if not f.edited}
-        deltas = {n_: d for n_, d in deltas.items() if d is not None}
+        deltas = unedited_deltas(pairs)
         if deltas:
             read = read + _derivative_path(deltas, q_eff, g_eff, _output(f_key), _output(f_val), init_c, CHUNK, read)
         value_changed = (d_read is not None and bool((d_read != 0).any())) or (canonical and not derivative_only)

@@ -192,6 +192,16 @@ def _edits(b: Built, mode: str):
     return fn, ref, p_early, p_last
 
 
+def _prefill_then_decode(model, tokens, split: int, end: int) -> torch.Tensor:
+    """Logits ``[b, end, vocab]`` of a prefill of ``tokens[:, :split]`` then single-token decode steps to ``end``."""
+    out = model(tokens[:, :split], return_type="hf", use_cache=True)
+    steps = [out.logits]
+    for t in range(split, end):
+        out = model(tokens[:, t:t + 1], return_type="hf", past_key_values=model.cache_of(out), use_cache=True)
+        steps.append(out.logits)
+    return torch.cat(steps, 1)
+
+
 def test_prefill_then_decode_equals_full_forward_and_decode_hooks_fire(fam):
     model, tokens, P, T = fam.model, fam.tokens, fam.P, fam.family.T
     split = T - 10
@@ -199,12 +209,8 @@ def test_prefill_then_decode_equals_full_forward_and_decode_hooks_fire(fam):
     with torch.no_grad():
         full, full_cache = model.run_with_cache(tokens)
         with model.hooks(fwd_hooks=[(P + "hook_write_key", lambda x, hook: seen.append(x))]):
-            out = model(tokens[:, :split], return_type="hf", use_cache=True)
-            logits = [out.logits]
-            for t in range(split, T):
-                out = model(tokens[:, t:t + 1], return_type="hf", past_key_values=model.cache_of(out), use_cache=True)
-                logits.append(out.logits)
-    assert (torch.cat(logits, 1) - full).abs().max() <= 1e-4
+            logits = _prefill_then_decode(model, tokens, split, T)
+    assert (logits - full).abs().max() <= 1e-4
     assert len(seen) == 11 and seen[1].shape[1] == 1
     assert (torch.cat(seen, 1) - full_cache[P + "hook_write_key"]).abs().max() <= 1e-5
 
@@ -301,12 +307,8 @@ def test_edits_across_prefill_and_decode_match_the_full_forward(fam, where):
     with torch.no_grad():
         full = model.run_with_edits(tokens[:, :end], [edit])
         with model.edits([edit]):
-            out = model(tokens[:, :split], return_type="hf", use_cache=True)
-            steps = [out.logits]
-            for t in range(split, end):
-                out = model(tokens[:, t:t + 1], return_type="hf", past_key_values=model.cache_of(out), use_cache=True)
-                steps.append(out.logits)
-    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
+            steps = _prefill_then_decode(model, tokens, split, end)
+    assert (steps - full).abs().max() <= 1e-4
     assert (full - model(tokens[:, :end])).abs().max() > 1e-4
 
 
